@@ -1,0 +1,17 @@
+//! Every `tch` model of proxytune: architectures, weight loading by the reference checkpoints' key
+//! names, and the building blocks they share. No lance, actix or channels here: the actors own
+//! threads and data flow, this crate owns tensors.
+//!
+//! Component map:
+//! - [`error`]: [`ModelError`], the one error enum of this crate.
+//! - [`device`]: choosing CPU/CUDA from config.
+//! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
+//! - [`nn`]: shared building blocks ([`nn::Mlp`]).
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod error;
+pub mod nn;
+pub mod weights;
+
+pub use error::{ModelError, Result};

@@ -1,0 +1,5 @@
+//! Building blocks shared by the model families.
+
+mod mlp;
+
+pub use mlp::{Mlp, MlpConfig};

@@ -1,0 +1,180 @@
+//! Loading and saving a [`tch::nn::VarStore`] as safetensors, with errors that name the file, the
+//! tensor key and the shapes. The variable paths of our models are the reference checkpoints' keys,
+//! so a diffusers/transformers safetensors file loads by name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use tch::{nn::VarStore, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// How strictly [`load_safetensors`] matches the checkpoint against the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strictness {
+    /// Every model variable must be present; extra checkpoint tensors are an error.
+    Strict,
+    /// Every model variable must be present; extra checkpoint tensors are ignored (e.g. a
+    /// checkpoint that also holds heads this model does not use).
+    AllowUnexpected,
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    Ok(tensors.into_iter().collect())
+}
+
+/// Loads a safetensors checkpoint into `vs` by variable path, checking every shape first; the
+/// store is only written once the whole checkpoint has been checked, so a bad file changes nothing.
+/// Values are converted to each variable's dtype and device.
+pub fn load_safetensors(vs: &mut VarStore, path: &Path, strictness: Strictness) -> Result<()> {
+    let tensors = read_safetensors(path)?;
+    let variables = vs.variables();
+    let mut names: Vec<&String> = variables.keys().collect();
+    names.sort();
+    for name in &names {
+        let var = &variables[*name];
+        let Some(src) = tensors.get(*name) else {
+            return Err(ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                key: (*name).clone(),
+                expected: var.size(),
+            });
+        };
+        if src.size() != var.size() {
+            return Err(ModelError::ShapeMismatch {
+                path: path.to_path_buf(),
+                key: (*name).clone(),
+                expected: var.size(),
+                found: src.size(),
+            });
+        }
+    }
+    if strictness == Strictness::Strict {
+        let extra: BTreeSet<&String> =
+            tensors.keys().filter(|k| !variables.contains_key(*k)).collect();
+        if !extra.is_empty() {
+            return Err(ModelError::UnexpectedTensors {
+                path: path.to_path_buf(),
+                keys: extra.into_iter().take(8).cloned().collect(),
+            });
+        }
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in variables {
+            let src = &tensors[&name];
+            var.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+        }
+        Ok::<(), tch::TchError>(())
+    })?;
+    Ok(())
+}
+
+/// Saves every variable of `vs` to a safetensors file (keys = variable paths).
+pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
+    }
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind};
+
+    use super::*;
+    use crate::nn::{Mlp, MlpConfig};
+
+    fn model(seed: i64) -> (VarStore, Mlp) {
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let mlp = Mlp::new(vs.root() / "head", &MlpConfig { in_features: 3, hidden_features: 5, out_features: 2 });
+        (vs, mlp)
+    }
+
+    #[test]
+    fn round_trips_bit_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/model.safetensors");
+        let (vs, _) = model(1);
+        save_safetensors(&vs, &path).unwrap();
+        let (mut other, mlp) = model(2);
+        let xs = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+        load_safetensors(&mut other, &path, Strictness::Strict).unwrap();
+        let a = vs.variables();
+        let b = other.variables();
+        assert_eq!(a.len(), 4);
+        for (name, t) in &a {
+            assert!(t.equal(&b[name]), "{name} differs after the round trip");
+        }
+        assert_eq!(mlp.forward(&xs).size(), vec![4, 2]);
+        // The keys are the variable paths.
+        let keys: BTreeSet<String> = read_safetensors(&path).unwrap().into_keys().collect();
+        let expected: BTreeSet<String> =
+            ["head.fc1.bias", "head.fc1.weight", "head.fc2.bias", "head.fc2.weight"].map(String::from).into();
+        assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn bad_checkpoints_name_the_key_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        let wrong = [
+            ("head.fc1.weight".to_string(), Tensor::zeros([5, 3], (Kind::Float, Device::Cpu))),
+            ("head.fc1.bias".to_string(), Tensor::zeros([5], (Kind::Float, Device::Cpu))),
+            ("head.fc2.weight".to_string(), Tensor::zeros([2, 4], (Kind::Float, Device::Cpu))),
+            ("head.fc2.bias".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+        ];
+        Tensor::write_safetensors(&wrong, &path).unwrap();
+        let (mut vs, _) = model(3);
+        let before: HashMap<String, Tensor> =
+            vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+        let err = load_safetensors(&mut vs, &path, Strictness::Strict).unwrap_err().to_string();
+        assert!(err.contains("bad.safetensors") && err.contains("`head.fc2.weight`") && err.contains("[2, 4]"), "{err}");
+        for (name, t) in vs.variables() {
+            assert!(t.equal(&before[&name]), "{name} was modified by a failed load");
+        }
+
+        Tensor::write_safetensors(&wrong[..2], &path).unwrap();
+        let err = load_safetensors(&mut vs, &path, Strictness::Strict).unwrap_err().to_string();
+        assert!(err.contains("missing tensor `head.fc2.bias`"), "{err}");
+
+        let missing = dir.path().join("nope.safetensors");
+        let err = load_safetensors(&mut vs, &missing, Strictness::Strict).unwrap_err().to_string();
+        assert!(err.contains("nope.safetensors"), "{err}");
+
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+        let err = load_safetensors(&mut vs, &path, Strictness::Strict).unwrap_err().to_string();
+        assert!(err.contains("bad.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn strictness_controls_extra_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extra.safetensors");
+        let (vs, _) = model(4);
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        named.push(("lm_head.weight".into(), Tensor::ones([2], (Kind::Float, Device::Cpu))));
+        Tensor::write_safetensors(&named, &path).unwrap();
+        let (mut other, _) = model(5);
+        let err = load_safetensors(&mut other, &path, Strictness::Strict).unwrap_err().to_string();
+        assert!(err.contains("lm_head.weight"), "{err}");
+        load_safetensors(&mut other, &path, Strictness::AllowUnexpected).unwrap();
+    }
+}

@@ -1,0 +1,209 @@
+//! `proxytune bench runtime`: what the streaming runtime costs next to the work it carries.
+//!
+//! Every figure is measured in one run, side by side, on 256-row batches of the proxy schema with
+//! ~4 KiB PNG payloads (prebuilt, so batch construction is not counted):
+//! 1. a no-op pipeline (source → pass-through → sink): rows/s and per-batch overhead;
+//! 2. the same with a stage that works `work_ms` per batch: wall time against the stage's own busy
+//!    time — the runtime's overhead in percent (goal: under 2 % at 10 ms);
+//! 3. the Lance corpus sink against writing the same payload bytes to a plain file.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::RecordBatch;
+use proxytune_actors::corpus::Corpus;
+use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
+use proxytune_actors::runtime::{Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, Produced, Source};
+use proxytune_actors::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
+use serde::Serialize;
+
+/// Benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// The streaming runtime: per-batch overhead, overhead next to a 10 ms stage, Lance sink vs a file.
+    Runtime(RuntimeArgs),
+}
+
+/// Arguments of `proxytune bench runtime`.
+#[derive(Debug, clap::Args)]
+pub struct RuntimeArgs {
+    /// Batches per measurement.
+    #[arg(long, default_value_t = 100)]
+    batches: u64,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 256)]
+    batch_rows: usize,
+    /// PNG payload bytes per row.
+    #[arg(long, default_value_t = 4096)]
+    payload_bytes: usize,
+    /// Simulated compute of the working stage, per batch.
+    #[arg(long, default_value_t = 10)]
+    work_ms: u64,
+    /// Edge capacity in rows.
+    #[arg(long, default_value_t = 1024)]
+    capacity_rows: usize,
+    /// Scratch directory for the Lance and file measurements (a temporary one by default).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+}
+
+/// Emits prebuilt batches.
+struct Prebuilt {
+    batches: std::vec::IntoIter<RecordBatch>,
+}
+
+impl Source for Prebuilt {
+    fn produce(&mut self, _: &mut Context, out: &mut Output) -> proxytune_actors::Result<Produced> {
+        match self.batches.next() {
+            Some(b) => {
+                out.emit(b);
+                Ok(Produced::More)
+            }
+            None => Ok(Produced::Done),
+        }
+    }
+}
+
+/// Sleeps `work` per batch and records the time spent inside its calls.
+struct TimedWork {
+    inner: PassThrough,
+    busy_ns: Arc<AtomicU64>,
+}
+
+impl Operator for TimedWork {
+    fn process_batch(&mut self, i: usize, b: RecordBatch, ctx: &mut Context, out: &mut Output) -> proxytune_actors::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.process_batch(i, b, ctx, out);
+        self.busy_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RuntimeReport {
+    batches: u64,
+    batch_rows: usize,
+    payload_bytes_per_row: usize,
+    batch_bytes: usize,
+    noop_rows_per_second: f64,
+    noop_overhead_ms_per_batch: f64,
+    work_ms_per_batch: u64,
+    work_stage_busy_seconds: f64,
+    work_pipeline_wall_seconds: f64,
+    runtime_overhead_percent: f64,
+    lance_sink_seconds: f64,
+    lance_sink_mb_per_second: f64,
+    raw_file_seconds: f64,
+    raw_file_mb_per_second: f64,
+    lance_over_raw_ratio: f64,
+}
+
+async fn run_pipeline(cfg: &PipelineConfig, batches: Vec<RecordBatch>, work: Option<(u64, Arc<AtomicU64>)>) -> anyhow::Result<Duration> {
+    let mut p = Pipeline::new(cfg.clone(), Metrics::noop());
+    let src = p.source("gen", Prebuilt { batches: batches.into_iter() });
+    let mid = match work {
+        Some((ms, busy)) => p.operator("work", TimedWork { inner: PassThrough { work_ms: ms }, busy_ns: busy }),
+        None => p.operator("pass", PassThrough::default()),
+    };
+    let sink = p.operator("sink", Discard);
+    p.connect(src, mid).connect(mid, sink);
+    let started = Instant::now();
+    let report = p.start(&tokio::runtime::Handle::current())?.wait().await;
+    anyhow::ensure!(report.outcome == JobOutcome::Succeeded, "bench pipeline ended {:?}", report.outcome);
+    Ok(started.elapsed())
+}
+
+/// Runs the runtime benchmark and prints its table (and the JSON report).
+pub async fn runtime(args: RuntimeArgs) -> anyhow::Result<()> {
+    let cfg = PipelineConfig { edge_capacity_rows: args.capacity_rows.try_into()?, ..Default::default() };
+    let (gen, _) = SyntheticProxies::new(SyntheticConfig {
+        batch_rows: args.batch_rows,
+        batches: Some(args.batches),
+        payload_bytes: args.payload_bytes,
+        ..Default::default()
+    });
+    let batches: Vec<RecordBatch> = (0..args.batches).map(|n| gen.batch(n)).collect::<Result<_, _>>()?;
+    let batch_bytes = batches[0].get_array_memory_size();
+    let rows = args.batches * args.batch_rows as u64;
+
+    // 1. No-op pipeline (warm up once, then measure).
+    run_pipeline(&cfg, batches[..batches.len().min(8)].to_vec(), None).await?;
+    let noop = run_pipeline(&cfg, batches.clone(), None).await?;
+
+    // 2. A working stage.
+    let busy = Arc::new(AtomicU64::new(0));
+    let wall = run_pipeline(&cfg, batches.clone(), Some((args.work_ms, busy.clone()))).await?;
+    let busy = Duration::from_nanos(busy.load(Ordering::Relaxed));
+
+    // 3. Lance sink vs a plain file.
+    let scratch = match &args.scratch {
+        Some(p) => p.clone(),
+        None => std::env::temp_dir().join(format!("proxytune-bench-{}", std::process::id())),
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    let corpus = Corpus::open_or_create(scratch.join("corpus"))?;
+    let (writer, stats) = LanceWriter::<proxytune_schemas::Proxy>::new(
+        corpus,
+        LanceWriterConfig { commit_every_rows: args.batch_rows * 8, forward_committed: false },
+        &Metrics::noop(),
+    );
+    let mut p = Pipeline::new(cfg.clone(), Metrics::noop());
+    let src = p.source("gen", Prebuilt { batches: batches.clone().into_iter() });
+    let sink = p.async_operator("lance_writer", writer);
+    p.connect(src, sink);
+    let started = Instant::now();
+    let report = p.start(&tokio::runtime::Handle::current())?.wait().await;
+    let lance = started.elapsed();
+    anyhow::ensure!(report.outcome == JobOutcome::Succeeded, "lance bench ended {:?}", report.outcome);
+    anyhow::ensure!(stats.lock().expect("stats").written_rows == rows, "lance sink wrote {:?}", stats);
+
+    let payload: u64 = batches.iter().map(|b| b.get_array_memory_size() as u64).sum();
+    let file_path = scratch.join("raw.bin");
+    let started = Instant::now();
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&file_path)?);
+        for b in &batches {
+            for column in b.columns() {
+                for buffer in column.to_data().buffers() {
+                    file.write_all(buffer.as_slice())?;
+                }
+            }
+        }
+        file.into_inner()?.sync_all()?;
+    }
+    let raw = started.elapsed();
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let mb = payload as f64 / 1e6;
+    let report = RuntimeReport {
+        batches: args.batches,
+        batch_rows: args.batch_rows,
+        payload_bytes_per_row: args.payload_bytes,
+        batch_bytes,
+        noop_rows_per_second: rows as f64 / noop.as_secs_f64(),
+        noop_overhead_ms_per_batch: noop.as_secs_f64() * 1e3 / args.batches as f64,
+        work_ms_per_batch: args.work_ms,
+        work_stage_busy_seconds: busy.as_secs_f64(),
+        work_pipeline_wall_seconds: wall.as_secs_f64(),
+        runtime_overhead_percent: (wall.as_secs_f64() - busy.as_secs_f64()) / busy.as_secs_f64() * 100.0,
+        lance_sink_seconds: lance.as_secs_f64(),
+        lance_sink_mb_per_second: mb / lance.as_secs_f64(),
+        raw_file_seconds: raw.as_secs_f64(),
+        raw_file_mb_per_second: mb / raw.as_secs_f64(),
+        lance_over_raw_ratio: lance.as_secs_f64() / raw.as_secs_f64(),
+    };
+    println!("runtime bench: {} batches x {} rows, ~{} B PNG per row ({:.1} MB in all)", args.batches, args.batch_rows, args.payload_bytes, mb);
+    println!("  no-op pipeline (3 actors) : {:>12.0} rows/s   {:.3} ms per batch", report.noop_rows_per_second, report.noop_overhead_ms_per_batch);
+    println!(
+        "  {} ms stage               : wall {:.3} s vs stage busy {:.3} s -> runtime overhead {:.2} %",
+        args.work_ms, report.work_pipeline_wall_seconds, report.work_stage_busy_seconds, report.runtime_overhead_percent
+    );
+    println!("  lance sink                : {:.3} s  {:>8.1} MB/s", report.lance_sink_seconds, report.lance_sink_mb_per_second);
+    println!("  raw file write (+fsync)   : {:.3} s  {:>8.1} MB/s", report.raw_file_seconds, report.raw_file_mb_per_second);
+    println!("  lance / raw file          : {:.2}x", report.lance_over_raw_ratio);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The `proxytune` command line: CLI parsing and the commands that exist so far.
+//!
+//! Component map:
+//! - [`smoke`]: the smoke job of what exists (DreamBench references into a Lance corpus, an
+//!   idempotent re-import, a filtered streaming scan, a few tch training steps).
+//! - [`bench`]: benchmarks that print side-by-side ratios (`proxytune bench runtime`).
+//! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
+//! - [`metrics_server`]: the Prometheus exporter on loopback.
+//! - [`corpus_cmd`]: inspect a corpus (tables, rows, versions, fragments, tags).
+
+mod bench;
+mod corpus_cmd;
+mod loadgen;
+mod metrics_server;
+mod smoke;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Teach autoregressive image models new subjects by Proxy-Tuning.
+#[derive(Debug, Parser)]
+#[command(name = "proxytune", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Smoke job of what exists: imports DreamBench references into a Lance corpus (twice, to show
+    /// the second import writes nothing), scans it, and trains a tiny tch network a few steps.
+    Smoke(smoke::SmokeArgs),
+    /// Run a synthetic pipeline into a Lance corpus until done or Ctrl-C (drains, then exits
+    /// 0 done, 130 cancelled, 1 failed, 124 shutdown deadline exceeded).
+    Loadgen(loadgen::LoadgenArgs),
+    /// Benchmarks (figures measured side by side in one run).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// Inspect a corpus.
+    Corpus {
+        #[command(subcommand)]
+        command: corpus_cmd::CorpusCommand,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let code = match cli.command {
+        Command::Smoke(args) => runtime.block_on(smoke::run(args)).map(|()| 0),
+        Command::Corpus { command } => runtime.block_on(corpus_cmd::run(command)).map(|()| 0),
+        Command::Bench { command: bench::BenchCommand::Runtime(args) } => runtime.block_on(bench::runtime(args)).map(|()| 0),
+        Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
+    }?;
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    std::process::exit(code)
+}
+
+/// The repository's default location of the shared DreamBench copy.
+fn default_dreambench() -> PathBuf {
+    PathBuf::from("../shared/dreambench")
+}

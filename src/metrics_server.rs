@@ -1,0 +1,16 @@
+//! The process's Prometheus exporter: the global recorder and an HTTP `/metrics` listener bound to
+//! loopback. Histograms are exported with buckets so Grafana can use `histogram_quantile`.
+
+use proxytune_schemas::metrics::DURATION_BUCKETS_SECONDS;
+
+/// Installs the global recorder and serves `/metrics` on `127.0.0.1:port` (inside the current
+/// tokio runtime).
+pub fn install(port: u16) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&DURATION_BUCKETS_SECONDS)?
+        .with_http_listener(([127, 0, 0, 1], port))
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve /metrics on 127.0.0.1:{port}: {e}"))?;
+    tracing::info!("Serving metrics on http://127.0.0.1:{port}/metrics");
+    Ok(())
+}

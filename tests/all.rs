@@ -1,0 +1,8 @@
+//! Black-box tests of proxytune, in one test binary so lance and libtorch are linked once.
+
+mod cli;
+mod corpus;
+mod metrics;
+mod pylance;
+mod runtime;
+mod support;

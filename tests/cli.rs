@@ -1,0 +1,113 @@
+//! The `proxytune` binary, run as a user would.
+
+use std::process::Command;
+
+use crate::support::dreambench;
+
+fn proxytune() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_proxytune"))
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let out = proxytune().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("smoke") && text.contains("corpus"), "{text}");
+}
+
+#[test]
+fn smoke_job_imports_dreambench_idempotently_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    let out = proxytune()
+        .args(["smoke", "--device", "cpu", "--corpus"])
+        .arg(&corpus)
+        .arg("--dreambench")
+        .arg(dreambench())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["subjects"], 30);
+    assert_eq!(report["first_import"]["written"], 158, "DreamBench has 158 reference photos");
+    assert_eq!(report["first_import"]["skipped"], 0);
+    assert_eq!(report["second_import"]["written"], 0);
+    assert_eq!(report["second_import"]["skipped"], 158);
+    assert_eq!(report["references_version"], 30, "one version per subject, none for the re-import");
+    // dog, dog2, dog3, dog5, dog6, dog7, dog8: 5+6+6+5+5+5+5 photos (subjects.tsv).
+    assert_eq!(report["dog_references_scanned"], 37);
+    assert!(report["tch_loss_last"].as_f64().unwrap() < report["tch_loss_first"].as_f64().unwrap() * 0.5);
+
+    let info = proxytune().args(["corpus", "info"]).arg(&corpus).output().unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let tables: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(tables[0]["table"], "references");
+    assert_eq!(tables[0]["rows"], 158);
+    assert_eq!(tables[2]["exists"], false);
+}
+
+#[test]
+fn bad_paths_fail_with_a_named_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = proxytune().args(["corpus", "info"]).arg(dir.path().join("nowhere")).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nowhere") && err.contains("not a proxytune corpus"), "{err}");
+
+    let out = proxytune()
+        .args(["smoke", "--device", "cpu", "--dreambench"])
+        .arg(dir.path())
+        .arg("--corpus")
+        .arg(dir.path().join("c"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("subjects.tsv"), "{err}");
+}
+
+#[test]
+fn loadgen_drains_on_ctrl_c_and_exits_130() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    let mut child = proxytune()
+        .args(["loadgen", "--batch-rows", "16", "--interval-ms", "5", "--work-ms", "2", "--corpus"])
+        .arg(&corpus)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let it write a few commits (a barrier every 8 batches commits).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    loop {
+        let rows = rt.block_on(async {
+            let Ok(c) = proxytune_actors::corpus::Corpus::open(&corpus) else { return 0 };
+            let Ok(t) = c.table::<proxytune_schemas::Proxy>().await else { return 0 };
+            t.count_rows(None).await.unwrap_or(0)
+        });
+        if rows >= 256 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "loadgen wrote nothing");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let code = child.wait().unwrap().code();
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert_eq!(code, Some(130), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["outcome"]["type"], "cancelled");
+    let produced = report["produced_rows"].as_u64().unwrap();
+    assert_eq!(report["written_rows"].as_u64().unwrap(), produced, "every produced row was written");
+    assert_eq!(report["undelivered_rows"], 0);
+    let stored = rt.block_on(async {
+        let c = proxytune_actors::corpus::Corpus::open(&corpus).unwrap();
+        c.table::<proxytune_schemas::Proxy>().await.unwrap().count_rows(None).await.unwrap()
+    });
+    assert_eq!(stored as u64, produced, "the corpus holds exactly the produced rows");
+}

@@ -1,0 +1,65 @@
+//! Shared helpers of the integration tests.
+
+use std::path::PathBuf;
+
+use proxytune_schemas::{Proxy, RejectReason};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared DreamBench copy beside the repository.
+pub fn dreambench() -> PathBuf {
+    let path = repo_root().join("../shared/dreambench");
+    assert!(path.join("subjects.tsv").is_file(), "{} is missing", path.display());
+    path
+}
+
+/// A small real PNG (a gradient keyed by `seed`).
+pub fn png(seed: u64, side: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([(x * 7 + seed as u32) as u8, (y * 5) as u8, (seed * 31) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// A proxy row of job `job` with a distinct `seed`.
+pub fn proxy(job: &str, subject: &str, seed: u64) -> Proxy {
+    Proxy {
+        job_id: job.into(),
+        subject: subject.into(),
+        class_noun: "dog".into(),
+        prompt: format!("a sks dog in context {}", seed % 5),
+        prompt_index: (seed % 5) as u32,
+        seed,
+        supervisor_id: "toy-sd/lora".into(),
+        supervisor_version: 1,
+        image_png: png(seed, 16),
+        width: 16,
+        height: 16,
+        score_dino: Some(seed as f32 / 100.0),
+        score_clip_i: None,
+        score_clip_t: Some(0.3),
+        score_feat_i: None,
+        dup_max_cosine: None,
+        keep: Some(seed % 3 != 0),
+        reject_reason: (seed % 3 == 0).then_some(RejectReason::LowFidelity),
+        generated_at_us: 1_000 + seed as i64,
+        filtered_at_us: Some(2_000 + seed as i64),
+    }
+}
+
+/// Proxies with seeds in `seeds`.
+pub fn proxies(job: &str, seeds: std::ops::Range<u64>) -> Vec<Proxy> {
+    seeds.map(|s| proxy(job, "dog2", s)).collect()
+}
+
+/// The python of the project's virtualenv (set by `tools/dev`).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("PROXYTUNE_PYTHON")
+        .expect("PROXYTUNE_PYTHON is not set: run the tests through `make test` (tools/dev test)");
+    PathBuf::from(p)
+}
