@@ -5,7 +5,9 @@
 //! 1. a no-op pipeline (source → pass-through → sink): rows/s and per-batch overhead;
 //! 2. the same with a stage that works `work_ms` per batch: wall time against the stage's own busy
 //!    time — the runtime's overhead in percent (goal: under 2 % at 10 ms);
-//! 3. the Lance corpus sink against writing the same payload bytes to a plain file.
+//! 3. the Lance corpus sink against writing the same payload bytes to a plain file;
+//! 4. peak resident memory after streaming `batches` and then 100× `batches` freshly built batches
+//!    through the pipeline: bounded by the edge capacities, not by the volume.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -82,8 +84,38 @@ impl Operator for TimedWork {
     }
 }
 
+/// Peak resident set size of this process so far, in bytes (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Streams `batches` freshly generated batches through source -> pass -> sink.
+async fn stream_generated(cfg: &PipelineConfig, args: &RuntimeArgs, batches: u64) -> anyhow::Result<u64> {
+    let (source, produced) = SyntheticProxies::new(SyntheticConfig {
+        batch_rows: args.batch_rows,
+        batches: Some(batches),
+        payload_bytes: args.payload_bytes,
+        ..Default::default()
+    });
+    let mut p = Pipeline::new(cfg.clone(), Metrics::noop());
+    let src = p.source("gen", source);
+    let mid = p.operator("pass", PassThrough::default());
+    let sink = p.operator("sink", Discard);
+    p.connect(src, mid).connect(mid, sink);
+    let report = p.start(&tokio::runtime::Handle::current())?.wait().await;
+    anyhow::ensure!(report.outcome == JobOutcome::Succeeded, "memory pipeline ended {:?}", report.outcome);
+    Ok(produced.load(Ordering::SeqCst))
+}
+
 #[derive(Debug, Serialize)]
 struct RuntimeReport {
+    peak_rss_mb_after_small: f64,
+    peak_rss_mb_after_100x: f64,
+    rows_small: u64,
+    rows_100x: u64,
     batches: u64,
     batch_rows: usize,
     payload_bytes_per_row: usize,
@@ -119,6 +151,11 @@ async fn run_pipeline(cfg: &PipelineConfig, batches: Vec<RecordBatch>, work: Opt
 /// Runs the runtime benchmark and prints its table (and the JSON report).
 pub async fn runtime(args: RuntimeArgs) -> anyhow::Result<()> {
     let cfg = PipelineConfig { edge_capacity_rows: args.capacity_rows.try_into()?, ..Default::default() };
+    // 4 first, before anything else is resident: memory against volume.
+    let rows_small = stream_generated(&cfg, &args, args.batches).await?;
+    let rss_small = peak_rss_bytes().unwrap_or(0);
+    let rows_100x = stream_generated(&cfg, &args, args.batches * 100).await?;
+    let rss_100x = peak_rss_bytes().unwrap_or(0);
     let (gen, _) = SyntheticProxies::new(SyntheticConfig {
         batch_rows: args.batch_rows,
         batches: Some(args.batches),
@@ -179,6 +216,10 @@ pub async fn runtime(args: RuntimeArgs) -> anyhow::Result<()> {
 
     let mb = payload as f64 / 1e6;
     let report = RuntimeReport {
+        peak_rss_mb_after_small: rss_small as f64 / 1e6,
+        peak_rss_mb_after_100x: rss_100x as f64 / 1e6,
+        rows_small,
+        rows_100x,
         batches: args.batches,
         batch_rows: args.batch_rows,
         payload_bytes_per_row: args.payload_bytes,
@@ -204,6 +245,10 @@ pub async fn runtime(args: RuntimeArgs) -> anyhow::Result<()> {
     println!("  lance sink                : {:.3} s  {:>8.1} MB/s", report.lance_sink_seconds, report.lance_sink_mb_per_second);
     println!("  raw file write (+fsync)   : {:.3} s  {:>8.1} MB/s", report.raw_file_seconds, report.raw_file_mb_per_second);
     println!("  lance / raw file          : {:.2}x", report.lance_over_raw_ratio);
+    println!(
+        "  peak RSS                  : {:.1} MB after {} rows, {:.1} MB after {} more rows (100x)",
+        report.peak_rss_mb_after_small, rows_small, report.peak_rss_mb_after_100x, rows_100x
+    );
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

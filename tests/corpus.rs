@@ -96,7 +96,8 @@ async fn scans_stream_filtered_projected_batches() {
     };
     let batches = collect(&table, &scan).await;
     assert!(batches.len() > 4, "expected a stream of several batches, got {}", batches.len());
-    assert!(batches.iter().all(|b| b.num_rows() <= 16));
+    let sizes: Vec<usize> = batches.iter().map(RecordBatch::num_rows).collect();
+    assert!(sizes.iter().all(|&n| n <= 16), "batch sizes {sizes:?}");
     let names: Vec<String> = batches[0].schema().fields().iter().map(|f| f.name().clone()).collect();
     assert_eq!(names, ["key", "score_dino"]);
     let mut count = 0;

@@ -15,7 +15,7 @@ use proxytune_actors::runtime::{
 };
 use proxytune_actors::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_actors::Error;
-use proxytune_schemas::Proxy;
+use proxytune_schemas::{Proxy, Table};
 
 pub fn config(capacity_rows: usize) -> PipelineConfig {
     PipelineConfig {
@@ -67,6 +67,7 @@ impl Log {
 
 struct Recording {
     log: Log,
+    forward: bool,
     fail_on_batch: Option<usize>,
     panic_on_batch: Option<usize>,
     seen: usize,
@@ -74,7 +75,11 @@ struct Recording {
 
 impl Recording {
     fn new(log: Log) -> Self {
-        Recording { log, fail_on_batch: None, panic_on_batch: None, seen: 0 }
+        Recording { log, forward: true, fail_on_batch: None, panic_on_batch: None, seen: 0 }
+    }
+
+    fn sink(log: Log) -> Self {
+        Recording { forward: false, ..Recording::new(log) }
     }
 }
 
@@ -89,7 +94,9 @@ impl Operator for Recording {
         }
         let first_seed = Proxy::from_batch(&batch).unwrap()[0].seed;
         self.log.push(format!("data {input} {first_seed} {}", batch.num_rows()));
-        out.emit(batch);
+        if self.forward {
+            out.emit(batch);
+        }
         Ok(())
     }
 
@@ -162,7 +169,6 @@ async fn backpressure_bounds_what_the_source_pulls() {
         for e in &edges {
             assert_eq!(e.queued_rows, e.capacity_rows, "edge {} is full", e.name);
             assert!(e.max_queued_rows <= e.capacity_rows, "edge {} overfilled", e.name);
-            assert!(e.blocked_ns > 0, "edge {} records blocked time", e.name);
         }
 
         handle.control().cancel();
@@ -170,6 +176,9 @@ async fn backpressure_bounds_what_the_source_pulls() {
         let report = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
         assert_eq!(report.outcome, JobOutcome::Cancelled);
         assert_eq!(report.undelivered_rows(), 0);
+        for e in &report.edges {
+            assert!(e.blocked_ns > 0, "edge {} records the time its sender was blocked", e.name);
+        }
         let sink_edge = report.edges.iter().find(|e| e.name.ends_with("->sink")).unwrap();
         assert_eq!(sink_edge.received_rows, sink_edge.sent_rows, "everything queued was delivered");
         assert_eq!(report.edges[0].sent_rows, produced.load(Ordering::SeqCst), "the blocked batch went out too");
@@ -234,7 +243,7 @@ async fn a_failing_stage_fails_the_job_by_name_and_stops_the_rest() {
         let mut p = Pipeline::new(config(64), Metrics::noop());
         let src = p.source("gen", source);
         let mid = p.operator("flaky", failing);
-        let sink = p.operator("sink", Recording::new(log.clone()));
+        let sink = p.operator("sink", Recording::sink(log.clone()));
         p.connect(src, mid).connect(mid, sink);
         let report = tokio::time::timeout(
             Duration::from_secs(20),

@@ -150,7 +150,7 @@ pub struct Scan {
     pub filter: Option<String>,
     /// Only these columns, in this order.
     pub columns: Option<Vec<String>>,
-    /// Rows per batch (Lance's default when `None`).
+    /// At most this many rows per batch (Lance's default batching when `None`).
     pub batch_size: Option<usize>,
 }
 
@@ -380,8 +380,12 @@ impl<T: Table> CorpusTable<T> {
         scanner.scan_in_order(true);
         let stream = scanner.try_into_stream().await.map_err(|e| self.filter_error(filter, e))?;
         let uri = self.uri.clone();
+        let max_rows = scan.batch_size.unwrap_or(usize::MAX).max(1);
         Ok(stream
             .map_err(move |source| Error::Lance { context: format!("scan {uri}"), source })
+            // Lance treats the batch size as a hint (a filter can merge batches); make it a bound.
+            .map_ok(move |batch| futures::stream::iter(split(batch, max_rows).into_iter().map(Ok)))
+            .try_flatten()
             .boxed())
     }
 
@@ -463,16 +467,25 @@ impl<T: Table> CorpusTable<T> {
         })
     }
 
+    /// Errors while applying or planning a filter are reported as [`Error::Filter`] (naming the
+    /// expression); anything else as a Lance error.
     fn filter_error(&self, filter: Option<&str>, source: lance::Error) -> Error {
-        match (filter, &source) {
-            (Some(f), lance::Error::InvalidInput { .. } | lance::Error::Schema { .. }) => Error::Filter {
-                table: T::NAME,
-                filter: f.to_string(),
-                message: source.to_string(),
-            },
-            _ => Error::Lance { context: format!("scan {} (filter {filter:?})", self.uri), source },
+        match filter {
+            Some(f) => Error::Filter { table: T::NAME, filter: f.to_string(), message: source.to_string() },
+            None => Error::Lance { context: format!("scan {}", self.uri), source },
         }
     }
+}
+
+/// Zero-copy slices of at most `max_rows` rows.
+fn split(batch: RecordBatch, max_rows: usize) -> Vec<RecordBatch> {
+    if batch.num_rows() <= max_rows {
+        return vec![batch];
+    }
+    (0..batch.num_rows())
+        .step_by(max_rows)
+        .map(|start| batch.slice(start, max_rows.min(batch.num_rows() - start)))
+        .collect()
 }
 
 fn check_schema<T: Table>(path: &Path, ds: &Dataset) -> Result<()> {

@@ -22,7 +22,7 @@ pub mod table;
 pub use error::{Result, SchemaError};
 pub use key::RowKey;
 pub use metrics::MetricName;
-pub use rows::{ClassPriorImage, EvalSample, ModelRole, Proxy, ReferenceImage, VqTokens};
+pub use rows::{ClassPriorImage, EvalSample, ModelRole, Proxy, ReferenceImage, RejectReason, VqTokens};
 pub use table::Table;
 
 /// Name of the string column every table carries with its row's canonical [`RowKey`].
