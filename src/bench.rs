@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use arrow_array::RecordBatch;
 use proxytune_actors::corpus::Corpus;
 use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
-use proxytune_actors::runtime::{Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, Produced, Source};
+use proxytune_actors::runtime::{
+    Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, Produced, Source,
+};
 use proxytune_actors::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use serde::Serialize;
 
@@ -76,7 +78,13 @@ struct TimedWork {
 }
 
 impl Operator for TimedWork {
-    fn process_batch(&mut self, i: usize, b: RecordBatch, ctx: &mut Context, out: &mut Output) -> proxytune_actors::Result<()> {
+    fn process_batch(
+        &mut self,
+        i: usize,
+        b: RecordBatch,
+        ctx: &mut Context,
+        out: &mut Output,
+    ) -> proxytune_actors::Result<()> {
         let t = Instant::now();
         let r = self.inner.process_batch(i, b, ctx, out);
         self.busy_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -133,11 +141,17 @@ struct RuntimeReport {
     lance_over_raw_ratio: f64,
 }
 
-async fn run_pipeline(cfg: &PipelineConfig, batches: Vec<RecordBatch>, work: Option<(u64, Arc<AtomicU64>)>) -> anyhow::Result<Duration> {
+async fn run_pipeline(
+    cfg: &PipelineConfig,
+    batches: Vec<RecordBatch>,
+    work: Option<(u64, Arc<AtomicU64>)>,
+) -> anyhow::Result<Duration> {
     let mut p = Pipeline::new(cfg.clone(), Metrics::noop());
     let src = p.source("gen", Prebuilt { batches: batches.into_iter() });
     let mid = match work {
-        Some((ms, busy)) => p.operator("work", TimedWork { inner: PassThrough { work_ms: ms }, busy_ns: busy }),
+        Some((ms, busy)) => {
+            p.operator("work", TimedWork { inner: PassThrough { work_ms: ms }, busy_ns: busy })
+        }
         None => p.operator("pass", PassThrough::default()),
     };
     let sink = p.operator("sink", Discard);
@@ -236,14 +250,29 @@ pub async fn runtime(args: RuntimeArgs) -> anyhow::Result<()> {
         raw_file_mb_per_second: mb / raw.as_secs_f64(),
         lance_over_raw_ratio: lance.as_secs_f64() / raw.as_secs_f64(),
     };
-    println!("runtime bench: {} batches x {} rows, ~{} B PNG per row ({:.1} MB in all)", args.batches, args.batch_rows, args.payload_bytes, mb);
-    println!("  no-op pipeline (3 actors) : {:>12.0} rows/s   {:.3} ms per batch", report.noop_rows_per_second, report.noop_overhead_ms_per_batch);
+    println!(
+        "runtime bench: {} batches x {} rows, ~{} B PNG per row ({:.1} MB in all)",
+        args.batches, args.batch_rows, args.payload_bytes, mb
+    );
+    println!(
+        "  no-op pipeline (3 actors) : {:>12.0} rows/s   {:.3} ms per batch",
+        report.noop_rows_per_second, report.noop_overhead_ms_per_batch
+    );
     println!(
         "  {} ms stage               : wall {:.3} s vs stage busy {:.3} s -> runtime overhead {:.2} %",
-        args.work_ms, report.work_pipeline_wall_seconds, report.work_stage_busy_seconds, report.runtime_overhead_percent
+        args.work_ms,
+        report.work_pipeline_wall_seconds,
+        report.work_stage_busy_seconds,
+        report.runtime_overhead_percent
     );
-    println!("  lance sink                : {:.3} s  {:>8.1} MB/s", report.lance_sink_seconds, report.lance_sink_mb_per_second);
-    println!("  raw file write (+fsync)   : {:.3} s  {:>8.1} MB/s", report.raw_file_seconds, report.raw_file_mb_per_second);
+    println!(
+        "  lance sink                : {:.3} s  {:>8.1} MB/s",
+        report.lance_sink_seconds, report.lance_sink_mb_per_second
+    );
+    println!(
+        "  raw file write (+fsync)   : {:.3} s  {:>8.1} MB/s",
+        report.raw_file_seconds, report.raw_file_mb_per_second
+    );
     println!("  lance / raw file          : {:.2}x", report.lance_over_raw_ratio);
     println!(
         "  peak RSS                  : {:.1} MB after {} rows, {:.1} MB after {} more rows (100x)",

@@ -66,7 +66,8 @@ struct LoadgenReport {
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<i32> {
     let config: PipelineConfig = match &args.pipeline_config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
         None => PipelineConfig::default(),

@@ -62,7 +62,14 @@ pub async fn run(args: SmokeArgs) -> anyhow::Result<()> {
     for counts in &mut imports {
         for entry in &subjects {
             let dir = args.dreambench.join(&entry.subject);
-            let rows = load_subject_folder(&dir, "smoke", &entry.subject, &entry.class_noun, &IntakeRules::default(), now_us())?;
+            let rows = load_subject_folder(
+                &dir,
+                "smoke",
+                &entry.subject,
+                &entry.class_noun,
+                &IntakeRules::default(),
+                now_us(),
+            )?;
             anyhow::ensure!(
                 rows.len() == entry.n_images,
                 "{}: {} images, subjects.tsv says {}",
@@ -90,9 +97,8 @@ pub async fn run(args: SmokeArgs) -> anyhow::Result<()> {
     }
 
     let device = proxytune_models::device::parse_device(&args.device)?;
-    let (first, last) = tokio::task::spawn_blocking(move || train_tiny(device))
-        .await
-        .context("tch thread panicked")??;
+    let (first, last) =
+        tokio::task::spawn_blocking(move || train_tiny(device)).await.context("tch thread panicked")??;
 
     let report = SmokeReport {
         corpus: args.corpus,

@@ -84,8 +84,12 @@ fn loadgen_drains_on_ctrl_c_and_exits_130() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     loop {
         let rows = rt.block_on(async {
-            let Ok(c) = proxytune_actors::corpus::Corpus::open(&corpus) else { return 0 };
-            let Ok(t) = c.table::<proxytune_schemas::Proxy>().await else { return 0 };
+            let Ok(c) = proxytune_actors::corpus::Corpus::open(&corpus) else {
+                return 0;
+            };
+            let Ok(t) = c.table::<proxytune_schemas::Proxy>().await else {
+                return 0;
+            };
             t.count_rows(None).await.unwrap_or(0)
         });
         if rows >= 256 {

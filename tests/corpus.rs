@@ -270,7 +270,10 @@ async fn paths_that_are_not_corpora_are_refused_and_left_alone() {
     std::fs::write(corpus.table_path::<Proxy>().join("junk"), "x").unwrap();
     let err = corpus.table::<Proxy>().await.unwrap_err();
     assert!(matches!(err, Error::NotACorpus { .. }), "{err:?}");
-    assert!(err.to_string().contains("proxies.lance") && err.to_string().contains("not a Lance dataset"), "{err}");
+    assert!(
+        err.to_string().contains("proxies.lance") && err.to_string().contains("not a Lance dataset"),
+        "{err}"
+    );
 
     // A Lance dataset of another table under the proxies name.
     let corpus = Corpus::open_or_create(dir.path().join("d")).unwrap();

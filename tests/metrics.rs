@@ -75,7 +75,10 @@ async fn every_actor_and_edge_emits_its_metrics_into_a_fresh_registry() {
     assert_eq!(sample(&text, "proxytune_actor_received_rows_total{actor=\"mid\"}"), Some(640.0));
     assert_eq!(sample(&text, "proxytune_actor_received_rows_total{actor=\"lance_writer\"}"), Some(640.0));
     for edge in ["gen->mid", "mid->lance_writer"] {
-        assert_eq!(sample(&text, &format!("proxytune_channel_capacity_rows{{edge=\"{edge}\"}}")), Some(128.0));
+        assert_eq!(
+            sample(&text, &format!("proxytune_channel_capacity_rows{{edge=\"{edge}\"}}")),
+            Some(128.0)
+        );
         assert_eq!(sample(&text, &format!("proxytune_channel_queued_rows{{edge=\"{edge}\"}}")), Some(0.0));
     }
     assert_eq!(sample(&text, "proxytune_corpus_written_rows_total{table=\"proxies\"}"), Some(640.0));

@@ -11,7 +11,8 @@ use proxytune_actors::corpus::Corpus;
 use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::runtime::supervisor::{Cancel, GetStatus, JobSupervisor, Pause, Resume, WaitDone};
 use proxytune_actors::runtime::{
-    Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, PipelineHandle, RunState, Signal,
+    Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, PipelineHandle, RunState,
+    Signal,
 };
 use proxytune_actors::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_actors::Error;
@@ -25,7 +26,11 @@ pub fn config(capacity_rows: usize) -> PipelineConfig {
     }
 }
 
-pub fn synthetic(batch_rows: usize, batches: Option<u64>, interval_ms: u64) -> (SyntheticProxies, Arc<AtomicU64>) {
+pub fn synthetic(
+    batch_rows: usize,
+    batches: Option<u64>,
+    interval_ms: u64,
+) -> (SyntheticProxies, Arc<AtomicU64>) {
     SyntheticProxies::new(SyntheticConfig {
         batch_rows,
         batches,
@@ -43,7 +48,13 @@ struct GatedSink {
 }
 
 impl Operator for GatedSink {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &mut Context, _: &mut Output) -> proxytune_actors::Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &mut Context,
+        _: &mut Output,
+    ) -> proxytune_actors::Result<()> {
         let before = self.taken.fetch_add(batch.num_rows() as u64, Ordering::SeqCst) as usize;
         if before >= self.quota {
             let _ = self.gate.recv();
@@ -84,7 +95,13 @@ impl Recording {
 }
 
 impl Operator for Recording {
-    fn process_batch(&mut self, input: usize, batch: RecordBatch, _: &mut Context, out: &mut Output) -> proxytune_actors::Result<()> {
+    fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        _: &mut Context,
+        out: &mut Output,
+    ) -> proxytune_actors::Result<()> {
         self.seen += 1;
         if self.fail_on_batch == Some(self.seen) {
             return Err(Error::Operator { message: format!("synthetic failure on batch {}", self.seen) });
@@ -181,7 +198,11 @@ async fn backpressure_bounds_what_the_source_pulls() {
         }
         let sink_edge = report.edges.iter().find(|e| e.name.ends_with("->sink")).unwrap();
         assert_eq!(sink_edge.received_rows, sink_edge.sent_rows, "everything queued was delivered");
-        assert_eq!(report.edges[0].sent_rows, produced.load(Ordering::SeqCst), "the blocked batch went out too");
+        assert_eq!(
+            report.edges[0].sent_rows,
+            produced.load(Ordering::SeqCst),
+            "the blocked batch went out too"
+        );
     }
 }
 
@@ -310,7 +331,13 @@ async fn cancel_drains_every_row_into_lance() {
 struct Stuck;
 
 impl Operator for Stuck {
-    fn process_batch(&mut self, _: usize, _: RecordBatch, _: &mut Context, _: &mut Output) -> proxytune_actors::Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        _: RecordBatch,
+        _: &mut Context,
+        _: &mut Output,
+    ) -> proxytune_actors::Result<()> {
         std::thread::sleep(Duration::from_millis(2500));
         Ok(())
     }
@@ -344,11 +371,26 @@ async fn barriers_are_aligned_across_inputs_and_fan_out_copies() {
     let mut p = Pipeline::new(config(64), Metrics::noop());
     let fast = p.source(
         "fast",
-        SyntheticProxies::new(SyntheticConfig { batch_rows: 4, batches: Some(4), barrier_every_batches: 2, payload_bytes: 16, ..Default::default() }).0,
+        SyntheticProxies::new(SyntheticConfig {
+            batch_rows: 4,
+            batches: Some(4),
+            barrier_every_batches: 2,
+            payload_bytes: 16,
+            ..Default::default()
+        })
+        .0,
     );
     let slow = p.source(
         "slow",
-        SyntheticProxies::new(SyntheticConfig { batch_rows: 4, batches: Some(4), barrier_every_batches: 2, interval_ms: 40, payload_bytes: 16, ..Default::default() }).0,
+        SyntheticProxies::new(SyntheticConfig {
+            batch_rows: 4,
+            batches: Some(4),
+            barrier_every_batches: 2,
+            interval_ms: 40,
+            payload_bytes: 16,
+            ..Default::default()
+        })
+        .0,
     );
     let merge = p.operator("merge", Recording::new(log.clone()));
     let a = p.operator("a", Recording::new(Log::default()));
@@ -362,7 +404,11 @@ async fn barriers_are_aligned_across_inputs_and_fan_out_copies() {
     let entries: Vec<String> = log.entries().into_iter().map(|(_, s)| s).collect();
     let barrier1 = entries.iter().position(|s| s == "signal Barrier { epoch: 1 }").expect("barrier 1");
     let barrier2 = entries.iter().position(|s| s == "signal Barrier { epoch: 2 }").expect("barrier 2");
-    assert_eq!(entries.iter().filter(|s| s.starts_with("signal Barrier")).count(), 2, "one barrier per epoch: {entries:?}");
+    assert_eq!(
+        entries.iter().filter(|s| s.starts_with("signal Barrier")).count(),
+        2,
+        "one barrier per epoch: {entries:?}"
+    );
     // Batches 0-1 (seeds 0, 4) of both inputs come before barrier 1, batches 2-3 (seeds 8, 12) after.
     for (i, s) in entries.iter().enumerate() {
         if let Some(rest) = s.strip_prefix("data ") {
@@ -436,7 +482,13 @@ fn the_actix_supervisor_pauses_resumes_reports_and_cancels() {
 struct Collect(Arc<Mutex<Vec<Proxy>>>);
 
 impl Operator for Collect {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &mut Context, _: &mut Output) -> proxytune_actors::Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &mut Context,
+        _: &mut Output,
+    ) -> proxytune_actors::Result<()> {
         self.0.lock().unwrap().extend(Proxy::from_batch(&batch)?);
         Ok(())
     }
@@ -462,7 +514,11 @@ async fn a_pinned_corpus_version_replays_through_the_pipeline() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let reader = CorpusReader::<Proxy>::new(
         source.clone(),
-        CorpusReaderConfig { version: Some(VersionRef::Tag("run-1".into())), filter: Some("keep = true".into()), batch_rows: 16 },
+        CorpusReaderConfig {
+            version: Some(VersionRef::Tag("run-1".into())),
+            filter: Some("keep = true".into()),
+            batch_rows: 16,
+        },
     );
     let (writer, stats) = LanceWriter::<Proxy>::new(
         target.clone(),

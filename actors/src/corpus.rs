@@ -81,8 +81,8 @@ impl Corpus {
         let marker_path = root.join(MARKER_FILE);
         let text = std::fs::read_to_string(&marker_path)
             .map_err(|_| not_a_corpus(&root, &format!("no readable {MARKER_FILE}")))?;
-        let marker: Marker = serde_json::from_str(&text)
-            .map_err(|e| not_a_corpus(&root, &format!("{MARKER_FILE}: {e}")))?;
+        let marker: Marker =
+            serde_json::from_str(&text).map_err(|e| not_a_corpus(&root, &format!("{MARKER_FILE}: {e}")))?;
         if marker.format != FORMAT || marker.format_version != FORMAT_VERSION {
             return Err(not_a_corpus(
                 &root,
@@ -262,7 +262,9 @@ impl<T: Table> CorpusTable<T> {
 
     /// Rows in this handle's version matching `filter` (all rows when `None`).
     pub async fn count_rows(&self, filter: Option<&str>) -> Result<usize> {
-        let Some(ds) = &self.dataset else { return Ok(0) };
+        let Some(ds) = &self.dataset else {
+            return Ok(0);
+        };
         ds.count_rows(filter.map(str::to_string)).await.map_err(|e| self.filter_error(filter, e))
     }
 
@@ -298,7 +300,10 @@ impl<T: Table> CorpusTable<T> {
             }
             Some(ds) => {
                 let params = WriteParams { mode: WriteMode::Append, ..Default::default() };
-                InsertBuilder::new(Arc::new(ds.clone())).with_params(&params).execute(vec![batch.clone()]).await
+                InsertBuilder::new(Arc::new(ds.clone()))
+                    .with_params(&params)
+                    .execute(vec![batch.clone()])
+                    .await
             }
         }
         .context(|| format!("append {} rows to {}", written, self.uri))?;
@@ -336,16 +341,17 @@ impl<T: Table> CorpusTable<T> {
             // Another writer created the table since we opened it.
             *self = Self::open(self.path.clone()).await?;
         }
-        let Some(ds) = &mut self.dataset else { return Ok(()) };
+        let Some(ds) = &mut self.dataset else {
+            return Ok(());
+        };
         let latest = ds.latest_version_id().await.context(|| format!("latest version of {}", self.uri))?;
         if self.keys.as_ref().is_some_and(|k| k.version == latest) {
             return Ok(());
         }
         ds.checkout_latest().await.context(|| format!("checkout latest of {}", self.uri))?;
         let mut keys = HashSet::new();
-        let mut stream = self
-            .scan(&Scan { columns: Some(vec![KEY_COLUMN.to_string()]), ..Default::default() })
-            .await?;
+        let mut stream =
+            self.scan(&Scan { columns: Some(vec![KEY_COLUMN.to_string()]), ..Default::default() }).await?;
         while let Some(batch) = stream.try_next().await? {
             keys.extend(key_strings(&batch)?);
         }
@@ -391,7 +397,9 @@ impl<T: Table> CorpusTable<T> {
 
     /// Every version of the table, oldest first.
     pub async fn versions(&self) -> Result<Vec<VersionInfo>> {
-        let Some(ds) = &self.dataset else { return Ok(vec![]) };
+        let Some(ds) = &self.dataset else {
+            return Ok(vec![]);
+        };
         let versions = ds.versions().await.context(|| format!("list versions of {}", self.uri))?;
         Ok(versions
             .into_iter()
@@ -407,7 +415,9 @@ impl<T: Table> CorpusTable<T> {
 
     /// Tags and the versions they name.
     pub async fn tags(&self) -> Result<BTreeMap<String, u64>> {
-        let Some(ds) = &self.dataset else { return Ok(BTreeMap::new()) };
+        let Some(ds) = &self.dataset else {
+            return Ok(BTreeMap::new());
+        };
         let tags = ds.tags().list().await.context(|| format!("list tags of {}", self.uri))?;
         Ok(tags.into_iter().map(|(name, contents)| (name, contents.version)).collect())
     }
@@ -448,9 +458,9 @@ impl<T: Table> CorpusTable<T> {
     }
 
     fn existing(&self, what: &str) -> Result<&Dataset> {
-        self.dataset
-            .as_ref()
-            .ok_or_else(|| not_a_corpus(&self.path, &format!("cannot {what}: table `{}` was never written", T::NAME)))
+        self.dataset.as_ref().ok_or_else(|| {
+            not_a_corpus(&self.path, &format!("cannot {what}: table `{}` was never written", T::NAME))
+        })
     }
 
     async fn checkout_dataset(&self, version: &VersionRef) -> Result<Dataset> {
@@ -497,15 +507,12 @@ fn check_schema<T: Table>(path: &Path, ds: &Dataset) -> Result<()> {
 }
 
 fn key_column(batch: &RecordBatch) -> Result<&StringArray> {
-    batch
-        .column_by_name(KEY_COLUMN)
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .ok_or_else(|| {
-            Error::Schema(proxytune_schemas::SchemaError::MissingColumn {
-                table: "corpus",
-                column: KEY_COLUMN.into(),
-            })
+    batch.column_by_name(KEY_COLUMN).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or_else(|| {
+        Error::Schema(proxytune_schemas::SchemaError::MissingColumn {
+            table: "corpus",
+            column: KEY_COLUMN.into(),
         })
+    })
 }
 
 fn key_strings(batch: &RecordBatch) -> Result<Vec<String>> {

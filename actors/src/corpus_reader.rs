@@ -61,14 +61,20 @@ impl<T: Table> AsyncSource for CorpusReader<T> {
         };
         self.version = table.version();
         tracing::info!(actor = ctx.actor(), table = T::NAME, version = ?self.version, filter = ?self.config.filter, "Reading corpus.");
-        let scan = Scan { filter: self.config.filter.clone(), batch_size: Some(self.config.batch_rows.max(1)), ..Default::default() };
+        let scan = Scan {
+            filter: self.config.filter.clone(),
+            batch_size: Some(self.config.batch_rows.max(1)),
+            ..Default::default()
+        };
         self.stream = Some(table.scan(&scan).await?);
         Ok(())
     }
 
     async fn produce(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<Produced> {
         use futures::TryStreamExt;
-        let Some(stream) = self.stream.as_mut() else { return Ok(Produced::Done) };
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(Produced::Done);
+        };
         match stream.try_next().await? {
             Some(batch) => {
                 out.emit(T::conform(&batch)?);

@@ -114,15 +114,22 @@ pub struct SubjectEntry {
 
 /// Reads a `subjects.tsv` (header line first); errors name the file and line.
 pub fn read_subjects_tsv(path: &Path) -> Result<Vec<SubjectEntry>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let bad = |line: usize, message: String| Error::BadInput {
         input: format!("{}:{line}", path.display()),
         message,
     };
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
     match lines.next() {
-        Some((_, header)) if header.split('\t').collect::<Vec<_>>() == ["subject", "class", "live", "n_images"] => {}
-        Some((i, header)) => return Err(bad(i + 1, format!("expected the header `subject class live n_images`, found `{header}`"))),
+        Some((_, header))
+            if header.split('\t').collect::<Vec<_>>() == ["subject", "class", "live", "n_images"] => {}
+        Some((i, header)) => {
+            return Err(bad(
+                i + 1,
+                format!("expected the header `subject class live n_images`, found `{header}`"),
+            ))
+        }
         None => return Err(bad(1, "the file is empty".into())),
     }
     lines
@@ -136,8 +143,9 @@ pub fn read_subjects_tsv(path: &Path) -> Result<Vec<SubjectEntry>> {
                 "false" => false,
                 other => return Err(bad(i + 1, format!("`live` must be true or false, found `{other}`"))),
             };
-            let n_images =
-                n_images.parse().map_err(|_| bad(i + 1, format!("`n_images` must be a count, found `{n_images}`")))?;
+            let n_images = n_images
+                .parse()
+                .map_err(|_| bad(i + 1, format!("`n_images` must be a count, found `{n_images}`")))?;
             Ok(SubjectEntry { subject: subject.into(), class_noun: class_noun.into(), live, n_images })
         })
         .collect()
@@ -151,7 +159,9 @@ mod tests {
         if gray {
             image::GrayImage::from_fn(w, h, |x, _| image::Luma([x as u8])).save(path).unwrap();
         } else {
-            image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([x as u8, y as u8, 7, 128])).save(path).unwrap();
+            image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([x as u8, y as u8, 7, 128]))
+                .save(path)
+                .unwrap();
         }
     }
 
@@ -173,9 +183,21 @@ mod tests {
     fn subjects_tsv_lines_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("subjects.tsv");
-        std::fs::write(&path, "subject\tclass\tlive\tn_images\ndog\tdog\ttrue\t5\nbear\tstuffed animal\tfalse\t4\n").unwrap();
+        std::fs::write(
+            &path,
+            "subject\tclass\tlive\tn_images\ndog\tdog\ttrue\t5\nbear\tstuffed animal\tfalse\t4\n",
+        )
+        .unwrap();
         let rows = read_subjects_tsv(&path).unwrap();
-        assert_eq!(rows[1], SubjectEntry { subject: "bear".into(), class_noun: "stuffed animal".into(), live: false, n_images: 4 });
+        assert_eq!(
+            rows[1],
+            SubjectEntry {
+                subject: "bear".into(),
+                class_noun: "stuffed animal".into(),
+                live: false,
+                n_images: 4
+            }
+        );
         std::fs::write(&path, "subject\tclass\tlive\tn_images\ndog\tdog\tyes\t5\n").unwrap();
         let err = read_subjects_tsv(&path).unwrap_err().to_string();
         assert!(err.contains("subjects.tsv:2") && err.contains("`yes`"), "{err}");

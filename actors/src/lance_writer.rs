@@ -67,7 +67,11 @@ pub struct LanceWriter<T: Table> {
 
 impl<T: Table> LanceWriter<T> {
     /// A writer into `corpus`; the returned handle shows its progress.
-    pub fn new(corpus: Corpus, config: LanceWriterConfig, metrics: &Metrics) -> (Self, Arc<Mutex<WriterStats>>) {
+    pub fn new(
+        corpus: Corpus,
+        config: LanceWriterConfig,
+        metrics: &Metrics,
+    ) -> (Self, Arc<Mutex<WriterStats>>) {
         let stats = Arc::new(Mutex::new(WriterStats::default()));
         let writer = LanceWriter {
             corpus,
@@ -90,7 +94,8 @@ impl<T: Table> LanceWriter<T> {
         }
         let batch = arrow_select::concat::concat_batches(&T::schema(), &self.buffer)
             .map_err(|source| proxytune_schemas::SchemaError::Arrow { table: T::NAME, source })?;
-        let table = self.table.as_mut().ok_or_else(|| Error::Operator { message: "writer not started".into() })?;
+        let table =
+            self.table.as_mut().ok_or_else(|| Error::Operator { message: "writer not started".into() })?;
         let (AppendOutcome { written, skipped, version }, new_rows) = table.append_new_rows(&batch).await?;
         self.buffer.clear();
         self.buffered_rows = 0;
@@ -120,7 +125,13 @@ impl<T: Table> AsyncOperator for LanceWriter<T> {
         Ok(())
     }
 
-    async fn process_batch(&mut self, _input: usize, batch: RecordBatch, _ctx: &mut Context, out: &mut Output) -> Result<()> {
+    async fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        _ctx: &mut Context,
+        out: &mut Output,
+    ) -> Result<()> {
         let batch = T::conform(&batch)?;
         self.stats.lock().expect("writer stats").received_rows += batch.num_rows() as u64;
         self.buffered_rows += batch.num_rows();

@@ -138,7 +138,13 @@ pub struct PassThrough {
 }
 
 impl Operator for PassThrough {
-    fn process_batch(&mut self, _input: usize, batch: RecordBatch, _ctx: &mut Context, out: &mut Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        _ctx: &mut Context,
+        out: &mut Output,
+    ) -> Result<()> {
         if self.work_ms > 0 {
             std::thread::sleep(Duration::from_millis(self.work_ms));
         }
@@ -152,7 +158,13 @@ impl Operator for PassThrough {
 pub struct Discard;
 
 impl Operator for Discard {
-    fn process_batch(&mut self, _input: usize, _batch: RecordBatch, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _input: usize,
+        _batch: RecordBatch,
+        _ctx: &mut Context,
+        _out: &mut Output,
+    ) -> Result<()> {
         Ok(())
     }
 }

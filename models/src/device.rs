@@ -12,17 +12,15 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "cuda" => cuda(0).ok_or_else(|| bad("CUDA requested but libtorch sees no GPU".into())),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => cuda(i).ok_or_else(|| {
-                bad(format!("`{other}`: libtorch sees {} GPU(s)", tch::Cuda::device_count()))
-            }),
+            Some(Ok(i)) => cuda(i)
+                .ok_or_else(|| bad(format!("`{other}`: libtorch sees {} GPU(s)", tch::Cuda::device_count()))),
             _ => Err(bad(format!("`{other}` is not one of auto, cpu, cuda, cuda:N"))),
         },
     }
 }
 
 fn cuda(index: usize) -> Option<Device> {
-    (tch::Cuda::is_available() && (index as i64) < tch::Cuda::device_count())
-        .then_some(Device::Cuda(index))
+    (tch::Cuda::is_available() && (index as i64) < tch::Cuda::device_count()).then_some(Device::Cuda(index))
 }
 
 #[cfg(test)]

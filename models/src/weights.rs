@@ -61,8 +61,7 @@ pub fn load_safetensors(vs: &mut VarStore, path: &Path, strictness: Strictness) 
         }
     }
     if strictness == Strictness::Strict {
-        let extra: BTreeSet<&String> =
-            tensors.keys().filter(|k| !variables.contains_key(*k)).collect();
+        let extra: BTreeSet<&String> = tensors.keys().filter(|k| !variables.contains_key(*k)).collect();
         if !extra.is_empty() {
             return Err(ModelError::UnexpectedTensors {
                 path: path.to_path_buf(),
@@ -83,8 +82,7 @@ pub fn load_safetensors(vs: &mut VarStore, path: &Path, strictness: Strictness) 
 /// Saves every variable of `vs` to a safetensors file (keys = variable paths).
 pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
     }
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -104,7 +102,8 @@ mod tests {
     fn model(seed: i64) -> (VarStore, Mlp) {
         tch::manual_seed(seed);
         let vs = VarStore::new(Device::Cpu);
-        let mlp = Mlp::new(vs.root() / "head", &MlpConfig { in_features: 3, hidden_features: 5, out_features: 2 });
+        let mlp =
+            Mlp::new(vs.root() / "head", &MlpConfig { in_features: 3, hidden_features: 5, out_features: 2 });
         (vs, mlp)
     }
 
@@ -146,7 +145,10 @@ mod tests {
         let before: HashMap<String, Tensor> =
             vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
         let err = load_safetensors(&mut vs, &path, Strictness::Strict).unwrap_err().to_string();
-        assert!(err.contains("bad.safetensors") && err.contains("`head.fc2.weight`") && err.contains("[2, 4]"), "{err}");
+        assert!(
+            err.contains("bad.safetensors") && err.contains("`head.fc2.weight`") && err.contains("[2, 4]"),
+            "{err}"
+        );
         for (name, t) in vs.variables() {
             assert!(t.equal(&before[&name]), "{name} was modified by a failed load");
         }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use arrow_array::builder::{Int32Builder, ListBuilder};
 use arrow_array::{
-    Array, ArrayRef, BooleanArray, Float32Array, LargeBinaryArray, ListArray, RecordBatch,
-    StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, BooleanArray, Float32Array, LargeBinaryArray, ListArray, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt32Array, UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
@@ -86,10 +86,9 @@ impl<'a> Columns<'a> {
 
     /// The column, or [`SchemaError::MissingColumn`].
     pub fn column(&self, column: &str) -> Result<&'a ArrayRef> {
-        self.batch.column_by_name(column).ok_or_else(|| SchemaError::MissingColumn {
-            table: self.table,
-            column: column.to_string(),
-        })
+        self.batch
+            .column_by_name(column)
+            .ok_or_else(|| SchemaError::MissingColumn { table: self.table, column: column.to_string() })
     }
 
     typed_getter!(
@@ -194,8 +193,11 @@ pub fn opt_timestamps(micros: impl IntoIterator<Item = Option<i64>>) -> ArrayRef
 
 /// A `List<Int32>` array with non-null items.
 pub fn token_lists<'s>(lists: impl IntoIterator<Item = &'s [i32]>) -> ArrayRef {
-    let mut builder = ListBuilder::new(Int32Builder::new())
-        .with_field(Arc::new(Field::new("item", DataType::Int32, false)));
+    let mut builder = ListBuilder::new(Int32Builder::new()).with_field(Arc::new(Field::new(
+        "item",
+        DataType::Int32,
+        false,
+    )));
     for list in lists {
         builder.values().append_slice(list);
         builder.append(true);

@@ -862,11 +862,7 @@ mod tests {
         let err = Proxy::from_batch(&dropped).unwrap_err().to_string();
         assert!(err.contains("column `class_noun` is missing"), "{err}");
 
-        let nulls = replace_column(
-            &batch,
-            "prompt",
-            Arc::new(StringArray::from(vec![Some("a"), None])),
-        );
+        let nulls = replace_column(&batch, "prompt", Arc::new(StringArray::from(vec![Some("a"), None])));
         let err = Proxy::conform(&nulls).unwrap_err().to_string();
         assert!(err.contains("`prompt` has a null at row 1"), "{err}");
 

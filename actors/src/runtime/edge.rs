@@ -68,7 +68,11 @@ pub struct EdgeStats {
 }
 
 /// Creates an edge named `name` holding at most `capacity_rows` rows.
-pub fn edge(name: impl Into<String>, capacity_rows: usize, metrics: EdgeMetrics) -> (EdgeSender, EdgeReceiver) {
+pub fn edge(
+    name: impl Into<String>,
+    capacity_rows: usize,
+    metrics: EdgeMetrics,
+) -> (EdgeSender, EdgeReceiver) {
     let (tx, rx) = flume::unbounded();
     metrics.capacity_rows.set(capacity_rows as f64);
     let shared = Arc::new(Shared {

@@ -81,8 +81,12 @@ impl Metrics {
         let describe = || {
             for m in MetricName::ALL {
                 match m.kind() {
-                    proxytune_schemas::metrics::MetricKind::Counter => metrics::describe_counter!(m.as_str(), m.help()),
-                    proxytune_schemas::metrics::MetricKind::Gauge => metrics::describe_gauge!(m.as_str(), m.help()),
+                    proxytune_schemas::metrics::MetricKind::Counter => {
+                        metrics::describe_counter!(m.as_str(), m.help())
+                    }
+                    proxytune_schemas::metrics::MetricKind::Gauge => {
+                        metrics::describe_gauge!(m.as_str(), m.help())
+                    }
                     proxytune_schemas::metrics::MetricKind::Histogram => {
                         metrics::describe_histogram!(m.as_str(), metrics::Unit::Seconds, m.help())
                     }
@@ -116,7 +120,6 @@ impl Metrics {
             undelivered_rows: self.counter(MetricName::ChannelUndeliveredRows, "edge", edge),
         }
     }
-
 }
 
 /// Metric handles of one actor.

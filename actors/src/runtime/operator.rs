@@ -145,7 +145,13 @@ pub trait Operator: Send + 'static {
         Ok(())
     }
     /// Processes one batch from input `input`.
-    fn process_batch(&mut self, input: usize, batch: RecordBatch, ctx: &mut Context, out: &mut Output) -> Result<()>;
+    fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        ctx: &mut Context,
+        out: &mut Output,
+    ) -> Result<()>;
     /// Handles a signal (barriers arrive aligned across inputs). The runner forwards it afterwards.
     fn on_signal(&mut self, _signal: Signal, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         Ok(())
@@ -163,7 +169,11 @@ pub trait AsyncSource: Send + 'static {
         async { Ok(()) }
     }
     /// Produces the next batch(es) into `out`.
-    fn produce(&mut self, ctx: &mut Context, out: &mut Output) -> impl Future<Output = Result<Produced>> + Send;
+    fn produce(
+        &mut self,
+        ctx: &mut Context,
+        out: &mut Output,
+    ) -> impl Future<Output = Result<Produced>> + Send;
     /// Called once after the last `produce`.
     fn on_close(&mut self, _ctx: &mut Context, _out: &mut Output) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
@@ -185,7 +195,12 @@ pub trait AsyncOperator: Send + 'static {
         out: &mut Output,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Handles a signal (barriers arrive aligned across inputs).
-    fn on_signal(&mut self, _signal: Signal, _ctx: &mut Context, _out: &mut Output) -> impl Future<Output = Result<()>> + Send {
+    fn on_signal(
+        &mut self,
+        _signal: Signal,
+        _ctx: &mut Context,
+        _out: &mut Output,
+    ) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
     }
     /// Called once when every input has ended.

@@ -112,12 +112,20 @@ impl Pipeline {
 
     /// Adds an [`AsyncSource`] (runs on tokio).
     pub fn async_source<S: AsyncSource>(&mut self, name: &str, source: S) -> NodeId {
-        self.add(name, true, Launch::Task(Box::new(move |w, c| Box::pin(runner::run_async_source(source, w, c)))))
+        self.add(
+            name,
+            true,
+            Launch::Task(Box::new(move |w, c| Box::pin(runner::run_async_source(source, w, c)))),
+        )
     }
 
     /// Adds an [`AsyncOperator`] (runs on tokio).
     pub fn async_operator<O: AsyncOperator>(&mut self, name: &str, op: O) -> NodeId {
-        self.add(name, false, Launch::Task(Box::new(move |w, c| Box::pin(runner::run_async_operator(op, w, c)))))
+        self.add(
+            name,
+            false,
+            Launch::Task(Box::new(move |w, c| Box::pin(runner::run_async_operator(op, w, c)))),
+        )
     }
 
     /// Connects output port 0 of `from` to the next input of `to`.
@@ -188,7 +196,8 @@ impl Pipeline {
             let k = counts.entry((c.from.0, c.to.0)).or_default();
             *k += 1;
             let name = if *k == 1 { format!("{from}->{to}") } else { format!("{from}->{to}#{k}") };
-            let capacity = self.config.edge_capacity_overrides.get(&name).unwrap_or(&self.config.edge_capacity_rows);
+            let capacity =
+                self.config.edge_capacity_overrides.get(&name).unwrap_or(&self.config.edge_capacity_rows);
             let (tx, rx) = edge(name.clone(), capacity.get(), self.metrics.edge(&name));
             probes.push(tx.probe());
             inputs[c.to.0].push(rx);
@@ -214,7 +223,8 @@ impl Pipeline {
                         })
                         .map_err(|e| Error::Pipeline { message: format!("cannot start a thread: {e}") })?;
                     Box::pin(async move {
-                        rx.await.unwrap_or(TaskOutcome::Panicked { message: "the actor thread vanished".into() })
+                        rx.await
+                            .unwrap_or(TaskOutcome::Panicked { message: "the actor thread vanished".into() })
                     })
                 }
                 Launch::Task(f) => {
@@ -334,7 +344,11 @@ impl PipelineHandle {
                 s.clone().unwrap_or(TaskReport { name: name.clone(), state: "running".into(), error: None })
             })
             .collect();
-        PipelineStatus { state: self.control.state(), tasks, edges: self.probes.iter().map(EdgeProbe::stats).collect() }
+        PipelineStatus {
+            state: self.control.state(),
+            tasks,
+            edges: self.probes.iter().map(EdgeProbe::stats).collect(),
+        }
     }
 }
 

@@ -105,7 +105,8 @@ impl Outputs {
     fn targets(&self, item: &Emitted) -> Result<Vec<(&EdgeSender, Msg)>, SendError> {
         match item {
             Emitted::Data { port, batch } => {
-                let edges = self.ports.get(*port).filter(|e| !e.is_empty()).ok_or(SendError::Unconnected(*port))?;
+                let edges =
+                    self.ports.get(*port).filter(|e| !e.is_empty()).ok_or(SendError::Unconnected(*port))?;
                 Ok(edges.iter().map(|e| (e, Msg::Data(batch.clone()))).collect())
             }
             Emitted::Signal(s) => Ok(self.ports.iter().flatten().map(|e| (e, Msg::Signal(*s))).collect()),
@@ -227,7 +228,9 @@ impl Inputs {
             for (i, rx) in self.readable() {
                 selector = selector.recv(rx.flume(), move |r| (i, r.ok()));
             }
-            let Ok((i, msg)) = selector.wait_timeout(Duration::from_millis(100)) else { continue };
+            let Ok((i, msg)) = selector.wait_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
             if let (Some(m), Some(rx)) = (&msg, &self.receivers[i]) {
                 rx.took(m);
             }
@@ -354,7 +357,11 @@ macro_rules! step_async {
 }
 
 /// Runs an [`AsyncSource`] to completion.
-pub async fn run_async_source<S: AsyncSource>(mut source: S, wiring: Wiring, mut ctx: Context) -> TaskOutcome {
+pub async fn run_async_source<S: AsyncSource>(
+    mut source: S,
+    wiring: Wiring,
+    mut ctx: Context,
+) -> TaskOutcome {
     let outputs = Outputs { ports: wiring.outputs };
     let mut out = Output::default();
     step_async!(ctx, "start", source.on_start(&mut ctx, &mut out));
@@ -392,7 +399,11 @@ pub async fn run_async_source<S: AsyncSource>(mut source: S, wiring: Wiring, mut
 }
 
 /// Runs an [`AsyncOperator`] to the end of its inputs.
-pub async fn run_async_operator<O: AsyncOperator>(mut op: O, wiring: Wiring, mut ctx: Context) -> TaskOutcome {
+pub async fn run_async_operator<O: AsyncOperator>(
+    mut op: O,
+    wiring: Wiring,
+    mut ctx: Context,
+) -> TaskOutcome {
     let outputs = Outputs { ports: wiring.outputs };
     let mut inputs = Inputs::new(wiring.inputs);
     let mut out = Output::default();

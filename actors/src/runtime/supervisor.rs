@@ -33,7 +33,9 @@ impl Actor for JobSupervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let Some(pipeline) = self.pipeline.take() else { return };
+        let Some(pipeline) = self.pipeline.take() else {
+            return;
+        };
         let job = self.job_id.clone();
         ctx.spawn(pipeline.wait().into_actor(self).map(move |report, act, _| {
             tracing::info!(job, outcome = ?report.outcome, "Job ended.");
