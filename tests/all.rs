@@ -5,4 +5,5 @@ mod corpus;
 mod metrics;
 mod pylance;
 mod runtime;
+mod scorers;
 mod support;

@@ -7,11 +7,13 @@
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
+//! - [`scorers`]: evaluation encoders (EfficientNet-Lite for FEAT-I) and the similarity metrics.
 #![warn(missing_docs)]
 
 pub mod device;
 pub mod error;
 pub mod nn;
+pub mod scorers;
 pub mod weights;
 
 pub use error::{ModelError, Result};
