@@ -349,7 +349,7 @@ async fn every_table_reopens_with_its_schema() {
         tokens: vec![1, 2, 3, 4],
         created_at_us: 1,
     };
-    corpus.table::<VqTokens>().await.unwrap().append_rows(&[tokens.clone()]).await.unwrap();
+    corpus.table::<VqTokens>().await.unwrap().append_rows(std::slice::from_ref(&tokens)).await.unwrap();
     let sample = EvalSample {
         job_id: "j".into(),
         model_role: ModelRole::Supervisor,
@@ -368,7 +368,7 @@ async fn every_table_reopens_with_its_schema() {
         score_feat_i: Some(0.25),
         created_at_us: 1,
     };
-    corpus.table::<EvalSample>().await.unwrap().append_rows(&[sample.clone()]).await.unwrap();
+    corpus.table::<EvalSample>().await.unwrap().append_rows(std::slice::from_ref(&sample)).await.unwrap();
 
     // Reopen every table from disk and read the rows back.
     let vq = corpus.table::<VqTokens>().await.unwrap();

@@ -29,7 +29,9 @@ fn load_png(path: &std::path::Path) -> Tensor {
 #[test]
 fn efficientnet_lite0_matches_the_reference_implementation() {
     let feat = FeatI::load(&weights(), Device::Cpu).unwrap();
-    let fixture = read_safetensors(&repo_root().join("models/tests/fixtures/efficientnet_lite0_parity.safetensors")).unwrap();
+    let fixture =
+        read_safetensors(&repo_root().join("models/tests/fixtures/efficientnet_lite0_parity.safetensors"))
+            .unwrap();
     let input = &fixture["input"];
     let (features, logits) = tch::no_grad(|| {
         let f = feat.model().features(input);
@@ -65,7 +67,8 @@ fn feat_i_separates_dreambench_subjects_at_128_px() {
     // The "real images" row: references of one subject against each other.
     let same: Vec<f64> = embeddings.iter().map(|e| mean_distinct_pair_cosine(e).unwrap()).collect();
     let all = Tensor::cat(&embeddings, 0); // [158, 1280]
-    let labels: Vec<usize> = embeddings.iter().enumerate().flat_map(|(i, e)| vec![i; e.size()[0] as usize]).collect();
+    let labels: Vec<usize> =
+        embeddings.iter().enumerate().flat_map(|(i, e)| vec![i; e.size()[0] as usize]).collect();
     assert_eq!(labels.len(), 158);
     let sims = all.matmul(&all.transpose(0, 1)); // unit vectors: cosines
     let n = labels.len();
@@ -112,7 +115,10 @@ fn feat_i_separates_dreambench_subjects_at_128_px() {
     // close to that and separate subjects the same way.
     assert!(subject_wins >= 28, "same-subject similarity beats cross-subject for only {subject_wins}/30");
     assert!(same_mean > cross_mean + 0.25, "same {same_mean} vs cross {cross_mean}");
-    assert!((same_mean - 0.615).abs() < 0.05 && (cross_mean - 0.294).abs() < 0.05, "{same_mean} / {cross_mean}");
+    assert!(
+        (same_mean - 0.615).abs() < 0.05 && (cross_mean - 0.294).abs() < 0.05,
+        "{same_mean} / {cross_mean}"
+    );
     assert!(nn_acc >= 0.85, "1-NN accuracy {nn_acc}");
 }
 

@@ -45,8 +45,8 @@ pub fn proxy(job: &str, subject: &str, seed: u64) -> Proxy {
         score_clip_t: Some(0.3),
         score_feat_i: None,
         dup_max_cosine: None,
-        keep: Some(seed % 3 != 0),
-        reject_reason: (seed % 3 == 0).then_some(RejectReason::LowFidelity),
+        keep: Some(!seed.is_multiple_of(3)),
+        reject_reason: seed.is_multiple_of(3).then_some(RejectReason::LowFidelity),
         generated_at_us: 1_000 + seed as i64,
         filtered_at_us: Some(2_000 + seed as i64),
     }

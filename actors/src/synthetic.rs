@@ -122,7 +122,7 @@ impl Source for SyntheticProxies {
         out.emit(batch);
         self.batch += 1;
         let every = self.config.barrier_every_batches;
-        if every > 0 && self.batch % every == 0 {
+        if every > 0 && self.batch.is_multiple_of(every) {
             out.signal(Signal::Barrier { epoch: self.batch / every });
         }
         Ok(Produced::More)

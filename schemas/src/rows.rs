@@ -734,8 +734,8 @@ mod tests {
             score_clip_t: Some(0.25),
             score_feat_i: None,
             dup_max_cosine: Some(0.9),
-            keep: if seed % 2 == 0 { Some(true) } else { Some(false) },
-            reject_reason: if seed % 2 == 0 { None } else { Some(RejectReason::NearDuplicate) },
+            keep: if seed.is_multiple_of(2) { Some(true) } else { Some(false) },
+            reject_reason: if seed.is_multiple_of(2) { None } else { Some(RejectReason::NearDuplicate) },
             generated_at_us: 1_700_000_000_000_000 + seed as i64,
             filtered_at_us: if seed == 0 { None } else { Some(1_700_000_000_000_123) },
         }

@@ -126,7 +126,15 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn new(vs: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, expand_ratio: i64, eps: f64) -> Self {
+    fn new(
+        vs: nn::Path,
+        c_in: i64,
+        c_out: i64,
+        kernel: i64,
+        stride: i64,
+        expand_ratio: i64,
+        eps: f64,
+    ) -> Self {
         let hidden = c_in * expand_ratio;
         let expand = (expand_ratio != 1).then(|| {
             (SameConv::new(&vs / "_expand_conv", c_in, hidden, 1, 1, 1), bn(&vs / "_bn0", hidden, eps))
@@ -184,7 +192,15 @@ impl EfficientNetLite {
             for r in 0..stage.repeats {
                 let stride = if r == 0 { stage.stride } else { 1 };
                 let path = &vs / "_blocks" / blocks.len();
-                blocks.push(MbConv::new(path, c_in, stage.out_channels, stage.kernel, stride, stage.expand_ratio, eps));
+                blocks.push(MbConv::new(
+                    path,
+                    c_in,
+                    stage.out_channels,
+                    stage.kernel,
+                    stride,
+                    stage.expand_ratio,
+                    eps,
+                ));
                 c_in = stage.out_channels;
             }
         }
