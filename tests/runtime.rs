@@ -453,8 +453,7 @@ fn the_actix_supervisor_pauses_resumes_reports_and_cancels() {
         let src = p.source("gen", source);
         let sink = p.operator("sink", Discard);
         p.connect(src, sink);
-        let running = p.start(&tokio::runtime::Handle::current()).unwrap();
-        let supervisor = actix::Actor::start(JobSupervisor::new("job-1", running));
+        let supervisor = actix::Actor::start(JobSupervisor::new("job-1", p));
 
         eventually(10, "some rows", || produced.load(Ordering::SeqCst) > 40).await;
         assert!(supervisor.send(Pause).await.unwrap());
@@ -475,6 +474,20 @@ fn the_actix_supervisor_pauses_resumes_reports_and_cancels() {
         let status = supervisor.send(GetStatus).await.unwrap();
         assert_eq!(status.outcome, Some(JobOutcome::Cancelled));
         assert!(status.pipeline.tasks.iter().all(|t| t.state == "finished"), "{:?}", status.pipeline.tasks);
+
+        // A pipeline that cannot start fails its job with the reason, and the supervisor says so.
+        let mut bad = Pipeline::new(config(8), Metrics::noop());
+        bad.operator("orphan", Discard);
+        let supervisor = actix::Actor::start(JobSupervisor::new("job-2", bad));
+        let report = supervisor.send(WaitDone).await.unwrap().unwrap();
+        match report.outcome {
+            JobOutcome::Failed { actor, stage, message } => {
+                assert_eq!((actor.as_str(), stage.as_str()), ("pipeline", "start"));
+                assert!(message.contains("`orphan` has no input"), "{message}");
+            }
+            other => panic!("expected a failed start, got {other:?}"),
+        }
+        assert!(!supervisor.send(Cancel).await.unwrap());
     });
 }
 

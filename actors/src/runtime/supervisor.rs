@@ -1,31 +1,41 @@
 //! The control plane: one actix [`JobSupervisor`] per job owns its pipeline's lifecycle. It starts
-//! supervising the pipeline when the actor starts, answers status queries, pauses, resumes and
-//! cancels, and hands the final [`PipelineReport`] to whoever waits for it.
+//! the pipeline (every stage actor) when the actor starts and supervises it to its end, answers
+//! status queries, pauses, resumes and cancels, and hands the final [`PipelineReport`] to whoever
+//! waits for it. A pipeline that cannot start ends the job as failed, naming the reason.
 
 use actix::prelude::*;
 use serde::Serialize;
 
-use super::pipeline::{JobOutcome, PipelineHandle, PipelineReport, PipelineStatus, RunningPipeline};
+use super::control::RunState;
+use super::pipeline::{JobOutcome, Pipeline, PipelineHandle, PipelineReport, PipelineStatus};
 
 /// Supervises one job's pipeline.
 pub struct JobSupervisor {
     job_id: String,
-    handle: PipelineHandle,
-    pipeline: Option<RunningPipeline>,
+    pipeline: Option<Pipeline>,
+    handle: Option<PipelineHandle>,
     report: Option<PipelineReport>,
     waiters: Vec<tokio::sync::oneshot::Sender<PipelineReport>>,
 }
 
 impl JobSupervisor {
-    /// Wraps a started pipeline; supervision begins when the actor starts.
-    pub fn new(job_id: impl Into<String>, pipeline: RunningPipeline) -> Self {
+    /// A supervisor for a built (not yet started) pipeline; it starts it when the actor starts.
+    pub fn new(job_id: impl Into<String>, pipeline: Pipeline) -> Self {
         JobSupervisor {
             job_id: job_id.into(),
-            handle: pipeline.handle(),
             pipeline: Some(pipeline),
+            handle: None,
             report: None,
             waiters: Vec::new(),
         }
+    }
+
+    fn finish(&mut self, report: PipelineReport) {
+        tracing::info!(job = %self.job_id, outcome = ?report.outcome, "Job ended.");
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(report.clone());
+        }
+        self.report = Some(report);
     }
 }
 
@@ -36,14 +46,21 @@ impl Actor for JobSupervisor {
         let Some(pipeline) = self.pipeline.take() else {
             return;
         };
-        let job = self.job_id.clone();
-        ctx.spawn(pipeline.wait().into_actor(self).map(move |report, act, _| {
-            tracing::info!(job, outcome = ?report.outcome, "Job ended.");
-            for waiter in act.waiters.drain(..) {
-                let _ = waiter.send(report.clone());
+        match pipeline.start(&tokio::runtime::Handle::current()) {
+            Ok(running) => {
+                self.handle = Some(running.handle());
+                ctx.spawn(running.wait().into_actor(self).map(|report, act, _| act.finish(report)));
             }
-            act.report = Some(report);
-        }));
+            Err(error) => self.finish(PipelineReport {
+                outcome: JobOutcome::Failed {
+                    actor: "pipeline".into(),
+                    stage: "start".into(),
+                    message: error.to_string(),
+                },
+                tasks: Vec::new(),
+                edges: Vec::new(),
+            }),
+        }
     }
 }
 
@@ -86,30 +103,34 @@ pub struct JobStatus {
 impl Handler<Pause> for JobSupervisor {
     type Result = bool;
     fn handle(&mut self, _: Pause, _: &mut Self::Context) -> bool {
-        self.handle.control().pause()
+        self.handle.as_ref().is_some_and(|h| h.control().pause())
     }
 }
 
 impl Handler<Resume> for JobSupervisor {
     type Result = bool;
     fn handle(&mut self, _: Resume, _: &mut Self::Context) -> bool {
-        self.handle.control().resume()
+        self.handle.as_ref().is_some_and(|h| h.control().resume())
     }
 }
 
 impl Handler<Cancel> for JobSupervisor {
     type Result = bool;
     fn handle(&mut self, _: Cancel, _: &mut Self::Context) -> bool {
-        self.handle.control().cancel()
+        self.handle.as_ref().is_some_and(|h| h.control().cancel())
     }
 }
 
 impl Handler<GetStatus> for JobSupervisor {
     type Result = JobStatus;
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> JobStatus {
+        let pipeline = match &self.handle {
+            Some(handle) => handle.status(),
+            None => PipelineStatus { state: RunState::Aborting, tasks: Vec::new(), edges: Vec::new() },
+        };
         JobStatus {
             job_id: self.job_id.clone(),
-            pipeline: self.handle.status(),
+            pipeline,
             outcome: self.report.as_ref().map(|r| r.outcome.clone()),
         }
     }
