@@ -7,6 +7,7 @@
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
+//! - [`transformer`]: pre-LN transformer encoders: ViT (DINO) and CLIP (text and vision).
 //! - [`scorers`]: evaluation encoders (EfficientNet-Lite for FEAT-I) and the similarity metrics.
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod device;
 pub mod error;
 pub mod nn;
 pub mod scorers;
+pub mod transformer;
 pub mod weights;
 
 pub use error::{ModelError, Result};

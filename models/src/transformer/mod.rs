@@ -1,0 +1,189 @@
+//! Pre-LayerNorm transformer encoders shared by the ViT (DINO) and CLIP families.
+//!
+//! One block is `h = x + attn(ln1(x)); h = h + mlp(ln2(h))`. The families differ only in their
+//! checkpoint key names ([`LayerKeys`]), the MLP activation ([`Activation`]) and, for CLIP text, a
+//! causal mask. Variable paths are the reference checkpoints' keys, so `transformers` safetensors
+//! load by name.
+
+pub mod clip;
+pub mod vit;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::Module, Kind, Tensor};
+
+/// MLP activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact (erf) GELU (`"gelu"` in transformers configs).
+    Gelu,
+    /// `x * sigmoid(1.702 x)` (`"quick_gelu"`, the OpenAI CLIP checkpoints).
+    QuickGelu,
+    /// tanh-approximated GELU (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    GeluTanh,
+}
+
+impl Activation {
+    /// Parses a transformers `hidden_act` string.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Activation::Gelu),
+            "quick_gelu" => Some(Activation::QuickGelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+            _ => None,
+        }
+    }
+
+    /// Applies the activation.
+    pub fn apply(self, xs: &Tensor) -> Tensor {
+        match self {
+            Activation::Gelu => xs.gelu("none"),
+            Activation::QuickGelu => xs * (xs * 1.702).sigmoid(),
+            Activation::GeluTanh => xs.gelu("tanh"),
+        }
+    }
+}
+
+/// Where a block's weights live, relative to the block's path.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerKeys {
+    /// Query, key, value and output projections.
+    pub q: &'static str,
+    /// Key projection.
+    pub k: &'static str,
+    /// Value projection.
+    pub v: &'static str,
+    /// Attention output projection.
+    pub o: &'static str,
+    /// LayerNorm before attention.
+    pub ln1: &'static str,
+    /// LayerNorm before the MLP.
+    pub ln2: &'static str,
+    /// MLP up projection.
+    pub fc1: &'static str,
+    /// MLP down projection.
+    pub fc2: &'static str,
+}
+
+impl LayerKeys {
+    /// transformers `ViTLayer` (`encoder.layer.N.…`).
+    pub const VIT: LayerKeys = LayerKeys {
+        q: "attention.attention.query",
+        k: "attention.attention.key",
+        v: "attention.attention.value",
+        o: "attention.output.dense",
+        ln1: "layernorm_before",
+        ln2: "layernorm_after",
+        fc1: "intermediate.dense",
+        fc2: "output.dense",
+    };
+
+    /// transformers `CLIPEncoderLayer` (`encoder.layers.N.…`).
+    pub const CLIP: LayerKeys = LayerKeys {
+        q: "self_attn.q_proj",
+        k: "self_attn.k_proj",
+        v: "self_attn.v_proj",
+        o: "self_attn.out_proj",
+        ln1: "layer_norm1",
+        ln2: "layer_norm2",
+        fc1: "mlp.fc1",
+        fc2: "mlp.fc2",
+    };
+}
+
+/// Dimensions of a block.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockDims {
+    /// Model width.
+    pub hidden: i64,
+    /// Attention heads.
+    pub heads: i64,
+    /// MLP width.
+    pub intermediate: i64,
+    /// LayerNorm epsilon.
+    pub ln_eps: f64,
+    /// Whether q/k/v projections have a bias.
+    pub qkv_bias: bool,
+    /// MLP activation.
+    pub activation: Activation,
+}
+
+fn path<'a>(vs: &nn::Path<'a>, dotted: &str) -> nn::Path<'a> {
+    dotted.split('.').fold(vs.clone(), |p, part| &p / part)
+}
+
+fn linear(vs: &nn::Path, key: &str, i: i64, o: i64, bias: bool) -> nn::Linear {
+    nn::linear(path(vs, key), i, o, nn::LinearConfig { bias, ..Default::default() })
+}
+
+/// A LayerNorm at `key` (weight and bias).
+pub fn layer_norm(vs: &nn::Path, key: &str, dim: i64, eps: f64) -> nn::LayerNorm {
+    nn::layer_norm(path(vs, key), vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
+}
+
+/// One pre-LayerNorm block.
+///
+/// # Shapes
+/// `[B, T, hidden] -> [B, T, hidden]`; the optional additive mask is `[B or 1, 1, T, T]`.
+#[derive(Debug)]
+pub struct Block {
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    o: nn::Linear,
+    ln1: nn::LayerNorm,
+    ln2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+    activation: Activation,
+}
+
+impl Block {
+    /// Creates the block's variables under `vs` with the family's key names.
+    pub fn new(vs: nn::Path, keys: &LayerKeys, d: &BlockDims) -> Self {
+        let h = d.hidden;
+        Block {
+            q: linear(&vs, keys.q, h, h, d.qkv_bias),
+            k: linear(&vs, keys.k, h, h, d.qkv_bias),
+            v: linear(&vs, keys.v, h, h, d.qkv_bias),
+            o: linear(&vs, keys.o, h, h, true),
+            ln1: layer_norm(&vs, keys.ln1, h, d.ln_eps),
+            ln2: layer_norm(&vs, keys.ln2, h, d.ln_eps),
+            fc1: linear(&vs, keys.fc1, h, d.intermediate, true),
+            fc2: linear(&vs, keys.fc2, d.intermediate, h, true),
+            heads: d.heads,
+            activation: d.activation,
+        }
+    }
+
+    fn attention(&self, xs: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let (b, t, c) = xs.size3().expect("[B, T, C]");
+        let hd = c / self.heads;
+        let split = |x: Tensor| x.view([b, t, self.heads, hd]).transpose(1, 2); // [B, H, T, hd]
+        let q = split(self.q.forward(xs));
+        let k = split(self.k.forward(xs));
+        let v = split(self.v.forward(xs));
+        let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5); // [B, H, T, T]
+        let scores = match mask {
+            Some(mask) => scores + mask,
+            None => scores,
+        };
+        let attn = scores.softmax(-1, Kind::Float).to_kind(v.kind());
+        let out = attn.matmul(&v).transpose(1, 2).contiguous().view([b, t, c]); // [B, T, C]
+        self.o.forward(&out)
+    }
+
+    /// Applies the block.
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let h = xs + self.attention(&self.ln1.forward(xs), mask);
+        let m = self.fc2.forward(&self.activation.apply(&self.fc1.forward(&self.ln2.forward(&h))));
+        h + m
+    }
+}
+
+/// An additive causal mask `[1, 1, T, T]` (0 on and below the diagonal, a large negative above).
+pub fn causal_mask(t: i64, kind: Kind, device: tch::Device) -> Tensor {
+    let full = Tensor::full([t, t], f64::from(f32::MIN), (kind, device));
+    full.triu(1).view([1, 1, t, t])
+}
