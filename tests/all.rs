@@ -2,6 +2,7 @@
 
 mod cli;
 mod corpus;
+mod filter;
 mod metrics;
 mod pylance;
 mod runtime;

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::support::{dreambench, repo_root};
 
-fn weights() -> PathBuf {
+pub fn weights() -> PathBuf {
     let dir = std::env::var_os("PROXYTUNE_ASSETS")
         .expect("PROXYTUNE_ASSETS is not set: run the tests through `make test` (tools/dev test)");
     let path = PathBuf::from(dir).join(WEIGHTS_FILE);

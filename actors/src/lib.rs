@@ -9,6 +9,7 @@
 //!   actix job supervisor, metrics).
 //! - [`lance_writer`]: the corpus sink actor (idempotent appends, commits on barrier/close).
 //! - [`corpus_reader`]: the corpus source actor (a pinned version, filtered, streamed).
+//! - [`filter`]: the Filter actor (fidelity, prompt adherence, near-duplicates; keep or reject with a reason).
 //! - [`synthetic`]: load-generation actors (proxy rows with real PNG payloads, pass-through).
 //! - [`intake`]: subject folders of reference photos into validated rows.
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@
 pub mod corpus;
 pub mod corpus_reader;
 pub mod error;
+pub mod filter;
 pub mod intake;
 pub mod lance_writer;
 pub mod runtime;

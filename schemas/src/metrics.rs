@@ -31,6 +31,12 @@ pub enum MetricName {
     CorpusSkippedRows,
     /// Current version of a corpus table. Labels: `table`.
     CorpusVersion,
+    /// Proxies the Filter kept.
+    FilterAcceptedRows,
+    /// Proxies the Filter rejected. Labels: `reason`.
+    FilterRejectedRows,
+    /// Scores the Filter computed. Labels: `metric` (`dino`, `clip_i`, `clip_t`, `feat_i`, `dup`).
+    FilterScore,
     /// Fragments of a corpus table. Labels: `table`.
     CorpusFragments,
 }
@@ -48,7 +54,7 @@ pub enum MetricKind {
 
 impl MetricName {
     /// Every metric, for compliance tests and dashboards.
-    pub const ALL: [MetricName; 13] = [
+    pub const ALL: [MetricName; 16] = [
         MetricName::ActorReceivedRows,
         MetricName::ActorSentRows,
         MetricName::ActorBatches,
@@ -62,6 +68,9 @@ impl MetricName {
         MetricName::CorpusSkippedRows,
         MetricName::CorpusVersion,
         MetricName::CorpusFragments,
+        MetricName::FilterAcceptedRows,
+        MetricName::FilterRejectedRows,
+        MetricName::FilterScore,
     ];
 
     /// The exported name.
@@ -80,13 +89,18 @@ impl MetricName {
             MetricName::CorpusSkippedRows => "proxytune_corpus_skipped_rows_total",
             MetricName::CorpusVersion => "proxytune_corpus_version",
             MetricName::CorpusFragments => "proxytune_corpus_fragments",
+            MetricName::FilterAcceptedRows => "proxytune_filter_accepted_rows_total",
+            MetricName::FilterRejectedRows => "proxytune_filter_rejected_rows_total",
+            MetricName::FilterScore => "proxytune_filter_score",
         }
     }
 
     /// The metric's kind.
     pub const fn kind(self) -> MetricKind {
         match self {
-            MetricName::ActorBatchDuration | MetricName::ChannelBlockedDuration => MetricKind::Histogram,
+            MetricName::ActorBatchDuration | MetricName::ChannelBlockedDuration | MetricName::FilterScore => {
+                MetricKind::Histogram
+            }
             MetricName::ChannelQueuedRows
             | MetricName::ChannelCapacityRows
             | MetricName::CorpusVersion
@@ -111,9 +125,15 @@ impl MetricName {
             MetricName::CorpusSkippedRows => "Rows skipped by a corpus table because their key was stored.",
             MetricName::CorpusVersion => "Current version of a corpus table.",
             MetricName::CorpusFragments => "Fragments of a corpus table.",
+            MetricName::FilterAcceptedRows => "Proxies the Filter kept.",
+            MetricName::FilterRejectedRows => "Proxies the Filter rejected, by reason.",
+            MetricName::FilterScore => "Scores the Filter computed (cosine similarities), by metric.",
         }
     }
 }
+
+/// Histogram buckets for cosine-similarity scores.
+pub const SCORE_BUCKETS: [f64; 12] = [-0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
 /// Histogram buckets for per-batch durations, in seconds (1 ms .. 60 s).
 pub const DURATION_BUCKETS_SECONDS: [f64; 12] =
