@@ -8,6 +8,7 @@
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
 //! - [`transformer`]: pre-LN transformer encoders: ViT (DINO) and CLIP (text and vision).
+//! - [`tokenizer`]: text tokenizers (CLIP BPE).
 //! - [`scorers`]: evaluation encoders (EfficientNet-Lite for FEAT-I) and the similarity metrics.
 #![warn(missing_docs)]
 
@@ -15,6 +16,7 @@ pub mod device;
 pub mod error;
 pub mod nn;
 pub mod scorers;
+pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 

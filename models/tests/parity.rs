@@ -95,3 +95,31 @@ fn a_checkpoint_of_another_shape_is_refused_by_name() {
     let err = Clip::new(vs.root(), &bad).unwrap_err().to_string();
     assert!(err.contains("swishy"), "{err}");
 }
+
+#[test]
+fn clip_tokenizer_matches_transformers_on_dreambench_prompts() {
+    use proxytune_models::tokenizer::clip::ClipTokenizer;
+    let assets = std::env::var_os("PROXYTUNE_ASSETS")
+        .expect("PROXYTUNE_ASSETS is not set: run the tests through `make test` (tools/dev test)");
+    let tok =
+        ClipTokenizer::from_openai_bpe(&Path::new(&assets).join("bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    assert_eq!(tok.vocab_size(), 49408);
+    assert_eq!((tok.start_id(), tok.end_id()), (49406, 49407));
+    let text = std::fs::read_to_string(fixture("clip_tokenizer_dreambench.json")).unwrap();
+    let expected: std::collections::BTreeMap<String, Vec<i64>> = serde_json::from_str(&text).unwrap();
+    assert!(expected.len() > 500);
+    for (prompt, ids) in &expected {
+        let mut ours = vec![tok.start_id()];
+        ours.extend(tok.encode(prompt).unwrap());
+        ours.push(tok.end_id());
+        assert_eq!(&ours, ids, "prompt `{prompt}`");
+    }
+    // Padding and truncation for a 77-token text encoder.
+    let enc = tok.encode_padded("a sks dog", 77, tok.end_id()).unwrap();
+    assert_eq!(enc.ids.len(), 77);
+    assert_eq!(&enc.ids[..5], &[49406, 320, 48136, 1929, 49407]);
+    assert_eq!(enc.attention_mask.iter().sum::<i64>(), 5);
+    let long = "sks ".repeat(100);
+    let enc = tok.encode_padded(&long, 77, 0).unwrap();
+    assert_eq!((enc.ids.len(), enc.ids[76], enc.attention_mask[76]), (77, 49407, 1));
+}
