@@ -50,6 +50,12 @@ pub trait PromptScorer: Send {
     fn score(&self, prompts: &[String], images01: &Tensor) -> Result<Vec<f32>>;
 }
 
+impl PromptScorer for proxytune_models::scorers::clip_dino::ClipScorer {
+    fn score(&self, prompts: &[String], images01: &Tensor) -> Result<Vec<f32>> {
+        Ok(self.prompt_image_cosine(prompts, images01)?)
+    }
+}
+
 /// Configuration of a [`Filter`]. Every threshold is optional; none set keeps everything.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

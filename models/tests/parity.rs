@@ -151,3 +151,32 @@ fn image_processors_match_transformers_on_real_photos() {
         assert!(mean < 0.002, "{name}: mean abs difference {mean}");
     }
 }
+
+#[test]
+fn dino_and_clip_scorers_load_checkpoint_folders_and_score() {
+    use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
+    use proxytune_models::scorers::ImageEmbedder;
+    use proxytune_models::tokenizer::clip::ClipTokenizer;
+    let images = Tensor::rand([2, 3, 40, 40], (tch::Kind::Float, Device::Cpu));
+    let dino = Dino::load(&fixture("vit_tiny"), Device::Cpu).unwrap();
+    let e = dino.embed(&images);
+    assert_eq!(e.size(), vec![2, 32]);
+    let norms = e.norm_scalaropt_dim(2.0, [-1i64], false);
+    assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5, "embeddings are unit vectors");
+
+    // The tiny CLIP has a 100-token vocabulary; a matching tokenizer is built from a folder.
+    let dir = tempfile::tempdir().unwrap();
+    let vocab: std::collections::BTreeMap<String, i64> = (0..98)
+        .map(|i| (format!("t{i}</w>"), i))
+        .chain([("<|startoftext|>".to_string(), 98), ("<|endoftext|>".to_string(), 99)])
+        .collect();
+    std::fs::write(dir.path().join("vocab.json"), serde_json::to_string(&vocab).unwrap()).unwrap();
+    std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\n").unwrap();
+    let tok =
+        ClipTokenizer::from_vocab_merges(&dir.path().join("vocab.json"), &dir.path().join("merges.txt"))
+            .unwrap();
+    let clip = ClipScorer::load(&fixture("clip_tiny"), tok, Device::Cpu).unwrap();
+    assert_eq!(clip.embed(&images).size(), vec![2, 16]);
+    let err = clip.prompt_image_cosine(&["a dog".into(), "a cat".into()], &images).unwrap_err().to_string();
+    assert!(err.contains("not in the vocabulary"), "a vocabulary without those words says so: {err}");
+}

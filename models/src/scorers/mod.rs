@@ -3,10 +3,12 @@
 //!
 //! - [`efficientnet_lite`]: EfficientNet-Lite with real ImageNet weights — the offline real-photo
 //!   subject-similarity scorer, reported as **FEAT-I**.
+//! - [`clip_dino`]: DINO (ViT CLS) and CLIP (CLIP-I, CLIP-T) scorers with the reference preprocessing.
 //! - [`feat_i`]: the FEAT-I embedder (preprocessing + EfficientNet-Lite0 features).
 //! - [`similarity`]: cosine similarity arithmetic of the DreamBench protocol.
 //! - [`preprocess`]: RGB8 pixels to tensors, resizing.
 
+pub mod clip_dino;
 pub mod efficientnet_lite;
 pub mod feat_i;
 pub mod preprocess;
