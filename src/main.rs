@@ -4,12 +4,14 @@
 //! - [`smoke`]: the smoke job of what exists (DreamBench references into a Lance corpus, an
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps).
 //! - [`bench`]: benchmarks that print side-by-side ratios (`proxytune bench runtime`).
+//! - [`evaluate`]: DreamBench evaluation (today: the real-images row).
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
 //! - [`metrics_server`]: the Prometheus exporter on loopback.
 //! - [`corpus_cmd`]: inspect a corpus (tables, rows, versions, fragments, tags).
 
 mod bench;
 mod corpus_cmd;
+mod evaluate;
 mod loadgen;
 mod metrics_server;
 mod smoke;
@@ -39,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+    /// DreamBench evaluation.
+    Evaluate {
+        #[command(subcommand)]
+        command: evaluate::EvaluateCommand,
+    },
     /// Inspect a corpus.
     Corpus {
         #[command(subcommand)]
@@ -63,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(bench::runtime(args)).map(|()| 0)
         }
         Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
+        Command::Evaluate { command } => evaluate::run(command).map(|()| 0),
     }?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     std::process::exit(code)

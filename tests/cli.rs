@@ -115,3 +115,77 @@ fn loadgen_drains_on_ctrl_c_and_exits_130() {
     });
     assert_eq!(stored as u64, produced, "the corpus holds exactly the produced rows");
 }
+
+#[test]
+fn evaluate_real_images_runs_the_protocol_on_all_subjects() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = crate::support::repo_root().join("models/tests/fixtures");
+    let out = proxytune()
+        .args(["evaluate", "real-images", "--device", "cpu", "--dreambench"])
+        .arg(dreambench())
+        .arg("--out")
+        .arg(dir.path())
+        .arg("--dino")
+        .arg(fixtures.join("vit_tiny"))
+        .arg("--clip")
+        .arg(fixtures.join("clip_tiny"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("real_images.json")).unwrap()).unwrap();
+    for metric in ["FEAT-I", "DINO", "CLIP-I"] {
+        let table = &json[metric];
+        assert_eq!(table["per_subject"].as_object().unwrap().len(), 30, "{metric}");
+        assert!(table["subset_9"].is_number() && table["all"].is_number(), "{metric}");
+        assert!(table["failed"].as_object().unwrap().is_empty());
+    }
+    // FEAT-I has real weights: the measured real-images row (see README).
+    let feat = json["FEAT-I"]["all"].as_f64().unwrap();
+    assert!((feat - 0.626).abs() < 0.01, "FEAT-I real-images row {feat}");
+    assert_eq!(std::fs::read_dir(dir.path().join("grids")).unwrap().count(), 30);
+    let md = std::fs::read_to_string(dir.path().join("real_images.md")).unwrap();
+    assert!(md.contains("| 9-subject subset |") && md.contains("| dog2 |"));
+}
+
+#[test]
+fn evaluate_names_bad_inputs_and_still_evaluates_the_rest() {
+    let src = dreambench();
+    let dir = tempfile::tempdir().unwrap();
+    let bench = dir.path().join("bench");
+    std::fs::create_dir_all(bench.join("dog2")).unwrap();
+    std::fs::create_dir_all(bench.join("teapot")).unwrap();
+    for entry in std::fs::read_dir(src.join("dog2")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, bench.join("dog2").join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        bench.join("subjects.tsv"),
+        "subject\tclass\tlive\tn_images\ndog2\tdog\ttrue\t6\nteapot\tteapot\tfalse\t5\n",
+    )
+    .unwrap();
+    std::fs::write(bench.join("prompts.txt"), "object\ta {0} {1}\nlive\ta {0} {1}\n").unwrap();
+    let run = |out: &std::path::Path| {
+        proxytune()
+            .args(["evaluate", "real-images", "--device", "cpu", "--dreambench"])
+            .arg(&bench)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    // The empty teapot folder is reported by name; dog2 is still evaluated.
+    let out = run(&dir.path().join("o1"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("o1/real_images.json")).unwrap())
+            .unwrap();
+    assert!(json["FEAT-I"]["per_subject"]["dog2"].is_number());
+    assert!(json["FEAT-I"]["failed"]["teapot"].as_str().unwrap().contains("teapot"));
+
+    std::fs::write(bench.join("prompts.txt"), "object\ta {0} {1}\nanimal\ta {0} {1}\n").unwrap();
+    let out = run(&dir.path().join("o2"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("prompts.txt:2") && err.contains("unknown prompt kind `animal`"), "{err}");
+}

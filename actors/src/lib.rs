@@ -11,11 +11,13 @@
 //! - [`corpus_reader`]: the corpus source actor (a pinned version, filtered, streamed).
 //! - [`filter`]: the Filter actor (fidelity, prompt adherence, near-duplicates; keep or reject with a reason).
 //! - [`synthetic`]: load-generation actors (proxy rows with real PNG payloads, pass-through).
+//! - [`dreambench`]: the DreamBench protocol (subjects, prompts, subsets, the real-images row).
 //! - [`intake`]: subject folders of reference photos into validated rows.
 #![warn(missing_docs)]
 
 pub mod corpus;
 pub mod corpus_reader;
+pub mod dreambench;
 pub mod error;
 pub mod filter;
 pub mod intake;

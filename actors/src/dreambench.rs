@@ -1,0 +1,223 @@
+//! The DreamBench protocol (Ruiz et al. 2023): subjects, prompts, subsets, and the evaluation of
+//! any [`Generator`] — 25 prompts × 4 images per subject, the same seeds for every model — with
+//! DINO / CLIP-I / FEAT-I (mean pairwise cosine between generated and reference images) and CLIP-T
+//! (prompt–image cosine, identifier token removed from the prompt).
+//!
+//! A DreamBench folder (layout of `shared/dreambench`): `subjects.tsv`, `prompts.txt`
+//! (`kind<TAB>template`, kinds `object` and `live`, `{0}` identifier, `{1}` class noun), and one
+//! folder of PNG/JPEG photos per subject.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use proxytune_models::scorers::preprocess::rgb8_to_tensor;
+use proxytune_models::scorers::similarity::{mean_distinct_pair_cosine, mean_pairwise_cosine};
+use proxytune_models::scorers::ImageEmbedder;
+use serde::Serialize;
+use tch::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::intake::{read_subjects_tsv, SubjectEntry};
+
+/// The 9-subject subset (4 live, 5 objects) reported next to all 30, for comparison with
+/// Proxy-Tuning's own numbers. The paper does not name its 9 subjects; this is proxytune's fixed
+/// choice: the live subjects and objects below, spread over classes.
+pub const SUBSET_9: [&str; 9] =
+    ["cat", "dog", "dog2", "dog6", "backpack", "bear_plushie", "clock", "robot_toy", "teapot"];
+
+/// Which prompt list a subject gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptKind {
+    /// Objects: recontextualisations and property edits.
+    Object,
+    /// Live subjects (cats, dogs): recontextualisations, accessories, property edits.
+    Live,
+}
+
+/// The prompt templates, by kind.
+#[derive(Clone, Debug)]
+pub struct PromptTemplates {
+    /// Object templates, in order.
+    pub object: Vec<String>,
+    /// Live-subject templates, in order.
+    pub live: Vec<String>,
+}
+
+impl PromptTemplates {
+    /// Reads `prompts.txt`; errors name the file and line.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let (mut object, mut live) = (Vec::new(), Vec::new());
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad =
+                |message: String| Error::BadInput { input: format!("{}:{}", path.display(), i + 1), message };
+            let (kind, template) =
+                line.split_once('\t').ok_or_else(|| bad("expected `kind<TAB>template`".into()))?;
+            if !template.contains("{0}") || !template.contains("{1}") {
+                return Err(bad(format!("template `{template}` lacks {{0}} (identifier) or {{1}} (class)")));
+            }
+            match kind {
+                "object" => object.push(template.to_string()),
+                "live" => live.push(template.to_string()),
+                other => return Err(bad(format!("unknown prompt kind `{other}` (expected object or live)"))),
+            }
+        }
+        if object.is_empty() || live.is_empty() {
+            return Err(Error::BadInput {
+                input: path.display().to_string(),
+                message: format!(
+                    "{} object and {} live prompts; both kinds are needed",
+                    object.len(),
+                    live.len()
+                ),
+            });
+        }
+        Ok(PromptTemplates { object, live })
+    }
+
+    /// The prompts of a subject, with `identifier` and its class noun filled in.
+    pub fn prompts(&self, subject: &SubjectEntry, identifier: &str) -> Vec<String> {
+        let templates = if subject.live { &self.live } else { &self.object };
+        templates.iter().map(|t| t.replace("{0}", identifier).replace("{1}", &subject.class_noun)).collect()
+    }
+}
+
+/// A DreamBench-layout folder.
+#[derive(Clone, Debug)]
+pub struct DreamBench {
+    /// The folder.
+    pub root: PathBuf,
+    /// Its subjects.
+    pub subjects: Vec<SubjectEntry>,
+    /// Its prompts.
+    pub prompts: PromptTemplates,
+}
+
+impl DreamBench {
+    /// Reads `subjects.tsv` and `prompts.txt` under `root`.
+    pub fn open(root: &Path) -> Result<Self> {
+        Ok(DreamBench {
+            root: root.to_path_buf(),
+            subjects: read_subjects_tsv(&root.join("subjects.tsv"))?,
+            prompts: PromptTemplates::read(&root.join("prompts.txt"))?,
+        })
+    }
+
+    /// The reference photos of `subject` as `[N, 3, H, W]` in `[0, 1]` (resized to the first
+    /// photo's size when they differ). Errors name the folder or file.
+    pub fn references(&self, subject: &SubjectEntry, device: Device) -> Result<Tensor> {
+        let dir = self.root.join(&subject.subject);
+        let rows = crate::intake::load_subject_folder(
+            &dir,
+            "dreambench",
+            &subject.subject,
+            &subject.class_noun,
+            &crate::intake::IntakeRules { min_side: 16, max_images: 64 },
+            0,
+        )?;
+        let mut tensors = Vec::with_capacity(rows.len());
+        let mut side = None;
+        for row in rows {
+            let img = image::load_from_memory(&row.image_png)
+                .map_err(|e| Error::BadInput {
+                    input: dir.join(&row.source).display().to_string(),
+                    message: e.to_string(),
+                })?
+                .to_rgb8();
+            let t = rgb8_to_tensor(img.width(), img.height(), img.as_raw(), device)?.unsqueeze(0);
+            let s = *side.get_or_insert(img.height() as i64);
+            tensors.push(proxytune_models::scorers::preprocess::resize_square(&t, s));
+        }
+        Ok(Tensor::cat(&tensors, 0))
+    }
+}
+
+/// One metric's value per subject and in aggregate.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MetricTable {
+    /// Per subject.
+    pub per_subject: BTreeMap<String, f64>,
+    /// Mean over all subjects evaluated.
+    pub all: Option<f64>,
+    /// Mean over the 9-subject subset (when all 9 were evaluated).
+    pub subset_9: Option<f64>,
+    /// Subjects that could not be evaluated, with the reason.
+    pub failed: BTreeMap<String, String>,
+}
+
+impl MetricTable {
+    fn finish(&mut self) {
+        let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        self.all = mean(self.per_subject.values().copied().collect());
+        let subset: Vec<f64> = SUBSET_9.iter().filter_map(|s| self.per_subject.get(*s).copied()).collect();
+        self.subset_9 = if subset.len() == SUBSET_9.len() { mean(subset) } else { None };
+    }
+}
+
+/// The "real images" row: each subject's references against each other (distinct pairs), per
+/// image metric. A subject whose folder fails is reported as failed; the others still evaluate.
+pub fn real_images_row(
+    bench: &DreamBench,
+    embedders: &[&dyn ImageEmbedder],
+    device: Device,
+) -> BTreeMap<String, MetricTable> {
+    let mut tables: BTreeMap<String, MetricTable> =
+        embedders.iter().map(|e| (e.metric_name().to_string(), MetricTable::default())).collect();
+    for subject in &bench.subjects {
+        match bench.references(subject, device) {
+            Ok(images) => {
+                for e in embedders {
+                    let emb = e.embed(&images);
+                    let table = tables.get_mut(e.metric_name()).expect("one table per metric");
+                    match mean_distinct_pair_cosine(&emb) {
+                        Some(v) => {
+                            table.per_subject.insert(subject.subject.clone(), v);
+                        }
+                        None => {
+                            table
+                                .failed
+                                .insert(subject.subject.clone(), "fewer than two reference photos".into());
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                for table in tables.values_mut() {
+                    table.failed.insert(subject.subject.clone(), error.to_string());
+                }
+            }
+        }
+    }
+    tables.values_mut().for_each(MetricTable::finish);
+    tables
+}
+
+/// Mean pairwise cosine between generated and reference embeddings (DINO / CLIP-I / FEAT-I).
+pub fn fidelity(generated: &Tensor, references: &Tensor) -> f64 {
+    mean_pairwise_cosine(generated, references)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_files_are_checked_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompts.txt");
+        std::fs::write(&path, "# c\nobject\ta {0} {1} on a beach\nlive\ta {0} {1} in a hat\n").unwrap();
+        let t = PromptTemplates::read(&path).unwrap();
+        let dog = SubjectEntry { subject: "dog2".into(), class_noun: "dog".into(), live: true, n_images: 6 };
+        assert_eq!(t.prompts(&dog, "sks"), ["a sks dog in a hat"]);
+        std::fs::write(&path, "object\ta {0} {1}\nplant\ta {0} {1}\n").unwrap();
+        let err = PromptTemplates::read(&path).unwrap_err().to_string();
+        assert!(err.contains("prompts.txt:2") && err.contains("unknown prompt kind `plant`"), "{err}");
+        std::fs::write(&path, "object\ta {1}\n").unwrap();
+        assert!(PromptTemplates::read(&path).unwrap_err().to_string().contains("lacks"));
+    }
+}
