@@ -134,3 +134,82 @@ fn imagenet_labels_of_real_photos_are_right() {
         assert!(top5.contains(&class), "{file}: top-5 {top5:?} lacks class {class}");
     }
 }
+
+/// Returns the subject's own reference photos (cycled): a perfect-fidelity generator.
+struct Echo(proxytune_actors::dreambench::DreamBench);
+
+impl proxytune_actors::dreambench::Generator for Echo {
+    fn role(&self) -> proxytune_schemas::ModelRole {
+        proxytune_schemas::ModelRole::Supervisor
+    }
+    fn version(&self) -> String {
+        "echo".into()
+    }
+    fn generate(
+        &mut self,
+        subject: &proxytune_actors::intake::SubjectEntry,
+        _: &str,
+        seeds: &[u64],
+    ) -> proxytune_actors::Result<Tensor> {
+        let refs = self.0.references(subject, Device::Cpu)?;
+        let n = refs.size()[0];
+        let picks: Vec<i64> = seeds.iter().map(|s| (*s as i64) % n).collect();
+        Ok(refs.index_select(0, &Tensor::from_slice(&picks)))
+    }
+}
+
+/// Uniform noise images: a no-fidelity generator.
+struct Noise(Vec<u64>);
+
+impl proxytune_actors::dreambench::Generator for Noise {
+    fn role(&self) -> proxytune_schemas::ModelRole {
+        proxytune_schemas::ModelRole::Student
+    }
+    fn version(&self) -> String {
+        "noise".into()
+    }
+    fn generate(
+        &mut self,
+        _: &proxytune_actors::intake::SubjectEntry,
+        _: &str,
+        seeds: &[u64],
+    ) -> proxytune_actors::Result<Tensor> {
+        self.0.extend_from_slice(seeds);
+        tch::manual_seed(seeds[0] as i64);
+        Ok(Tensor::rand([seeds.len() as i64, 3, 64, 64], (Kind::Float, Device::Cpu)))
+    }
+}
+
+#[test]
+fn the_dreambench_protocol_scores_generators_with_shared_seeds() {
+    use proxytune_actors::dreambench::{evaluate_generator, DreamBench, ProtocolConfig};
+    let bench = DreamBench::open(&dreambench()).unwrap();
+    let feat = FeatI::load(&weights(), Device::Cpu).unwrap();
+    let subjects: Vec<_> =
+        bench.subjects.iter().filter(|s| ["dog2", "teapot"].contains(&s.subject.as_str())).cloned().collect();
+    let cfg = ProtocolConfig { max_prompts: Some(5), ..Default::default() };
+    let metrics: Vec<&dyn ImageEmbedder> = vec![&feat];
+    let echo =
+        evaluate_generator(&bench, &subjects, &mut Echo(bench.clone()), &metrics, None, &cfg, Device::Cpu)
+            .unwrap();
+    let mut noise_gen = Noise(Vec::new());
+    let noise =
+        evaluate_generator(&bench, &subjects, &mut noise_gen, &metrics, None, &cfg, Device::Cpu).unwrap();
+    assert_eq!(echo.samples.len(), 2 * 5 * 4, "subjects x prompts x images");
+    assert_eq!(noise.samples.len(), 40);
+    let seeds = |r: &proxytune_actors::dreambench::GeneratorReport| {
+        r.samples.iter().map(|s| s.seed).collect::<Vec<_>>()
+    };
+    assert_eq!(seeds(&echo), seeds(&noise), "every model gets the same seeds");
+    assert_eq!(seeds(&echo).iter().collect::<std::collections::HashSet<_>>().len(), 40, "distinct seeds");
+    let e = echo.metrics["FEAT-I"].all.unwrap();
+    let n = noise.metrics["FEAT-I"].all.unwrap();
+    eprintln!("FEAT-I: echo generator {e:.3}, noise generator {n:.3}");
+    assert!(e > n + 0.2, "echo {e} vs noise {n}");
+    assert_eq!(echo.per_prompt["dog2"].len(), 5);
+    assert!(echo.per_prompt["dog2"][0].prompt.contains("sks dog"));
+    assert!(echo
+        .samples
+        .iter()
+        .all(|s| s.score_feat_i.is_some() && image::load_from_memory(&s.image_png).is_ok()));
+}

@@ -202,6 +202,184 @@ pub fn fidelity(generated: &Tensor, references: &Tensor) -> f64 {
     mean_pairwise_cosine(generated, references)
 }
 
+/// A model under evaluation (the tuned supervisor, the AR student).
+pub trait Generator {
+    /// Role name for reports (`supervisor`, `student`).
+    fn role(&self) -> proxytune_schemas::ModelRole;
+    /// Version (checkpoint id) for reports and sample keys.
+    fn version(&self) -> String;
+    /// One image per seed for `prompt`, as `[N, 3, H, W]` RGB in `[0, 1]`.
+    fn generate(&mut self, subject: &SubjectEntry, prompt: &str, seeds: &[u64]) -> Result<Tensor>;
+}
+
+/// How the protocol runs.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// The identifier token in prompts (`{0}`); removed for CLIP-T.
+    pub identifier: String,
+    /// Images per prompt (4 in DreamBench).
+    pub images_per_prompt: usize,
+    /// Base of the seeds; every model gets the same seeds.
+    pub seed_base: u64,
+    /// Evaluate only the first this many prompts of each subject (all when absent).
+    pub max_prompts: Option<usize>,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig { identifier: "sks".into(), images_per_prompt: 4, seed_base: 0, max_prompts: None }
+    }
+}
+
+/// The seed of one sample: identical for every model, distinct per (subject, prompt, sample).
+pub fn sample_seed(cfg: &ProtocolConfig, subject_index: usize, prompt_index: usize, sample: usize) -> u64 {
+    cfg.seed_base + (subject_index as u64) * 100_000 + (prompt_index as u64) * 100 + sample as u64
+}
+
+/// Scores of one prompt (means over its images).
+#[derive(Clone, Debug, Serialize)]
+pub struct PromptScores {
+    /// Prompt index in the subject's list.
+    pub prompt_index: usize,
+    /// The prompt (with the identifier).
+    pub prompt: String,
+    /// Metric name → mean over the prompt's images.
+    pub scores: BTreeMap<String, f64>,
+}
+
+/// A generator's evaluation.
+#[derive(Debug, Serialize)]
+pub struct GeneratorReport {
+    /// Supervisor or student.
+    pub role: proxytune_schemas::ModelRole,
+    /// Its version.
+    pub version: String,
+    /// Per metric: per-subject means, the all-subject and 9-subset means.
+    pub metrics: BTreeMap<String, MetricTable>,
+    /// Per subject, per prompt.
+    pub per_prompt: BTreeMap<String, Vec<PromptScores>>,
+    /// Every generated image with its scores (for the corpus and the grids).
+    #[serde(skip)]
+    pub samples: Vec<proxytune_schemas::EvalSample>,
+}
+
+/// Runs the protocol for `generator` on `subjects` of `bench`: per subject, every prompt ×
+/// `images_per_prompt` images with the shared seeds; image metrics against the references, CLIP-T
+/// against the prompt without the identifier.
+pub fn evaluate_generator(
+    bench: &DreamBench,
+    subjects: &[SubjectEntry],
+    generator: &mut dyn Generator,
+    image_metrics: &[&dyn ImageEmbedder],
+    clip_t: Option<&dyn crate::filter::PromptScorer>,
+    cfg: &ProtocolConfig,
+    device: Device,
+) -> Result<GeneratorReport> {
+    let mut metrics: BTreeMap<String, MetricTable> =
+        image_metrics.iter().map(|e| (e.metric_name().to_string(), MetricTable::default())).collect();
+    if clip_t.is_some() {
+        metrics.insert("CLIP-T".into(), MetricTable::default());
+    }
+    let mut per_prompt = BTreeMap::new();
+    let mut samples = Vec::new();
+    let (role, version) = (generator.role(), generator.version());
+    for subject in subjects {
+        let subject_index = bench.subjects.iter().position(|s| s.subject == subject.subject).unwrap_or(0);
+        let references = match bench.references(subject, device) {
+            Ok(r) => r,
+            Err(error) => {
+                metrics.values_mut().for_each(|t| {
+                    t.failed.insert(subject.subject.clone(), error.to_string());
+                });
+                continue;
+            }
+        };
+        let reference_embeddings: Vec<Tensor> = image_metrics.iter().map(|e| e.embed(&references)).collect();
+        let mut prompts = bench.prompts.prompts(subject, &cfg.identifier);
+        prompts.truncate(cfg.max_prompts.unwrap_or(usize::MAX));
+        let mut subject_scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut rows = Vec::new();
+        for (pi, prompt) in prompts.iter().enumerate() {
+            let seeds: Vec<u64> =
+                (0..cfg.images_per_prompt).map(|k| sample_seed(cfg, subject_index, pi, k)).collect();
+            let images = generator.generate(subject, prompt, &seeds)?;
+            if images.size().first() != Some(&(seeds.len() as i64)) {
+                return Err(Error::Operator {
+                    message: format!(
+                        "generator returned {:?} images for {} seeds",
+                        images.size(),
+                        seeds.len()
+                    ),
+                });
+            }
+            let mut scores = BTreeMap::new();
+            let mut per_image: Vec<BTreeMap<String, f32>> = vec![BTreeMap::new(); seeds.len()];
+            for (e, refs) in image_metrics.iter().zip(&reference_embeddings) {
+                let emb = e.embed(&images); // [N, D], unit rows
+                let sims = emb.matmul(&refs.transpose(0, 1)).mean_dim(1i64, false, tch::Kind::Float); // [N]
+                let sims: Vec<f32> = Vec::try_from(sims).map_err(proxytune_models::ModelError::from)?;
+                for (k, v) in sims.iter().enumerate() {
+                    per_image[k].insert(e.metric_name().to_string(), *v);
+                }
+                scores.insert(e.metric_name().to_string(), fidelity(&emb, refs));
+            }
+            if let Some(scorer) = clip_t {
+                let text = crate::filter::strip_identifier(prompt, Some(&cfg.identifier));
+                let t = scorer.score(&vec![text; seeds.len()], &images)?;
+                for (k, v) in t.iter().enumerate() {
+                    per_image[k].insert("CLIP-T".into(), *v);
+                }
+                scores.insert("CLIP-T".into(), t.iter().map(|v| f64::from(*v)).sum::<f64>() / t.len() as f64);
+            }
+            for (m, v) in &scores {
+                subject_scores.entry(m.clone()).or_default().push(*v);
+            }
+            for (k, seed) in seeds.iter().enumerate() {
+                let img = images.get(k as i64);
+                let (h, w) = (img.size()[1], img.size()[2]);
+                let bytes: Vec<u8> = Vec::try_from(
+                    (img.permute([1, 2, 0]) * 255.0)
+                        .round()
+                        .clamp(0.0, 255.0)
+                        .to_kind(tch::Kind::Uint8)
+                        .flatten(0, -1),
+                )
+                .map_err(proxytune_models::ModelError::from)?;
+                let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+                    Error::Operator { message: "generated image has the wrong size".into() }
+                })?;
+                samples.push(proxytune_schemas::EvalSample {
+                    job_id: String::new(),
+                    model_role: role,
+                    model_version: version.clone(),
+                    subject: subject.subject.clone(),
+                    prompt_index: pi as u32,
+                    prompt: prompt.clone(),
+                    sample_index: k as u32,
+                    seed: *seed,
+                    image_png: crate::intake::encode_png(&rgb),
+                    width: w as u32,
+                    height: h as u32,
+                    score_dino: per_image[k].get("DINO").copied(),
+                    score_clip_i: per_image[k].get("CLIP-I").copied(),
+                    score_clip_t: per_image[k].get("CLIP-T").copied(),
+                    score_feat_i: per_image[k].get("FEAT-I").copied(),
+                    created_at_us: 0,
+                });
+            }
+            rows.push(PromptScores { prompt_index: pi, prompt: prompt.clone(), scores });
+        }
+        for (m, values) in subject_scores {
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            metrics.get_mut(&m).expect("metric table").per_subject.insert(subject.subject.clone(), mean);
+        }
+        per_prompt.insert(subject.subject.clone(), rows);
+    }
+    metrics.values_mut().for_each(MetricTable::finish);
+    Ok(GeneratorReport { role, version, metrics, per_prompt, samples })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
