@@ -1,7 +1,7 @@
 //! `proxytune smoke`: the smoke job of what exists, end to end on real data.
 
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::Context;
 use futures::TryStreamExt;
@@ -47,10 +47,6 @@ struct ImportCounts {
     skipped: usize,
 }
 
-fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
-}
-
 /// Runs the smoke job and prints its report as JSON on stdout.
 pub async fn run(args: SmokeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -68,7 +64,7 @@ pub async fn run(args: SmokeArgs) -> anyhow::Result<()> {
                 &entry.subject,
                 &entry.class_noun,
                 &IntakeRules::default(),
-                now_us(),
+                proxytune_schemas::now_us(),
             )?;
             anyhow::ensure!(
                 rows.len() == entry.n_images,

@@ -295,10 +295,6 @@ impl Filter {
     }
 }
 
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
-}
-
 impl Operator for Filter {
     fn process_batch(
         &mut self,
@@ -308,7 +304,7 @@ impl Operator for Filter {
         out: &mut Output,
     ) -> Result<()> {
         let rows = Proxy::from_batch(&batch)?;
-        let judged = self.judge(rows, now_us())?;
+        let judged = self.judge(rows, proxytune_schemas::now_us())?;
         out.emit(Proxy::to_batch(&judged)?);
         Ok(())
     }

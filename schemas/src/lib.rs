@@ -25,5 +25,10 @@ pub use metrics::MetricName;
 pub use rows::{ClassPriorImage, EvalSample, ModelRole, Proxy, ReferenceImage, RejectReason, VqTokens};
 pub use table::Table;
 
+/// Now, in microseconds since the epoch (UTC): the unit of every `*_at` column.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
 /// Name of the string column every table carries with its row's canonical [`RowKey`].
 pub const KEY_COLUMN: &str = "key";

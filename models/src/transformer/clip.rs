@@ -98,11 +98,13 @@ impl ClipConfig {
     }
 }
 
-fn activation(name: &str) -> Result<Activation> {
-    Activation::from_hf(name).ok_or_else(|| ModelError::Config {
+/// Block dimensions of a CLIP tower (q/k/v always have a bias).
+fn clip_dims(hidden: i64, heads: i64, intermediate: i64, ln_eps: f64, hidden_act: &str) -> Result<BlockDims> {
+    let activation = Activation::from_hf(hidden_act).ok_or_else(|| ModelError::Config {
         what: "hidden_act".into(),
-        message: format!("unsupported activation `{name}`"),
-    })
+        message: format!("unsupported activation `{hidden_act}`"),
+    })?;
+    Ok(BlockDims { hidden, heads, intermediate, ln_eps, qkv_bias: true, activation })
 }
 
 /// What the text tower returns.
@@ -135,14 +137,13 @@ impl ClipTextTransformer {
     pub fn new(vs: nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = &vs / "embeddings";
-        let dims = BlockDims {
-            hidden: d,
-            heads: cfg.num_attention_heads,
-            intermediate: cfg.intermediate_size,
-            ln_eps: cfg.layer_norm_eps,
-            qkv_bias: true,
-            activation: activation(&cfg.hidden_act)?,
-        };
+        let dims = clip_dims(
+            d,
+            cfg.num_attention_heads,
+            cfg.intermediate_size,
+            cfg.layer_norm_eps,
+            &cfg.hidden_act,
+        )?;
         Ok(ClipTextTransformer {
             token_embedding: nn::embedding(&emb / "token_embedding", cfg.vocab_size, d, Default::default()),
             position_embedding: nn::embedding(
@@ -211,14 +212,13 @@ impl ClipVisionTransformer {
         let emb = &vs / "embeddings";
         let positions = (cfg.image_size / cfg.patch_size).pow(2) + 1;
         let conv = nn::ConvConfig { stride: cfg.patch_size, bias: false, ..Default::default() };
-        let dims = BlockDims {
-            hidden: d,
-            heads: cfg.num_attention_heads,
-            intermediate: cfg.intermediate_size,
-            ln_eps: cfg.layer_norm_eps,
-            qkv_bias: true,
-            activation: activation(&cfg.hidden_act)?,
-        };
+        let dims = clip_dims(
+            d,
+            cfg.num_attention_heads,
+            cfg.intermediate_size,
+            cfg.layer_norm_eps,
+            &cfg.hidden_act,
+        )?;
         Ok(ClipVisionTransformer {
             class_embedding: emb.zeros("class_embedding", &[d]),
             patch_embedding: nn::conv2d(&emb / "patch_embedding", cfg.num_channels, d, cfg.patch_size, conv),
