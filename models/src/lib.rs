@@ -7,12 +7,14 @@
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
+//! - [`diffusion`]: the supervisor's schedules and samplers (diffusers semantics).
 //! - [`transformer`]: pre-LN transformer encoders: ViT (DINO) and CLIP (text and vision).
 //! - [`tokenizer`]: text tokenizers (CLIP BPE).
 //! - [`scorers`]: evaluation encoders (EfficientNet-Lite for FEAT-I) and the similarity metrics.
 #![warn(missing_docs)]
 
 pub mod device;
+pub mod diffusion;
 pub mod error;
 pub mod nn;
 pub mod scorers;

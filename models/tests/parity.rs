@@ -180,3 +180,65 @@ fn dino_and_clip_scorers_load_checkpoint_folders_and_score() {
     let err = clip.prompt_image_cosine(&["a dog".into(), "a cat".into()], &images).unwrap_err().to_string();
     assert!(err.contains("not in the vocabulary"), "a vocabulary without those words says so: {err}");
 }
+
+#[test]
+fn schedulers_and_guided_sampling_match_diffusers() {
+    use proxytune_models::diffusion::scheduler::{guide, NoiseSchedule, Sampler, SchedulerConfig};
+    let fx = read_safetensors(&fixture("schedulers.safetensors")).unwrap();
+    let base = |name: &str| -> SchedulerConfig {
+        let mut c = SchedulerConfig::stable_diffusion();
+        match name {
+            "sd" => {}
+            "linear_trailing_v" => {
+                c = serde_json::from_str(
+                    r#"{"beta_schedule": "linear", "timestep_spacing": "trailing", "prediction_type": "v_prediction"}"#,
+                )
+                .unwrap();
+            }
+            "linspace" => {
+                c.timestep_spacing = "linspace".into();
+                c.steps_offset = 0;
+                c.set_alpha_to_one = true;
+                c.clip_sample = true; // diffusers' DDIM default
+            }
+            _ => unreachable!(),
+        }
+        c
+    };
+    let denoise = |x: &Tensor, t: f64| x * 0.05 + 0.001 * t / 1000.0;
+    for name in ["sd", "linear_trailing_v", "linspace"] {
+        let cfg = base(name);
+        let schedule = NoiseSchedule::new(&cfg).unwrap();
+        let acp = Tensor::from_slice(schedule.alphas_cumprod());
+        let err = max_abs(&acp, &fx[&format!("{name}.alphas_cumprod")]);
+        assert!(err < 1e-7, "{name}: alphas_cumprod differ by {err}");
+        let noise = &fx[&format!("{name}.noise")];
+        for (kind, sampler) in
+            [("ddim", Sampler::ddim(&cfg, 10).unwrap()), ("euler", Sampler::euler(&cfg, 10).unwrap())]
+        {
+            let ts = Tensor::from_slice(&sampler.timesteps()).to_kind(tch::Kind::Float);
+            let reference = fx[&format!("{name}.{kind}_timesteps")].to_kind(tch::Kind::Float);
+            assert!(max_abs(&ts, &reference) < 1e-3, "{name} {kind} timesteps {ts:?} vs {reference:?}");
+            if let Sampler::Euler { sigmas, init_noise_sigma, .. } = &sampler {
+                let err = max_abs(&Tensor::from_slice(sigmas), &fx[&format!("{name}.euler_sigmas")]);
+                assert!(err < 1e-5, "{name}: sigmas differ by {err}");
+                let init = fx[&format!("{name}.euler_init_noise_sigma")].double_value(&[0]);
+                assert!(
+                    (init - init_noise_sigma).abs() < 1e-4 * init,
+                    "{name}: init sigma {init_noise_sigma} vs {init}"
+                );
+            }
+            let mut x = noise * sampler.init_noise_sigma();
+            for (i, t) in sampler.timesteps().into_iter().enumerate() {
+                let x_in = sampler.scale_model_input(&x, i);
+                let out = guide(&denoise(&x_in, t), &denoise(&(&x_in * 1.1), t), 7.5);
+                x = sampler.step(&out, i, &x);
+            }
+            let reference = &fx[&format!("{name}.{kind}_final")];
+            let scale = reference.abs().max().double_value(&[]);
+            let err = max_abs(&x, reference);
+            eprintln!("{name} {kind}: 10 guided steps, max abs error {err:.2e} (max |x| {scale:.2})");
+            assert!(err < 1e-5 * scale.max(1.0), "{name} {kind}: final sample differs by {err}");
+        }
+    }
+}
