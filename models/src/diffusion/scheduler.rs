@@ -95,7 +95,7 @@ impl SchedulerConfig {
         let cfg: Self = serde_json::from_str(&text)
             .map_err(|e| ModelError::Config { what: path.display().to_string(), message: e.to_string() })?;
         cfg.prediction()?;
-        cfg.betas()?;
+        let _ = cfg.betas()?;
         Ok(cfg)
     }
 
@@ -187,7 +187,7 @@ impl NoiseSchedule {
     fn coefficients(&self, timesteps: &[i64], device: Device) -> (Tensor, Tensor) {
         let a: Vec<f32> = timesteps.iter().map(|&t| self.alphas_cumprod[t as usize]).collect();
         let a = Tensor::from_slice(&a).to_device(device).view([-1, 1, 1, 1]);
-        ((&a).sqrt(), (a.ones_like() - a).sqrt())
+        (a.sqrt(), (a.ones_like() - &a).sqrt())
     }
 
     /// `x_t = sqrt(ᾱ_t) x₀ + sqrt(1 − ᾱ_t) ε` for a batch `[B, C, H, W]` with one timestep each.
@@ -264,12 +264,8 @@ impl Sampler {
     /// Euler with `steps` steps (linear σ interpolation, final σ = 0).
     pub fn euler(cfg: &SchedulerConfig, steps: i64) -> Result<Self> {
         let schedule = NoiseSchedule::new(cfg)?;
-        let all: Vec<f64> = schedule
-            .alphas_cumprod
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt())
-            .map(|s| f64::from(s as f32))
-            .collect();
+        let all: Vec<f64> =
+            schedule.alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).map(f64::from).collect();
         let timesteps = cfg.timesteps(steps)?;
         let mut sigmas: Vec<f32> = timesteps
             .iter()
