@@ -242,3 +242,36 @@ fn schedulers_and_guided_sampling_match_diffusers() {
         }
     }
 }
+
+#[test]
+fn vae_matches_diffusers_autoencoderkl() {
+    use proxytune_models::diffusion::vae::{AutoencoderKl, VaeConfig};
+    let dir = fixture("vae_tiny");
+    let cfg = VaeConfig::from_json(&dir.join("config.json")).unwrap();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let vae = AutoencoderKl::new(vs.root(), &cfg);
+    load_safetensors(&mut vs, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict).unwrap();
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    tch::no_grad(|| {
+        let (mean, logvar) = vae.encode(&io["x"]);
+        let decoded = vae.decode(&io["mean"]);
+        for (name, ours, reference) in [
+            ("mean", &mean, &io["mean"]),
+            ("logvar", &logvar, &io["logvar"]),
+            ("decoded", &decoded, &io["decoded"]),
+        ] {
+            let err = max_abs(ours, reference);
+            eprintln!("VAE parity, {name}: max abs error {err:.2e}");
+            assert!(err < 1e-5, "{name} differs by {err}");
+        }
+    });
+    // Unsupported block types are named.
+    let text = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("UpDecoderBlock2D", "UpFancyBlock2D");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("config.json");
+    std::fs::write(&path, text).unwrap();
+    let err = VaeConfig::from_json(&path).unwrap_err().to_string();
+    assert!(err.contains("UpFancyBlock2D"), "{err}");
+}

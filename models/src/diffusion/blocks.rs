@@ -1,0 +1,144 @@
+//! Building blocks of the diffusers UNet and VAE, with diffusers' variable names:
+//! `ResnetBlock2D` (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`),
+//! `Downsample2D` / `Upsample2D` (`conv`), and the single-head spatial self-attention of the VAE's
+//! mid block (`group_norm`, `to_q`, `to_k`, `to_v`, `to_out.0`).
+
+use tch::{nn, nn::Module, Kind, Tensor};
+
+fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { stride, padding, ..Default::default() })
+}
+
+/// `nn.GroupNorm` with affine parameters.
+pub fn group_norm(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
+    nn::group_norm(vs, groups, channels, nn::GroupNormConfig { eps, ..Default::default() })
+}
+
+/// `ResnetBlock2D` (default "scale_shift" off: the time embedding is added after `conv1`).
+///
+/// # Shapes
+/// `[B, C_in, H, W]` (+ optional `temb [B, T]`) → `[B, C_out, H, W]`.
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: nn::GroupNorm,
+    conv1: nn::Conv2D,
+    time_emb_proj: Option<nn::Linear>,
+    norm2: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    conv_shortcut: Option<nn::Conv2D>,
+}
+
+impl ResnetBlock2D {
+    /// Creates the block; `temb_channels` adds `time_emb_proj`.
+    pub fn new(
+        vs: nn::Path,
+        c_in: i64,
+        c_out: i64,
+        temb_channels: Option<i64>,
+        groups: i64,
+        eps: f64,
+    ) -> Self {
+        ResnetBlock2D {
+            norm1: group_norm(&vs / "norm1", groups, c_in, eps),
+            conv1: conv(&vs / "conv1", c_in, c_out, 3, 1, 1),
+            time_emb_proj: temb_channels
+                .map(|t| nn::linear(&vs / "time_emb_proj", t, c_out, Default::default())),
+            norm2: group_norm(&vs / "norm2", groups, c_out, eps),
+            conv2: conv(&vs / "conv2", c_out, c_out, 3, 1, 1),
+            conv_shortcut: (c_in != c_out).then(|| conv(&vs / "conv_shortcut", c_in, c_out, 1, 1, 0)),
+        }
+    }
+
+    /// Applies the block.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Tensor {
+        let mut h = xs.apply(&self.norm1).silu().apply(&self.conv1);
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            h = h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+        }
+        let h = h.apply(&self.norm2).silu().apply(&self.conv2);
+        let skip = match &self.conv_shortcut {
+            Some(c) => xs.apply(c),
+            None => xs.shallow_clone(),
+        };
+        skip + h
+    }
+}
+
+/// `Downsample2D` with a stride-2 conv; `padding = 0` pads right/bottom by one first (the VAE).
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: nn::Conv2D,
+    asymmetric_pad: bool,
+}
+
+impl Downsample2D {
+    /// Creates the downsampler (`padding` 1 in the UNet, 0 in the VAE).
+    pub fn new(vs: nn::Path, channels: i64, padding: i64) -> Self {
+        Downsample2D {
+            conv: conv(&vs / "conv", channels, channels, 3, 2, padding),
+            asymmetric_pad: padding == 0,
+        }
+    }
+
+    /// Halves the spatial size.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        if self.asymmetric_pad {
+            xs.constant_pad_nd([0, 1, 0, 1]).apply(&self.conv)
+        } else {
+            xs.apply(&self.conv)
+        }
+    }
+}
+
+/// `Upsample2D`: nearest ×2, then a 3×3 conv.
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: nn::Conv2D,
+}
+
+impl Upsample2D {
+    /// Creates the upsampler.
+    pub fn new(vs: nn::Path, channels: i64) -> Self {
+        Upsample2D { conv: conv(&vs / "conv", channels, channels, 3, 1, 1) }
+    }
+
+    /// Doubles the spatial size.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let (h, w) = (xs.size()[2], xs.size()[3]);
+        xs.upsample_nearest2d([h * 2, w * 2], None, None).apply(&self.conv)
+    }
+}
+
+/// The VAE mid block's single-head spatial self-attention with a residual.
+#[derive(Debug)]
+pub struct SpatialAttention {
+    group_norm: nn::GroupNorm,
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+}
+
+impl SpatialAttention {
+    /// Creates the attention over `channels`.
+    pub fn new(vs: nn::Path, channels: i64, groups: i64, eps: f64) -> Self {
+        let lin = |name: &str| nn::linear(&vs / name, channels, channels, Default::default());
+        SpatialAttention {
+            group_norm: group_norm(&vs / "group_norm", groups, channels, eps),
+            to_q: lin("to_q"),
+            to_k: lin("to_k"),
+            to_v: lin("to_v"),
+            to_out: nn::linear(&vs / "to_out" / 0, channels, channels, Default::default()),
+        }
+    }
+
+    /// Applies attention over the `H·W` positions.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let (b, c, h, w) = xs.size4().expect("[B, C, H, W]");
+        let t = xs.apply(&self.group_norm).view([b, c, h * w]).transpose(1, 2); // [B, HW, C]
+        let (q, k, v) = (self.to_q.forward(&t), self.to_k.forward(&t), self.to_v.forward(&t));
+        let attn = (q.matmul(&k.transpose(1, 2)) / (c as f64).sqrt()).softmax(-1, Kind::Float); // [B, HW, HW]
+        let out = self.to_out.forward(&attn.matmul(&v)); // [B, HW, C]
+        out.transpose(1, 2).view([b, c, h, w]) + xs
+    }
+}
