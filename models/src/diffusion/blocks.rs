@@ -51,10 +51,11 @@ impl ResnetBlock2D {
 
     /// Applies the block.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let mut h = xs.apply(&self.norm1).silu().apply(&self.conv1);
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        }
+        let h = xs.apply(&self.norm1).silu().apply(&self.conv1);
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1),
+            _ => h,
+        };
         let h = h.apply(&self.norm2).silu().apply(&self.conv2);
         let skip = match &self.conv_shortcut {
             Some(c) => xs.apply(c),

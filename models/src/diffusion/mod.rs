@@ -1,7 +1,7 @@
 //! The diffusion supervisor's pieces (Stable Diffusion family, diffusers layout).
 //!
 //! - [`blocks`]: ResNet, up/down-sampling and attention blocks with diffusers' names.
-//! - [`vae`]: `AutoencoderKL`.
+//! - [`vae`]: the `AutoencoderKL` variational autoencoder.
 //! - [`scheduler`]: the DDPM training schedule, DDIM and Euler sampling, classifier-free guidance.
 
 pub mod blocks;
