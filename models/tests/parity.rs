@@ -275,3 +275,44 @@ fn vae_matches_diffusers_autoencoderkl() {
     let err = VaeConfig::from_json(&path).unwrap_err().to_string();
     assert!(err.contains("UpFancyBlock2D"), "{err}");
 }
+
+#[test]
+fn unet_matches_diffusers_for_sd_and_sdxl_configs() {
+    use proxytune_models::diffusion::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
+    for name in ["unet_sd_tiny", "unet_sdxl_tiny"] {
+        let dir = fixture(name);
+        let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
+        load_safetensors(&mut vs, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
+            .unwrap();
+        let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+        let added = io.get("text_embeds").map(|t| AddedCond { text_embeds: t, time_ids: &io["time_ids"] });
+        let out =
+            tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"], added)).unwrap();
+        let err = max_abs(&out, &io["out"]);
+        let scale = io["out"].abs().max().double_value(&[]);
+        eprintln!("{name} parity: max abs error {err:.2e} (max |out| {scale:.2})");
+        assert!(err < 1e-5 * scale.max(1.0), "{name} differs by {err}");
+    }
+}
+
+#[test]
+fn unet_configs_and_inputs_it_cannot_handle_are_named() {
+    use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
+    let text = std::fs::read_to_string(fixture("unet_sd_tiny").join("config.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("config.json");
+    std::fs::write(&path, text.replace("\"DownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"")).unwrap();
+    let err = UNetConfig::from_json(&path).unwrap_err().to_string();
+    assert!(err.contains("SimpleCrossAttnDownBlock2D") && err.contains("config.json"), "{err}");
+
+    let dir = fixture("unet_sdxl_tiny");
+    let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let err =
+        tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"], None)).unwrap_err();
+    assert!(err.to_string().contains("text_embeds and time_ids"), "{err}");
+}

@@ -1,9 +1,11 @@
 //! The diffusion supervisor's pieces (Stable Diffusion family, diffusers layout).
 //!
 //! - [`blocks`]: ResNet, up/down-sampling and attention blocks with diffusers' names.
+//! - [`unet`]: the `UNet2DConditionModel` denoiser (SD 1.x/2.x, SDXL text_time).
 //! - [`vae`]: the `AutoencoderKL` variational autoencoder.
 //! - [`scheduler`]: the DDPM training schedule, DDIM and Euler sampling, classifier-free guidance.
 
 pub mod blocks;
 pub mod scheduler;
+pub mod unet;
 pub mod vae;
