@@ -140,9 +140,68 @@ impl ClipTokenizer {
         Self::build(merges, encoder, vocab_json)
     }
 
+    /// Loads a `tokenizer.json` (the tokenizers-library format transformers 5 saves): its BPE
+    /// model's `vocab` and `merges` (pairs or `"a b"` strings).
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
+        let model = &json["model"];
+        if model["type"] != "BPE" {
+            return Err(bad(path, format!("model type {} is not BPE", model["type"])));
+        }
+        let encoder: HashMap<String, i64> =
+            serde_json::from_value(model["vocab"].clone()).map_err(|e| bad(path, format!("vocab: {e}")))?;
+        let merges = model["merges"]
+            .as_array()
+            .ok_or_else(|| bad(path, "no merges"))?
+            .iter()
+            .map(|m| {
+                match m {
+                    serde_json::Value::String(s) => {
+                        s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string()))
+                    }
+                    serde_json::Value::Array(pair) => match (pair.first(), pair.get(1)) {
+                        (Some(serde_json::Value::String(a)), Some(serde_json::Value::String(b))) => {
+                            Some((a.clone(), b.clone()))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                }
+                .ok_or_else(|| bad(path, format!("bad merge {m}")))
+            })
+            .collect::<Result<_>>()?;
+        Self::build(merges, encoder, path)
+    }
+
+    /// Loads a tokenizer folder: `vocab.json` + `merges.txt` when present, else `tokenizer.json`.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if vocab.is_file() && merges.is_file() {
+            return Self::from_vocab_merges(&vocab, &merges);
+        }
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            return Self::from_tokenizer_json(&json);
+        }
+        Err(ModelError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no vocab.json + merges.txt or tokenizer.json",
+            ),
+        })
+    }
+
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.encoder.len()
+    }
+
+    /// Id of a whole token (e.g. a special token), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.encoder.get(token).copied()
     }
 
     /// Id of `<|startoftext|>`.

@@ -1,0 +1,207 @@
+//! A Stable Diffusion pipeline over a diffusers model folder: `model_index.json`, `unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/` (`vocab.json` + `merges.txt`, or `tokenizer.json`) and `scheduler/`. Text-to-image
+//! sampling with classifier-free guidance from caller-provided initial noise (deterministic).
+//!
+//! SD 1.x/2.x layout (one CLIP text encoder, last hidden state as context, no attention mask, as
+//! the reference pipeline does by default). SDXL's second encoder is future work.
+
+use std::path::{Path, PathBuf};
+
+use tch::{nn, Device, Tensor};
+
+use super::scheduler::{guide, Sampler, SchedulerConfig};
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKl, VaeConfig};
+use crate::error::{ModelError, Result};
+use crate::tokenizer::clip::ClipTokenizer;
+use crate::transformer::clip::{ClipTextConfig, ClipTextTransformer};
+use crate::weights::{load_safetensors, Strictness};
+
+/// Which sampler to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    /// DDIM, η = 0.
+    Ddim,
+    /// Euler.
+    Euler,
+}
+
+/// A loaded Stable Diffusion model.
+#[derive(Debug)]
+pub struct StableDiffusion {
+    /// The denoiser.
+    pub unet: UNet2DConditionModel,
+    /// The autoencoder.
+    pub vae: AutoencoderKl,
+    /// The text encoder.
+    pub text_encoder: ClipTextTransformer,
+    /// The tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// The scheduler config.
+    pub scheduler: SchedulerConfig,
+    /// The text encoder's context length.
+    pub max_length: usize,
+    /// The padding id of the tokenizer.
+    pub pad_id: i64,
+    /// Variable stores (kept alive; LoRA and training attach here).
+    pub stores: Stores,
+    device: Device,
+}
+
+/// The variable stores of the three networks.
+#[derive(Debug)]
+pub struct Stores {
+    /// UNet variables.
+    pub unet: nn::VarStore,
+    /// VAE variables.
+    pub vae: nn::VarStore,
+    /// Text encoder variables.
+    pub text_encoder: nn::VarStore,
+}
+
+fn weights_file(dir: &Path) -> Result<PathBuf> {
+    ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ModelError::Io {
+            path: dir.join("diffusion_pytorch_model.safetensors"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no safetensors weights in this folder",
+            ),
+        })
+}
+
+fn must_exist(path: PathBuf) -> Result<PathBuf> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(ModelError::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "missing from the model folder"),
+        })
+    }
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers model folder onto `device`. A missing file or a bad config is an error
+    /// naming it.
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        must_exist(dir.join("model_index.json"))?;
+        let unet_cfg = UNetConfig::from_json(&must_exist(dir.join("unet/config.json"))?)?;
+        let vae_cfg = VaeConfig::from_json(&must_exist(dir.join("vae/config.json"))?)?;
+        let text_path = must_exist(dir.join("text_encoder/config.json"))?;
+        let text_cfg: ClipTextConfig = serde_json::from_str(
+            &std::fs::read_to_string(&text_path)
+                .map_err(|source| ModelError::Io { path: text_path.clone(), source })?,
+        )
+        .map_err(|e| ModelError::Config { what: text_path.display().to_string(), message: e.to_string() })?;
+        let scheduler =
+            SchedulerConfig::from_json(&must_exist(dir.join("scheduler/scheduler_config.json"))?)?;
+        let tokenizer = ClipTokenizer::from_folder(&must_exist(dir.join("tokenizer"))?)?;
+        let pad_id = tokenizer_pad_id(&dir.join("tokenizer"), &tokenizer);
+
+        let mut unet_vs = nn::VarStore::new(device);
+        let unet = UNet2DConditionModel::new(unet_vs.root(), &unet_cfg)?;
+        load_safetensors(&mut unet_vs, &weights_file(&dir.join("unet"))?, Strictness::Strict)?;
+        let mut vae_vs = nn::VarStore::new(device);
+        let vae = AutoencoderKl::new(vae_vs.root(), &vae_cfg);
+        load_safetensors(&mut vae_vs, &weights_file(&dir.join("vae"))?, Strictness::Strict)?;
+        let mut text_vs = nn::VarStore::new(device);
+        let text_weights = weights_file(&dir.join("text_encoder"))?;
+        // Published SD checkpoints prefix the keys with `text_model.`; transformers 5 saves them
+        // without it. Follow the file.
+        let prefixed =
+            crate::weights::safetensors_keys(&text_weights)?.iter().any(|k| k.starts_with("text_model."));
+        let root = if prefixed { text_vs.root() / "text_model" } else { text_vs.root() };
+        let text_encoder = ClipTextTransformer::new(root, &text_cfg)?;
+        // The checkpoint may hold the `position_ids` buffer; it is not a parameter here.
+        load_safetensors(&mut text_vs, &text_weights, Strictness::AllowUnexpected)?;
+        Ok(StableDiffusion {
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            max_length: text_cfg.max_position_embeddings as usize,
+            pad_id,
+            stores: Stores { unet: unet_vs, vae: vae_vs, text_encoder: text_vs },
+            device,
+        })
+    }
+
+    /// Text conditioning `[B, T, D]` for prompts (padded to the context length).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        for p in prompts {
+            ids.extend(self.tokenizer.encode_padded(p, self.max_length, self.pad_id)?.ids);
+        }
+        let ids = Tensor::from_slice(&ids).view([prompts.len() as i64, -1]).to_device(self.device);
+        Ok(self.text_encoder.forward(&ids, None).last_hidden_state)
+    }
+
+    /// Samples images `[B, 3, H, W]` in `[0, 1]` from `noise` (`[B, 4, h, w]` standard normal),
+    /// with classifier-free guidance against `negative` prompts.
+    pub fn sample(
+        &self,
+        prompts: &[&str],
+        negative: &[&str],
+        noise: &Tensor,
+        steps: i64,
+        guidance: f64,
+        sampler: SamplerKind,
+    ) -> Result<Tensor> {
+        if prompts.len() != negative.len() || noise.size()[0] != prompts.len() as i64 {
+            return Err(ModelError::Config {
+                what: "sample".into(),
+                message: format!(
+                    "{} prompts, {} negatives, {} noise tensors",
+                    prompts.len(),
+                    negative.len(),
+                    noise.size()[0]
+                ),
+            });
+        }
+        let sampler = match sampler {
+            SamplerKind::Ddim => Sampler::ddim(&self.scheduler, steps)?,
+            SamplerKind::Euler => Sampler::euler(&self.scheduler, steps)?,
+        };
+        tch::no_grad(|| {
+            let all: Vec<&str> = negative.iter().chain(prompts).copied().collect();
+            let context = self.encode_prompts(&all)?; // [2B, T, D]: unconditional first
+            let b = prompts.len() as i64;
+            let mut latents = noise.to_device(self.device) * sampler.init_noise_sigma();
+            for (i, t) in sampler.timesteps().into_iter().enumerate() {
+                let x_in = sampler.scale_model_input(&latents, i);
+                let x2 = Tensor::cat(&[&x_in, &x_in], 0);
+                let ts = Tensor::full([2 * b], t, (tch::Kind::Float, self.device));
+                let out = self.unet.forward(&x2, &ts, &context, None)?;
+                let parts = out.chunk(2, 0);
+                latents = sampler.step(&guide(&parts[0], &parts[1], guidance), i, &latents);
+            }
+            let image = self.vae.decode(&(latents / self.vae.scaling_factor));
+            Ok((image / 2.0 + 0.5).clamp(0.0, 1.0))
+        })
+    }
+}
+
+/// The tokenizer's padding id from `special_tokens_map.json` / `tokenizer_config.json` when
+/// present (`<|endoftext|>` in SD 1.x, `!` in SD 2.x), else the end-of-text id.
+fn tokenizer_pad_id(dir: &Path, tokenizer: &ClipTokenizer) -> i64 {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    };
+    let pad = read("special_tokens_map.json")
+        .and_then(|v| v.get("pad_token").cloned())
+        .or_else(|| read("tokenizer_config.json").and_then(|v| v.get("pad_token").cloned()));
+    let token = match pad {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    };
+    token.and_then(|t| tokenizer.token_id(&t)).unwrap_or(tokenizer.end_id())
+}
