@@ -8,8 +8,6 @@ The tokenizer is the real CLIP BPE truncated to its first 486 merges (a 1000-tok
 the tiny text encoder stays small). Writes the model folder and `io.safetensors` with `latents`,
 `ddim_image` and `euler_image` ([1, 3, 16, 16] in [0, 1]) for the prompt below.
 """
-import gzip
-import json
 import os
 import sys
 import tempfile
@@ -19,37 +17,24 @@ from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, Stab
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+sys.path.insert(0, os.path.dirname(__file__))
+from clip_bpe import write_vocab_merges  # noqa: E402
+
 PROMPT, NEGATIVE = "a sks dog on the beach", ""
 MERGES = 486
 
 
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def main() -> None:
     bpe, out = sys.argv[1], sys.argv[2]
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 1 + MERGES]
-    symbols = bytes_to_unicode()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "vocab.json"), "w") as f:
-            json.dump({t: i for i, t in enumerate(vocab)}, f)
-        with open(os.path.join(tmp, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=77)
+        vocab_path, merges_path = write_vocab_merges(bpe, tmp, MERGES)
+        tokenizer = CLIPTokenizer(vocab_path, merges_path, model_max_length=77)
+    vocab_size = 512 + MERGES + 2
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="quick_gelu"))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
