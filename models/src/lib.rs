@@ -6,6 +6,7 @@
 //! - [`error`]: [`ModelError`], the one error enum of this crate.
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
+//! - [`lora`]: LoRA adapters and their interchange with diffusers/PEFT files.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
 //! - [`diffusion`]: the supervisor's schedules and samplers (diffusers semantics).
 //! - [`transformer`]: pre-LN transformer encoders: ViT (DINO) and CLIP (text and vision).
@@ -16,6 +17,7 @@
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod lora;
 pub mod nn;
 pub mod scorers;
 pub mod tokenizer;

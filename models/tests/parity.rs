@@ -337,3 +337,81 @@ fn stable_diffusion_sampling_matches_the_diffusers_pipeline() {
     let err = StableDiffusion::load(tmp.path(), Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("unet/config.json"), "{err}");
 }
+
+#[test]
+fn lora_files_from_diffusers_load_and_ours_round_trip() {
+    use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
+    use proxytune_models::lora::{load_lora, save_lora, LoraConfig, LoraSpec};
+    let dir = fixture("unet_sd_tiny");
+    let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let lora_cfg = LoraConfig::attention(4, 4.0);
+    let build = || {
+        let mut base = nn::VarStore::new(Device::Cpu);
+        let adapters = nn::VarStore::new(Device::Cpu);
+        let unet = UNet2DConditionModel::with_lora(
+            base.root(),
+            &cfg,
+            Some(LoraSpec { root: &adapters.root(), config: &lora_cfg }),
+        )
+        .unwrap();
+        load_safetensors(&mut base, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
+            .unwrap();
+        (base, adapters, unet)
+    };
+    let run = |unet: &UNet2DConditionModel| {
+        tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"], None)).unwrap()
+    };
+
+    // Fresh adapters (B = 0) change nothing.
+    let (base, mut adapters, unet) = build();
+    assert_eq!(adapters.variables().len(), 96, "q/k/v/out of 12 attention layers, A and B each");
+    assert!(max_abs(&run(&unet), &io["out"]) < 1e-6);
+
+    // diffusers' LoRA file: the output with it matches diffusers' UNet with the adapter active.
+    let before: Vec<(String, Tensor)> = base.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
+    let lora_file = fixture("lora_sd_tiny/pytorch_lora_weights.safetensors");
+    load_lora(&mut adapters, &lora_cfg, "unet", &lora_file).unwrap();
+    let with_lora = run(&unet);
+    let reference = read_safetensors(&fixture("lora_sd_tiny/io.safetensors")).unwrap();
+    let err = max_abs(&with_lora, &reference["out"]);
+    eprintln!("LoRA parity (diffusers file, rank 4): max abs error {err:.2e}");
+    assert!(err < 1e-5, "LoRA output differs by {err}");
+    assert!(max_abs(&with_lora, &io["out"]) > 1e-3, "the adapter changes the output");
+    let after = base.variables();
+    assert!(before.iter().all(|(k, v)| v.equal(&after[k])), "base weights are untouched");
+
+    // Ours: saved with α/r folded in, reloaded under another α, same output.
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = tmp.path().join("lora.safetensors");
+    save_lora(&adapters, &lora_cfg, "unet", &ours).unwrap();
+    let keys = proxytune_models::weights::safetensors_keys(&ours).unwrap();
+    assert!(keys
+        .iter()
+        .all(|k| k.starts_with("unet.") && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))));
+    let other_cfg = LoraConfig::attention(4, 8.0);
+    let mut base2 = nn::VarStore::new(Device::Cpu);
+    let mut adapters2 = nn::VarStore::new(Device::Cpu);
+    let unet2 = UNet2DConditionModel::with_lora(
+        base2.root(),
+        &cfg,
+        Some(LoraSpec { root: &adapters2.root(), config: &other_cfg }),
+    )
+    .unwrap();
+    load_safetensors(&mut base2, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
+        .unwrap();
+    load_lora(&mut adapters2, &other_cfg, "unet", &ours).unwrap();
+    assert!(max_abs(&run(&unet2), &with_lora) < 1e-5);
+
+    // A file for another rank is refused by key and shape.
+    let mut adapters3 = nn::VarStore::new(Device::Cpu);
+    let rank8 = LoraConfig::attention(8, 8.0);
+    let _unet3 = UNet2DConditionModel::with_lora(
+        nn::VarStore::new(Device::Cpu).root(),
+        &cfg,
+        Some(LoraSpec { root: &adapters3.root(), config: &rank8 }),
+    )
+    .unwrap();
+    let err = load_lora(&mut adapters3, &rank8, "unet", &lora_file).unwrap_err().to_string();
+    assert!(err.contains("lora_A.weight") && err.contains("[8, "), "{err}");
+}

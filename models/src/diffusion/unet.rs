@@ -10,6 +10,7 @@ use tch::{nn, nn::Module, Kind, Tensor};
 
 use super::blocks::{group_norm, Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::error::{ModelError, Result};
+use crate::lora::{LoraLinear, LoraSpec};
 
 /// An int or a per-block list, as diffusers configs write them.
 #[derive(Clone, Debug, Deserialize)]
@@ -194,22 +195,29 @@ impl TimestepMlp {
 
 #[derive(Debug)]
 struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     heads: i64,
 }
 
 impl Attention {
-    fn new(vs: nn::Path, query_dim: i64, context_dim: i64, heads: i64, head_dim: i64) -> Self {
+    fn new(
+        vs: nn::Path,
+        query_dim: i64,
+        context_dim: i64,
+        heads: i64,
+        head_dim: i64,
+        lora: Option<LoraSpec>,
+    ) -> Self {
         let inner = heads * head_dim;
         let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
         Attention {
-            to_q: nn::linear(&vs / "to_q", query_dim, inner, no_bias),
-            to_k: nn::linear(&vs / "to_k", context_dim, inner, no_bias),
-            to_v: nn::linear(&vs / "to_v", context_dim, inner, no_bias),
-            to_out: nn::linear(&vs / "to_out" / 0, inner, query_dim, Default::default()),
+            to_q: LoraLinear::new(&vs / "to_q", query_dim, inner, no_bias, lora),
+            to_k: LoraLinear::new(&vs / "to_k", context_dim, inner, no_bias, lora),
+            to_v: LoraLinear::new(&vs / "to_v", context_dim, inner, no_bias, lora),
+            to_out: LoraLinear::new(&vs / "to_out" / 0, inner, query_dim, Default::default(), lora),
             heads,
         }
     }
@@ -241,14 +249,21 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vs: nn::Path, dim: i64, context_dim: i64, heads: i64, head_dim: i64) -> Self {
+    fn new(
+        vs: nn::Path,
+        dim: i64,
+        context_dim: i64,
+        heads: i64,
+        head_dim: i64,
+        lora: Option<LoraSpec>,
+    ) -> Self {
         let ln = |name: &str| nn::layer_norm(&vs / name, vec![dim], Default::default());
         let inner = dim * 4;
         TransformerBlock {
             norm1: ln("norm1"),
-            attn1: Attention::new(&vs / "attn1", dim, dim, heads, head_dim),
+            attn1: Attention::new(&vs / "attn1", dim, dim, heads, head_dim, lora),
             norm2: ln("norm2"),
-            attn2: Attention::new(&vs / "attn2", dim, context_dim, heads, head_dim),
+            attn2: Attention::new(&vs / "attn2", dim, context_dim, heads, head_dim, lora),
             norm3: ln("norm3"),
             // GEGLU: `ff.net.0.proj` makes the value and its gate; `ff.net.2` projects back.
             ff_in: nn::linear(&vs / "ff" / "net" / 0 / "proj", dim, inner * 2, Default::default()),
@@ -280,7 +295,7 @@ struct Transformer2D {
 }
 
 impl Transformer2D {
-    fn new(vs: nn::Path, c: i64, cfg: &UNetConfig, heads: i64, depth: i64) -> Self {
+    fn new(vs: nn::Path, c: i64, cfg: &UNetConfig, heads: i64, depth: i64, lora: Option<LoraSpec>) -> Self {
         let head_dim = c / heads;
         let proj = |name: &str| {
             if cfg.use_linear_projection {
@@ -300,6 +315,7 @@ impl Transformer2D {
                         cfg.cross_attention_dim,
                         heads,
                         head_dim,
+                        lora,
                     )
                 })
                 .collect(),
@@ -371,6 +387,12 @@ pub struct AddedCond<'a> {
 impl UNet2DConditionModel {
     /// Creates the variables under `vs` (keys as in a diffusers checkpoint).
     pub fn new(vs: nn::Path, cfg: &UNetConfig) -> Result<Self> {
+        Self::with_lora(vs, cfg, None)
+    }
+
+    /// Like [`UNet2DConditionModel::new`], with LoRA adapters on the attention layers that `lora`
+    /// targets (created in the adapters' own variable store).
+    pub fn with_lora(vs: nn::Path, cfg: &UNetConfig, lora: Option<LoraSpec>) -> Result<Self> {
         cfg.validate().map_err(|message| ModelError::Config { what: "unet config".into(), message })?;
         let ch = &cfg.block_out_channels;
         let (g, e) = (cfg.norm_num_groups, cfg.norm_eps);
@@ -404,6 +426,7 @@ impl UNet2DConditionModel {
                             cfg,
                             cfg.heads(i),
                             cfg.transformer_layers_per_block.get(i),
+                            lora,
                         )
                     })
                     .collect()
@@ -425,6 +448,7 @@ impl UNet2DConditionModel {
                     cfg,
                     cfg.heads(last),
                     cfg.transformer_layers_per_block.get(last),
+                    lora,
                 ),
                 ResnetBlock2D::new(&p / "resnets" / 1, top, top, Some(temb), g, e),
             )
@@ -454,6 +478,7 @@ impl UNet2DConditionModel {
                             cfg,
                             cfg.heads(level),
                             cfg.transformer_layers_per_block.get(level),
+                            lora,
                         )
                     })
                     .collect()

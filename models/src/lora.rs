@@ -1,0 +1,151 @@
+//! LoRA (Hu et al. 2021): low-rank adapters `W x + (α / r) · B A x` on chosen linear layers, with
+//! the adapters in their own variable store (the base stays frozen and bit-identical).
+//!
+//! Variable names follow PEFT: `<module>.lora_A.weight` (`[r, in]`) and `<module>.lora_B.weight`
+//! (`[out, r]`). Files: [`save_lora`] writes `<prefix>.<module>.lora_A.weight` / `lora_B.weight`
+//! (the layout diffusers' `load_lora_weights` reads), folding `α / r` into `B` so the file means
+//! the same with any reader's default scale; [`load_lora`] reads that layout and diffusers' own
+//! `<module>.lora.down.weight` / `lora.up.weight`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::Module, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::weights::read_safetensors;
+
+/// Which layers get adapters, and their size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank `r`.
+    pub rank: i64,
+    /// Scale numerator `α` (the update is scaled by `α / r`).
+    pub alpha: f64,
+    /// Module names (last path components, e.g. `to_q`, `to_out.0`).
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    /// Attention projections of the diffusers UNet: `to_q`, `to_k`, `to_v`, `to_out.0`.
+    pub fn attention(rank: i64, alpha: f64) -> Self {
+        LoraConfig {
+            rank,
+            alpha,
+            target_modules: ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec(),
+        }
+    }
+
+    fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+    }
+
+    fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// Where adapters are created: the root of the adapters' variable store and the config.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraSpec<'a, 'p> {
+    /// Root of the adapter variable store.
+    pub root: &'a nn::Path<'p>,
+    /// The config.
+    pub config: &'a LoraConfig,
+}
+
+/// A linear layer with an optional LoRA adapter.
+///
+/// # Shapes
+/// `[.., in] -> [.., out]`.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: nn::Linear,
+    adapter: Option<(Tensor, Tensor, f64)>,
+}
+
+impl LoraLinear {
+    /// A linear layer at `vs` (its base variables), with an adapter when `lora` targets it.
+    pub fn new(vs: nn::Path, c_in: i64, c_out: i64, cfg: nn::LinearConfig, lora: Option<LoraSpec>) -> Self {
+        let module: Vec<String> = vs.components().map(String::from).collect();
+        let base = nn::linear(vs, c_in, c_out, cfg);
+        let adapter = lora.filter(|l| l.config.targets(&module.join("."))).map(|l| {
+            let p = module.iter().fold(l.root.clone(), |p, c| &p / c.as_str());
+            let a = (&p / "lora_A").kaiming_uniform("weight", &[l.config.rank, c_in]);
+            let b = (&p / "lora_B").zeros("weight", &[c_out, l.config.rank]);
+            (a, b, l.config.scale())
+        });
+        LoraLinear { base, adapter }
+    }
+}
+
+impl Module for LoraLinear {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let y = self.base.forward(xs);
+        match &self.adapter {
+            Some((a, b, scale)) => y + xs.matmul(&a.tr()).matmul(&b.tr()) * *scale,
+            None => y,
+        }
+    }
+}
+
+/// Saves the adapters of `vs` as `<prefix>.<module>.lora_{A,B}.weight`, with `α / r` folded into B.
+pub fn save_lora(vs: &nn::VarStore, config: &LoraConfig, prefix: &str, path: &Path) -> Result<()> {
+    let scale = config.scale();
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name.ends_with(".lora_B.weight") { &t * scale } else { t.copy() };
+            (format!("{prefix}.{name}"), t.detach())
+        })
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Loads adapter weights saved by [`save_lora`], diffusers or PEFT into `vs` (the adapters of a
+/// model built with `config`). Every adapter variable must be in the file; shapes are checked.
+pub fn load_lora(vs: &mut nn::VarStore, config: &LoraConfig, prefix: &str, path: &Path) -> Result<()> {
+    let file = read_safetensors(path)?;
+    let strip = format!("{prefix}.");
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (key, t) in file {
+        let Some(name) = key.strip_prefix(&strip) else { continue };
+        let name =
+            name.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight");
+        tensors.insert(name, t);
+    }
+    // Files carry the update as-is (scale 1); our variables are multiplied by α / r.
+    let unscale = 1.0 / config.scale();
+    let variables = vs.variables();
+    for (name, var) in &variables {
+        let src = tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+            path: path.to_path_buf(),
+            key: format!("{prefix}.{name}"),
+            expected: var.size(),
+        })?;
+        if src.size() != var.size() {
+            return Err(ModelError::ShapeMismatch {
+                path: path.to_path_buf(),
+                key: format!("{prefix}.{name}"),
+                expected: var.size(),
+                found: src.size(),
+            });
+        }
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in variables {
+            let src = &tensors[&name];
+            let src = if name.ends_with(".lora_B.weight") { src * unscale } else { src.shallow_clone() };
+            var.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+        }
+        Ok::<(), tch::TchError>(())
+    })?;
+    Ok(())
+}
