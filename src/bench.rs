@@ -29,6 +29,110 @@ use serde::Serialize;
 pub enum BenchCommand {
     /// The streaming runtime: per-batch overhead, overhead next to a 10 ms stage, Lance sink vs a file.
     Runtime(RuntimeArgs),
+    /// A ~35 M-parameter UNet: sampling step and train step here vs diffusers (PyTorch) on the same
+    /// machine and libtorch, in one run.
+    Unet(UnetArgs),
+}
+
+/// Arguments of `proxytune bench unet`.
+#[derive(Debug, clap::Args)]
+pub struct UnetArgs {
+    /// Timed iterations per measurement (after one warm-up); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Python with torch and diffusers ($PROXYTUNE_PYTHON).
+    #[arg(long, env = "PROXYTUNE_PYTHON")]
+    python: PathBuf,
+    /// Device for the Rust side: auto, cpu, cuda, cuda:N (the Python side runs on CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn median_seconds(iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+/// Runs the UNet benchmark: diffusers first (it also writes the shared config), then tch.
+pub fn unet(args: UnetArgs) -> anyhow::Result<()> {
+    use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
+    let dir = tempfile_dir()?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/unet_diffusers.py");
+    let out = std::process::Command::new(&args.python)
+        .arg(&script)
+        .arg(&dir)
+        .arg(args.iters.to_string())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "diffusers side failed: {}", String::from_utf8_lossy(&out.stderr));
+    let py: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+    let cfg = UNetConfig::from_json(&dir.join("config.json"))?;
+    let device = proxytune_models::device::parse_device(&args.device)?;
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(device);
+    let unet = UNet2DConditionModel::new(vs.root(), &cfg)?;
+    let params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let opts = (tch::Kind::Float, device);
+    let x = tch::Tensor::randn([2, 4, 32, 32], opts);
+    let t = tch::Tensor::from_slice(&[500i64, 500]).to_device(device);
+    let ctx = tch::Tensor::randn([2, 77, 256], opts);
+    let target = tch::Tensor::randn([2, 4, 32, 32], opts);
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let sample = median_seconds(args.iters, || {
+        tch::no_grad(|| unet.forward(&x, &t, &ctx, None)).expect("forward");
+        sync();
+    });
+    let train = median_seconds(args.iters, || {
+        for mut v in vs.trainable_variables() {
+            v.zero_grad();
+        }
+        let out = unet.forward(&x, &t, &ctx, None).expect("forward");
+        out.mse_loss(&target, tch::Reduction::Mean).backward();
+        sync();
+    });
+    let (py_sample, py_train) =
+        (py["sample_step_s"].as_f64().unwrap_or(f64::NAN), py["train_step_s"].as_f64().unwrap_or(f64::NAN));
+    println!(
+        "unet bench: {:.1} M params here, {:.1} M in diffusers; 2 x 4 x 32 x 32 latents, 77 x 256 context; median of {}",
+        params as f64 / 1e6,
+        py["params"].as_f64().unwrap_or(0.0) / 1e6,
+        args.iters
+    );
+    println!(
+        "  sampling step : tch {:.3} s ({:?})  diffusers {:.3} s (cpu, {} threads)  ratio {:.2}",
+        sample,
+        device,
+        py_sample,
+        py["threads"],
+        sample / py_sample
+    );
+    println!(
+        "  train step    : tch {:.3} s ({:?})  diffusers {:.3} s (cpu, {} threads)  ratio {:.2}",
+        train,
+        device,
+        py_train,
+        py["threads"],
+        train / py_train
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("proxytune-bench-unet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Arguments of `proxytune bench runtime`.

@@ -230,9 +230,19 @@ impl Attention {
         let inner = q.size()[2];
         let hd = inner / self.heads;
         let split = |x: &Tensor| x.view([b, -1, self.heads, hd]).transpose(1, 2); // [B, H, T, hd]
-        let attn = (split(&q).matmul(&split(&k).transpose(-2, -1)) * (hd as f64).powf(-0.5))
-            .softmax(-1, Kind::Float);
-        let out = attn.matmul(&split(&v)).transpose(1, 2).reshape([b, t, inner]);
+                                                                                  // libtorch's fused attention (the kernel diffusers calls through
+                                                                                  // F.scaled_dot_product_attention); scale 1/sqrt(head_dim).
+        let out = Tensor::scaled_dot_product_attention(
+            &split(&q),
+            &split(&k),
+            &split(&v),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        let out = out.transpose(1, 2).reshape([b, t, inner]);
         self.to_out.forward(&out)
     }
 }
