@@ -90,7 +90,7 @@ pub fn unet(args: UnetArgs) -> anyhow::Result<()> {
         }
     };
     let sample = median_seconds(args.iters, || {
-        tch::no_grad(|| unet.forward(&x, &t, &ctx, None)).expect("forward");
+        let _ = tch::no_grad(|| unet.forward(&x, &t, &ctx, None)).expect("forward");
         sync();
     });
     let train = median_seconds(args.iters, || {
