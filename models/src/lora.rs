@@ -124,7 +124,10 @@ pub fn load_lora(vs: &mut nn::VarStore, config: &LoraConfig, prefix: &str, path:
     // Files carry the update as-is (scale 1); our variables are multiplied by α / r.
     let unscale = 1.0 / config.scale();
     let variables = vs.variables();
-    for (name, var) in &variables {
+    let mut names: Vec<&String> = variables.keys().collect();
+    names.sort(); // report the first bad key deterministically
+    for name in names {
+        let var = &variables[name];
         let src = tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
             path: path.to_path_buf(),
             key: format!("{prefix}.{name}"),
