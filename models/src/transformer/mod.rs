@@ -164,13 +164,9 @@ impl Block {
         let q = split(self.q.forward(xs));
         let k = split(self.k.forward(xs));
         let v = split(self.v.forward(xs));
-        let scores = q.matmul(&k.transpose(-2, -1)) * (hd as f64).powf(-0.5); // [B, H, T, T]
-        let scores = match mask {
-            Some(mask) => scores + mask,
-            None => scores,
-        };
-        let attn = scores.softmax(-1, Kind::Float).to_kind(v.kind());
-        let out = attn.matmul(&v).transpose(1, 2).contiguous().view([b, t, c]); // [B, T, C]
+        // libtorch's fused attention; the additive mask (causal, padding) is applied inside.
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false); // [B, H, T, hd]
+        let out = out.transpose(1, 2).contiguous().view([b, t, c]); // [B, T, C]
         self.o.forward(&out)
     }
 
