@@ -58,14 +58,19 @@ pub async fn run(args: SmokeArgs) -> anyhow::Result<()> {
     for counts in &mut imports {
         for entry in &subjects {
             let dir = args.dreambench.join(&entry.subject);
-            let rows = load_subject_folder(
-                &dir,
-                "smoke",
-                &entry.subject,
-                &entry.class_noun,
-                &IntakeRules::default(),
-                proxytune_schemas::now_us(),
-            )?;
+            // Image decoding is CPU work: keep it off the async workers.
+            let (folder, subject, class) = (dir.clone(), entry.subject.clone(), entry.class_noun.clone());
+            let rows = tokio::task::spawn_blocking(move || {
+                load_subject_folder(
+                    &folder,
+                    "smoke",
+                    &subject,
+                    &class,
+                    &IntakeRules::default(),
+                    proxytune_schemas::now_us(),
+                )
+            })
+            .await??;
             anyhow::ensure!(
                 rows.len() == entry.n_images,
                 "{}: {} images, subjects.tsv says {}",
