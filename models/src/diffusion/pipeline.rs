@@ -13,6 +13,7 @@ use super::scheduler::{guide, Sampler, SchedulerConfig};
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKl, VaeConfig};
 use crate::error::{ModelError, Result};
+use crate::lora::{LoraConfig, LoraSpec};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::transformer::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::weights::{load_safetensors, Strictness};
@@ -49,11 +50,13 @@ pub struct StableDiffusion {
     device: Device,
 }
 
-/// The variable stores of the three networks.
+/// The variable stores of the three networks (and of the UNet's LoRA adapters, when present).
 #[derive(Debug)]
 pub struct Stores {
     /// UNet variables.
     pub unet: nn::VarStore,
+    /// UNet LoRA adapter variables (empty without LoRA).
+    pub unet_lora: nn::VarStore,
     /// VAE variables.
     pub vae: nn::VarStore,
     /// Text encoder variables.
@@ -89,6 +92,12 @@ impl StableDiffusion {
     /// Loads a diffusers model folder onto `device`. A missing file or a bad config is an error
     /// naming it.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        Self::load_with_lora(dir, device, None)
+    }
+
+    /// Like [`StableDiffusion::load`], with fresh LoRA adapters (B = 0) on the UNet layers that
+    /// `lora` targets, in `stores.unet_lora`.
+    pub fn load_with_lora(dir: &Path, device: Device, lora: Option<&LoraConfig>) -> Result<Self> {
         must_exist(dir.join("model_index.json"))?;
         let unet_cfg = UNetConfig::from_json(&must_exist(dir.join("unet/config.json"))?)?;
         let vae_cfg = VaeConfig::from_json(&must_exist(dir.join("vae/config.json"))?)?;
@@ -104,7 +113,13 @@ impl StableDiffusion {
         let pad_id = tokenizer_pad_id(&dir.join("tokenizer"), &tokenizer);
 
         let mut unet_vs = nn::VarStore::new(device);
-        let unet = UNet2DConditionModel::new(unet_vs.root(), &unet_cfg)?;
+        let unet_lora = nn::VarStore::new(device);
+        let spec = lora.map(|config| (unet_lora.root(), config));
+        let unet = UNet2DConditionModel::with_lora(
+            unet_vs.root(),
+            &unet_cfg,
+            spec.as_ref().map(|(root, config)| LoraSpec { root, config }),
+        )?;
         load_safetensors(&mut unet_vs, &weights_file(&dir.join("unet"))?, Strictness::Strict)?;
         let mut vae_vs = nn::VarStore::new(device);
         let vae = AutoencoderKl::new(vae_vs.root(), &vae_cfg);
@@ -127,7 +142,7 @@ impl StableDiffusion {
             scheduler,
             max_length: text_cfg.max_position_embeddings as usize,
             pad_id,
-            stores: Stores { unet: unet_vs, vae: vae_vs, text_encoder: text_vs },
+            stores: Stores { unet: unet_vs, unet_lora, vae: vae_vs, text_encoder: text_vs },
             device,
         })
     }
