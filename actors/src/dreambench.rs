@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use proxytune_models::scorers::preprocess::rgb8_to_tensor;
 use proxytune_models::scorers::similarity::{mean_distinct_pair_cosine, mean_pairwise_cosine};
 use proxytune_models::scorers::ImageEmbedder;
 use serde::Serialize;
@@ -111,29 +110,13 @@ impl DreamBench {
     /// The reference photos of `subject` as `[N, 3, H, W]` in `[0, 1]` (resized to the first
     /// photo's size when they differ). Errors name the folder or file.
     pub fn references(&self, subject: &SubjectEntry, device: Device) -> Result<Tensor> {
-        let dir = self.root.join(&subject.subject);
-        let rows = crate::intake::load_subject_folder(
-            &dir,
-            "dreambench",
-            &subject.subject,
-            &subject.class_noun,
-            &crate::intake::IntakeRules { min_side: 16, max_images: 64 },
-            0,
-        )?;
-        let mut tensors = Vec::with_capacity(rows.len());
-        let mut side = None;
-        for row in rows {
-            let img = image::load_from_memory(&row.image_png)
-                .map_err(|e| Error::BadInput {
-                    input: dir.join(&row.source).display().to_string(),
-                    message: e.to_string(),
-                })?
-                .to_rgb8();
-            let t = rgb8_to_tensor(img.width(), img.height(), img.as_raw(), device)?.unsqueeze(0);
-            let s = *side.get_or_insert(img.height() as i64);
-            tensors.push(proxytune_models::scorers::preprocess::resize_square(&t, s));
-        }
-        Ok(Tensor::cat(&tensors, 0))
+        let rules = crate::intake::IntakeRules { min_side: 16, max_images: 64 };
+        let images: Vec<image::RgbImage> =
+            crate::intake::load_subject_images(&self.root.join(&subject.subject), &rules)?
+                .into_iter()
+                .map(|(_, rgb)| rgb)
+                .collect();
+        crate::intake::images_to_batch(&images, device)
     }
 }
 

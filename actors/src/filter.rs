@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 
 use arrow_array::RecordBatch;
-use proxytune_models::scorers::preprocess::{resize_square, rgb8_to_tensor};
 use proxytune_models::scorers::similarity::l2_normalize;
 use proxytune_models::scorers::ImageEmbedder;
 use proxytune_schemas::{MetricName, Proxy, ReferenceImage, RejectReason, Table};
@@ -20,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::intake::images_to_batch;
 use crate::runtime::{Context, Metrics, Operator, Output};
 
 /// The image metrics a filter can compute.
@@ -156,23 +156,11 @@ impl Filter {
     /// Decodes PNGs into one `[B, 3, S, S]` batch (all resized to the first image's size);
     /// `None` for rows that do not decode.
     fn decode(&self, pngs: &[&[u8]]) -> Result<(Option<Tensor>, Vec<bool>)> {
-        let mut tensors = Vec::new();
-        let mut ok = Vec::with_capacity(pngs.len());
-        let mut side = None;
-        for png in pngs {
-            match image::load_from_memory(png) {
-                Ok(img) => {
-                    let rgb = img.to_rgb8();
-                    let t =
-                        rgb8_to_tensor(rgb.width(), rgb.height(), rgb.as_raw(), self.device)?.unsqueeze(0);
-                    let s = *side.get_or_insert(rgb.width().max(rgb.height()) as i64);
-                    tensors.push(resize_square(&t, s));
-                    ok.push(true);
-                }
-                Err(_) => ok.push(false),
-            }
-        }
-        let batch = (!tensors.is_empty()).then(|| Tensor::cat(&tensors, 0));
+        let decoded: Vec<Option<image::RgbImage>> =
+            pngs.iter().map(|png| image::load_from_memory(png).ok().map(|i| i.to_rgb8())).collect();
+        let ok = decoded.iter().map(Option::is_some).collect();
+        let images: Vec<image::RgbImage> = decoded.into_iter().flatten().collect();
+        let batch = if images.is_empty() { None } else { Some(images_to_batch(&images, self.device)?) };
         Ok((batch, ok))
     }
 

@@ -35,6 +35,25 @@ pub fn load_subject_folder(
     rules: &IntakeRules,
     now_us: i64,
 ) -> Result<Vec<ReferenceImage>> {
+    Ok(load_subject_images(dir, rules)?
+        .into_iter()
+        .enumerate()
+        .map(|(index, (source, rgb))| ReferenceImage {
+            job_id: job_id.to_string(),
+            subject: subject.to_string(),
+            class_noun: class_noun.to_string(),
+            image_index: index as u32,
+            source,
+            width: rgb.width(),
+            height: rgb.height(),
+            image_png: encode_png(&rgb),
+            created_at_us: now_us,
+        })
+        .collect())
+}
+
+/// The decoded, validated RGB photos of a subject folder with their file names, in name order.
+pub fn load_subject_images(dir: &Path, rules: &IntakeRules) -> Result<Vec<(String, image::RgbImage)>> {
     let io = |source| Error::Io { path: dir.to_path_buf(), source };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io)?
@@ -56,20 +75,9 @@ pub fn load_subject_folder(
     }
     files
         .iter()
-        .enumerate()
-        .map(|(index, path)| {
-            let (png, width, height) = normalise_image(path, rules)?;
-            Ok(ReferenceImage {
-                job_id: job_id.to_string(),
-                subject: subject.to_string(),
-                class_noun: class_noun.to_string(),
-                image_index: index as u32,
-                source: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                image_png: png,
-                width,
-                height,
-                created_at_us: now_us,
-            })
+        .map(|path| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            Ok((name, read_image(path, rules)?))
         })
         .collect()
 }
@@ -79,17 +87,34 @@ fn is_image_file(path: &Path) -> bool {
     matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
 }
 
-/// Decodes an image file, converts it to RGB8 and re-encodes it as PNG.
-pub fn normalise_image(path: &Path, rules: &IntakeRules) -> Result<(Vec<u8>, u32, u32)> {
+/// Decodes an image file into 8-bit RGB, checking its size against `rules`.
+pub fn read_image(path: &Path, rules: &IntakeRules) -> Result<image::RgbImage> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let bad = |message: String| Error::BadInput { input: path.display().to_string(), message };
-    let image = image::load_from_memory(&bytes).map_err(|e| bad(format!("cannot decode image: {e}")))?;
-    let rgb = image.to_rgb8();
+    let rgb =
+        image::load_from_memory(&bytes).map_err(|e| bad(format!("cannot decode image: {e}")))?.to_rgb8();
     let (width, height) = rgb.dimensions();
     if width < rules.min_side || height < rules.min_side {
         return Err(bad(format!("{width}x{height} is smaller than the minimum {0}x{0}", rules.min_side)));
     }
-    Ok((encode_png(&rgb), width, height))
+    Ok(rgb)
+}
+
+/// Stacks RGB images into one `[N, 3, S, S]` tensor in `[0, 1]`, every image resized to a square of
+/// the first image's longer side (the shared input of the scorers).
+pub fn images_to_batch(images: &[image::RgbImage], device: tch::Device) -> Result<tch::Tensor> {
+    use proxytune_models::scorers::preprocess::{resize_square, rgb8_to_tensor};
+    let side = images.first().map_or(1, |i| i.width().max(i.height()) as i64);
+    let tensors = images
+        .iter()
+        .map(|img| {
+            Ok(resize_square(
+                &rgb8_to_tensor(img.width(), img.height(), img.as_raw(), device)?.unsqueeze(0),
+                side,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(tch::Tensor::cat(&tensors, 0))
 }
 
 /// PNG bytes of an RGB image.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::weights::read_safetensors;
+use crate::weights::{check_all_present, copy_into, read_safetensors};
 
 /// Which layers get adapters, and their size.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,43 +112,18 @@ pub fn save_lora(vs: &nn::VarStore, config: &LoraConfig, prefix: &str, path: &Pa
 /// Loads adapter weights saved by [`save_lora`], diffusers or PEFT into `vs` (the adapters of a
 /// model built with `config`). Every adapter variable must be in the file; shapes are checked.
 pub fn load_lora(vs: &mut nn::VarStore, config: &LoraConfig, prefix: &str, path: &Path) -> Result<()> {
-    let file = read_safetensors(path)?;
     let strip = format!("{prefix}.");
+    // Files carry the update as-is (scale 1); our variables are multiplied by α / r.
+    let unscale = 1.0 / config.scale();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (key, t) in file {
+    for (key, t) in read_safetensors(path)? {
         let Some(name) = key.strip_prefix(&strip) else { continue };
         let name =
             name.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight");
+        let t = if name.ends_with(".lora_B.weight") { t * unscale } else { t };
         tensors.insert(name, t);
     }
-    // Files carry the update as-is (scale 1); our variables are multiplied by α / r.
-    let unscale = 1.0 / config.scale();
     let variables = vs.variables();
-    let mut names: Vec<&String> = variables.keys().collect();
-    names.sort(); // report the first bad key deterministically
-    for name in names {
-        let var = &variables[name];
-        let src = tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
-            path: path.to_path_buf(),
-            key: format!("{prefix}.{name}"),
-            expected: var.size(),
-        })?;
-        if src.size() != var.size() {
-            return Err(ModelError::ShapeMismatch {
-                path: path.to_path_buf(),
-                key: format!("{prefix}.{name}"),
-                expected: var.size(),
-                found: src.size(),
-            });
-        }
-    }
-    tch::no_grad(|| {
-        for (name, mut var) in variables {
-            let src = &tensors[&name];
-            let src = if name.ends_with(".lora_B.weight") { src * unscale } else { src.shallow_clone() };
-            var.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
-        }
-        Ok::<(), tch::TchError>(())
-    })?;
-    Ok(())
+    check_all_present(&variables, &tensors, path, &strip)?;
+    copy_into(variables, &tensors)
 }

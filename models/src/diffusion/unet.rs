@@ -11,6 +11,7 @@ use tch::{nn, nn::Module, Kind, Tensor};
 use super::blocks::{group_norm, Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraLinear, LoraSpec};
+use crate::transformer::multi_head_attention;
 
 /// An int or a per-block list, as diffusers configs write them.
 #[derive(Clone, Debug, Deserialize)]
@@ -224,25 +225,8 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
         let context = context.unwrap_or(xs);
-        let (b, t, _) = xs.size3().expect("[B, T, C]");
-        let q = self.to_q.forward(xs);
-        let (k, v) = (self.to_k.forward(context), self.to_v.forward(context));
-        let inner = q.size()[2];
-        let hd = inner / self.heads;
-        let split = |x: &Tensor| x.view([b, -1, self.heads, hd]).transpose(1, 2); // [B, H, T, hd]
-                                                                                  // libtorch's fused attention (the kernel diffusers calls through
-                                                                                  // F.scaled_dot_product_attention); scale 1/sqrt(head_dim).
-        let out = Tensor::scaled_dot_product_attention(
-            &split(&q),
-            &split(&k),
-            &split(&v),
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        let out = out.transpose(1, 2).reshape([b, t, inner]);
+        let (q, k, v) = (self.to_q.forward(xs), self.to_k.forward(context), self.to_v.forward(context));
+        let out = multi_head_attention(&q, &k, &v, self.heads, None);
         self.to_out.forward(&out)
     }
 }

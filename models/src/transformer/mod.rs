@@ -158,15 +158,13 @@ impl Block {
     }
 
     fn attention(&self, xs: &Tensor, mask: Option<&Tensor>) -> Tensor {
-        let (b, t, c) = xs.size3().expect("[B, T, C]");
-        let hd = c / self.heads;
-        let split = |x: Tensor| x.view([b, t, self.heads, hd]).transpose(1, 2); // [B, H, T, hd]
-        let q = split(self.q.forward(xs));
-        let k = split(self.k.forward(xs));
-        let v = split(self.v.forward(xs));
-        // libtorch's fused attention; the additive mask (causal, padding) is applied inside.
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false); // [B, H, T, hd]
-        let out = out.transpose(1, 2).contiguous().view([b, t, c]); // [B, T, C]
+        let out = multi_head_attention(
+            &self.q.forward(xs),
+            &self.k.forward(xs),
+            &self.v.forward(xs),
+            self.heads,
+            mask,
+        );
         self.o.forward(&out)
     }
 
@@ -176,6 +174,20 @@ impl Block {
         let m = self.fc2.forward(&self.activation.apply(&self.fc1.forward(&self.ln2.forward(&h))));
         h + m
     }
+}
+
+/// Scaled dot-product attention over `heads` heads, through libtorch's fused kernel (the one the
+/// reference implementations call), scale `1/sqrt(head_dim)`; the optional additive mask
+/// (`[B or 1, 1, T, S]`: causal, padding) is applied inside.
+///
+/// # Shapes
+/// `q [B, T, C]`, `k`/`v` `[B, S, C]` → `[B, T, C]`.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, mask: Option<&Tensor>) -> Tensor {
+    let (b, t, c) = q.size3().expect("[B, T, C]");
+    let split = |x: &Tensor| x.view([b, -1, heads, c / heads]).transpose(1, 2); // [B, H, *, hd]
+    let out =
+        Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), mask, 0.0, false, None, false);
+    out.transpose(1, 2).reshape([b, t, c]) // [B, T, C]
 }
 
 /// An additive causal mask `[1, 1, T, T]` (0 on and below the diagonal, a large negative above).
