@@ -8,6 +8,8 @@
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
 //! - [`lora`]: LoRA adapters and their interchange with diffusers/PEFT files.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
+//! - [`optim`]: AdamW, clipping, warm-up and EMA with state that checkpoints can save.
+//! - [`rng`]: counter-based random draws (reproducible across threads and resumes).
 //! - [`diffusion`]: the supervisor's schedules and samplers (diffusers semantics).
 //! - [`transformer`]: pre-LN transformer encoders: ViT (DINO) and CLIP (text and vision).
 //! - [`tokenizer`]: text tokenizers (CLIP BPE).
@@ -19,6 +21,8 @@ pub mod diffusion;
 pub mod error;
 pub mod lora;
 pub mod nn;
+pub mod optim;
+pub mod rng;
 pub mod scorers;
 pub mod tokenizer;
 pub mod transformer;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::rng::{Draws, Stream};
 use crate::weights::{check_all_present, copy_into, read_safetensors};
 
 /// Which layers get adapters, and their size.
@@ -85,7 +86,11 @@ impl Module for LoraLinear {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let y = self.base.forward(xs);
         match &self.adapter {
-            Some((a, b, scale)) => y + xs.matmul(&a.tr()).matmul(&b.tr()) * *scale,
+            // The adapter computes in its own precision (float32 under bf16 mixed precision).
+            Some((a, b, scale)) => {
+                let kind = y.kind();
+                y + (xs.to_kind(a.kind()).matmul(&a.tr()).matmul(&b.tr()) * *scale).to_kind(kind)
+            }
             None => y,
         }
     }
@@ -94,7 +99,7 @@ impl Module for LoraLinear {
 /// Saves the adapters of `vs` as `<prefix>.<module>.lora_{A,B}.weight`, with `α / r` folded into B.
 pub fn save_lora(vs: &nn::VarStore, config: &LoraConfig, prefix: &str, path: &Path) -> Result<()> {
     let scale = config.scale();
-    let mut named: Vec<(String, Tensor)> = vs
+    let named: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
         .map(|(name, t)| {
@@ -102,11 +107,32 @@ pub fn save_lora(vs: &nn::VarStore, config: &LoraConfig, prefix: &str, path: &Pa
             (format!("{prefix}.{name}"), t.detach())
         })
         .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
+    crate::weights::write_safetensors(named, path)
+}
+
+/// Re-initialises every adapter of `vs` as PEFT does (A kaiming-uniform with bound
+/// `1/sqrt(fan_in)`, B zero), drawing A from `seed` and the variable's name rather than libtorch's
+/// global generator, so a run's starting point depends on its seed alone.
+pub fn reset_lora(vs: &nn::VarStore, seed: u64) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut t) in vs.variables() {
+            if name.ends_with(".lora_B.weight") {
+                let _ = t.f_zero_()?;
+            } else if name.ends_with(".lora_A.weight") {
+                let fan_in = t.size().get(1).copied().unwrap_or(1).max(1);
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                let values =
+                    Draws::new(seed, Stream::LoraInit, name_key(&name)).uniform(&t.size(), -bound, bound);
+                t.f_copy_(&values.to_device(t.device()).to_kind(t.kind()))?;
+            }
+        }
+        Ok(())
     })
+}
+
+/// A stable 64-bit key of a variable name (FNV-1a).
+fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Loads adapter weights saved by [`save_lora`], diffusers or PEFT into `vs` (the adapters of a

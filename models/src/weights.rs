@@ -120,10 +120,15 @@ pub(crate) fn copy_into(variables: HashMap<String, Tensor>, tensors: &HashMap<St
 
 /// Saves every variable of `vs` to a safetensors file (keys = variable paths).
 pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
+    let named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    write_safetensors(named, path)
+}
+
+/// Writes named tensors to `path` (sorted by name; parent folders created).
+pub fn write_safetensors(mut named: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
     }
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Io {
         path: path.to_path_buf(),

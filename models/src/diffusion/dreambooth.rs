@@ -1,63 +1,169 @@
-//! The DreamBooth objective (Ruiz et al. 2023) on a [`StableDiffusion`] model: the denoising loss
-//! on the subject's images captioned with the identifier (`a sks dog`), plus the prior-preservation
-//! loss on images of the bare class (`a dog`) weighted by `prior_loss_weight`. One optimiser step
-//! per call, over the LoRA adapters (or the full UNet when there are none), with gradient
-//! clipping. The VAE and text encoder stay frozen.
+//! DreamBooth (Ruiz et al. 2023) on a [`StableDiffusion`] model, as stage 1 of Proxy-Tuning: the
+//! denoising loss on the subject's images captioned with the identifier (`a sks dog`), plus the
+//! prior-preservation loss on images of the bare class (`a dog`) sampled by the untuned model,
+//! weighted by `prior_loss_weight`. The optimiser works on the LoRA adapters (or on the whole UNet
+//! when the model has none); the VAE and the text encoder stay frozen.
 //!
-//! Stage 1 of Proxy-Tuning. Not yet here: gradient accumulation, mixed precision, EMA, exact
-//! resume and the streaming of prior images (the `SupervisorTuner` actor's job).
+//! The loop is the one diffusers' `train_dreambooth_lora.py` runs: AdamW, linear warm-up then a
+//! constant learning rate, gradient accumulation, gradient-norm clipping, optional EMA of the
+//! trained weights, validation prompts sampled with fixed seeds every N steps, and bf16 mixed
+//! precision (the frozen UNet in bfloat16, the adapters and optimiser state in float32).
+//!
+//! **Streaming priors.** Class images arrive while training runs ([`DreamBoothTrainer::add_class_images`]);
+//! micro-step `k` uses class images `k·B .. k·B+B` (mod the planned pool size), so a step can run as
+//! soon as the images it needs exist ([`DreamBoothTrainer::ready`]) and the result does not depend on
+//! how fast they arrived.
+//!
+//! **Exact resume.** Every random draw of micro-step `k` comes from `(seed, k)` ([`crate::rng`]), the
+//! instance order from a per-epoch shuffle of `(seed, epoch)`, and the optimiser and EMA state are
+//! named tensors. A checkpoint folder (`checkpoint-<step>/`) holds the trained weights, the
+//! optimiser moments, the EMA, the LoRA in diffusers' layout and `state.json` (step, RNG counter,
+//! data position, config); resuming from it continues bit-identically on the CPU.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use super::pipeline::StableDiffusion;
+use super::pipeline::{SamplerKind, StableDiffusion};
 use super::scheduler::NoiseSchedule;
 use super::vae::AutoencoderKl;
 use crate::error::{ModelError, Result};
+use crate::lora::{reset_lora, save_lora};
+use crate::optim::{warmup_constant_lr, AdamW, AdamWConfig, Ema};
+use crate::rng::{sample_noise, Draws, Stream};
+use crate::weights::{read_safetensors, write_safetensors};
 
-/// DreamBooth hyper-parameters (DreamBooth's defaults where the Proxy-Tuning paper is silent).
+/// Numeric precision of training.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in float32.
+    #[default]
+    F32,
+    /// The frozen UNet in bfloat16; adapters, gradients and optimiser state in float32 (LoRA only).
+    Bf16,
+}
+
+/// Validation sampling during training.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Prompts (with the identifier, e.g. `a sks dog on the beach`).
+    pub prompts: Vec<String>,
+    /// Seeds; every prompt is sampled once per seed.
+    pub seeds: Vec<u64>,
+    /// Sample after every this many optimiser steps.
+    pub every_steps: u64,
+    /// Denoising steps.
+    pub num_inference_steps: i64,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f64,
+    /// Sampler.
+    pub sampler: SamplerKind,
+    /// Image side in pixels.
+    pub resolution: i64,
+}
+
+/// DreamBooth hyper-parameters (diffusers' DreamBooth-LoRA defaults where the Proxy-Tuning paper
+/// is silent).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DreamBoothConfig {
-    /// AdamW learning rate.
+    /// Instance prompt, e.g. `a sks dog`.
+    pub instance_prompt: String,
+    /// Class prompt, e.g. `a dog`.
+    pub class_prompt: String,
+    /// Peak learning rate.
     pub learning_rate: f64,
-    /// AdamW weight decay.
-    pub weight_decay: f64,
-    /// Weight of the prior-preservation loss (λ; DreamBooth uses 1).
-    pub prior_loss_weight: f64,
+    /// AdamW moments and weight decay.
+    pub adam: AdamWConfig,
+    /// Linear warm-up length in optimiser steps (0: constant from the start).
+    pub lr_warmup_steps: u64,
+    /// Optimiser steps to train.
+    pub max_train_steps: u64,
+    /// Instance images per micro-step (and as many class images).
+    pub train_batch_size: usize,
+    /// Micro-steps per optimiser step.
+    pub gradient_accumulation_steps: u64,
     /// Gradient-norm clip.
     pub max_grad_norm: f64,
+    /// Weight λ of the prior-preservation loss.
+    pub prior_loss_weight: f64,
+    /// Size of the class-image pool (0: no prior preservation).
+    pub num_class_images: usize,
+    /// EMA decay of the trained weights (`None`: no EMA).
+    pub ema_decay: Option<f64>,
+    /// Precision.
+    pub precision: Precision,
+    /// Seed of every random draw.
+    pub seed: u64,
+    /// Write a checkpoint every this many optimiser steps (0: only when asked).
+    pub checkpoint_every: u64,
+    /// Checkpoints to keep (older ones are deleted; at least 1).
+    pub checkpoints_to_keep: usize,
+    /// Validation sampling.
+    pub validation: Option<ValidationConfig>,
 }
 
 impl Default for DreamBoothConfig {
     fn default() -> Self {
         DreamBoothConfig {
+            instance_prompt: "a sks dog".into(),
+            class_prompt: "a dog".into(),
             learning_rate: 1e-4,
-            weight_decay: 1e-2,
-            prior_loss_weight: 1.0,
+            adam: AdamWConfig::default(),
+            lr_warmup_steps: 0,
+            max_train_steps: 500,
+            train_batch_size: 1,
+            gradient_accumulation_steps: 1,
             max_grad_norm: 1.0,
+            prior_loss_weight: 1.0,
+            num_class_images: 100,
+            ema_decay: None,
+            precision: Precision::F32,
+            seed: 0,
+            checkpoint_every: 0,
+            checkpoints_to_keep: 2,
+            validation: None,
         }
     }
 }
 
-/// One training batch: pixels in `[-1, 1]` with their prompts.
-#[derive(Debug)]
-pub struct DreamBoothBatch<'a> {
-    /// Subject images `[B, 3, H, W]`.
-    pub instance_pixels: &'a Tensor,
-    /// `a sks dog`.
-    pub instance_prompt: &'a str,
-    /// Class images `[B', 3, H, W]` for prior preservation, when used.
-    pub class_pixels: Option<&'a Tensor>,
-    /// `a dog`.
-    pub class_prompt: &'a str,
+impl DreamBoothConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |what: &str, message: &str| {
+            Err(ModelError::Config { what: format!("dreambooth.{what}"), message: message.into() })
+        };
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad("learning_rate", "must be a positive number");
+        }
+        if self.train_batch_size == 0 {
+            return bad("train_batch_size", "must be at least 1");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps", "must be at least 1");
+        }
+        if self.max_grad_norm <= 0.0 {
+            return bad("max_grad_norm", "must be positive");
+        }
+        if let Some(d) = self.ema_decay {
+            if !(0.0..1.0).contains(&d) {
+                return bad("ema_decay", "must be in [0, 1)");
+            }
+        }
+        if let Some(v) = &self.validation {
+            if v.every_steps == 0 || v.prompts.is_empty() || v.seeds.is_empty() {
+                return bad("validation", "needs every_steps > 0, at least one prompt and one seed");
+            }
+        }
+        Ok(())
+    }
 }
 
-/// The losses of one step.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+/// The losses and optimiser figures of one optimiser step (means over its micro-steps).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepLosses {
     /// Optimiser step number (1-based).
     pub step: u64,
@@ -67,15 +173,82 @@ pub struct StepLosses {
     pub prior: f64,
     /// `instance + λ · prior`.
     pub total: f64,
+    /// Learning rate the step used.
+    pub learning_rate: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// One validation image.
+#[derive(Debug)]
+pub struct ValidationImage {
+    /// Its prompt.
+    pub prompt: String,
+    /// Its seed.
+    pub seed: u64,
+    /// `[3, H, W]` in `[0, 1]`.
+    pub image: Tensor,
+}
+
+/// What `state.json` of a checkpoint holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointState {
+    /// Format version.
+    pub format: u32,
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// RNG position: the next micro-step's counter (draws are a function of seed and counter).
+    pub next_micro_step: u64,
+    /// Data position: instance samples consumed (index into the per-epoch shuffled order).
+    pub instance_samples_seen: u64,
+    /// Data position: class samples consumed.
+    pub class_samples_seen: u64,
+    /// EMA updates so far.
+    pub ema_updates: u64,
+    /// Whether the trained weights are LoRA adapters.
+    pub lora: bool,
+    /// The config the run was started with.
+    pub config: DreamBoothConfig,
+    /// The last step's losses.
+    pub last: Option<StepLosses>,
+}
+
+const CHECKPOINT_FORMAT: u32 = 1;
+const TRAINABLE_FILE: &str = "trainable.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const EMA_FILE: &str = "ema.safetensors";
+const STATE_FILE: &str = "state.json";
+/// The LoRA file in diffusers' layout (`load_lora_weights` reads this name from a folder).
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// Encoded latent distributions of images (the VAE is frozen, so each image is encoded once).
+#[derive(Debug)]
+struct Encoded {
+    mean: Tensor,
+    logvar: Tensor,
+}
+
+impl Encoded {
+    fn rows(&self, idx: &[i64]) -> (Tensor, Tensor) {
+        let i = Tensor::from_slice(idx).to_device(self.mean.device());
+        (self.mean.index_select(0, &i), self.logvar.index_select(0, &i))
+    }
 }
 
 /// DreamBooth training state.
 pub struct DreamBoothTrainer {
     config: DreamBoothConfig,
     schedule: NoiseSchedule,
-    optimizer: nn::Optimizer,
+    optimizer: AdamW,
+    ema: Option<Ema>,
+    lora: bool,
     step: u64,
     contexts: HashMap<String, Tensor>,
+    instance: Option<Encoded>,
+    class_pool: Vec<Encoded>,
+    class_closed: bool,
+    last: Option<StepLosses>,
 }
 
 impl std::fmt::Debug for DreamBoothTrainer {
@@ -85,70 +258,138 @@ impl std::fmt::Debug for DreamBoothTrainer {
 }
 
 impl DreamBoothTrainer {
-    /// A trainer for `model`: its LoRA adapters when it has any, else the whole UNet.
+    /// A trainer for `model`: its LoRA adapters when it has any (re-initialised from the seed), else
+    /// the whole UNet. Under
+    /// [`Precision::Bf16`] the frozen UNet is converted to bfloat16 here.
     pub fn new(model: &mut StableDiffusion, config: DreamBoothConfig) -> Result<Self> {
+        config.validate()?;
         model.stores.vae.freeze();
         model.stores.text_encoder.freeze();
         let lora = !model.stores.unet_lora.variables().is_empty();
         if lora {
             model.stores.unet.freeze();
         }
+        if config.precision == Precision::Bf16 {
+            if !lora {
+                return Err(ModelError::Config {
+                    what: "dreambooth.precision".into(),
+                    message: "bf16 trains LoRA adapters over a bfloat16 UNet; full fine-tuning runs in f32"
+                        .into(),
+                });
+            }
+            model.stores.unet.bfloat16();
+        }
+        if lora {
+            reset_lora(&model.stores.unet_lora, config.seed)?;
+        }
         let trained = if lora { &model.stores.unet_lora } else { &model.stores.unet };
-        let optimizer = nn::AdamW { wd: config.weight_decay, ..Default::default() }
-            .build(trained, config.learning_rate)?;
+        let params: Vec<(String, Tensor)> = trained.variables().into_iter().collect();
+        let optimizer = AdamW::new(params, config.adam);
+        let ema = config.ema_decay.map(|d| Ema::new(optimizer.params(), d));
         Ok(DreamBoothTrainer {
             schedule: NoiseSchedule::new(&model.scheduler)?,
             config,
             optimizer,
+            ema,
+            lora,
             step: 0,
             contexts: HashMap::new(),
+            instance: None,
+            class_pool: Vec::new(),
+            class_closed: false,
+            last: None,
         })
     }
 
-    /// Steps taken.
+    /// The config.
+    pub fn config(&self) -> &DreamBoothConfig {
+        &self.config
+    }
+
+    /// Optimiser steps taken.
     pub fn step_count(&self) -> u64 {
         self.step
     }
 
-    /// The denoising loss of `pixels` under `prompt` at `timesteps`, with latent noise drawn from
-    /// the global RNG (seed it for a reproducible evaluation).
-    pub fn loss(
-        model: &StableDiffusion,
-        schedule: &NoiseSchedule,
-        pixels: &Tensor,
-        prompt: &str,
-        timesteps: &[i64],
-    ) -> Result<Tensor> {
-        let context = tch::no_grad(|| model.encode_prompts(&[prompt]))?;
-        Self::loss_with_context(model, schedule, pixels, &context, timesteps)
+    /// True once `max_train_steps` steps are done.
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.max_train_steps
     }
 
-    /// The denoising loss with a prompt already encoded (`[1, T, D]`, broadcast to the batch).
-    fn loss_with_context(
-        model: &StableDiffusion,
-        schedule: &NoiseSchedule,
-        pixels: &Tensor,
-        context: &Tensor,
-        timesteps: &[i64],
-    ) -> Result<Tensor> {
-        let b = pixels.size()[0];
-        let latents = tch::no_grad(|| {
-            let (mean, logvar) = model.vae.encode(pixels);
-            AutoencoderKl::sample_latent(&mean, &logvar, &Tensor::randn_like(&mean))
-                * model.vae.scaling_factor
-        });
-        let context = context.expand([b, -1, -1], false);
-        let noise = Tensor::randn_like(&latents);
-        let noisy = schedule.add_noise(&latents, &noise, timesteps);
-        let target = schedule.target(&latents, &noise, timesteps);
-        let t = Tensor::from_slice(timesteps).to_device(pixels.device());
-        let pred = model.unet.forward(&noisy, &t, &context, None)?;
-        Ok(pred.mse_loss(&target, tch::Reduction::Mean))
+    /// The noise schedule used for training.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
     }
 
-    fn draw_timesteps(&self, n: i64) -> Vec<i64> {
-        let max = self.schedule.alphas_cumprod().len() as i64;
-        Vec::try_from(Tensor::randint(max, [n], (Kind::Int64, Device::Cpu))).unwrap_or_default()
+    /// The trained parameters, by variable name.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        self.optimizer.params()
+    }
+
+    /// Sets the subject's images (`[N, 3, H, W]` in `[-1, 1]`), encoded once by the frozen VAE.
+    pub fn set_instance_images(&mut self, model: &StableDiffusion, pixels: &Tensor) -> Result<()> {
+        self.instance = Some(encode(model, pixels)?);
+        Ok(())
+    }
+
+    /// Adds streamed class images (`[N, 3, H, W]` in `[-1, 1]`) to the prior pool, in order.
+    pub fn add_class_images(&mut self, model: &StableDiffusion, pixels: &Tensor) -> Result<()> {
+        let e = encode(model, pixels)?;
+        for i in 0..pixels.size()[0] {
+            self.class_pool.push(Encoded { mean: e.mean.narrow(0, i, 1), logvar: e.logvar.narrow(0, i, 1) });
+        }
+        Ok(())
+    }
+
+    /// Declares that no more class images will come: steps then cycle over those that did.
+    pub fn close_class_images(&mut self) {
+        self.class_closed = true;
+    }
+
+    /// Class images received so far.
+    pub fn class_images(&self) -> usize {
+        self.class_pool.len()
+    }
+
+    fn prior_enabled(&self) -> bool {
+        self.config.num_class_images > 0 && !(self.class_closed && self.class_pool.is_empty())
+    }
+
+    /// The class-pool index of class sample number `n`, if it has arrived.
+    fn class_index(&self, n: u64) -> Option<usize> {
+        let planned = self.config.num_class_images as u64;
+        let cycle = if self.class_closed { (self.class_pool.len() as u64).min(planned) } else { planned };
+        let i = (n % cycle.max(1)) as usize;
+        (i < self.class_pool.len()).then_some(i)
+    }
+
+    /// Whether the next optimiser step has all its data (instance images set; class images it
+    /// needs arrived or the pool closed).
+    pub fn ready(&self) -> bool {
+        if self.instance.is_none() || self.finished() {
+            return false;
+        }
+        if !self.prior_enabled() {
+            return true;
+        }
+        let b = self.config.train_batch_size as u64;
+        let first = self.step * self.config.gradient_accumulation_steps * b;
+        let last = first + self.config.gradient_accumulation_steps * b - 1;
+        self.class_index(last).is_some() && self.class_index(first).is_some()
+    }
+
+    /// The instance-image indices of instance sample numbers `from .. from + n` (epoch shuffles).
+    fn instance_indices(&self, from: u64, n: usize, count: usize) -> Vec<i64> {
+        let mut out = Vec::with_capacity(n);
+        let mut perms: HashMap<u64, Vec<usize>> = HashMap::new();
+        for g in from..from + n as u64 {
+            let epoch = g / count as u64;
+            let perm = perms
+                .entry(epoch)
+                .or_insert_with(|| Draws::new(self.config.seed, Stream::Shuffle, epoch).permutation(count));
+            out.push(perm[(g % count as u64) as usize] as i64);
+        }
+        out
     }
 
     /// The frozen text encoder's output for `prompt`, encoded once per prompt.
@@ -161,36 +402,350 @@ impl DreamBoothTrainer {
         Ok(c)
     }
 
-    /// One optimiser step on `batch`, with noise and timesteps from the global RNG.
-    pub fn train_step(&mut self, model: &StableDiffusion, batch: &DreamBoothBatch) -> Result<StepLosses> {
-        let instance_t = self.draw_timesteps(batch.instance_pixels.size()[0]);
-        let context = self.context(model, batch.instance_prompt)?;
-        let instance =
-            Self::loss_with_context(model, &self.schedule, batch.instance_pixels, &context, &instance_t)?;
-        let (prior, total) = match batch.class_pixels {
-            Some(class) => {
-                let class_t = self.draw_timesteps(class.size()[0]);
-                let context = self.context(model, batch.class_prompt)?;
-                let prior = Self::loss_with_context(model, &self.schedule, class, &context, &class_t)?;
-                let total = &instance + &prior * self.config.prior_loss_weight;
-                (prior.double_value(&[]), total)
-            }
-            None => (0.0, instance.shallow_clone()),
-        };
-        let total_value = total.double_value(&[]);
-        if !total_value.is_finite() {
-            return Err(ModelError::NonFiniteLoss { step: self.step + 1, loss: total_value });
+    /// One optimiser step (`gradient_accumulation_steps` micro-steps). Errors when the data is not
+    /// [`ready`](Self::ready), and on a non-finite loss (naming the step; the weights are left as
+    /// they were after the previous step).
+    pub fn train_step(&mut self, model: &StableDiffusion) -> Result<StepLosses> {
+        if !self.ready() {
+            return Err(ModelError::Config {
+                what: "dreambooth step".into(),
+                message: format!(
+                    "step {} is not ready: instance images {}, class images {} of {} needed",
+                    self.step + 1,
+                    if self.instance.is_some() { "set" } else { "missing" },
+                    self.class_pool.len(),
+                    self.config.num_class_images
+                ),
+            });
         }
+        let accum = self.config.gradient_accumulation_steps;
+        let b = self.config.train_batch_size;
+        let instance_ctx = self.context(model, &self.config.instance_prompt.clone())?;
+        let class_ctx = self.context(model, &self.config.class_prompt.clone())?;
+        let prior = self.prior_enabled();
+        let count = self.instance.as_ref().map(|e| e.mean.size()[0] as usize).unwrap_or(1);
         self.optimizer.zero_grad();
-        total.backward();
-        self.optimizer.clip_grad_norm(self.config.max_grad_norm);
-        self.optimizer.step();
+        let (mut sum_i, mut sum_p, mut sum_t) = (0.0, 0.0, 0.0);
+        for a in 0..accum {
+            let k = self.step * accum + a;
+            let mut draws = Draws::new(self.config.seed, Stream::Train, k);
+            let idx = self.instance_indices(k * b as u64, b, count);
+            let (mean, logvar) = self.instance.as_ref().expect("ready() checked").rows(&idx);
+            let instance = self.denoise_loss(model, &mut draws, &mean, &logvar, &instance_ctx)?;
+            let mut total = instance.shallow_clone();
+            let mut prior_value = 0.0;
+            if prior {
+                let idx: Vec<usize> = (0..b as u64)
+                    .map(|j| self.class_index(k * b as u64 + j).expect("ready() checked"))
+                    .collect();
+                let mean = Tensor::cat(&idx.iter().map(|&i| &self.class_pool[i].mean).collect::<Vec<_>>(), 0);
+                let logvar =
+                    Tensor::cat(&idx.iter().map(|&i| &self.class_pool[i].logvar).collect::<Vec<_>>(), 0);
+                let p = self.denoise_loss(model, &mut draws, &mean, &logvar, &class_ctx)?;
+                prior_value = p.double_value(&[]);
+                total = total + p * self.config.prior_loss_weight;
+            }
+            let total_value = total.double_value(&[]);
+            if !total_value.is_finite() {
+                self.optimizer.zero_grad();
+                return Err(ModelError::NonFiniteLoss { step: self.step + 1, loss: total_value });
+            }
+            (total / accum as f64).backward();
+            sum_i += instance.double_value(&[]);
+            sum_p += prior_value;
+            sum_t += total_value;
+        }
+        let grad_norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            self.optimizer.zero_grad();
+            return Err(ModelError::NonFiniteLoss { step: self.step + 1, loss: grad_norm });
+        }
+        let lr = warmup_constant_lr(self.config.learning_rate, self.config.lr_warmup_steps, self.step);
+        self.optimizer.step(lr)?;
+        self.optimizer.zero_grad();
+        if let Some(ema) = &mut self.ema {
+            ema.update(self.optimizer.params())?;
+        }
         self.step += 1;
-        Ok(StepLosses { step: self.step, instance: instance.double_value(&[]), prior, total: total_value })
+        let n = accum as f64;
+        let losses = StepLosses {
+            step: self.step,
+            instance: sum_i / n,
+            prior: sum_p / n,
+            total: sum_t / n,
+            learning_rate: lr,
+            grad_norm,
+        };
+        self.last = Some(losses);
+        Ok(losses)
     }
 
-    /// The noise schedule used for training.
-    pub fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
+    /// The denoising loss of latents drawn from `(mean, logvar)` at random timesteps, all draws
+    /// from `draws`; the UNet runs in its own precision, the loss in float32.
+    fn denoise_loss(
+        &self,
+        model: &StableDiffusion,
+        draws: &mut Draws,
+        mean: &Tensor,
+        logvar: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let device = mean.device();
+        let b = mean.size()[0];
+        let latents = AutoencoderKl::sample_latent(mean, logvar, &draws.normal(&mean.size(), device))
+            * model.vae.scaling_factor;
+        let timesteps = draws.below(self.schedule.alphas_cumprod().len() as u64, b as usize);
+        let noise = draws.normal(&latents.size(), device);
+        Self::loss_at(model, &self.schedule, &latents, &noise, context, &timesteps)
     }
+
+    /// The denoising loss of `latents` noised with `noise` at `timesteps` under `context` (`[1, T, D]`,
+    /// broadcast to the batch).
+    pub fn loss_at(
+        model: &StableDiffusion,
+        schedule: &NoiseSchedule,
+        latents: &Tensor,
+        noise: &Tensor,
+        context: &Tensor,
+        timesteps: &[i64],
+    ) -> Result<Tensor> {
+        let b = latents.size()[0];
+        let kind = model.unet_kind();
+        let noisy = schedule.add_noise(latents, noise, timesteps);
+        let target = schedule.target(latents, noise, timesteps);
+        let t = Tensor::from_slice(timesteps).to_device(latents.device());
+        let context = context.expand([b, -1, -1], false).to_kind(kind);
+        let pred = model.unet.forward(&noisy.to_kind(kind), &t, &context, None)?.to_kind(Kind::Float);
+        Ok(pred.mse_loss(&target, tch::Reduction::Mean))
+    }
+
+    /// The subject loss of `pixels` under `prompt` at fixed `timesteps`, with every draw from
+    /// `seed` (for before/after comparisons).
+    pub fn eval_loss(
+        model: &StableDiffusion,
+        schedule: &NoiseSchedule,
+        pixels: &Tensor,
+        prompt: &str,
+        timesteps: &[i64],
+        seed: u64,
+    ) -> Result<f64> {
+        tch::no_grad(|| {
+            let e = encode(model, pixels)?;
+            let mut draws = Draws::new(seed, Stream::Train, u64::MAX);
+            let latents = AutoencoderKl::sample_latent(
+                &e.mean,
+                &e.logvar,
+                &draws.normal(&e.mean.size(), e.mean.device()),
+            ) * model.vae.scaling_factor;
+            let noise = draws.normal(&latents.size(), latents.device());
+            let context = model.encode_prompts(&[prompt])?;
+            Ok(Self::loss_at(model, schedule, &latents, &noise, &context, timesteps)?.double_value(&[]))
+        })
+    }
+
+    /// Whether validation is due after the step just taken.
+    pub fn validation_due(&self) -> bool {
+        matches!(&self.config.validation, Some(v) if self.step > 0 && self.step % v.every_steps == 0)
+    }
+
+    /// Samples the validation prompts with their fixed seeds, with the current weights.
+    pub fn validate(&self, model: &StableDiffusion) -> Result<Vec<ValidationImage>> {
+        let Some(v) = &self.config.validation else { return Ok(Vec::new()) };
+        let shape = model.latent_shape(v.resolution, v.resolution)?;
+        let mut out = Vec::new();
+        for prompt in &v.prompts {
+            for &seed in &v.seeds {
+                let noise = sample_noise(seed, &shape, model.device());
+                let image = model.sample(
+                    &[prompt],
+                    &[""],
+                    &noise,
+                    v.num_inference_steps,
+                    v.guidance_scale,
+                    v.sampler,
+                )?;
+                out.push(ValidationImage { prompt: prompt.clone(), seed, image: image.squeeze_dim(0) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies the EMA weights into the model (no-op without EMA): call once training is over,
+    /// before exporting or sampling.
+    pub fn apply_ema(&self) -> Result<()> {
+        let Some(ema) = &self.ema else { return Ok(()) };
+        let shadow: HashMap<&str, &Tensor> = ema.shadow().iter().map(|(k, t)| (k.as_str(), t)).collect();
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in self.optimizer.params() {
+                p.shallow_clone().f_copy_(&shadow[name.as_str()].to_kind(p.kind()))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes `checkpoint-<step>/` under `root` (atomically: a temporary folder renamed into place)
+    /// and deletes checkpoints beyond `checkpoints_to_keep`. Returns its path.
+    pub fn save_checkpoint(&self, model: &StableDiffusion, root: &Path) -> Result<PathBuf> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ModelError::Io { path, source }
+        };
+        std::fs::create_dir_all(root).map_err(io(root))?;
+        let name = format!("checkpoint-{:08}", self.step);
+        let tmp = root.join(format!(".{name}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        write_safetensors(shallow(self.optimizer.params()), &tmp.join(TRAINABLE_FILE))?;
+        write_safetensors(self.optimizer.state(), &tmp.join(OPTIMIZER_FILE))?;
+        if let Some(ema) = &self.ema {
+            write_safetensors(shallow(ema.shadow()), &tmp.join(EMA_FILE))?;
+        }
+        if let (true, Some(lora)) = (self.lora, &model.lora) {
+            save_lora(&model.stores.unet_lora, lora, "unet", &tmp.join(LORA_FILE))?;
+        }
+        let accum = self.config.gradient_accumulation_steps;
+        let samples = self.step * accum * self.config.train_batch_size as u64;
+        let state = CheckpointState {
+            format: CHECKPOINT_FORMAT,
+            step: self.step,
+            next_micro_step: self.step * accum,
+            instance_samples_seen: samples,
+            class_samples_seen: if self.prior_enabled() { samples } else { 0 },
+            ema_updates: self.ema.as_ref().map(|e| e.updates()).unwrap_or(0),
+            lora: self.lora,
+            config: self.config.clone(),
+            last: self.last,
+        };
+        let json = serde_json::to_string_pretty(&state).expect("state serialises");
+        std::fs::write(tmp.join(STATE_FILE), json).map_err(io(&tmp.join(STATE_FILE)))?;
+        let dest = root.join(&name);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        let mut all = list_checkpoints(root)?;
+        let keep = self.config.checkpoints_to_keep.max(1);
+        while all.len() > keep {
+            let (_, old) = all.remove(0);
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        Ok(dest)
+    }
+
+    /// Restores a run from a checkpoint folder: weights, optimiser moments, EMA, step, RNG and data
+    /// position. The trainer must have been built with the checkpoint's config (a different seed,
+    /// batch size, accumulation or pool size is refused, naming the field).
+    pub fn resume(&mut self, checkpoint: &Path) -> Result<()> {
+        let state_path = checkpoint.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(|source| ModelError::Io { path: state_path.clone(), source })?;
+        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            what: state_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if state.format != CHECKPOINT_FORMAT {
+            return Err(ModelError::Config {
+                what: state_path.display().to_string(),
+                message: format!("checkpoint format {} (this build reads {CHECKPOINT_FORMAT})", state.format),
+            });
+        }
+        let (saved, ours) = (&state.config, &self.config);
+        let fields = [
+            ("seed", saved.seed == ours.seed),
+            ("train_batch_size", saved.train_batch_size == ours.train_batch_size),
+            (
+                "gradient_accumulation_steps",
+                saved.gradient_accumulation_steps == ours.gradient_accumulation_steps,
+            ),
+            ("num_class_images", saved.num_class_images == ours.num_class_images),
+            ("ema_decay", saved.ema_decay == ours.ema_decay),
+            ("instance_prompt", saved.instance_prompt == ours.instance_prompt),
+            ("class_prompt", saved.class_prompt == ours.class_prompt),
+        ];
+        if let Some((field, _)) = fields.iter().find(|(_, same)| !same) {
+            return Err(ModelError::Config {
+                what: format!("dreambooth.{field}"),
+                message: format!("differs from the checkpoint {}", checkpoint.display()),
+            });
+        }
+        if state.lora != self.lora {
+            return Err(ModelError::Config {
+                what: checkpoint.display().to_string(),
+                message: format!(
+                    "checkpoint trained {}, this model trains the other",
+                    if state.lora { "LoRA" } else { "the full UNet" }
+                ),
+            });
+        }
+        let weights_path = checkpoint.join(TRAINABLE_FILE);
+        let mut weights = read_safetensors(&weights_path)?;
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in self.optimizer.params() {
+                let t = weights.remove(name).ok_or_else(|| ModelError::MissingTensor {
+                    path: weights_path.clone(),
+                    key: name.clone(),
+                    expected: p.size(),
+                })?;
+                if t.size() != p.size() {
+                    return Err(ModelError::ShapeMismatch {
+                        path: weights_path.clone(),
+                        key: name.clone(),
+                        expected: p.size(),
+                        found: t.size(),
+                    });
+                }
+                p.shallow_clone().f_copy_(&t.to_kind(p.kind()))?;
+            }
+            Ok(())
+        })?;
+        self.optimizer.load_state(&checkpoint.join(OPTIMIZER_FILE), state.step)?;
+        if let Some(ema) = &mut self.ema {
+            ema.load_state(&checkpoint.join(EMA_FILE), state.ema_updates)?;
+        }
+        self.step = state.step;
+        self.last = state.last;
+        Ok(())
+    }
+}
+
+/// Checkpoint folders under `root`, oldest first, with their steps.
+pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ModelError::Io { path: root.to_path_buf(), source }),
+    };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join(STATE_FILE).is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint under `root`, if any.
+pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_checkpoints(root)?.pop().map(|(_, p)| p))
+}
+
+fn encode(model: &StableDiffusion, pixels: &Tensor) -> Result<Encoded> {
+    let (n, c) = (pixels.size().first().copied().unwrap_or(0), pixels.size().get(1).copied().unwrap_or(0));
+    if pixels.dim() != 4 || c != 3 || n == 0 {
+        return Err(ModelError::Config {
+            what: "training images".into(),
+            message: format!("expected [N, 3, H, W] with N > 0, got {:?}", pixels.size()),
+        });
+    }
+    let (mean, logvar) = tch::no_grad(|| model.vae.encode(&pixels.to_device(model.device())));
+    Ok(Encoded { mean, logvar })
+}
+
+fn shallow(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    named.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
 }

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use super::scheduler::{guide, Sampler, SchedulerConfig};
 use super::unet::{UNet2DConditionModel, UNetConfig};
@@ -47,6 +47,12 @@ pub struct StableDiffusion {
     pub pad_id: i64,
     /// Variable stores (kept alive; LoRA and training attach here).
     pub stores: Stores,
+    /// The UNet's LoRA adapters' config, when it has adapters.
+    pub lora: Option<LoraConfig>,
+    /// Pixels per latent cell along each side (`2^(VAE levels - 1)`).
+    pub vae_scale_factor: i64,
+    /// Latent channels the UNet takes.
+    pub latent_channels: i64,
     device: Device,
 }
 
@@ -143,8 +149,33 @@ impl StableDiffusion {
             max_length: text_cfg.max_position_embeddings as usize,
             pad_id,
             stores: Stores { unet: unet_vs, unet_lora, vae: vae_vs, text_encoder: text_vs },
+            lora: lora.cloned(),
+            vae_scale_factor: 1 << (vae_cfg.block_out_channels.len().max(1) - 1),
+            latent_channels: unet_cfg.in_channels,
             device,
         })
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The shape of one image's initial latent noise at `height × width` pixels.
+    pub fn latent_shape(&self, height: i64, width: i64) -> Result<[i64; 4]> {
+        let f = self.vae_scale_factor;
+        if height <= 0 || width <= 0 || height % f != 0 || width % f != 0 {
+            return Err(ModelError::Config {
+                what: "image size".into(),
+                message: format!("{height}x{width} is not a positive multiple of the VAE factor {f}"),
+            });
+        }
+        Ok([1, self.latent_channels, height / f, width / f])
+    }
+
+    /// The element type of the UNet's weights (bfloat16 after mixed-precision set-up).
+    pub fn unet_kind(&self) -> tch::Kind {
+        self.stores.unet.variables().values().next().map(|t| t.kind()).unwrap_or(tch::Kind::Float)
     }
 
     /// Text conditioning `[B, T, D]` for prompts (padded to the context length).
@@ -160,6 +191,29 @@ impl StableDiffusion {
     /// Samples images `[B, 3, H, W]` in `[0, 1]` from `noise` (`[B, 4, h, w]` standard normal),
     /// with classifier-free guidance against `negative` prompts.
     pub fn sample(
+        &self,
+        prompts: &[&str],
+        negative: &[&str],
+        noise: &Tensor,
+        steps: i64,
+        guidance: f64,
+        sampler: SamplerKind,
+    ) -> Result<Tensor> {
+        let latents = self.sample_latents(prompts, negative, noise, steps, guidance, sampler)?;
+        Ok(self.decode(&latents))
+    }
+
+    /// Decodes scaled latents (the sampler's output) to images `[B, 3, H, W]` in `[0, 1]`.
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let image = self.vae.decode(&(latents / self.vae.scaling_factor));
+            (image / 2.0 + 0.5).clamp(0.0, 1.0)
+        })
+    }
+
+    /// The denoising loop of [`StableDiffusion::sample`]: final latents `[B, 4, h, w]`, before
+    /// decoding (scaled by the VAE's scaling factor, as the UNet sees them).
+    pub fn sample_latents(
         &self,
         prompts: &[&str],
         negative: &[&str],
@@ -187,17 +241,20 @@ impl StableDiffusion {
             let all: Vec<&str> = negative.iter().chain(prompts).copied().collect();
             let context = self.encode_prompts(&all)?; // [2B, T, D]: unconditional first
             let b = prompts.len() as i64;
+            let kind = self.unet_kind();
             let mut latents = noise.to_device(self.device) * sampler.init_noise_sigma();
             for (i, t) in sampler.timesteps().into_iter().enumerate() {
                 let x_in = sampler.scale_model_input(&latents, i);
                 let x2 = Tensor::cat(&[&x_in, &x_in], 0);
-                let ts = Tensor::full([2 * b], t, (tch::Kind::Float, self.device));
-                let out = self.unet.forward(&x2, &ts, &context, None)?;
+                let ts = Tensor::full([2 * b], t, (Kind::Float, self.device));
+                let out = self
+                    .unet
+                    .forward(&x2.to_kind(kind), &ts, &context.to_kind(kind), None)?
+                    .to_kind(Kind::Float);
                 let parts = out.chunk(2, 0);
                 latents = sampler.step(&guide(&parts[0], &parts[1], guidance), i, &latents);
             }
-            let image = self.vae.decode(&(latents / self.vae.scaling_factor));
-            Ok((image / 2.0 + 0.5).clamp(0.0, 1.0))
+            Ok(latents)
         })
     }
 }
