@@ -7,4 +7,5 @@ mod metrics;
 mod pylance;
 mod runtime;
 mod scorers;
+mod supervisor;
 mod support;

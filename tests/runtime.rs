@@ -558,3 +558,72 @@ async fn a_pinned_corpus_version_replays_through_the_pipeline() {
     assert_eq!(stats.written_rows as usize, new_rows.len());
     assert_eq!(stats.skipped_rows, 6, "seeds 1,2,4,5,7,8 were already stored");
 }
+
+/// Turns each input batch into `units` output batches of pending work; unit `k + 1` only runs
+/// once the downstream sink acknowledged unit `k`'s batch (so buffering would fail it).
+struct Expander {
+    units: usize,
+    pending: usize,
+    acks: flume::Receiver<()>,
+    template: Option<RecordBatch>,
+}
+
+impl Operator for Expander {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &mut Context,
+        _: &mut Output,
+    ) -> proxytune_actors::Result<()> {
+        self.template = Some(batch);
+        self.pending += self.units;
+        Ok(())
+    }
+
+    fn has_pending_work(&self) -> bool {
+        self.pending > 0
+    }
+
+    fn do_pending_work(&mut self, _: &mut Context, out: &mut Output) -> proxytune_actors::Result<()> {
+        if self.pending < self.units {
+            self.acks.recv_timeout(Duration::from_secs(10)).map_err(|_| Error::Operator {
+                message: "the previous unit's batch never reached the sink".into(),
+            })?;
+        }
+        out.emit(self.template.clone().unwrap());
+        self.pending -= 1;
+        Ok(())
+    }
+}
+
+struct Acking(flume::Sender<()>, Arc<AtomicU64>);
+
+impl Operator for Acking {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        _: RecordBatch,
+        _: &mut Context,
+        _: &mut Output,
+    ) -> proxytune_actors::Result<()> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let _ = self.0.send(());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_work_streams_one_unit_at_a_time() {
+    let (source, _) = synthetic(4, Some(2), 0);
+    let (ack_tx, ack_rx) = flume::unbounded();
+    let seen = Arc::new(AtomicU64::new(0));
+    let mut p = Pipeline::new(config(64), Metrics::noop());
+    let src = p.source("gen", source);
+    let expand = p.operator("expand", Expander { units: 3, pending: 0, acks: ack_rx, template: None });
+    let sink = p.operator("sink", Acking(ack_tx, seen.clone()));
+    p.connect(src, expand).connect(expand, sink);
+    let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
+    assert_eq!(report.outcome, JobOutcome::Succeeded, "{report:?}");
+    assert_eq!(seen.load(Ordering::SeqCst), 6, "3 units for each of 2 input batches");
+}

@@ -395,6 +395,16 @@ impl<T: Table> CorpusTable<T> {
             .boxed())
     }
 
+    /// The typed rows `filter` selects (all with `None`) in storage order; for small tables.
+    pub async fn read_rows(&self, filter: Option<&str>) -> Result<Vec<T>> {
+        let mut stream = self.scan(&Scan { filter: filter.map(String::from), ..Default::default() }).await?;
+        let mut rows = Vec::new();
+        while let Some(batch) = stream.try_next().await? {
+            rows.extend(T::from_batch(&batch)?);
+        }
+        Ok(rows)
+    }
+
     /// Every version of the table, oldest first.
     pub async fn versions(&self) -> Result<Vec<VersionInfo>> {
         let Some(ds) = &self.dataset else {

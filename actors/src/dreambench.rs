@@ -321,17 +321,7 @@ pub fn evaluate_generator(
             for (k, seed) in seeds.iter().enumerate() {
                 let img = images.get(k as i64);
                 let (h, w) = (img.size()[1], img.size()[2]);
-                let bytes: Vec<u8> = Vec::try_from(
-                    (img.permute([1, 2, 0]) * 255.0)
-                        .round()
-                        .clamp(0.0, 255.0)
-                        .to_kind(tch::Kind::Uint8)
-                        .flatten(0, -1),
-                )
-                .map_err(proxytune_models::ModelError::from)?;
-                let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
-                    Error::Operator { message: "generated image has the wrong size".into() }
-                })?;
+                let rgb = crate::intake::tensor_to_rgb(&img)?;
                 samples.push(proxytune_schemas::EvalSample {
                     job_id: String::new(),
                     model_role: role,

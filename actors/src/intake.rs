@@ -103,8 +103,17 @@ pub fn read_image(path: &Path, rules: &IntakeRules) -> Result<image::RgbImage> {
 /// Stacks RGB images into one `[N, 3, S, S]` tensor in `[0, 1]`, every image resized to a square of
 /// the first image's longer side (the shared input of the scorers).
 pub fn images_to_batch(images: &[image::RgbImage], device: tch::Device) -> Result<tch::Tensor> {
-    use proxytune_models::scorers::preprocess::{resize_square, rgb8_to_tensor};
     let side = images.first().map_or(1, |i| i.width().max(i.height()) as i64);
+    images_to_square_batch(images, side, device)
+}
+
+/// Images as one `[N, 3, side, side]` tensor in `[0, 1]` (bilinear, antialiased when shrinking).
+pub fn images_to_square_batch(
+    images: &[image::RgbImage],
+    side: i64,
+    device: tch::Device,
+) -> Result<tch::Tensor> {
+    use proxytune_models::scorers::preprocess::{resize_square, rgb8_to_tensor};
     let tensors = images
         .iter()
         .map(|img| {
@@ -115,6 +124,25 @@ pub fn images_to_batch(images: &[image::RgbImage], device: tch::Device) -> Resul
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(tch::Tensor::cat(&tensors, 0))
+}
+
+/// An image tensor `[3, H, W]` in `[0, 1]` as 8-bit RGB (rounded, clamped).
+pub fn tensor_to_rgb(image: &tch::Tensor) -> Result<image::RgbImage> {
+    let size = image.size();
+    if size.len() != 3 || size[0] != 3 {
+        return Err(Error::Operator { message: format!("expected an image tensor [3, H, W], got {size:?}") });
+    }
+    let bytes: Vec<u8> = Vec::try_from(
+        (image.permute([1, 2, 0]) * 255.0)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(tch::Kind::Uint8)
+            .flatten(0, -1)
+            .to_device(tch::Device::Cpu),
+    )
+    .map_err(proxytune_models::ModelError::from)?;
+    image::RgbImage::from_raw(size[2] as u32, size[1] as u32, bytes)
+        .ok_or_else(|| Error::Operator { message: "image tensor has the wrong size".into() })
 }
 
 /// PNG bytes of an RGB image.

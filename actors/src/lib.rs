@@ -10,19 +10,28 @@
 //! - [`lance_writer`]: the corpus sink actor (idempotent appends, commits on barrier/close).
 //! - [`corpus_reader`]: the corpus source actor (a pinned version, filtered, streamed).
 //! - [`filter`]: the Filter actor (fidelity, prompt adherence, near-duplicates; keep or reject with a reason).
+//! - [`class_prior_sampler`]: the untuned supervisor sampling prior-preservation images (a source).
+//! - [`supervisor_tuner`]: stage 1, DreamBooth on the references while class priors stream in;
+//!   emits "supervisor ready".
+//! - [`proxy_generator`]: stage 2, samples a prompt plan from each ready supervisor, batch by batch.
+//! - [`diffusion_sampling`]: loading a supervisor (base + adapter) and seeded sampling, shared by those.
 //! - [`synthetic`]: load-generation actors (proxy rows with real PNG payloads, pass-through).
 //! - [`dreambench`]: the DreamBench protocol (subjects, prompts, subsets, the real-images row).
 //! - [`intake`]: subject folders of reference photos into validated rows.
 #![warn(missing_docs)]
 
+pub mod class_prior_sampler;
 pub mod corpus;
 pub mod corpus_reader;
+pub mod diffusion_sampling;
 pub mod dreambench;
 pub mod error;
 pub mod filter;
 pub mod intake;
 pub mod lance_writer;
+pub mod proxy_generator;
 pub mod runtime;
+pub mod supervisor_tuner;
 pub mod synthetic;
 
 pub use error::{Error, Result};

@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Tensor};
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::rng::{Draws, Stream};
 use crate::weights::{check_all_present, copy_into, read_safetensors};
 

@@ -6,7 +6,7 @@
 //! - [`error`]: [`SchemaError`], the one error enum of this crate.
 //! - [`columns`]: checked column access and batch validation (errors name the column).
 //! - [`table`]: the [`Table`] trait that ties a typed row to its Arrow schema and row key.
-//! - [`rows`]: the typed rows: [`ReferenceImage`], [`ClassPriorImage`], [`Proxy`], [`VqTokens`],
+//! - [`rows`]: the typed rows: [`ReferenceImage`], [`ClassPriorImage`], [`Supervisor`], [`Proxy`], [`VqTokens`],
 //!   [`EvalSample`].
 //! - [`key`]: [`RowKey`], the canonical idempotency key of a row.
 //! - [`metrics`]: [`MetricName`], every exported metric's name, kind and help.
@@ -22,7 +22,9 @@ pub mod table;
 pub use error::{Result, SchemaError};
 pub use key::RowKey;
 pub use metrics::MetricName;
-pub use rows::{ClassPriorImage, EvalSample, ModelRole, Proxy, ReferenceImage, RejectReason, VqTokens};
+pub use rows::{
+    ClassPriorImage, EvalSample, ModelRole, Proxy, ReferenceImage, RejectReason, Supervisor, VqTokens,
+};
 pub use table::Table;
 
 /// Now, in microseconds since the epoch (UTC): the unit of every `*_at` column.

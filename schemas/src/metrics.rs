@@ -39,6 +39,16 @@ pub enum MetricName {
     FilterScore,
     /// Fragments of a corpus table. Labels: `table`.
     CorpusFragments,
+    /// The last optimiser step's loss. Labels: `model` (`supervisor`, `student`), `term`.
+    TrainLoss,
+    /// The learning rate of the last optimiser step. Labels: `model`.
+    TrainLearningRate,
+    /// Optimiser steps taken. Labels: `model`.
+    TrainSteps,
+    /// Seconds one optimiser step took (forward, backward, update). Labels: `model`.
+    TrainStepDuration,
+    /// Images a sampler generated. Labels: `kind` (`proxy`, `class_prior`, `validation`).
+    GeneratedImages,
 }
 
 /// Prometheus metric kinds.
@@ -54,7 +64,7 @@ pub enum MetricKind {
 
 impl MetricName {
     /// Every metric, for compliance tests and dashboards.
-    pub const ALL: [MetricName; 16] = [
+    pub const ALL: [MetricName; 21] = [
         MetricName::ActorReceivedRows,
         MetricName::ActorSentRows,
         MetricName::ActorBatches,
@@ -71,6 +81,11 @@ impl MetricName {
         MetricName::FilterAcceptedRows,
         MetricName::FilterRejectedRows,
         MetricName::FilterScore,
+        MetricName::TrainLoss,
+        MetricName::TrainLearningRate,
+        MetricName::TrainSteps,
+        MetricName::TrainStepDuration,
+        MetricName::GeneratedImages,
     ];
 
     /// The exported name.
@@ -92,19 +107,27 @@ impl MetricName {
             MetricName::FilterAcceptedRows => "proxytune_filter_accepted_rows_total",
             MetricName::FilterRejectedRows => "proxytune_filter_rejected_rows_total",
             MetricName::FilterScore => "proxytune_filter_score",
+            MetricName::TrainLoss => "proxytune_train_loss",
+            MetricName::TrainLearningRate => "proxytune_train_learning_rate",
+            MetricName::TrainSteps => "proxytune_train_steps_total",
+            MetricName::TrainStepDuration => "proxytune_train_step_duration_seconds",
+            MetricName::GeneratedImages => "proxytune_generated_images_total",
         }
     }
 
     /// The metric's kind.
     pub const fn kind(self) -> MetricKind {
         match self {
-            MetricName::ActorBatchDuration | MetricName::ChannelBlockedDuration | MetricName::FilterScore => {
-                MetricKind::Histogram
-            }
+            MetricName::ActorBatchDuration
+            | MetricName::ChannelBlockedDuration
+            | MetricName::FilterScore
+            | MetricName::TrainStepDuration => MetricKind::Histogram,
             MetricName::ChannelQueuedRows
             | MetricName::ChannelCapacityRows
             | MetricName::CorpusVersion
-            | MetricName::CorpusFragments => MetricKind::Gauge,
+            | MetricName::CorpusFragments
+            | MetricName::TrainLoss
+            | MetricName::TrainLearningRate => MetricKind::Gauge,
             _ => MetricKind::Counter,
         }
     }
@@ -128,6 +151,11 @@ impl MetricName {
             MetricName::FilterAcceptedRows => "Proxies the Filter kept.",
             MetricName::FilterRejectedRows => "Proxies the Filter rejected, by reason.",
             MetricName::FilterScore => "Scores the Filter computed (cosine similarities), by metric.",
+            MetricName::TrainLoss => "Loss of the last optimiser step, by model and loss term.",
+            MetricName::TrainLearningRate => "Learning rate of the last optimiser step, by model.",
+            MetricName::TrainSteps => "Optimiser steps taken, by model.",
+            MetricName::TrainStepDuration => "Seconds one optimiser step took, by model.",
+            MetricName::GeneratedImages => "Images a diffusion sampler generated, by kind.",
         }
     }
 }

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `references` | one reference photo of a subject | job, subject, image index |
 //! | `class_priors` | one prior-preservation image of the bare class | job, class, prompt, seed, model |
+//! | `supervisors` | one tuned supervisor (adapter) of a subject | job, subject, supervisor id, version |
 //! | `proxies` | one supervisor sample of the subject, with its scores and verdict | job, subject, prompt, seed, supervisor version |
 //! | `vq_tokens` | the VQ token grid of one proxy under one tokenizer | proxy key, tokenizer |
 //! | `eval_samples` | one evaluation image of a model on a DreamBench prompt | job, role, model version, subject, prompt, sample |
@@ -223,6 +224,115 @@ impl Table for ClassPriorImage {
                 image_png: png.value(i).to_vec(),
                 width: width.value(i),
                 height: height.value(i),
+                created_at_us: created.value(i),
+            })
+            .collect())
+    }
+}
+
+/// One tuned supervisor: the adapter stage 1 produced for a subject. Emitted as the "supervisor
+/// ready" message that starts proxy generation, and stored so proxies can name their sampler.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Supervisor {
+    /// Job that tuned it.
+    pub job_id: String,
+    /// Subject name.
+    pub subject: String,
+    /// Class noun.
+    pub class_noun: String,
+    /// The prompt binding the subject (e.g. `a sks dog`).
+    pub instance_prompt: String,
+    /// Id of the adapter (e.g. `<job>/<subject>/dreambooth`).
+    pub supervisor_id: String,
+    /// Its version (the optimiser step it was saved at).
+    pub supervisor_version: u64,
+    /// The base model it adapts (model folder or id).
+    pub base_model: String,
+    /// Where the adapter lives (a LoRA file in diffusers' layout, or a UNet checkpoint).
+    pub adapter_path: String,
+    /// Optimiser steps trained.
+    pub train_steps: u64,
+    /// The last step's total loss.
+    pub final_loss: Option<f32>,
+    /// When it was saved (µs since the epoch, UTC).
+    pub created_at_us: i64,
+}
+
+impl Table for Supervisor {
+    const NAME: &'static str = "supervisors";
+
+    fn schema() -> SchemaRef {
+        static S: OnceLock<SchemaRef> = OnceLock::new();
+        S.get_or_init(|| {
+            schema(vec![
+                key_field(),
+                field("job_id", DataType::Utf8, false),
+                field("subject", DataType::Utf8, false),
+                field("class_noun", DataType::Utf8, false),
+                field("instance_prompt", DataType::Utf8, false),
+                field("supervisor_id", DataType::Utf8, false),
+                field("supervisor_version", DataType::UInt64, false),
+                field("base_model", DataType::Utf8, false),
+                field("adapter_path", DataType::Utf8, false),
+                field("train_steps", DataType::UInt64, false),
+                field("final_loss", DataType::Float32, true),
+                field("created_at", timestamp_type(), false),
+            ])
+        })
+        .clone()
+    }
+
+    fn key(&self) -> RowKey {
+        RowKey::new([
+            ("job", self.job_id.clone()),
+            ("subject", self.subject.clone()),
+            ("supervisor", self.supervisor_id.clone()),
+            ("version", self.supervisor_version.to_string()),
+        ])
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let keys = keys(rows);
+        build(
+            Self::NAME,
+            Self::schema(),
+            vec![
+                utf8(keys.iter().map(RowKey::as_str)),
+                utf8(rows.iter().map(|r| r.job_id.as_str())),
+                utf8(rows.iter().map(|r| r.subject.as_str())),
+                utf8(rows.iter().map(|r| r.class_noun.as_str())),
+                utf8(rows.iter().map(|r| r.instance_prompt.as_str())),
+                utf8(rows.iter().map(|r| r.supervisor_id.as_str())),
+                u64s(rows.iter().map(|r| r.supervisor_version)),
+                utf8(rows.iter().map(|r| r.base_model.as_str())),
+                utf8(rows.iter().map(|r| r.adapter_path.as_str())),
+                u64s(rows.iter().map(|r| r.train_steps)),
+                opt_f32s(rows.iter().map(|r| r.final_loss)),
+                timestamps(rows.iter().map(|r| r.created_at_us)),
+            ],
+        )
+    }
+
+    fn from_batch(batch: &RecordBatch) -> Result<Vec<Self>> {
+        let batch = Self::conform(batch)?;
+        let c = Columns::new(Self::NAME, &batch);
+        let (job, subject, class) = (c.utf8("job_id")?, c.utf8("subject")?, c.utf8("class_noun")?);
+        let (prompt, id, version) =
+            (c.utf8("instance_prompt")?, c.utf8("supervisor_id")?, c.u64("supervisor_version")?);
+        let (base, adapter, steps) = (c.utf8("base_model")?, c.utf8("adapter_path")?, c.u64("train_steps")?);
+        let (loss, created) = (c.f32("final_loss")?, c.timestamp("created_at")?);
+        Ok((0..batch.num_rows())
+            .map(|i| Supervisor {
+                job_id: job.value(i).to_string(),
+                subject: subject.value(i).to_string(),
+                class_noun: class.value(i).to_string(),
+                instance_prompt: prompt.value(i).to_string(),
+                supervisor_id: id.value(i).to_string(),
+                supervisor_version: version.value(i),
+                base_model: base.value(i).to_string(),
+                adapter_path: adapter.value(i).to_string(),
+                train_steps: steps.value(i),
+                final_loss: opt(loss, i, || loss.value(i)),
                 created_at_us: created.value(i),
             })
             .collect())
@@ -778,6 +888,23 @@ mod tests {
             height: 32,
             created_at_us: -5,
         }]);
+        let supervisor = Supervisor {
+            job_id: "j".into(),
+            subject: "dog2".into(),
+            class_noun: "dog".into(),
+            instance_prompt: "a sks dog".into(),
+            supervisor_id: "j/dog2/dreambooth".into(),
+            supervisor_version: 400,
+            base_model: "sd15".into(),
+            adapter_path: "/a/pytorch_lora_weights.safetensors".into(),
+            train_steps: 400,
+            final_loss: Some(0.25),
+            created_at_us: 9,
+        };
+        round_trip(vec![
+            supervisor.clone(),
+            Supervisor { final_loss: None, supervisor_version: 0, ..supervisor },
+        ]);
         round_trip(vec![
             VqTokens {
                 proxy_key: proxy(1).key().to_string(),

@@ -67,6 +67,13 @@ impl Metrics {
         self.build(|| metrics::gauge!(name.as_str(), label => value), Gauge::noop)
     }
 
+    /// A gauge with labels.
+    pub fn gauge_labels(&self, name: MetricName, labels: &[(&'static str, String)]) -> Gauge {
+        let labels: Vec<metrics::Label> =
+            labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+        self.build(|| metrics::gauge!(name.as_str(), labels), Gauge::noop)
+    }
+
     /// A histogram with one label.
     pub fn histogram(&self, name: MetricName, label: &'static str, value: &str) -> Histogram {
         let value = value.to_string();

@@ -156,6 +156,17 @@ pub trait Operator: Send + 'static {
     fn on_signal(&mut self, _signal: Signal, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         Ok(())
     }
+    /// Whether the operator has work of its own before it reads its next input (e.g. a sampler
+    /// given a plan by one input row). While true, the runner calls
+    /// [`do_pending_work`](Operator::do_pending_work) and sends its output after every call.
+    fn has_pending_work(&self) -> bool {
+        false
+    }
+    /// Does one unit of pending work (one sampled batch, say) into `out`. Not called while the job
+    /// is paused, nor once it is stopping.
+    fn do_pending_work(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        Ok(())
+    }
     /// Called once when every input has ended: flush, commit, checkpoint.
     fn on_close(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         Ok(())

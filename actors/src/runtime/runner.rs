@@ -324,6 +324,20 @@ pub fn run_operator<O: Operator>(mut op: O, wiring: Wiring, mut ctx: Context) ->
         if let Err(e) = outputs.send_blocking(&mut out, &ctx) {
             return send_outcome(&ctx, e);
         }
+        // Work the operator set itself (a generator's plan): one unit at a time, each unit's
+        // output sent before the next, until it is done or the job stops.
+        while op.has_pending_work() {
+            if control.wait_while_paused_blocking() != super::control::RunState::Running {
+                break;
+            }
+            let started = Instant::now();
+            step!(ctx, "batch", op.do_pending_work(&mut ctx, &mut out));
+            ctx.metrics.batch_seconds.record(started.elapsed().as_secs_f64());
+            ctx.metrics.batches.increment(1);
+            if let Err(e) = outputs.send_blocking(&mut out, &ctx) {
+                return send_outcome(&ctx, e);
+            }
+        }
         match inputs.next_blocking(&control) {
             Next::Data(i, batch) => {
                 ctx.metrics.received_rows.increment(batch.num_rows() as u64);

@@ -311,6 +311,11 @@ impl DreamBoothTrainer {
         self.step
     }
 
+    /// The last step's losses.
+    pub fn last_losses(&self) -> Option<StepLosses> {
+        self.last
+    }
+
     /// True once `max_train_steps` steps are done.
     pub fn finished(&self) -> bool {
         self.step >= self.config.max_train_steps

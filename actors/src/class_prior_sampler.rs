@@ -1,0 +1,104 @@
+//! `class_prior_sampler`: the source of DreamBooth's prior-preservation images. The *untuned*
+//! supervisor samples `num_images` images of the bare class prompt (`a dog`), seeds
+//! `first_seed, first_seed + 1, …`, and emits them as `class_priors` rows batch by batch, so the
+//! [`SupervisorTuner`](crate::supervisor_tuner::SupervisorTuner) trains on the first ones while
+//! the rest are being sampled (no blocking pre-step). Rows are keyed by seed and model, so a
+//! restarted job writes each image once.
+
+use std::path::PathBuf;
+
+use metrics::Counter;
+use proxytune_models::diffusion::pipeline::StableDiffusion;
+use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Table};
+use serde::{Deserialize, Serialize};
+
+use crate::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
+use crate::error::Result;
+use crate::intake::encode_png;
+use crate::runtime::{Context, Metrics, Output, Produced, Source};
+
+/// Configuration of a [`ClassPriorSampler`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassPriorConfig {
+    /// Job id written into every row.
+    pub job_id: String,
+    /// Class noun (e.g. `dog`).
+    pub class_noun: String,
+    /// Class prompt (e.g. `a dog`).
+    pub class_prompt: String,
+    /// The base model folder (diffusers layout).
+    pub model_dir: PathBuf,
+    /// Id of the base model, written into every row.
+    pub model_id: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Images to sample.
+    pub num_images: usize,
+    /// Seed of the first image.
+    #[serde(default)]
+    pub first_seed: u64,
+    /// Sampler settings.
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// Samples the class prior images.
+pub struct ClassPriorSampler {
+    config: ClassPriorConfig,
+    model: Option<StableDiffusion>,
+    next: usize,
+    generated: Counter,
+}
+
+impl ClassPriorSampler {
+    /// A source; the model is loaded on its own thread when the job starts.
+    pub fn new(config: ClassPriorConfig, metrics: &Metrics) -> Self {
+        let generated = metrics.counter(MetricName::GeneratedImages, "kind", "class_prior");
+        ClassPriorSampler { config, model: None, next: 0, generated }
+    }
+}
+
+impl Source for ClassPriorSampler {
+    fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        self.model = Some(load_supervisor(&self.config.model_dir, &self.config.device, None)?);
+        Ok(())
+    }
+
+    fn produce(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<Produced> {
+        let c = &self.config;
+        let n = c.sampling.batch_images.max(1).min(c.num_images - self.next.min(c.num_images));
+        if n == 0 {
+            return Ok(Produced::Done);
+        }
+        let seeds: Vec<u64> = (0..n as u64).map(|i| c.first_seed + self.next as u64 + i).collect();
+        let prompts = vec![c.class_prompt.as_str(); n];
+        let model = self.model.as_ref().expect("started");
+        let images = sample_images(model, &prompts, &seeds, &c.sampling)?;
+        let created_at_us = now_us();
+        let rows: Vec<ClassPriorImage> = seeds
+            .iter()
+            .zip(&images)
+            .map(|(&seed, img)| ClassPriorImage {
+                job_id: c.job_id.clone(),
+                class_noun: c.class_noun.clone(),
+                prompt: c.class_prompt.clone(),
+                seed,
+                model_id: c.model_id.clone(),
+                image_png: encode_png(img),
+                width: img.width(),
+                height: img.height(),
+                created_at_us,
+            })
+            .collect();
+        out.emit(ClassPriorImage::to_batch(&rows)?);
+        self.generated.increment(n as u64);
+        self.next += n;
+        Ok(if self.next >= c.num_images { Produced::Done } else { Produced::More })
+    }
+}

@@ -1,0 +1,100 @@
+//! What the diffusion actors share: loading the supervisor (a diffusers model folder, optionally
+//! with a LoRA adapter in diffusers' layout) and sampling `(prompt, seed)` pairs into RGB images.
+//! An image's initial noise depends on its seed alone ([`proxytune_models::rng::sample_noise`]), so
+//! the same pair gives the same image whatever batch it is sampled in.
+
+use std::path::Path;
+
+use proxytune_models::device::parse_device;
+use proxytune_models::diffusion::pipeline::{SamplerKind, StableDiffusion};
+use proxytune_models::lora::{load_lora, LoraConfig};
+use proxytune_models::rng::sample_noise;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+
+/// The file beside a LoRA adapter that holds its [`LoraConfig`] (rank, α, target modules).
+pub const LORA_CONFIG_FILE: &str = "lora_config.json";
+
+/// How images are sampled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Denoising steps.
+    pub num_inference_steps: i64,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f64,
+    /// Sampler.
+    pub sampler: SamplerKind,
+    /// Image side in pixels.
+    pub resolution: u32,
+    /// The negative (unconditional) prompt.
+    pub negative_prompt: String,
+    /// Images per sampler call (and per emitted batch).
+    pub batch_images: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            num_inference_steps: 30,
+            guidance_scale: 7.5,
+            sampler: SamplerKind::Ddim,
+            resolution: 512,
+            negative_prompt: String::new(),
+            batch_images: 4,
+        }
+    }
+}
+
+/// Loads the model folder `model_dir` on `device` (`cpu`, `cuda`, `cuda:N`), with the LoRA adapter
+/// at `adapter` when given (its config read from [`LORA_CONFIG_FILE`] in the same folder).
+pub fn load_supervisor(model_dir: &Path, device: &str, adapter: Option<&Path>) -> Result<StableDiffusion> {
+    let device = parse_device(device)?;
+    let Some(adapter) = adapter else { return Ok(StableDiffusion::load(model_dir, device)?) };
+    let config_path = adapter.parent().unwrap_or(Path::new(".")).join(LORA_CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|source| Error::Io { path: config_path.clone(), source })?;
+    let lora: LoraConfig = serde_json::from_str(&text).map_err(|e| Error::BadInput {
+        input: config_path.display().to_string(),
+        message: format!("not a LoRA config: {e}"),
+    })?;
+    let mut sd = StableDiffusion::load_with_lora(model_dir, device, Some(&lora))?;
+    load_lora(&mut sd.stores.unet_lora, &lora, "unet", adapter)?;
+    Ok(sd)
+}
+
+/// Writes `lora` as [`LORA_CONFIG_FILE`] into `dir`.
+pub fn write_lora_config(dir: &Path, lora: &LoraConfig) -> Result<()> {
+    let path = dir.join(LORA_CONFIG_FILE);
+    let json = serde_json::to_string_pretty(lora).expect("LoRA config serialises");
+    std::fs::write(&path, json).map_err(|source| Error::Io { path, source })
+}
+
+/// Samples one image per `(prompt, seed)` pair, in one sampler call.
+pub fn sample_images(
+    sd: &StableDiffusion,
+    prompts: &[&str],
+    seeds: &[u64],
+    config: &SamplingConfig,
+) -> Result<Vec<image::RgbImage>> {
+    if prompts.len() != seeds.len() || prompts.is_empty() {
+        return Err(Error::Operator {
+            message: format!("{} prompts for {} seeds", prompts.len(), seeds.len()),
+        });
+    }
+    let side = config.resolution as i64;
+    let shape = sd.latent_shape(side, side)?;
+    let noise: Vec<Tensor> = seeds.iter().map(|&s| sample_noise(s, &shape, sd.device())).collect();
+    let negative = vec![config.negative_prompt.as_str(); prompts.len()];
+    let images = sd.sample(
+        prompts,
+        &negative,
+        &Tensor::cat(&noise, 0),
+        config.num_inference_steps,
+        config.guidance_scale,
+        config.sampler,
+    )?;
+    (0..prompts.len() as i64).map(|i| crate::intake::tensor_to_rgb(&images.get(i))).collect()
+}

@@ -1,0 +1,265 @@
+//! `supervisor_tuner`: stage 1 of Proxy-Tuning. DreamBooth-tunes the supervisor (LoRA, or the full
+//! UNet) on the subject's reference photos while the class prior images stream in on its input
+//! (from a [`ClassPriorSampler`](crate::class_prior_sampler::ClassPriorSampler) or a corpus replay);
+//! a step runs as soon as the class images it needs have arrived. When the input ends it trains the
+//! remaining steps, exports the adapter (a LoRA in diffusers' layout, `pytorch_lora_weights.safetensors`
+//! beside `lora_config.json`, or the full UNet's weights) and emits one `supervisors` row: the
+//! "supervisor ready" message that starts the
+//! [`ProxyGenerator`](crate::proxy_generator::ProxyGenerator).
+//!
+//! Checkpoints go to `<output_dir>/checkpoints/` every `dreambooth.checkpoint_every` steps and when
+//! the job is cancelled; a restarted job resumes from the newest one, bit-identically. Validation
+//! images go to `<output_dir>/validation/step-<n>/`. A non-finite loss fails the job naming the
+//! step; the last good checkpoint stays.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use arrow_array::RecordBatch;
+use metrics::{Counter, Gauge, Histogram};
+use proxytune_models::device::parse_device;
+use proxytune_models::diffusion::dreambooth::{
+    latest_checkpoint, DreamBoothConfig, DreamBoothTrainer, LORA_FILE,
+};
+use proxytune_models::diffusion::pipeline::StableDiffusion;
+use proxytune_models::lora::LoraConfig;
+use proxytune_models::weights::save_safetensors;
+use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Supervisor, Table};
+use serde::{Deserialize, Serialize};
+
+use crate::diffusion_sampling::write_lora_config;
+use crate::error::{Error, Result};
+use crate::intake::{encode_png, images_to_square_batch, tensor_to_rgb};
+use crate::runtime::{Context, Metrics, Operator, Output};
+
+/// Configuration of a [`SupervisorTuner`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorTunerConfig {
+    /// Job id.
+    pub job_id: String,
+    /// Subject name.
+    pub subject: String,
+    /// Class noun; class prior rows of another class are refused.
+    pub class_noun: String,
+    /// The base model folder (diffusers layout).
+    pub model_dir: PathBuf,
+    /// Id of the base model (recorded in the supervisor row).
+    pub model_id: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// LoRA adapters to train; `None` fine-tunes the whole UNet.
+    pub lora: Option<LoraConfig>,
+    /// The DreamBooth hyper-parameters (prompts, steps, optimiser, checkpoints, validation).
+    pub dreambooth: DreamBoothConfig,
+    /// Training resolution (references and class images are resized to this square).
+    pub resolution: u32,
+    /// Where checkpoints, validation images and the exported adapter go.
+    pub output_dir: PathBuf,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+struct Meters {
+    loss_instance: Gauge,
+    loss_prior: Gauge,
+    loss_total: Gauge,
+    learning_rate: Gauge,
+    steps: Counter,
+    step_seconds: Histogram,
+    validation_images: Counter,
+}
+
+/// The DreamBooth stage as an actor.
+pub struct SupervisorTuner {
+    config: SupervisorTunerConfig,
+    references: Vec<image::RgbImage>,
+    state: Option<(StableDiffusion, DreamBoothTrainer)>,
+    meters: Meters,
+}
+
+impl SupervisorTuner {
+    /// A tuner for the subject's `references` (3–6 photos). The model loads on the actor's
+    /// thread when the job starts.
+    pub fn new(
+        config: SupervisorTunerConfig,
+        references: Vec<image::RgbImage>,
+        metrics: &Metrics,
+    ) -> Result<Self> {
+        if references.is_empty() {
+            return Err(Error::BadInput {
+                input: format!("subject `{}`", config.subject),
+                message: "no reference images".into(),
+            });
+        }
+        let labels = |term: &str| [("model", "supervisor".to_string()), ("term", term.to_string())];
+        let meters = Meters {
+            loss_instance: metrics.gauge_labels(MetricName::TrainLoss, &labels("instance")),
+            loss_prior: metrics.gauge_labels(MetricName::TrainLoss, &labels("prior")),
+            loss_total: metrics.gauge_labels(MetricName::TrainLoss, &labels("total")),
+            learning_rate: metrics.gauge(MetricName::TrainLearningRate, "model", "supervisor"),
+            steps: metrics.counter(MetricName::TrainSteps, "model", "supervisor"),
+            step_seconds: metrics.histogram(MetricName::TrainStepDuration, "model", "supervisor"),
+            validation_images: metrics.counter(MetricName::GeneratedImages, "kind", "validation"),
+        };
+        Ok(SupervisorTuner { config, references, state: None, meters })
+    }
+
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.config.output_dir.join("checkpoints")
+    }
+
+    /// Images in `[-1, 1]` at the training resolution.
+    fn pixels(&self, images: &[image::RgbImage], device: tch::Device) -> Result<tch::Tensor> {
+        Ok(images_to_square_batch(images, self.config.resolution as i64, device)? * 2.0 - 1.0)
+    }
+
+    /// Whether the next step's data is there.
+    fn ready(&self) -> bool {
+        self.state.as_ref().is_some_and(|(_, trainer)| trainer.ready())
+    }
+
+    /// One optimiser step, with its metrics, checkpoint and validation when due.
+    fn step(&mut self) -> Result<()> {
+        let checkpoints = self.checkpoints_dir();
+        let validation_dir = self.config.output_dir.join("validation");
+        let (model, trainer) = self.state.as_mut().expect("started");
+        let t0 = Instant::now();
+        let losses = trainer.train_step(model)?;
+        self.meters.step_seconds.record(t0.elapsed().as_secs_f64());
+        self.meters.steps.increment(1);
+        self.meters.loss_instance.set(losses.instance);
+        self.meters.loss_prior.set(losses.prior);
+        self.meters.loss_total.set(losses.total);
+        self.meters.learning_rate.set(losses.learning_rate);
+        let every = trainer.config().checkpoint_every;
+        if every > 0 && losses.step % every == 0 {
+            trainer.save_checkpoint(model, &checkpoints)?;
+        }
+        if trainer.validation_due() {
+            let dir = validation_dir.join(format!("step-{:08}", losses.step));
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+            let images = trainer.validate(model)?;
+            for (i, v) in images.iter().enumerate() {
+                let path = dir.join(format!("{i:03}-seed{}.png", v.seed));
+                std::fs::write(&path, encode_png(&tensor_to_rgb(&v.image)?))
+                    .map_err(|source| Error::Io { path, source })?;
+            }
+            self.meters.validation_images.increment(images.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Exports the trained weights and returns the supervisor row.
+    fn export(&self) -> Result<Supervisor> {
+        let (model, trainer) = self.state.as_ref().expect("started");
+        trainer.apply_ema()?;
+        let dir = &self.config.output_dir;
+        let adapter = match &self.config.lora {
+            Some(lora) => {
+                let path = dir.join(LORA_FILE);
+                proxytune_models::lora::save_lora(&model.stores.unet_lora, lora, "unet", &path)?;
+                write_lora_config(dir, lora)?;
+                path
+            }
+            None => {
+                let path = dir.join("unet").join("diffusion_pytorch_model.safetensors");
+                save_safetensors(&model.stores.unet, &path)?;
+                path
+            }
+        };
+        let c = &self.config;
+        Ok(Supervisor {
+            job_id: c.job_id.clone(),
+            subject: c.subject.clone(),
+            class_noun: c.class_noun.clone(),
+            instance_prompt: c.dreambooth.instance_prompt.clone(),
+            supervisor_id: format!("{}/{}/dreambooth", c.job_id, c.subject),
+            supervisor_version: trainer.step_count(),
+            base_model: c.model_id.clone(),
+            adapter_path: adapter.display().to_string(),
+            train_steps: trainer.step_count(),
+            final_loss: trainer.last_losses().map(|l| l.total as f32),
+            created_at_us: now_us(),
+        })
+    }
+}
+
+impl Operator for SupervisorTuner {
+    fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        let c = &self.config;
+        let device = parse_device(&c.device)?;
+        let mut model = StableDiffusion::load_with_lora(&c.model_dir, device, c.lora.as_ref())?;
+        let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;
+        trainer.set_instance_images(&model, &self.pixels(&self.references, device)?)?;
+        if let Some(checkpoint) = latest_checkpoint(&self.checkpoints_dir())? {
+            trainer.resume(&checkpoint)?;
+            tracing::info!(subject = %c.subject, checkpoint = %checkpoint.display(), step = trainer.step_count(), "supervisor tuning resumes");
+        }
+        self.state = Some((model, trainer));
+        Ok(())
+    }
+
+    fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        _ctx: &mut Context,
+        _out: &mut Output,
+    ) -> Result<()> {
+        let rows = ClassPriorImage::from_batch(&batch)?;
+        if let Some(r) = rows.iter().find(|r| r.class_noun != self.config.class_noun) {
+            return Err(Error::BadInput {
+                input: format!("class prior image (seed {})", r.seed),
+                message: format!(
+                    "class `{}`, this subject's class is `{}`",
+                    r.class_noun, self.config.class_noun
+                ),
+            });
+        }
+        let images = rows
+            .iter()
+            .map(|r| {
+                image::load_from_memory(&r.image_png).map(|i| i.to_rgb8()).map_err(|e| Error::BadInput {
+                    input: format!("class prior image (seed {})", r.seed),
+                    message: format!("not a decodable image: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (model, _) = self.state.as_ref().expect("started");
+        let pixels = self.pixels(&images, model.device())?;
+        let (model, trainer) = self.state.as_mut().expect("started");
+        trainer.add_class_images(model, &pixels)?;
+        Ok(())
+    }
+
+    /// Steps run between inputs, one per call, as soon as their class images are in.
+    fn has_pending_work(&self) -> bool {
+        self.ready()
+    }
+
+    fn do_pending_work(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        self.step()
+    }
+
+    fn on_close(&mut self, ctx: &mut Context, out: &mut Output) -> Result<()> {
+        self.state.as_mut().expect("started").1.close_class_images();
+        while self.ready() && !ctx.stop_requested() {
+            self.step()?;
+        }
+        let checkpoints = self.checkpoints_dir();
+        let (model, trainer) = self.state.as_ref().expect("started");
+        trainer.save_checkpoint(model, &checkpoints)?;
+        if !trainer.finished() {
+            // Cancelled (or the prior stream ended with no class image while prior preservation
+            // is on): the checkpoint lets a restarted job continue; no supervisor is ready.
+            tracing::warn!(subject = %self.config.subject, step = trainer.step_count(), "supervisor tuning stopped before its last step");
+            return Ok(());
+        }
+        out.emit(Supervisor::to_batch(&[self.export()?])?);
+        Ok(())
+    }
+}
