@@ -338,6 +338,41 @@ fn stable_diffusion_sampling_matches_the_diffusers_pipeline() {
     assert!(err.contains("unet/config.json"), "{err}");
 }
 
+#[test]
+fn sdxl_text_encoders_and_sampling_match_the_diffusers_pipeline() {
+    use proxytune_models::diffusion::pipeline::{SamplerKind, StableDiffusion};
+    let dir = fixture("sdxl_tiny");
+    let sd = StableDiffusion::load(&dir, Device::Cpu).unwrap();
+    assert!(sd.text_encoder_2.is_some() && sd.force_zeros_for_empty_prompt);
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let prompt = "a sks dog on the beach";
+    let cond = sd.encode_prompts(&[prompt]).unwrap();
+    let err_context = max_abs(&cond.context, &io["prompt_embeds"]);
+    let err_pooled = max_abs(cond.pooled.as_ref().unwrap(), &io["pooled_prompt_embeds"]);
+    let image = sd.sample(&[prompt], &[""], &io["latents"], 10, 5.0, SamplerKind::Euler).unwrap();
+    let err_image = max_abs(&image, &io["euler_image"]);
+    eprintln!(
+        "SDXL parity: prompt embeds (both encoders' penultimate states) {err_context:.2e}, pooled \
+         {err_pooled:.2e}, 10-step Euler CFG 5 image {err_image:.2e}"
+    );
+    assert!(err_context < TOL && err_pooled < TOL, "text encoders differ: {err_context} {err_pooled}");
+    assert!(err_image < 1e-4, "SDXL images differ by {err_image}");
+
+    // A text_time UNet without a second text encoder is refused, naming the folder's index.
+    let tmp = tempfile::tempdir().unwrap();
+    for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        let (from, to) = (dir.join(part), tmp.path().join(part));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&from).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(dir.join("model_index.json"), tmp.path().join("model_index.json")).unwrap();
+    let err = StableDiffusion::load(tmp.path(), Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model_index.json") && err.contains("text_encoder_2"), "{err}");
+}
+
 /// The tiny SD UNet fixture with its weights loaded and fresh LoRA adapters (B = 0) of `lora`.
 fn tiny_unet_with_lora(
     lora: &proxytune_models::lora::LoraConfig,

@@ -24,9 +24,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::pipeline::{SamplerKind, StableDiffusion};
+use super::pipeline::{Conditioning, SamplerKind, StableDiffusion};
 use super::scheduler::NoiseSchedule;
 use super::vae::AutoencoderKl;
 use crate::error::{ModelError, Result};
@@ -244,7 +244,7 @@ pub struct DreamBoothTrainer {
     ema: Option<Ema>,
     lora: bool,
     step: u64,
-    contexts: HashMap<String, Tensor>,
+    contexts: HashMap<String, Conditioning>,
     instance: Option<Encoded>,
     class_pool: Vec<Encoded>,
     class_closed: bool,
@@ -398,7 +398,7 @@ impl DreamBoothTrainer {
     }
 
     /// The frozen text encoder's output for `prompt`, encoded once per prompt.
-    fn context(&mut self, model: &StableDiffusion, prompt: &str) -> Result<Tensor> {
+    fn context(&mut self, model: &StableDiffusion, prompt: &str) -> Result<Conditioning> {
         if let Some(c) = self.contexts.get(prompt) {
             return Ok(c.shallow_clone());
         }
@@ -493,7 +493,7 @@ impl DreamBoothTrainer {
         draws: &mut Draws,
         mean: &Tensor,
         logvar: &Tensor,
-        context: &Tensor,
+        context: &Conditioning,
     ) -> Result<Tensor> {
         let device = mean.device();
         let b = mean.size()[0];
@@ -504,23 +504,21 @@ impl DreamBoothTrainer {
         Self::loss_at(model, &self.schedule, &latents, &noise, context, &timesteps)
     }
 
-    /// The denoising loss of `latents` noised with `noise` at `timesteps` under `context` (`[1, T, D]`,
-    /// broadcast to the batch).
+    /// The denoising loss of `latents` noised with `noise` at `timesteps` under the conditioning of
+    /// one prompt (broadcast to the batch).
     pub fn loss_at(
         model: &StableDiffusion,
         schedule: &NoiseSchedule,
         latents: &Tensor,
         noise: &Tensor,
-        context: &Tensor,
+        context: &Conditioning,
         timesteps: &[i64],
     ) -> Result<Tensor> {
         let b = latents.size()[0];
-        let kind = model.unet_kind();
         let noisy = schedule.add_noise(latents, noise, timesteps);
         let target = schedule.target(latents, noise, timesteps);
         let t = Tensor::from_slice(timesteps).to_device(latents.device());
-        let context = context.expand([b, -1, -1], false).to_kind(kind);
-        let pred = model.unet.forward(&noisy.to_kind(kind), &t, &context, None)?.to_kind(Kind::Float);
+        let pred = model.predict(&noisy, &t, &context.repeat_row(0, b))?;
         Ok(pred.mse_loss(&target, tch::Reduction::Mean))
     }
 

@@ -2,20 +2,23 @@
 //! `text_encoder/`, `tokenizer/` (`vocab.json` + `merges.txt`, or `tokenizer.json`) and `scheduler/`. Text-to-image
 //! sampling with classifier-free guidance from caller-provided initial noise (deterministic).
 //!
-//! SD 1.x/2.x layout (one CLIP text encoder, last hidden state as context, no attention mask, as
-//! the reference pipeline does by default). SDXL's second encoder is future work.
+//! SD 1.x/2.x: one CLIP text encoder, its last hidden state as context, no attention mask (as the
+//! reference pipeline does by default). SDXL (`text_encoder_2/`, `tokenizer_2/`): both encoders'
+//! penultimate hidden states concatenated as context, the second encoder's projected pooled output
+//! and the size/crop time ids as the UNet's `text_time` conditioning, and zero embeddings for an
+//! empty negative prompt when `force_zeros_for_empty_prompt` (diffusers' defaults).
 
 use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Kind, Tensor};
 
 use super::scheduler::{guide, Sampler, SchedulerConfig};
-use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKl, VaeConfig};
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraConfig, LoraSpec};
 use crate::tokenizer::clip::ClipTokenizer;
-use crate::transformer::clip::{ClipTextConfig, ClipTextTransformer};
+use crate::transformer::clip::{ClipTextConfig, ClipTextModelWithProjection, ClipTextTransformer};
 use crate::weights::{load_safetensors, Strictness};
 
 /// Which sampler to use.
@@ -47,6 +50,10 @@ pub struct StableDiffusion {
     pub pad_id: i64,
     /// Variable stores (kept alive; LoRA and training attach here).
     pub stores: Stores,
+    /// SDXL's second text encoder, when the folder has one.
+    pub text_encoder_2: Option<SecondTextEncoder>,
+    /// Use zero embeddings for an empty negative prompt (SDXL).
+    pub force_zeros_for_empty_prompt: bool,
     /// The UNet's LoRA adapters' config, when it has adapters.
     pub lora: Option<LoraConfig>,
     /// Pixels per latent cell along each side (`2^(VAE levels - 1)`).
@@ -67,6 +74,75 @@ pub struct Stores {
     pub vae: nn::VarStore,
     /// Text encoder variables.
     pub text_encoder: nn::VarStore,
+    /// Second text encoder variables (empty without one).
+    pub text_encoder_2: nn::VarStore,
+}
+
+/// SDXL's second text encoder with its tokenizer.
+#[derive(Debug)]
+pub struct SecondTextEncoder {
+    /// `CLIPTextModelWithProjection`.
+    pub model: ClipTextModelWithProjection,
+    /// Its tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Its context length.
+    pub max_length: usize,
+    /// Its padding id.
+    pub pad_id: i64,
+}
+
+/// Text conditioning of a batch of prompts.
+#[derive(Debug)]
+pub struct Conditioning {
+    /// Cross-attention context `[B, T, D]`.
+    pub context: Tensor,
+    /// Pooled text embeddings `[B, P]` (SDXL's `text_embeds`), when the UNet takes them.
+    pub pooled: Option<Tensor>,
+}
+
+impl Conditioning {
+    /// Another handle on the same tensors.
+    pub fn shallow_clone(&self) -> Conditioning {
+        Conditioning {
+            context: self.context.shallow_clone(),
+            pooled: self.pooled.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
+    /// Row `i` repeated `n` times.
+    pub fn repeat_row(&self, i: i64, n: i64) -> Conditioning {
+        let rep = |t: &Tensor| {
+            let row = t.narrow(0, i, 1);
+            let mut shape = vec![n];
+            shape.extend(&row.size()[1..]);
+            row.expand(&shape, false)
+        };
+        Conditioning { context: rep(&self.context), pooled: self.pooled.as_ref().map(rep) }
+    }
+
+    /// Both conditionings stacked along the batch (`self` first).
+    pub fn cat(&self, other: &Conditioning) -> Conditioning {
+        Conditioning {
+            context: Tensor::cat(&[&self.context, &other.context], 0),
+            pooled: match (&self.pooled, &other.pooled) {
+                (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 0)),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn read_text_config(path: &Path) -> Result<ClipTextConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::Config { what: path.display().to_string(), message: e.to_string() })
+}
+
+/// Whether a transformers text-encoder checkpoint prefixes its tower with `text_model.` (published
+/// SD checkpoints do; transformers 5 saves `CLIPTextModel` without it). Loading follows the file.
+fn text_model_prefixed(weights: &Path) -> Result<bool> {
+    Ok(crate::weights::safetensors_keys(weights)?.iter().any(|k| k.starts_with("text_model.")))
 }
 
 fn weights_file(dir: &Path) -> Result<PathBuf> {
@@ -108,11 +184,6 @@ impl StableDiffusion {
         let unet_cfg = UNetConfig::from_json(&must_exist(dir.join("unet/config.json"))?)?;
         let vae_cfg = VaeConfig::from_json(&must_exist(dir.join("vae/config.json"))?)?;
         let text_path = must_exist(dir.join("text_encoder/config.json"))?;
-        let text_cfg: ClipTextConfig = serde_json::from_str(
-            &std::fs::read_to_string(&text_path)
-                .map_err(|source| ModelError::Io { path: text_path.clone(), source })?,
-        )
-        .map_err(|e| ModelError::Config { what: text_path.display().to_string(), message: e.to_string() })?;
         let scheduler =
             SchedulerConfig::from_json(&must_exist(dir.join("scheduler/scheduler_config.json"))?)?;
         let tokenizer = ClipTokenizer::from_folder(&must_exist(dir.join("tokenizer"))?)?;
@@ -130,16 +201,50 @@ impl StableDiffusion {
         let mut vae_vs = nn::VarStore::new(device);
         let vae = AutoencoderKl::new(vae_vs.root(), &vae_cfg);
         load_safetensors(&mut vae_vs, &weights_file(&dir.join("vae"))?, Strictness::Strict)?;
+        let text_cfg = read_text_config(&text_path)?;
         let mut text_vs = nn::VarStore::new(device);
         let text_weights = weights_file(&dir.join("text_encoder"))?;
-        // Published SD checkpoints prefix the keys with `text_model.`; transformers 5 saves them
-        // without it. Follow the file.
-        let prefixed =
-            crate::weights::safetensors_keys(&text_weights)?.iter().any(|k| k.starts_with("text_model."));
-        let root = if prefixed { text_vs.root() / "text_model" } else { text_vs.root() };
+        let root =
+            if text_model_prefixed(&text_weights)? { text_vs.root() / "text_model" } else { text_vs.root() };
         let text_encoder = ClipTextTransformer::new(root, &text_cfg)?;
         // The checkpoint may hold the `position_ids` buffer; it is not a parameter here.
         load_safetensors(&mut text_vs, &text_weights, Strictness::AllowUnexpected)?;
+
+        let mut text2_vs = nn::VarStore::new(device);
+        let text_encoder_2 = if dir.join("text_encoder_2").is_dir() {
+            let cfg = read_text_config(&must_exist(dir.join("text_encoder_2/config.json"))?)?;
+            let weights = weights_file(&dir.join("text_encoder_2"))?;
+            let tower =
+                if text_model_prefixed(&weights)? { text2_vs.root() / "text_model" } else { text2_vs.root() };
+            let model = ClipTextModelWithProjection::new(text2_vs.root(), tower, &cfg)?;
+            load_safetensors(&mut text2_vs, &weights, Strictness::AllowUnexpected)?;
+            let tokenizer = ClipTokenizer::from_folder(&must_exist(dir.join("tokenizer_2"))?)?;
+            let pad_id = tokenizer_pad_id(&dir.join("tokenizer_2"), &tokenizer);
+            Some(SecondTextEncoder {
+                model,
+                tokenizer,
+                max_length: cfg.max_position_embeddings as usize,
+                pad_id,
+            })
+        } else {
+            None
+        };
+        if unet_cfg.addition_embed_type.as_deref() == Some("text_time") && text_encoder_2.is_none() {
+            return Err(ModelError::Config {
+                what: dir.join("model_index.json").display().to_string(),
+                message: "the UNet takes text_time conditioning but the folder has no text_encoder_2".into(),
+            });
+        }
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("model_index.json"))
+                .map_err(|source| ModelError::Io { path: dir.join("model_index.json"), source })?,
+        )
+        .map_err(|e| ModelError::Config {
+            what: dir.join("model_index.json").display().to_string(),
+            message: e.to_string(),
+        })?;
+        let force_zeros_for_empty_prompt =
+            index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(false);
         Ok(StableDiffusion {
             unet,
             vae,
@@ -148,7 +253,15 @@ impl StableDiffusion {
             scheduler,
             max_length: text_cfg.max_position_embeddings as usize,
             pad_id,
-            stores: Stores { unet: unet_vs, unet_lora, vae: vae_vs, text_encoder: text_vs },
+            stores: Stores {
+                unet: unet_vs,
+                unet_lora,
+                vae: vae_vs,
+                text_encoder: text_vs,
+                text_encoder_2: text2_vs,
+            },
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
             lora: lora.cloned(),
             vae_scale_factor: 1 << (vae_cfg.block_out_channels.len().max(1) - 1),
             latent_channels: unet_cfg.in_channels,
@@ -178,14 +291,61 @@ impl StableDiffusion {
         self.stores.unet.variables().values().next().map(|t| t.kind()).unwrap_or(tch::Kind::Float)
     }
 
-    /// Text conditioning `[B, T, D]` for prompts (padded to the context length).
-    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
-        let mut ids = Vec::new();
-        for p in prompts {
-            ids.extend(self.tokenizer.encode_padded(p, self.max_length, self.pad_id)?.ids);
+    /// Text conditioning for prompts (each padded to its encoder's context length).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Conditioning> {
+        let ids = |tokenizer: &ClipTokenizer, max_length: usize, pad_id: i64| -> Result<Tensor> {
+            let mut ids = Vec::new();
+            for p in prompts {
+                ids.extend(tokenizer.encode_padded(p, max_length, pad_id)?.ids);
+            }
+            Ok(Tensor::from_slice(&ids).view([prompts.len() as i64, -1]).to_device(self.device))
+        };
+        let first = self.text_encoder.forward(&ids(&self.tokenizer, self.max_length, self.pad_id)?, None);
+        let Some(second) = &self.text_encoder_2 else {
+            return Ok(Conditioning { context: first.last_hidden_state, pooled: None });
+        };
+        let (out, pooled) =
+            second.model.forward(&ids(&second.tokenizer, second.max_length, second.pad_id)?, None);
+        let penultimate = |h: &[Tensor]| h[h.len().saturating_sub(2)].shallow_clone();
+        let context = Tensor::cat(&[penultimate(&first.hidden_states), penultimate(&out.hidden_states)], -1);
+        Ok(Conditioning { context, pooled: Some(pooled) })
+    }
+
+    /// The unconditional branch for `negative` prompts: zeros for all-empty negatives when the
+    /// model asks for it (SDXL), else their encoding.
+    pub fn encode_negative(&self, negative: &[&str]) -> Result<Conditioning> {
+        let cond = self.encode_prompts(negative)?;
+        if self.force_zeros_for_empty_prompt && negative.iter().all(|n| n.is_empty()) {
+            return Ok(Conditioning {
+                context: cond.context.zeros_like(),
+                pooled: cond.pooled.as_ref().map(Tensor::zeros_like),
+            });
         }
-        let ids = Tensor::from_slice(&ids).view([prompts.len() as i64, -1]).to_device(self.device);
-        Ok(self.text_encoder.forward(&ids, None).last_hidden_state)
+        Ok(cond)
+    }
+
+    /// The UNet's prediction for latents `x` at `timesteps` under `cond`, in the UNet's precision
+    /// (returned as float32). SDXL's time ids are the image's own size, uncropped.
+    pub fn predict(&self, x: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let kind = self.unet_kind();
+        let (b, h, w) =
+            (x.size()[0], x.size()[2] * self.vae_scale_factor, x.size()[3] * self.vae_scale_factor);
+        let pooled = cond.pooled.as_ref().map(|p| p.to_kind(kind));
+        let time_ids = pooled.as_ref().map(|_| {
+            Tensor::from_slice(&[h as f32, w as f32, 0.0, 0.0, h as f32, w as f32])
+                .to_device(x.device())
+                .to_kind(kind)
+                .unsqueeze(0)
+                .expand([b, 6], false)
+        });
+        let added = match (&pooled, &time_ids) {
+            (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
+            _ => None,
+        };
+        Ok(self
+            .unet
+            .forward(&x.to_kind(kind), timesteps, &cond.context.to_kind(kind), added)?
+            .to_kind(Kind::Float))
     }
 
     /// Samples images `[B, 3, H, W]` in `[0, 1]` from `noise` (`[B, 4, h, w]` standard normal),
@@ -238,19 +398,15 @@ impl StableDiffusion {
             SamplerKind::Euler => Sampler::euler(&self.scheduler, steps)?,
         };
         tch::no_grad(|| {
-            let all: Vec<&str> = negative.iter().chain(prompts).copied().collect();
-            let context = self.encode_prompts(&all)?; // [2B, T, D]: unconditional first
+            // Unconditional first, as diffusers stacks them.
+            let cond = self.encode_negative(negative)?.cat(&self.encode_prompts(prompts)?);
             let b = prompts.len() as i64;
-            let kind = self.unet_kind();
             let mut latents = noise.to_device(self.device) * sampler.init_noise_sigma();
             for (i, t) in sampler.timesteps().into_iter().enumerate() {
                 let x_in = sampler.scale_model_input(&latents, i);
                 let x2 = Tensor::cat(&[&x_in, &x_in], 0);
                 let ts = Tensor::full([2 * b], t, (Kind::Float, self.device));
-                let out = self
-                    .unet
-                    .forward(&x2.to_kind(kind), &ts, &context.to_kind(kind), None)?
-                    .to_kind(Kind::Float);
+                let out = self.predict(&x2, &ts, &cond)?;
                 let parts = out.chunk(2, 0);
                 latents = sampler.step(&guide(&parts[0], &parts[1], guidance), i, &latents);
             }

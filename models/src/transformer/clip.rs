@@ -49,6 +49,9 @@ pub struct ClipTextConfig {
     /// largest id of its vocabulary); otherwise pool at the first occurrence of this id.
     #[serde(default = "legacy_eos")]
     pub eos_token_id: i64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection` only).
+    #[serde(default)]
+    pub projection_dim: Option<i64>,
 }
 
 /// The fields of a transformers `CLIPVisionConfig` that the architecture needs.
@@ -188,6 +191,45 @@ impl ClipTextTransformer {
         }; // [B]
         let pooled = last.index(&[Some(Tensor::arange(b, (Kind::Int64, device))), Some(eos)]); // [B, D]
         TextOutput { last_hidden_state: last, pooled, hidden_states }
+    }
+}
+
+/// `CLIPTextModelWithProjection` (SDXL's second text encoder): the text tower and a bias-free
+/// `text_projection` of its pooled output.
+///
+/// # Shapes
+/// `input_ids [B, T]` → ([`TextOutput`], `text_embeds [B, projection_dim]`).
+#[derive(Debug)]
+pub struct ClipTextModelWithProjection {
+    /// The text tower.
+    pub text: ClipTextTransformer,
+    text_projection: nn::Linear,
+}
+
+impl ClipTextModelWithProjection {
+    /// The tower under `text` (`text_model` in published checkpoints) and the projection under
+    /// `root / "text_projection"`.
+    pub fn new(root: nn::Path, text: nn::Path, cfg: &ClipTextConfig) -> Result<Self> {
+        let projection = cfg.projection_dim.ok_or_else(|| ModelError::Config {
+            what: "projection_dim".into(),
+            message: "CLIPTextModelWithProjection needs projection_dim in its config".into(),
+        })?;
+        Ok(ClipTextModelWithProjection {
+            text: ClipTextTransformer::new(text, cfg)?,
+            text_projection: nn::linear(
+                &root / "text_projection",
+                cfg.hidden_size,
+                projection,
+                nn::LinearConfig { bias: false, ..Default::default() },
+            ),
+        })
+    }
+
+    /// Runs the tower and projects its pooled output.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> (TextOutput, Tensor) {
+        let out = self.text.forward(input_ids, attention_mask);
+        let embeds = self.text_projection.forward(&out.pooled);
+        (out, embeds)
     }
 }
 
