@@ -4,6 +4,7 @@
 //!
 //! Component map:
 //! - [`error`]: [`ModelError`], the one error enum of this crate.
+//! - [`ar`]: the AR students (Chameleon / Lumina-mGPT), their VQ tokenizer and KV-cached decoding.
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
 //! - [`lora`]: LoRA adapters and their interchange with diffusers/PEFT files.
@@ -16,6 +17,7 @@
 //! - [`scorers`]: evaluation encoders (EfficientNet-Lite for FEAT-I) and the similarity metrics.
 #![warn(missing_docs)]
 
+pub mod ar;
 pub mod device;
 pub mod diffusion;
 pub mod error;

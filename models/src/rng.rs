@@ -30,6 +30,8 @@ pub enum Stream {
     SampleNoise = 3,
     /// Initial values of LoRA adapters, keyed by variable name.
     LoraInit = 4,
+    /// Token draws of autoregressive sampling, per step.
+    TokenSample = 5,
 }
 
 /// A generator for one `(seed, stream, counter)`.
@@ -57,6 +59,11 @@ impl Draws {
         let n: i64 = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| self.rng.random_range(lo..hi) as f32).collect();
         Tensor::from_slice(&values).view(shape)
+    }
+
+    /// One value uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        self.rng.random::<f64>()
     }
 
     /// `n` integers uniform in `0..max`.

@@ -38,6 +38,20 @@ impl ResnetBlock2D {
         groups: i64,
         eps: f64,
     ) -> Self {
+        Self::with_shortcut(vs, c_in, c_out, temb_channels, groups, eps, "conv_shortcut")
+    }
+
+    /// Like [`ResnetBlock2D::new`], with the 1×1 shortcut under another name (taming-style VQGANs
+    /// call it `nin_shortcut`).
+    pub fn with_shortcut(
+        vs: nn::Path,
+        c_in: i64,
+        c_out: i64,
+        temb_channels: Option<i64>,
+        groups: i64,
+        eps: f64,
+        shortcut: &str,
+    ) -> Self {
         ResnetBlock2D {
             norm1: group_norm(&vs / "norm1", groups, c_in, eps),
             conv1: conv(&vs / "conv1", c_in, c_out, 3, 1, 1),
@@ -45,7 +59,7 @@ impl ResnetBlock2D {
                 .map(|t| nn::linear(&vs / "time_emb_proj", t, c_out, Default::default())),
             norm2: group_norm(&vs / "norm2", groups, c_out, eps),
             conv2: conv(&vs / "conv2", c_out, c_out, 3, 1, 1),
-            conv_shortcut: (c_in != c_out).then(|| conv(&vs / "conv_shortcut", c_in, c_out, 1, 1, 0)),
+            conv_shortcut: (c_in != c_out).then(|| conv(&vs / shortcut, c_in, c_out, 1, 1, 0)),
         }
     }
 

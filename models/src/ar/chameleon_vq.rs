@@ -1,0 +1,284 @@
+//! The Chameleon VQ-VAE image tokenizer (a taming-style VQGAN): `encoder` → `quant_conv` →
+//! nearest-codebook quantizer (`quantize.embedding`) gives the token grid; codes →
+//! `quantize.embedding` → `post_quant_conv` → `decoder` gives the image back. Variable paths are
+//! transformers' (`model.vqmodel.*` inside a Chameleon checkpoint); the decoder, which transformers
+//! does not ship, follows the original tokenizer's layout (`decoder.*`).
+//!
+//! # Shapes
+//! `pixels [B, 3, R, R]` in `[-1, 1]` → `codes [B, R/f, R/f]` (i64), `f = 2^(levels - 1)`.
+
+use serde::Deserialize;
+use tch::{nn, Kind, Tensor};
+
+use crate::diffusion::blocks::{group_norm, Downsample2D, ResnetBlock2D};
+use crate::error::{ModelError, Result};
+
+/// transformers' `ChameleonVQVAEConfig` (the fields the architecture needs).
+#[derive(Clone, Debug, Deserialize)]
+pub struct ChameleonVqConfig {
+    /// Codebook vector width.
+    pub embed_dim: i64,
+    /// Codebook size.
+    pub num_embeddings: i64,
+    /// Encoder output channels.
+    pub latent_channels: i64,
+    /// Training resolution (decides where attention sits).
+    pub resolution: i64,
+    /// Image channels.
+    #[serde(default = "three")]
+    pub in_channels: i64,
+    /// Width of the first level.
+    pub base_channels: i64,
+    /// Width multiplier per level.
+    pub channel_multiplier: Vec<i64>,
+    /// Resnet blocks per encoder level.
+    pub num_res_blocks: i64,
+    /// Resolutions with attention blocks.
+    #[serde(default)]
+    pub attn_resolutions: Option<Vec<i64>>,
+    /// `vanilla` (attention blocks) or `none`.
+    #[serde(default = "vanilla")]
+    pub attn_type: String,
+    /// Twice the latent channels out of the encoder (not used by Chameleon).
+    #[serde(default)]
+    pub double_latent: bool,
+}
+
+fn three() -> i64 {
+    3
+}
+
+fn vanilla() -> String {
+    "vanilla".into()
+}
+
+const GROUPS: i64 = 32;
+const EPS: f64 = 1e-6;
+
+fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, padding: i64) -> nn::Conv2D {
+    nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { padding, ..Default::default() })
+}
+
+/// Single-head spatial self-attention with 1×1 convolutions (`norm`, `q`, `k`, `v`, `proj_out`).
+#[derive(Debug)]
+pub struct AttnBlock {
+    norm: nn::GroupNorm,
+    q: nn::Conv2D,
+    k: nn::Conv2D,
+    v: nn::Conv2D,
+    proj_out: nn::Conv2D,
+}
+
+impl AttnBlock {
+    /// Creates the block.
+    pub fn new(vs: nn::Path, c: i64) -> Self {
+        AttnBlock {
+            norm: group_norm(&vs / "norm", GROUPS, c, EPS),
+            q: conv(&vs / "q", c, c, 1, 0),
+            k: conv(&vs / "k", c, c, 1, 0),
+            v: conv(&vs / "v", c, c, 1, 0),
+            proj_out: conv(&vs / "proj_out", c, c, 1, 0),
+        }
+    }
+
+    /// `x + proj_out(attention(norm(x)))`.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let (b, c, h, w) = xs.size4().expect("[B, C, H, W]");
+        let n = xs.apply(&self.norm);
+        let q = n.apply(&self.q).view([b, c, h * w]).transpose(1, 2); // [B, HW, C]
+        let k = n.apply(&self.k).view([b, c, h * w]); // [B, C, HW]
+        let v = n.apply(&self.v).view([b, c, h * w]); // [B, C, HW]
+        let attn = (q.bmm(&k) * (c as f64).powf(-0.5)).softmax(2, q.kind()); // [B, HW(q), HW(k)]
+        let out = v.bmm(&attn.transpose(1, 2)).view([b, c, h, w]);
+        xs + out.apply(&self.proj_out)
+    }
+}
+
+fn check(cfg: &ChameleonVqConfig) -> Result<()> {
+    let bad = |message: String| Err(ModelError::Config { what: "vq_config".into(), message });
+    if cfg.channel_multiplier.is_empty() || cfg.num_res_blocks < 1 {
+        return bad("needs at least one level and one resnet block per level".into());
+    }
+    if cfg.double_latent {
+        return bad("double_latent is not supported".into());
+    }
+    if !matches!(cfg.attn_type.as_str(), "vanilla" | "none") {
+        return bad(format!("unsupported attn_type `{}`", cfg.attn_type));
+    }
+    if let Some(c) = cfg.channel_multiplier.iter().map(|m| m * cfg.base_channels).find(|c| c % GROUPS != 0) {
+        return bad(format!("{c} channels are not divisible into {GROUPS} groups"));
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Level {
+    blocks: Vec<ResnetBlock2D>,
+    attn: Vec<AttnBlock>,
+    resample: Option<Downsample2D>,
+}
+
+/// The encoder (`encoder.*`).
+#[derive(Debug)]
+struct Encoder {
+    conv_in: nn::Conv2D,
+    levels: Vec<Level>,
+    mid: (ResnetBlock2D, Option<AttnBlock>, ResnetBlock2D),
+    norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl Encoder {
+    fn new(vs: nn::Path, cfg: &ChameleonVqConfig) -> Self {
+        let base = cfg.base_channels;
+        let attn_at = |res: i64| {
+            cfg.attn_type == "vanilla" && cfg.attn_resolutions.as_ref().is_some_and(|r| r.contains(&res))
+        };
+        let mut res = cfg.resolution;
+        let mut c_in = base;
+        let n = cfg.channel_multiplier.len();
+        let levels = (0..n)
+            .map(|i| {
+                let lvs = &vs / "down" / i as i64;
+                let c_out = base * cfg.channel_multiplier[i];
+                let mut blocks = Vec::new();
+                let mut attn = Vec::new();
+                for j in 0..cfg.num_res_blocks {
+                    blocks.push(ResnetBlock2D::with_shortcut(
+                        &lvs / "block" / j,
+                        c_in,
+                        c_out,
+                        None,
+                        GROUPS,
+                        EPS,
+                        "nin_shortcut",
+                    ));
+                    c_in = c_out;
+                    if attn_at(res) {
+                        attn.push(AttnBlock::new(&lvs / "attn" / j, c_in));
+                    }
+                }
+                let resample = (i + 1 < n).then(|| {
+                    res /= 2;
+                    Downsample2D::new(&lvs / "downsample", c_in, 0)
+                });
+                Level { blocks, attn, resample }
+            })
+            .collect();
+        let mid = &vs / "mid";
+        Encoder {
+            conv_in: conv(&vs / "conv_in", cfg.in_channels, base, 3, 1),
+            levels,
+            mid: (
+                ResnetBlock2D::with_shortcut(&mid / "block_1", c_in, c_in, None, GROUPS, EPS, "nin_shortcut"),
+                (cfg.attn_type == "vanilla").then(|| AttnBlock::new(&mid / "attn_1", c_in)),
+                ResnetBlock2D::with_shortcut(&mid / "block_2", c_in, c_in, None, GROUPS, EPS, "nin_shortcut"),
+            ),
+            norm_out: group_norm(&vs / "norm_out", GROUPS, c_in, EPS),
+            conv_out: conv(&vs / "conv_out", c_in, cfg.latent_channels, 3, 1),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let mut h = xs.apply(&self.conv_in);
+        for level in &self.levels {
+            for (j, block) in level.blocks.iter().enumerate() {
+                h = block.forward(&h, None);
+                if let Some(a) = level.attn.get(j) {
+                    h = a.forward(&h);
+                }
+            }
+            if let Some(down) = &level.resample {
+                h = down.forward(&h);
+            }
+        }
+        h = self.mid.0.forward(&h, None);
+        if let Some(a) = &self.mid.1 {
+            h = a.forward(&h);
+        }
+        h = self.mid.2.forward(&h, None);
+        h.apply(&self.norm_out).silu().apply(&self.conv_out)
+    }
+}
+
+/// The Chameleon VQ-VAE.
+#[derive(Debug)]
+pub struct ChameleonVqVae {
+    encoder: Encoder,
+    quant_conv: nn::Conv2D,
+    post_quant_conv: nn::Conv2D,
+    codebook: Tensor,
+    config: ChameleonVqConfig,
+}
+
+impl ChameleonVqVae {
+    /// Creates the variables under `vs` (`model.vqmodel` in a Chameleon checkpoint).
+    pub fn new(vs: nn::Path, cfg: &ChameleonVqConfig) -> Result<Self> {
+        check(cfg)?;
+        Ok(ChameleonVqVae {
+            encoder: Encoder::new(&vs / "encoder", cfg),
+            quant_conv: conv(&vs / "quant_conv", cfg.latent_channels, cfg.embed_dim, 1, 0),
+            post_quant_conv: conv(&vs / "post_quant_conv", cfg.embed_dim, cfg.latent_channels, 1, 0),
+            codebook: (&vs / "quantize" / "embedding").var(
+                "weight",
+                &[cfg.num_embeddings, cfg.embed_dim],
+                nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+            ),
+            config: cfg.clone(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ChameleonVqConfig {
+        &self.config
+    }
+
+    /// Pixels per code along each side.
+    pub fn downsample_factor(&self) -> i64 {
+        1 << (self.config.channel_multiplier.len() - 1)
+    }
+
+    /// Encodes `pixels [B, 3, R, R]` in `[-1, 1]` to the code grid `[B, R/f, R/f]`.
+    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        let size = pixels.size();
+        let f = self.downsample_factor();
+        if size.len() != 4 || size[1] != self.config.in_channels || size[2] % f != 0 || size[3] % f != 0 {
+            return Err(ModelError::Config {
+                what: "VQ input".into(),
+                message: format!(
+                    "expected [B, {}, H, W] with H and W multiples of {f}, got {size:?}",
+                    self.config.in_channels
+                ),
+            });
+        }
+        let z = self.encoder.forward(pixels).apply(&self.quant_conv); // [B, D, h, w]
+        let (b, d, h, w) = z.size4().expect("[B, D, h, w]");
+        let flat = z.permute([0, 2, 3, 1]).reshape([-1, d]); // [BHW, D]
+                                                             // ‖z − e‖² = ‖z‖² + ‖e‖² − 2 z·e, as the reference computes it (same ties).
+        let distances = flat.square().sum_dim_intlist(1, true, Kind::Float)
+            + self.codebook.square().sum_dim_intlist(1, false, Kind::Float)
+            - flat.matmul(&self.codebook.tr()) * 2.0;
+        Ok(distances.argmin(1, false).view([b, h, w]))
+    }
+
+    /// The quantised latents `[B, D, h, w]` of codes `[B, h, w]`, after `post_quant_conv`.
+    pub fn embed_codes(&self, codes: &Tensor) -> Result<Tensor> {
+        let n = self.config.num_embeddings;
+        if codes.numel() > 0 {
+            let (lo, hi) = (codes.min().int64_value(&[]), codes.max().int64_value(&[]));
+            if lo < 0 || hi >= n {
+                return Err(ModelError::Config {
+                    what: "VQ codes".into(),
+                    message: format!("codes span {lo}..={hi}, the codebook has {n}"),
+                });
+            }
+        }
+        let z = self.codebook.index_select(0, &codes.flatten(0, -1)).view([
+            codes.size()[0],
+            codes.size()[1],
+            codes.size()[2],
+            -1,
+        ]);
+        Ok(z.permute([0, 3, 1, 2]).apply(&self.post_quant_conv))
+    }
+}

@@ -1,0 +1,6 @@
+//! The AR students and their image tokenizers: Chameleon / Lumina-mGPT (one vocabulary for text
+//! and image tokens, the Chameleon VQ-VAE), with KV-cached decoding and its logits processors.
+
+pub mod chameleon;
+pub mod chameleon_vq;
+pub mod generate;
