@@ -565,3 +565,21 @@ fn chameleon_logits_vq_codes_and_decoding_match_transformers() {
     let err = model.forward(&long, None, None).unwrap_err().to_string();
     assert!(err.contains("129 positions exceed the context of 128"), "{err}");
 }
+
+#[test]
+fn chameleon_vq_decoder_matches_the_original_tokenizer_decoder() {
+    use proxytune_models::ar::chameleon_vq::ChameleonVqDecoder;
+    let (_vs, model) = tiny_chameleon();
+    let dir = fixture("chameleon_tiny");
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let decoder = ChameleonVqDecoder::new(vs.root(), &model.vq.config().clone()).unwrap();
+    load_safetensors(&mut vs, &dir.join("vq_decoder.safetensors"), Strictness::Strict).unwrap();
+    let io = read_safetensors(&dir.join("vq_decoder_io.safetensors")).unwrap();
+    let image = tch::no_grad(|| decoder.decode(&io["codes"])).unwrap();
+    let err = max_abs(&image, &io["image"]);
+    eprintln!("Chameleon VQ decoder parity (taming Decoder): max abs error {err:.2e}");
+    assert!(err < TOL, "decoder differs by {err}");
+    let bad = Tensor::from_slice(&[0i64, 32]).view([1, 1, 2]);
+    let err = decoder.decode(&bad).unwrap_err().to_string();
+    assert!(err.contains("codebook has 32"), "{err}");
+}

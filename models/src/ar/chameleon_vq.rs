@@ -1,8 +1,11 @@
 //! The Chameleon VQ-VAE image tokenizer (a taming-style VQGAN): `encoder` → `quant_conv` →
 //! nearest-codebook quantizer (`quantize.embedding`) gives the token grid; codes →
-//! `quantize.embedding` → `post_quant_conv` → `decoder` gives the image back. Variable paths are
-//! transformers' (`model.vqmodel.*` inside a Chameleon checkpoint); the decoder, which transformers
-//! does not ship, follows the original tokenizer's layout (`decoder.*`).
+//! `quantize.embedding` → `post_quant_conv` → `decoder` gives the image back.
+//!
+//! [`ChameleonVqVae`] is the encoder side with transformers' paths (`model.vqmodel.*` inside a
+//! Chameleon checkpoint). [`ChameleonVqDecoder`] is the decoder side, which transformers does not
+//! ship, in the original tokenizer checkpoint's layout (`decoder.*`, `post_quant_conv.*`,
+//! `quantize.embedding.weight`); it has its own variable store.
 //!
 //! # Shapes
 //! `pixels [B, 3, R, R]` in `[-1, 1]` → `codes [B, R/f, R/f]` (i64), `f = 2^(levels - 1)`.
@@ -10,7 +13,7 @@
 use serde::Deserialize;
 use tch::{nn, Kind, Tensor};
 
-use crate::diffusion::blocks::{group_norm, Downsample2D, ResnetBlock2D};
+use crate::diffusion::blocks::{group_norm, Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::error::{ModelError, Result};
 
 /// transformers' `ChameleonVQVAEConfig` (the fields the architecture needs).
@@ -206,7 +209,6 @@ impl Encoder {
 pub struct ChameleonVqVae {
     encoder: Encoder,
     quant_conv: nn::Conv2D,
-    post_quant_conv: nn::Conv2D,
     codebook: Tensor,
     config: ChameleonVqConfig,
 }
@@ -215,10 +217,11 @@ impl ChameleonVqVae {
     /// Creates the variables under `vs` (`model.vqmodel` in a Chameleon checkpoint).
     pub fn new(vs: nn::Path, cfg: &ChameleonVqConfig) -> Result<Self> {
         check(cfg)?;
+        // transformers checkpoints carry `post_quant_conv` here too; the decoder side has its own.
+        let _ = conv(&vs / "post_quant_conv", cfg.embed_dim, cfg.latent_channels, 1, 0);
         Ok(ChameleonVqVae {
             encoder: Encoder::new(&vs / "encoder", cfg),
             quant_conv: conv(&vs / "quant_conv", cfg.latent_channels, cfg.embed_dim, 1, 0),
-            post_quant_conv: conv(&vs / "post_quant_conv", cfg.embed_dim, cfg.latent_channels, 1, 0),
             codebook: (&vs / "quantize" / "embedding").var(
                 "weight",
                 &[cfg.num_embeddings, cfg.embed_dim],
@@ -260,25 +263,119 @@ impl ChameleonVqVae {
             - flat.matmul(&self.codebook.tr()) * 2.0;
         Ok(distances.argmin(1, false).view([b, h, w]))
     }
+}
 
-    /// The quantised latents `[B, D, h, w]` of codes `[B, h, w]`, after `post_quant_conv`.
-    pub fn embed_codes(&self, codes: &Tensor) -> Result<Tensor> {
-        let n = self.config.num_embeddings;
+/// The decoder side of the VQ-VAE (`decoder.*`, `post_quant_conv.*`, `quantize.embedding.weight`).
+///
+/// # Shapes
+/// `codes [B, h, w]` → `pixels [B, 3, h·f, w·f]` in about `[-1, 1]`.
+#[derive(Debug)]
+pub struct ChameleonVqDecoder {
+    codebook: Tensor,
+    post_quant_conv: nn::Conv2D,
+    conv_in: nn::Conv2D,
+    mid: (ResnetBlock2D, Option<AttnBlock>, ResnetBlock2D),
+    /// Levels from the highest resolution (`up.0`) to the lowest; run in reverse.
+    up: Vec<(Vec<ResnetBlock2D>, Vec<AttnBlock>, Option<Upsample2D>)>,
+    norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+    num_embeddings: i64,
+}
+
+impl ChameleonVqDecoder {
+    /// Creates the variables under `vs` (the root of the tokenizer checkpoint).
+    pub fn new(vs: nn::Path, cfg: &ChameleonVqConfig) -> Result<Self> {
+        check(cfg)?;
+        let d = &vs / "decoder";
+        let n = cfg.channel_multiplier.len();
+        let base = cfg.base_channels;
+        let attn_at = |res: i64| {
+            cfg.attn_type == "vanilla" && cfg.attn_resolutions.as_ref().is_some_and(|r| r.contains(&res))
+        };
+        let mut c_in = base * cfg.channel_multiplier[n - 1];
+        let mut res = cfg.resolution >> (n - 1);
+        let resnet = |p: nn::Path, a: i64, b: i64| {
+            ResnetBlock2D::with_shortcut(p, a, b, None, GROUPS, EPS, "nin_shortcut")
+        };
+        let conv_in = conv(&d / "conv_in", cfg.latent_channels, c_in, 3, 1);
+        let mid = &d / "mid";
+        let mid = (
+            resnet(&mid / "block_1", c_in, c_in),
+            (cfg.attn_type == "vanilla").then(|| AttnBlock::new(&mid / "attn_1", c_in)),
+            resnet(&mid / "block_2", c_in, c_in),
+        );
+        let mut up: Vec<(Vec<ResnetBlock2D>, Vec<AttnBlock>, Option<Upsample2D>)> = Vec::new();
+        for i in (0..n).rev() {
+            let lvs = &d / "up" / i as i64;
+            let c_out = base * cfg.channel_multiplier[i];
+            let mut blocks = Vec::new();
+            let mut attn = Vec::new();
+            for j in 0..=cfg.num_res_blocks {
+                blocks.push(resnet(&lvs / "block" / j, c_in, c_out));
+                c_in = c_out;
+                if attn_at(res) {
+                    attn.push(AttnBlock::new(&lvs / "attn" / j, c_in));
+                }
+            }
+            let upsample = (i != 0).then(|| {
+                res *= 2;
+                Upsample2D::new(&lvs / "upsample", c_in)
+            });
+            up.push((blocks, attn, upsample));
+        }
+        up.reverse();
+        Ok(ChameleonVqDecoder {
+            codebook: (&vs / "quantize" / "embedding").var(
+                "weight",
+                &[cfg.num_embeddings, cfg.embed_dim],
+                nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+            ),
+            post_quant_conv: conv(&vs / "post_quant_conv", cfg.embed_dim, cfg.latent_channels, 1, 0),
+            conv_in,
+            mid,
+            up,
+            norm_out: group_norm(&d / "norm_out", GROUPS, c_in, EPS),
+            conv_out: conv(&d / "conv_out", c_in, cfg.in_channels, 3, 1),
+            num_embeddings: cfg.num_embeddings,
+        })
+    }
+
+    /// Decodes `codes [B, h, w]`; codes outside the codebook are an error.
+    pub fn decode(&self, codes: &Tensor) -> Result<Tensor> {
+        let size = codes.size();
+        if size.len() != 3 {
+            return Err(ModelError::Config {
+                what: "VQ codes".into(),
+                message: format!("expected [B, h, w], got {size:?}"),
+            });
+        }
         if codes.numel() > 0 {
             let (lo, hi) = (codes.min().int64_value(&[]), codes.max().int64_value(&[]));
-            if lo < 0 || hi >= n {
+            if lo < 0 || hi >= self.num_embeddings {
                 return Err(ModelError::Config {
                     what: "VQ codes".into(),
-                    message: format!("codes span {lo}..={hi}, the codebook has {n}"),
+                    message: format!("codes span {lo}..={hi}, the codebook has {}", self.num_embeddings),
                 });
             }
         }
-        let z = self.codebook.index_select(0, &codes.flatten(0, -1)).view([
-            codes.size()[0],
-            codes.size()[1],
-            codes.size()[2],
-            -1,
-        ]);
-        Ok(z.permute([0, 3, 1, 2]).apply(&self.post_quant_conv))
+        let z = self.codebook.index_select(0, &codes.flatten(0, -1)).view([size[0], size[1], size[2], -1]);
+        let mut h = z.permute([0, 3, 1, 2]).apply(&self.post_quant_conv).apply(&self.conv_in);
+        h = self.mid.0.forward(&h, None);
+        if let Some(a) = &self.mid.1 {
+            h = a.forward(&h);
+        }
+        h = self.mid.2.forward(&h, None);
+        for (blocks, attn, upsample) in self.up.iter().rev() {
+            for (j, block) in blocks.iter().enumerate() {
+                h = block.forward(&h, None);
+                if let Some(a) = attn.get(j) {
+                    h = a.forward(&h);
+                }
+            }
+            if let Some(u) = upsample {
+                h = u.forward(&h);
+            }
+        }
+        Ok(h.apply(&self.norm_out).silu().apply(&self.conv_out))
     }
 }
