@@ -5,6 +5,7 @@
 //! Component map:
 //! - [`error`]: [`ModelError`], the one error enum of this crate.
 //! - [`ar`]: the AR students (Chameleon / Lumina-mGPT), their VQ tokenizer and KV-cached decoding.
+//! - [`checkpoint`]: training checkpoints (atomic folders, retention, restore).
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
 //! - [`lora`]: LoRA adapters and their interchange with diffusers/PEFT files.
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod ar;
+pub mod checkpoint;
 pub mod device;
 pub mod diffusion;
 pub mod error;

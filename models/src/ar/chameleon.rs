@@ -508,6 +508,16 @@ impl Chameleon {
         &self.config
     }
 
+    /// The device of the weights.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.ws.device()
+    }
+
+    /// The element type of the weights.
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.ws.kind()
+    }
+
     /// Checks that ids are inside the vocabulary and the sequence fits the context.
     pub fn check_ids(&self, ids: &Tensor, past: i64) -> Result<()> {
         let (_, t) = ids.size2().map_err(ModelError::from)?;

@@ -4,3 +4,4 @@
 pub mod chameleon;
 pub mod chameleon_vq;
 pub mod generate;
+pub mod lumina;

@@ -29,11 +29,11 @@ use tch::Tensor;
 use super::pipeline::{Conditioning, SamplerKind, StableDiffusion};
 use super::scheduler::NoiseSchedule;
 use super::vae::AutoencoderKl;
+use crate::checkpoint;
 use crate::error::{ModelError, Result};
 use crate::lora::{reset_lora, save_lora};
 use crate::optim::{warmup_constant_lr, AdamW, AdamWConfig, Ema};
 use crate::rng::{sample_noise, Draws, Stream};
-use crate::weights::{read_safetensors, write_safetensors};
 
 /// Numeric precision of training.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,10 +215,6 @@ pub struct CheckpointState {
 }
 
 const CHECKPOINT_FORMAT: u32 = 1;
-const TRAINABLE_FILE: &str = "trainable.safetensors";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const EMA_FILE: &str = "ema.safetensors";
-const STATE_FILE: &str = "state.json";
 /// The LoRA file in diffusers' layout (`load_lora_weights` reads this name from a folder).
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 
@@ -586,28 +582,9 @@ impl DreamBoothTrainer {
         })
     }
 
-    /// Writes `checkpoint-<step>/` under `root` (atomically: a temporary folder renamed into place)
-    /// and deletes checkpoints beyond `checkpoints_to_keep`. Returns its path.
+    /// Writes `checkpoint-<step>/` under `root` ([`crate::checkpoint`]) with the LoRA in diffusers'
+    /// layout beside the training state, and deletes checkpoints beyond `checkpoints_to_keep`.
     pub fn save_checkpoint(&self, model: &StableDiffusion, root: &Path) -> Result<PathBuf> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ModelError::Io { path, source }
-        };
-        std::fs::create_dir_all(root).map_err(io(root))?;
-        let name = format!("checkpoint-{:08}", self.step);
-        let tmp = root.join(format!(".{name}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        write_safetensors(shallow(self.optimizer.params()), &tmp.join(TRAINABLE_FILE))?;
-        write_safetensors(self.optimizer.state(), &tmp.join(OPTIMIZER_FILE))?;
-        if let Some(ema) = &self.ema {
-            write_safetensors(shallow(ema.shadow()), &tmp.join(EMA_FILE))?;
-        }
-        if let (true, Some(lora)) = (self.lora, &model.lora) {
-            save_lora(&model.stores.unet_lora, lora, "unet", &tmp.join(LORA_FILE))?;
-        }
         let accum = self.config.gradient_accumulation_steps;
         let samples = self.step * accum * self.config.train_batch_size as u64;
         let state = CheckpointState {
@@ -621,33 +598,26 @@ impl DreamBoothTrainer {
             config: self.config.clone(),
             last: self.last,
         };
-        let json = serde_json::to_string_pretty(&state).expect("state serialises");
-        std::fs::write(tmp.join(STATE_FILE), json).map_err(io(&tmp.join(STATE_FILE)))?;
-        let dest = root.join(&name);
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
-        }
-        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        let mut all = list_checkpoints(root)?;
-        let keep = self.config.checkpoints_to_keep.max(1);
-        while all.len() > keep {
-            let (_, old) = all.remove(0);
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
-        }
-        Ok(dest)
+        checkpoint::save(
+            root,
+            self.step,
+            self.config.checkpoints_to_keep,
+            &self.optimizer,
+            self.ema.as_ref(),
+            &state,
+            |dir| match (self.lora, &model.lora) {
+                (true, Some(lora)) => save_lora(&model.stores.unet_lora, lora, "unet", &dir.join(LORA_FILE)),
+                _ => Ok(()),
+            },
+        )
     }
 
     /// Restores a run from a checkpoint folder: weights, optimiser moments, EMA, step, RNG and data
     /// position. The trainer must have been built with the checkpoint's config (a different seed,
     /// batch size, accumulation or pool size is refused, naming the field).
     pub fn resume(&mut self, checkpoint: &Path) -> Result<()> {
-        let state_path = checkpoint.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path)
-            .map_err(|source| ModelError::Io { path: state_path.clone(), source })?;
-        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            what: state_path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let state: CheckpointState = checkpoint::read_state(checkpoint)?;
+        let state_path = checkpoint.join("state.json");
         if state.format != CHECKPOINT_FORMAT {
             return Err(ModelError::Config {
                 what: state_path.display().to_string(),
@@ -682,31 +652,12 @@ impl DreamBoothTrainer {
                 ),
             });
         }
-        let weights_path = checkpoint.join(TRAINABLE_FILE);
-        let mut weights = read_safetensors(&weights_path)?;
-        tch::no_grad(|| -> Result<()> {
-            for (name, p) in self.optimizer.params() {
-                let t = weights.remove(name).ok_or_else(|| ModelError::MissingTensor {
-                    path: weights_path.clone(),
-                    key: name.clone(),
-                    expected: p.size(),
-                })?;
-                if t.size() != p.size() {
-                    return Err(ModelError::ShapeMismatch {
-                        path: weights_path.clone(),
-                        key: name.clone(),
-                        expected: p.size(),
-                        found: t.size(),
-                    });
-                }
-                p.shallow_clone().f_copy_(&t.to_kind(p.kind()))?;
-            }
-            Ok(())
-        })?;
-        self.optimizer.load_state(&checkpoint.join(OPTIMIZER_FILE), state.step)?;
-        if let Some(ema) = &mut self.ema {
-            ema.load_state(&checkpoint.join(EMA_FILE), state.ema_updates)?;
-        }
+        checkpoint::restore(
+            checkpoint,
+            &mut self.optimizer,
+            state.step,
+            self.ema.as_mut().map(|e| (e, state.ema_updates)),
+        )?;
         self.step = state.step;
         self.last = state.last;
         Ok(())
@@ -715,26 +666,12 @@ impl DreamBoothTrainer {
 
 /// Checkpoint folders under `root`, oldest first, with their steps.
 pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let entries = match std::fs::read_dir(root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ModelError::Io { path: root.to_path_buf(), source }),
-    };
-    let mut out: Vec<(u64, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join(STATE_FILE).is_file().then(|| (step, e.path()))
-        })
-        .collect();
-    out.sort();
-    Ok(out)
+    checkpoint::list(root)
 }
 
 /// The newest complete checkpoint under `root`, if any.
 pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
-    Ok(list_checkpoints(root)?.pop().map(|(_, p)| p))
+    checkpoint::latest(root)
 }
 
 fn encode(model: &StableDiffusion, pixels: &Tensor) -> Result<Encoded> {
@@ -747,8 +684,4 @@ fn encode(model: &StableDiffusion, pixels: &Tensor) -> Result<Encoded> {
     }
     let (mean, logvar) = tch::no_grad(|| model.vae.encode(&pixels.to_device(model.device())));
     Ok(Encoded { mean, logvar })
-}
-
-fn shallow(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    named.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
 }
