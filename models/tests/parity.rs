@@ -557,6 +557,12 @@ fn chameleon_logits_vq_codes_and_decoding_match_transformers() {
         assert_eq!(a, b);
         assert_ne!(a, c);
     });
+    // The student's tokenizer.json gives the reference's ids.
+    let tok =
+        proxytune_models::tokenizer::hf::HfTokenizer::from_file(&fixture("chameleon_tiny/tokenizer.json"))
+            .unwrap();
+    let ids = tok.encode("a photo of sks dog on the beach").unwrap();
+    assert_eq!(ids, Vec::<i64>::try_from(&io["text_ids"]).unwrap());
     // Bad input: ids outside the vocabulary, a sequence longer than the context.
     let err =
         model.forward(&Tensor::from_slice(&[1i64, 96]).view([1, 2]), None, None).unwrap_err().to_string();

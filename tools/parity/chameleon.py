@@ -12,21 +12,31 @@ Writes `config.json` + `model.safetensors` (save_pretrained) and `io.safetensors
   ids), and `mm_ids` / `mm_logits`: a sequence with 64 `<image>` placeholders filled from `pixels[0]`;
 - `prompt` [1, 5], `greedy` [1, 8]: greedy continuation (generate, do_sample=False);
 - `sampled` [1, 8] and `sampled_scores` [8, 96]: generate(do_sample=True, temperature=0.7, top_k=12,
-  top_p=0.9, seed 0) and the processed log-probability scores at each step.
+  top_p=0.9, seed 0) and the processed scores at each step;
+- `text_ids`: the `tokenizer.json` ids of "a photo of sks dog on the beach".
 """
 import os
 import sys
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 VOCAB, CODES = 96, 32
 
 
+WORDS = ("a an the of on in at with and by sks dog cat backpack teapot toy robot sneaker red blue green yellow "
+         "purple white black striped dotted shiny wooden photo picture image generate according to following "
+         "prompt beach snow forest city street table floor grass water mountain kitchen garden room sunset night "
+         "top bottom front back sitting standing").split()
+
+
 def vocabulary_map() -> dict:
     vm = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4}
-    vm.update({f"t{i}": i for i in range(5, 64)})
+    vm.update({w: 5 + i for i, w in enumerate(WORDS[:59])})
     for j in range(CODES):
         code = (j * 5) % CODES
         vm["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"] = 64 + j
@@ -47,6 +57,13 @@ def main() -> None:
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(out, safe_serialization=True)
     model = ChameleonForConditionalGeneration.from_pretrained(out).eval()
+    # A word-level text tokenizer over the same vocabulary (the real checkpoints ship a BPE
+    # tokenizer.json; the loader reads either).
+    text_vocab = {k: v for k, v in vocabulary_map().items() if not k.startswith("IMGIMG")}
+    tok = Tokenizer(WordLevel(text_vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(os.path.join(out, "tokenizer.json"))
+    io_prompt = tok.encode("a photo of sks dog on the beach").ids
 
     io = {}
     ids = torch.randint(5, 64, (2, 12))
@@ -68,6 +85,7 @@ def main() -> None:
                                  pad_token_id=3, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
         io["sampled"] = sampled.sequences[:, prompt.shape[1]:]
         io["sampled_scores"] = torch.cat(sampled.scores, dim=0)
+        io["text_ids"] = torch.tensor(io_prompt)
     save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out, "io.safetensors"))
     print(f"wrote {out}")
 
