@@ -1,3 +1,5 @@
+//! Benchmarks. `proxytune bench unet` and `proxytune bench ar` time the supervisor's UNet and the
+//! AR student here against the Python reference on the same machine in one run (ratios printed);
 //! `proxytune bench runtime`: what the streaming runtime costs next to the work it carries.
 //!
 //! Every figure is measured in one run, side by side, on 256-row batches of the proxy schema with
@@ -31,16 +33,19 @@ pub enum BenchCommand {
     Runtime(RuntimeArgs),
     /// A ~35 M-parameter UNet: sampling step and train step here vs diffusers (PyTorch) on the same
     /// machine and libtorch, in one run.
-    Unet(UnetArgs),
+    Unet(CompareArgs),
+    /// A ~50 M-parameter Chameleon student: KV-cached generation (tokens/s) and train step here vs
+    /// transformers (PyTorch) on the same weights, machine and libtorch, in one run.
+    Ar(CompareArgs),
 }
 
-/// Arguments of `proxytune bench unet`.
+/// Arguments of `proxytune bench unet` and `proxytune bench ar`.
 #[derive(Debug, clap::Args)]
-pub struct UnetArgs {
+pub struct CompareArgs {
     /// Timed iterations per measurement (after one warm-up); medians are reported.
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    /// Python with torch and diffusers ($PROXYTUNE_PYTHON).
+    /// Python with torch, diffusers and transformers ($PROXYTUNE_PYTHON).
     #[arg(long, env = "PROXYTUNE_PYTHON")]
     python: PathBuf,
     /// Device for the Rust side: auto, cpu, cuda, cuda:N (the Python side runs on CPU).
@@ -62,7 +67,7 @@ fn median_seconds(iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Runs the UNet benchmark: diffusers first (it also writes the shared config), then tch.
-pub fn unet(args: UnetArgs) -> anyhow::Result<()> {
+pub fn unet(args: CompareArgs) -> anyhow::Result<()> {
     use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
     let dir = tempfile_dir()?;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/unet_diffusers.py");
@@ -124,6 +129,78 @@ pub fn unet(args: UnetArgs) -> anyhow::Result<()> {
         py_train,
         py["threads"],
         train / py_train
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Runs the AR benchmark: transformers first (it writes the shared weights), then tch.
+pub fn ar(args: CompareArgs) -> anyhow::Result<()> {
+    use proxytune_models::ar::generate::{generate, Allowed, TokenSampling};
+    use proxytune_models::ar::lumina::LuminaTokens;
+    use proxytune_models::ar::train::{ArTrainer, ChameleonStudent};
+    let dir = tempfile_dir()?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/ar_transformers.py");
+    let out = std::process::Command::new(&args.python)
+        .arg(&script)
+        .arg(&dir)
+        .arg(args.iters.to_string())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "transformers side failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+    let device = proxytune_models::device::parse_device(&args.device)?;
+    let student = ChameleonStudent::load(&dir, device, None, LuminaTokens::default())?;
+    let new_tokens = py["new_tokens"].as_u64().unwrap_or(256) as usize;
+    let prompt = tch::Tensor::randint_low(5, 64, [1, 32], (tch::Kind::Int64, device));
+    let seqs = tch::Tensor::randint_low(5, 64, [2, 32 + new_tokens as i64], (tch::Kind::Int64, device));
+    let greedy = TokenSampling { greedy: true, ..Default::default() };
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let generate_s = median_seconds(args.iters, || {
+        let tokens = generate(&student.model, &prompt, None, new_tokens, &greedy, 0, |_, _| Allowed::Any)
+            .expect("generate");
+        assert_eq!(tokens.len(), new_tokens);
+        sync();
+    });
+    let vars = student.base.trainable_variables();
+    let train_s = median_seconds(args.iters, || {
+        for mut v in vars.iter().map(|v| v.shallow_clone()) {
+            v.zero_grad();
+        }
+        let (ce, _) = ArTrainer::losses(&student, &seqs, &seqs).expect("loss");
+        ce.backward();
+        sync();
+    });
+    let (py_gen, py_train) =
+        (py["generate_s"].as_f64().unwrap_or(f64::NAN), py["train_step_s"].as_f64().unwrap_or(f64::NAN));
+    println!(
+        "ar bench: Chameleon {:.1} M params (decoder); {new_tokens} tokens after a 32-token prompt; train on 2 x {} tokens; median of {}",
+        py["params"].as_f64().unwrap_or(0.0) / 1e6,
+        32 + new_tokens,
+        args.iters
+    );
+    println!(
+        "  generation (KV cache) : tch {:.1} tokens/s ({:?})  transformers {:.1} tokens/s (cpu, {} threads)  time ratio {:.2}",
+        new_tokens as f64 / generate_s,
+        device,
+        new_tokens as f64 / py_gen,
+        py["threads"],
+        generate_s / py_gen
+    );
+    println!(
+        "  train step            : tch {:.3} s ({:?})  transformers {:.3} s (cpu, {} threads)  ratio {:.2}",
+        train_s,
+        device,
+        py_train,
+        py["threads"],
+        train_s / py_train
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Smoke(args) => runtime.block_on(smoke::run(args)).map(|()| 0),
         Command::Corpus { command } => runtime.block_on(corpus_cmd::run(command)).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Unet(args) } => bench::unet(args).map(|()| 0),
+        Command::Bench { command: bench::BenchCommand::Ar(args) } => bench::ar(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Runtime(args) } => {
             runtime.block_on(bench::runtime(args)).map(|()| 0)
         }

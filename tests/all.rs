@@ -7,5 +7,6 @@ mod metrics;
 mod pylance;
 mod runtime;
 mod scorers;
+mod student;
 mod supervisor;
 mod support;

@@ -343,6 +343,8 @@ async fn every_table_reopens_with_its_schema() {
     let tokens = VqTokens {
         proxy_key: proxy("j", "s", 1).key().to_string(),
         job_id: "j".into(),
+        subject: "dog2".into(),
+        prompt: "a sks dog".into(),
         tokenizer_id: "vq@1".into(),
         grid_height: 2,
         grid_width: 2,

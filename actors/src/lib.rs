@@ -14,12 +14,15 @@
 //! - [`supervisor_tuner`]: stage 1, DreamBooth on the references while class priors stream in;
 //!   emits "supervisor ready".
 //! - [`proxy_generator`]: stage 2, samples a prompt plan from each ready supervisor, batch by batch.
+//! - [`tokenize`]: kept proxies → VQ token rows (cacheable in the corpus).
+//! - [`ar_trainer`]: stage 3, trains the AR student on token rows as they stream in.
 //! - [`diffusion_sampling`]: loading a supervisor (base + adapter) and seeded sampling, shared by those.
 //! - [`synthetic`]: load-generation actors (proxy rows with real PNG payloads, pass-through).
 //! - [`dreambench`]: the DreamBench protocol (subjects, prompts, subsets, the real-images row).
 //! - [`intake`]: subject folders of reference photos into validated rows.
 #![warn(missing_docs)]
 
+pub mod ar_trainer;
 pub mod class_prior_sampler;
 pub mod corpus;
 pub mod corpus_reader;
@@ -33,5 +36,6 @@ pub mod proxy_generator;
 pub mod runtime;
 pub mod supervisor_tuner;
 pub mod synthetic;
+pub mod tokenize;
 
 pub use error::{Error, Result};

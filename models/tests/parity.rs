@@ -589,3 +589,101 @@ fn chameleon_vq_decoder_matches_the_original_tokenizer_decoder() {
     let err = decoder.decode(&bad).unwrap_err().to_string();
     assert!(err.contains("codebook has 32"), "{err}");
 }
+
+/// LlamaGen's GPT-XL T2I state dict, written down from the reference code
+/// (`autoregressive/models/gpt.py`: `GPT_XL`, `cls_token_num=120`, `caption_dim=2048`, VQ-16
+/// vocabulary 16384; no biases; `freqs_cis` is not a buffer of the checkpoint).
+fn llamagen_xl_reference_keys() -> Vec<(String, Vec<i64>)> {
+    let (d, ffn, v) = (1280, 3584, 16384);
+    let mut keys = vec![
+        ("cls_embedding.cap_proj.fc1.weight".to_string(), vec![d, 2048]),
+        ("cls_embedding.cap_proj.fc2.weight".to_string(), vec![d, d]),
+        ("cls_embedding.uncond_embedding".to_string(), vec![120, 2048]),
+        ("tok_embeddings.weight".to_string(), vec![v, d]),
+        ("norm.weight".to_string(), vec![d]),
+        ("output.weight".to_string(), vec![v, d]),
+    ];
+    for i in 0..36 {
+        let l = format!("layers.{i}");
+        keys.push((format!("{l}.attention.wqkv.weight"), vec![3 * d, d]));
+        keys.push((format!("{l}.attention.wo.weight"), vec![d, d]));
+        keys.push((format!("{l}.feed_forward.w1.weight"), vec![ffn, d]));
+        keys.push((format!("{l}.feed_forward.w3.weight"), vec![ffn, d]));
+        keys.push((format!("{l}.feed_forward.w2.weight"), vec![d, ffn]));
+        keys.push((format!("{l}.attention_norm.weight"), vec![d]));
+        keys.push((format!("{l}.ffn_norm.weight"), vec![d]));
+    }
+    keys.sort();
+    keys
+}
+
+#[test]
+fn llamagen_xl_has_the_reference_checkpoint_keys_and_shapes() {
+    use proxytune_models::ar::llamagen::{LlamaGen, LlamaGenConfig, ParamInit};
+    let cfg = LlamaGenConfig { init: ParamInit::Zeros, ..LlamaGenConfig::gpt_xl_t2i(256) };
+    assert_eq!(cfg.ffn_dim(), 3584);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
+    let mut ours: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
+    ours.sort();
+    let params: i64 = ours.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+    eprintln!("LlamaGen GPT-XL T2I: {} tensors, {:.1} M values", ours.len(), params as f64 / 1e6);
+    assert_eq!(ours, llamagen_xl_reference_keys());
+}
+
+#[test]
+fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
+    use proxytune_models::ar::chameleon::KvCache;
+    use proxytune_models::ar::llamagen::{rope_2d, LlamaGen, LlamaGenConfig};
+    tch::manual_seed(3);
+    let cfg = LlamaGenConfig {
+        dim: 32,
+        n_layer: 2,
+        n_head: 2,
+        n_kv_head: None,
+        multiple_of: 16,
+        ffn_dim_multiplier: None,
+        rope_base: 10000.0,
+        norm_eps: 1e-5,
+        vocab_size: 64,
+        cls_token_num: 4,
+        caption_dim: 12,
+        grid_size: 3,
+        class_dropout_prob: 0.1,
+        init: Default::default(),
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
+    // The reference zero-initialises the output layer; give it values so the logits say something.
+    tch::no_grad(|| {
+        let _ = vs.variables()["output.weight"].shallow_clone().normal_(0.0, 0.5);
+    });
+    let caption =
+        model.embed_caption(&Tensor::randn([1, 4, 12], (tch::Kind::Float, Device::Cpu)), &[false]).unwrap();
+    let codes = Tensor::from_slice(&[5i64, 9, 33, 2, 60, 7, 1, 0]).view([1, 8]);
+    tch::no_grad(|| {
+        let full = model.forward(Some(&caption), &codes, None).unwrap(); // [1, 12, 64]
+        let mut cache = KvCache::new();
+        let mut steps =
+            vec![model.forward(Some(&caption), &codes.narrow(1, 0, 1), Some(&mut cache)).unwrap()];
+        for i in 1..8 {
+            steps.push(model.forward(None, &codes.narrow(1, i, 1), Some(&mut cache)).unwrap());
+        }
+        let cached = Tensor::cat(&steps, 1);
+        let err = max_abs(&full, &cached);
+        eprintln!("LlamaGen KV-cached decoding vs full forward: max abs error {err:.2e}");
+        assert!(err < TOL);
+    });
+    let table = rope_2d(&cfg, Device::Cpu); // [4 + 9, 8, 2]
+    assert_eq!(table.size(), [13, 8, 2]);
+    assert_eq!(table.narrow(0, 0, 4).abs().sum(tch::Kind::Float).double_value(&[]), 0.0, "caption positions");
+    // Cell (row 1, col 2) = position 4 + 5: first half rotates by 1, second half by 2.
+    let cell = table.get(4 + 5);
+    let first = cell.get(0); // frequency 1 of the row half: angle 1 · 1
+    assert!((first.double_value(&[0]) - 1f64.cos()).abs() < 1e-6);
+    let col = cell.get(4); // frequency 1 of the column half: angle 2 · 1
+    assert!((col.double_value(&[1]) - 2f64.sin()).abs() < 1e-6);
+    let too_long = Tensor::zeros([1, 10], (tch::Kind::Int64, Device::Cpu));
+    let err = model.forward(Some(&caption), &too_long, None).unwrap_err().to_string();
+    assert!(err.contains("14 positions exceed the 13"), "{err}");
+}

@@ -560,6 +560,10 @@ pub struct VqTokens {
     pub proxy_key: String,
     /// Job that produced them.
     pub job_id: String,
+    /// Subject of the proxy.
+    pub subject: String,
+    /// The proxy's prompt (what the student learns to condition on).
+    pub prompt: String,
     /// Id (and version) of the VQ tokenizer.
     pub tokenizer_id: String,
     /// Token grid height.
@@ -582,6 +586,8 @@ impl Table for VqTokens {
                 key_field(),
                 field("proxy_key", DataType::Utf8, false),
                 field("job_id", DataType::Utf8, false),
+                field("subject", DataType::Utf8, false),
+                field("prompt", DataType::Utf8, false),
                 field("tokenizer_id", DataType::Utf8, false),
                 field("grid_height", DataType::UInt32, false),
                 field("grid_width", DataType::UInt32, false),
@@ -605,6 +611,8 @@ impl Table for VqTokens {
                 utf8(keys.iter().map(RowKey::as_str)),
                 utf8(rows.iter().map(|r| r.proxy_key.as_str())),
                 utf8(rows.iter().map(|r| r.job_id.as_str())),
+                utf8(rows.iter().map(|r| r.subject.as_str())),
+                utf8(rows.iter().map(|r| r.prompt.as_str())),
                 utf8(rows.iter().map(|r| r.tokenizer_id.as_str())),
                 u32s(rows.iter().map(|r| r.grid_height)),
                 u32s(rows.iter().map(|r| r.grid_width)),
@@ -618,6 +626,7 @@ impl Table for VqTokens {
         let batch = Self::conform(batch)?;
         let c = Columns::new(Self::NAME, &batch);
         let (proxy, job, tokenizer) = (c.utf8("proxy_key")?, c.utf8("job_id")?, c.utf8("tokenizer_id")?);
+        let (subject, prompt) = (c.utf8("subject")?, c.utf8("prompt")?);
         let (gh, gw, tokens) = (c.u32("grid_height")?, c.u32("grid_width")?, c.list("tokens")?);
         let created = c.timestamp("created_at")?;
         (0..batch.num_rows())
@@ -638,6 +647,8 @@ impl Table for VqTokens {
                 Ok(VqTokens {
                     proxy_key: proxy.value(i).to_string(),
                     job_id: job.value(i).to_string(),
+                    subject: subject.value(i).to_string(),
+                    prompt: prompt.value(i).to_string(),
                     tokenizer_id: tokenizer.value(i).to_string(),
                     grid_height: h,
                     grid_width: w,
@@ -909,6 +920,8 @@ mod tests {
             VqTokens {
                 proxy_key: proxy(1).key().to_string(),
                 job_id: "j".into(),
+                subject: "dog2".into(),
+                prompt: "a sks dog".into(),
                 tokenizer_id: "vq16@1".into(),
                 grid_height: 2,
                 grid_width: 3,
@@ -918,6 +931,8 @@ mod tests {
             VqTokens {
                 proxy_key: proxy(2).key().to_string(),
                 job_id: "j".into(),
+                subject: "dog2".into(),
+                prompt: "a sks dog".into(),
                 tokenizer_id: "vq16@1".into(),
                 grid_height: 1,
                 grid_width: 1,
@@ -1022,6 +1037,8 @@ mod tests {
         let mut row = VqTokens {
             proxy_key: "p".into(),
             job_id: "j".into(),
+            subject: "dog2".into(),
+            prompt: "a sks dog".into(),
             tokenizer_id: "t".into(),
             grid_height: 2,
             grid_width: 2,

@@ -316,7 +316,8 @@ impl KvCache {
         }
     }
 
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+    /// Appends a layer's new keys and values and returns the whole sequence's.
+    pub(crate) fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
         if self.layers.len() <= layer {
             self.layers.resize_with(layer + 1, || None);
         }

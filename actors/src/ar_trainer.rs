@@ -1,0 +1,276 @@
+//! `ar_trainer`: stage 3. Fine-tunes the AR student on VQ token rows *as they arrive*: every row
+//! joins a buffer; step `k` draws its examples uniformly (seeded by `k`) from the first
+//! `min_rows_to_start + k · rows_per_step` rows, waiting until that many have arrived (or the
+//! stream ended). So training starts on the first rows, keeps re-visiting earlier ones (epochs over a
+//! growing corpus), and its data is a function of the seed and the arrival order alone: a replay of
+//! a stored corpus version reproduces a run, and a resumed run continues it exactly.
+//!
+//! Checkpoints (`<output_dir>/checkpoints/`) are written on every barrier and at the end, with the
+//! keys of the rows consumed so far; a restarted job resumes from the newest. At the end the adapter
+//! (PEFT layout) and `run.json` (steps, losses, rows consumed) are written to `output_dir`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arrow_array::RecordBatch;
+use metrics::{Counter, Gauge, Histogram};
+use proxytune_models::ar::lumina::{t2i_instruction, LuminaTokens};
+use proxytune_models::ar::train::{ArExample, ArTrainConfig, ArTrainer, ChameleonStudent};
+use proxytune_models::checkpoint;
+use proxytune_models::device::parse_device;
+use proxytune_models::lora::{save_lora, LoraConfig};
+use proxytune_models::rng::{Draws, Stream};
+use proxytune_models::tokenizer::hf::HfTokenizer;
+use proxytune_schemas::{MetricName, Table, VqTokens};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::runtime::{Context, Metrics, Operator, Output, Signal};
+
+/// Configuration of an [`ArTrainerActor`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArTrainerConfig {
+    /// The student checkpoint folder (`config.json`, `model.safetensors`, `tokenizer.json`).
+    pub student_dir: PathBuf,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// LoRA adapters to train; `None` fine-tunes every weight.
+    pub lora: Option<LoraConfig>,
+    /// The optimisation.
+    pub train: ArTrainConfig,
+    /// The T2I structure tokens.
+    #[serde(default)]
+    pub tokens: LuminaTokens,
+    /// Only rows of this VQ tokenizer are accepted.
+    pub tokenizer_id: String,
+    /// Rows needed before the first step.
+    pub min_rows_to_start: usize,
+    /// How many more rows each further step may draw from.
+    pub rows_per_step: usize,
+    /// Where checkpoints, the adapter and `run.json` go.
+    pub output_dir: PathBuf,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// What the trainer has done (shared with whoever built it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ArTrainerStats {
+    /// Optimiser steps taken (including those restored from a checkpoint).
+    pub steps: u64,
+    /// Rows received.
+    pub rows_received: usize,
+    /// Rows received when each step of this run started.
+    pub rows_at_step: Vec<usize>,
+    /// Total loss of each step of this run.
+    pub losses: Vec<f64>,
+    /// Checkpoints written.
+    pub checkpoints: Vec<PathBuf>,
+}
+
+struct Meters {
+    cross_entropy: Gauge,
+    z_loss: Gauge,
+    total: Gauge,
+    learning_rate: Gauge,
+    steps: Counter,
+    step_seconds: Histogram,
+}
+
+/// The AR student's trainer as an actor.
+pub struct ArTrainerActor {
+    config: ArTrainerConfig,
+    state: Option<(ChameleonStudent, ArTrainer, HfTokenizer)>,
+    rows: Vec<(String, ArExample)>,
+    input_closed: bool,
+    stats: Arc<Mutex<ArTrainerStats>>,
+    meters: Meters,
+}
+
+impl ArTrainerActor {
+    /// A trainer; the returned handle shows its progress.
+    pub fn new(config: ArTrainerConfig, metrics: &Metrics) -> Result<(Self, Arc<Mutex<ArTrainerStats>>)> {
+        if config.min_rows_to_start == 0 {
+            return Err(Error::BadInput {
+                input: "ar_trainer.min_rows_to_start".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        let labels = |term: &str| [("model", "student".to_string()), ("term", term.to_string())];
+        let meters = Meters {
+            cross_entropy: metrics.gauge_labels(MetricName::TrainLoss, &labels("cross_entropy")),
+            z_loss: metrics.gauge_labels(MetricName::TrainLoss, &labels("z_loss")),
+            total: metrics.gauge_labels(MetricName::TrainLoss, &labels("total")),
+            learning_rate: metrics.gauge(MetricName::TrainLearningRate, "model", "student"),
+            steps: metrics.counter(MetricName::TrainSteps, "model", "student"),
+            step_seconds: metrics.histogram(MetricName::TrainStepDuration, "model", "student"),
+        };
+        let stats = Arc::new(Mutex::new(ArTrainerStats::default()));
+        let actor = ArTrainerActor {
+            config,
+            state: None,
+            rows: Vec::new(),
+            input_closed: false,
+            stats: stats.clone(),
+            meters,
+        };
+        Ok((actor, stats))
+    }
+
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.config.output_dir.join("checkpoints")
+    }
+
+    /// Rows step `k` may draw from, if they have arrived.
+    fn window(&self, k: u64) -> Option<usize> {
+        let wanted = self.config.min_rows_to_start + k as usize * self.config.rows_per_step;
+        if self.rows.len() >= wanted {
+            Some(wanted)
+        } else if self.input_closed && !self.rows.is_empty() {
+            Some(self.rows.len())
+        } else {
+            None
+        }
+    }
+
+    fn ready(&self) -> bool {
+        match &self.state {
+            Some((_, trainer, _)) => !trainer.finished() && self.window(trainer.step_count()).is_some(),
+            None => false,
+        }
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let k = self.state.as_ref().expect("started").1.step_count();
+        let n = self.window(k).expect("ready() checked");
+        let (student, trainer, _) = self.state.as_mut().expect("started");
+        let picks = Draws::new(trainer.config().seed, Stream::Shuffle, k)
+            .below(n as u64, trainer.examples_per_step());
+        let batch: Vec<ArExample> = picks.iter().map(|&i| self.rows[i as usize].1.clone()).collect();
+        let t0 = Instant::now();
+        let losses = trainer.train_step(student, &batch)?;
+        self.meters.step_seconds.record(t0.elapsed().as_secs_f64());
+        self.meters.steps.increment(1);
+        self.meters.cross_entropy.set(losses.cross_entropy);
+        self.meters.z_loss.set(losses.z_loss);
+        self.meters.total.set(losses.total);
+        self.meters.learning_rate.set(losses.learning_rate);
+        let mut stats = self.stats.lock().expect("trainer stats");
+        stats.steps = losses.step;
+        stats.rows_at_step.push(self.rows.len());
+        stats.losses.push(losses.total);
+        Ok(())
+    }
+
+    fn data_position(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rows_received": self.rows.len(),
+            "row_keys": self.rows.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        })
+    }
+
+    fn save_checkpoint(&self) -> Result<()> {
+        let (student, trainer, _) = self.state.as_ref().expect("started");
+        let path = trainer.save_checkpoint(student, &self.checkpoints_dir(), self.data_position())?;
+        self.stats.lock().expect("trainer stats").checkpoints.push(path);
+        Ok(())
+    }
+}
+
+impl Operator for ArTrainerActor {
+    fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        let c = &self.config;
+        let device = parse_device(&c.device)?;
+        let mut student = ChameleonStudent::load(&c.student_dir, device, c.lora.as_ref(), c.tokens.clone())?;
+        let mut trainer = ArTrainer::new(&mut student, c.train.clone())?;
+        let tokenizer = HfTokenizer::from_file(&c.student_dir.join("tokenizer.json"))?;
+        if let Some(ckpt) = checkpoint::latest(&self.checkpoints_dir())? {
+            let state = trainer.resume(&ckpt)?;
+            tracing::info!(checkpoint = %ckpt.display(), step = state.step, "student training resumes");
+        }
+        self.stats.lock().expect("trainer stats").steps = trainer.step_count();
+        self.state = Some((student, trainer, tokenizer));
+        Ok(())
+    }
+
+    fn process_batch(
+        &mut self,
+        _input: usize,
+        batch: RecordBatch,
+        _ctx: &mut Context,
+        _out: &mut Output,
+    ) -> Result<()> {
+        let (student, _, tokenizer) = self.state.as_ref().expect("started");
+        let factor = student.model.vq.downsample_factor();
+        for row in VqTokens::from_batch(&batch)? {
+            if row.tokenizer_id != self.config.tokenizer_id {
+                return Err(Error::BadInput {
+                    input: format!("vq_tokens row {}", row.proxy_key),
+                    message: format!(
+                        "tokenizer `{}`, this student takes `{}`",
+                        row.tokenizer_id, self.config.tokenizer_id
+                    ),
+                });
+            }
+            let (rows, cols) = (row.grid_height as i64, row.grid_width as i64);
+            let instruction = t2i_instruction(&row.prompt, (cols * factor) as u32, (rows * factor) as u32);
+            let codes: Vec<i64> = row.tokens.iter().map(|&t| t as i64).collect();
+            let codes = tch::Tensor::from_slice(&codes);
+            let image_tokens = Vec::<i64>::try_from(student.model.image_vocab.codes_to_tokens(&codes))
+                .map_err(proxytune_models::ModelError::from)?;
+            let example = ArExample { text_ids: tokenizer.encode(&instruction)?, image_tokens, rows, cols };
+            self.rows.push((row.key().to_string(), example));
+        }
+        self.stats.lock().expect("trainer stats").rows_received = self.rows.len();
+        Ok(())
+    }
+
+    fn has_pending_work(&self) -> bool {
+        self.ready()
+    }
+
+    fn do_pending_work(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        self.step()
+    }
+
+    fn on_signal(&mut self, signal: Signal, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        match signal {
+            Signal::Barrier { .. } => self.save_checkpoint(),
+            _ => Ok(()),
+        }
+    }
+
+    fn on_close(&mut self, ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        self.input_closed = true;
+        while self.ready() && !ctx.stop_requested() {
+            self.step()?;
+        }
+        self.save_checkpoint()?;
+        let (student, trainer, _) = self.state.as_ref().expect("started");
+        if let Some(lora) = &student.lora {
+            save_lora(
+                &student.adapters,
+                lora,
+                "base_model.model",
+                &self.config.output_dir.join("adapter_model.safetensors"),
+            )?;
+        }
+        let stats = self.stats.lock().expect("trainer stats").clone();
+        let run = serde_json::json!({
+            "steps": trainer.step_count(),
+            "finished": trainer.finished(),
+            "last": trainer.last_losses(),
+            "data": self.data_position(),
+            "losses_this_run": stats.losses,
+        });
+        let path = self.config.output_dir.join("run.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&run).expect("run serialises"))
+            .map_err(|source| Error::Io { path, source })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,354 @@
+//! LlamaGen's text-to-image GPT (`autoregressive/models/gpt.py` of the LlamaGen repository):
+//! a caption embedder (`cls_embedding.cap_proj`: Linear → GELU(tanh) → Linear from 2048-d Flan-T5
+//! states, with the learnt-free `uncond_embedding` replacing a dropped caption), `tok_embeddings`
+//! over VQ codes, Llama blocks (`attention.wqkv` / `wo`, SwiGLU `feed_forward.w1/w2/w3`, RMSNorms
+//! `attention_norm`, `ffn_norm`) with **2D rotary positions** over the image grid (the caption
+//! positions get zero rotations, as in the reference), a final `norm` and `output`. No biases.
+//! Variable paths are the reference checkpoint's keys (its `"model"` state dict, converted to
+//! safetensors by `tools/convert_llamagen.py`).
+//!
+//! The sequence is `[caption (cls_token_num positions), codes[..-1]]`; the logits from position
+//! `cls_token_num - 1` on predict the codes.
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+use super::chameleon::{KvCache, RmsNorm};
+use crate::error::{ModelError, Result};
+use crate::lora::{LoraLinear, LoraSpec};
+
+/// How fresh parameters are initialised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamInit {
+    /// The reference's: normal(0, 0.02), the output layer zero.
+    #[default]
+    Reference,
+    /// All zeros (lazily allocated; for shape checks of large configs before loading weights).
+    Zeros,
+}
+
+/// The `ModelArgs` of the reference (the fields the architecture needs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaGenConfig {
+    /// Width.
+    pub dim: i64,
+    /// Blocks.
+    pub n_layer: i64,
+    /// Heads.
+    pub n_head: i64,
+    /// Key/value heads (the reference's checkpoints use `n_head`).
+    pub n_kv_head: Option<i64>,
+    /// FFN width rounding.
+    pub multiple_of: i64,
+    /// Optional FFN width multiplier.
+    pub ffn_dim_multiplier: Option<f64>,
+    /// RoPE base.
+    pub rope_base: f64,
+    /// RMSNorm ε.
+    pub norm_eps: f64,
+    /// VQ codebook size.
+    pub vocab_size: i64,
+    /// Caption positions (120 for T2I).
+    pub cls_token_num: i64,
+    /// Caption feature width (2048: Flan-T5-XL).
+    pub caption_dim: i64,
+    /// Image tokens per side (16 at 256 px, 32 at 512 px).
+    pub grid_size: i64,
+    /// Probability of replacing a caption with the unconditional embedding in training.
+    pub class_dropout_prob: f64,
+    /// Initialisation of fresh weights.
+    #[serde(default)]
+    pub init: ParamInit,
+}
+
+impl LlamaGenConfig {
+    /// `GPT-XL` for T2I (36 layers, 20 heads, width 1280) at `image_size` pixels (VQ-16).
+    pub fn gpt_xl_t2i(image_size: i64) -> Self {
+        LlamaGenConfig {
+            dim: 1280,
+            n_layer: 36,
+            n_head: 20,
+            n_kv_head: None,
+            multiple_of: 256,
+            ffn_dim_multiplier: None,
+            rope_base: 10000.0,
+            norm_eps: 1e-5,
+            vocab_size: 16384,
+            cls_token_num: 120,
+            caption_dim: 2048,
+            grid_size: image_size / 16,
+            class_dropout_prob: 0.1,
+            init: ParamInit::Reference,
+        }
+    }
+
+    /// The SwiGLU width: `⌈(2/3 · 4 · dim) · multiplier / multiple_of⌉ · multiple_of`.
+    pub fn ffn_dim(&self) -> i64 {
+        let mut hidden = (2 * 4 * self.dim) / 3;
+        if let Some(m) = self.ffn_dim_multiplier {
+            hidden = (m * hidden as f64) as i64;
+        }
+        self.multiple_of * ((hidden + self.multiple_of - 1) / self.multiple_of)
+    }
+
+    fn kv_heads(&self) -> i64 {
+        self.n_kv_head.unwrap_or(self.n_head)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config { what: "llamagen config".into(), message: m });
+        if self.dim % self.n_head != 0 || (self.dim / self.n_head) % 4 != 0 {
+            return bad(format!(
+                "dim {} over {} heads must give a head width divisible by 4",
+                self.dim, self.n_head
+            ));
+        }
+        if self.n_head % self.kv_heads() != 0 {
+            return bad(format!(
+                "{} heads are not a multiple of {} key/value heads",
+                self.n_head,
+                self.kv_heads()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The 2D rotary table `[cls + grid², head_dim / 2, 2]` (cos, sin): zeros for the caption
+/// positions, then row-major cells whose first half of frequencies rotate by the row and second
+/// half by the column.
+pub fn rope_2d(cfg: &LlamaGenConfig, device: Device) -> Tensor {
+    let half = cfg.dim / cfg.n_head / 2;
+    let exps = Tensor::arange_start_step(0, half, 2, (Kind::Int64, device))
+        .narrow(0, 0, half / 2)
+        .to_kind(Kind::Float)
+        / half as f64;
+    let freqs = Tensor::from(cfg.rope_base).to_device(device).to_kind(Kind::Float).pow(&exps).reciprocal(); // [half/2]
+    let t = Tensor::arange(cfg.grid_size, (Kind::Float, device));
+    let f = t.outer(&freqs); // [g, half/2]
+    let g = cfg.grid_size;
+    let grid = Tensor::cat(
+        &[f.unsqueeze(1).expand([g, g, half / 2], false), f.unsqueeze(0).expand([g, g, half / 2], false)],
+        -1,
+    ); // [g, g, half]
+    let cache = Tensor::stack(&[grid.cos(), grid.sin()], -1).reshape([g * g, half, 2]);
+    Tensor::cat(&[Tensor::zeros([cfg.cls_token_num, half, 2], (Kind::Float, device)), cache], 0)
+}
+
+/// Rotates adjacent pairs of `x [B, T, H, hd]` by `table [T, hd/2, 2]`.
+fn apply_rope(x: &Tensor, table: &Tensor) -> Tensor {
+    let (b, t, h, hd) = x.size4().expect("[B, T, H, hd]");
+    let xs = x.to_kind(Kind::Float).reshape([b, t, h, hd / 2, 2]);
+    let (x0, x1) = (xs.select(-1, 0), xs.select(-1, 1));
+    let tab = table.view([1, t, 1, hd / 2, 2]);
+    let (cos, sin) = (tab.select(-1, 0), tab.select(-1, 1));
+    Tensor::stack(&[&x0 * &cos - &x1 * &sin, &x1 * &cos + &x0 * &sin], -1)
+        .reshape([b, t, h, hd])
+        .to_kind(x.kind())
+}
+
+fn linear(vs: nn::Path, i: i64, o: i64, init: ParamInit, zero: bool, lora: Option<LoraSpec>) -> LoraLinear {
+    let ws_init = match (init, zero) {
+        (ParamInit::Reference, false) => nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        _ => nn::Init::Const(0.0),
+    };
+    LoraLinear::new(vs, i, o, nn::LinearConfig { bias: false, ws_init, bs_init: None }, lora)
+}
+
+#[derive(Debug)]
+struct Block {
+    wqkv: LoraLinear,
+    wo: LoraLinear,
+    w1: LoraLinear,
+    w2: LoraLinear,
+    w3: LoraLinear,
+    attention_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    heads: i64,
+    kv_heads: i64,
+}
+
+impl Block {
+    fn new(vs: nn::Path, cfg: &LlamaGenConfig, lora: Option<LoraSpec>) -> Self {
+        let (d, hd, kv) = (cfg.dim, cfg.dim / cfg.n_head, cfg.kv_heads());
+        let a = &vs / "attention";
+        let f = &vs / "feed_forward";
+        let ffn = cfg.ffn_dim();
+        Block {
+            wqkv: linear(&a / "wqkv", d, d + 2 * kv * hd, cfg.init, false, lora),
+            wo: linear(&a / "wo", d, d, cfg.init, false, lora),
+            w1: linear(&f / "w1", d, ffn, cfg.init, false, lora),
+            w2: linear(&f / "w2", ffn, d, cfg.init, false, lora),
+            w3: linear(&f / "w3", d, ffn, cfg.init, false, lora),
+            attention_norm: RmsNorm::new(&vs / "attention_norm", d, cfg.norm_eps),
+            ffn_norm: RmsNorm::new(&vs / "ffn_norm", d, cfg.norm_eps),
+            heads: cfg.n_head,
+            kv_heads: kv,
+        }
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
+        let (b, t, d) = xs.size3().expect("[B, T, D]");
+        let hd = d / self.heads;
+        let qkv = self.wqkv.forward(&self.attention_norm.forward(xs));
+        let q = qkv.narrow(-1, 0, d).view([b, t, self.heads, hd]);
+        let k = qkv.narrow(-1, d, self.kv_heads * hd).view([b, t, self.kv_heads, hd]);
+        let v = qkv.narrow(-1, d + self.kv_heads * hd, self.kv_heads * hd).view([b, t, self.kv_heads, hd]);
+        let (q, k) = (apply_rope(&q, rope).transpose(1, 2), apply_rope(&k, rope).transpose(1, 2));
+        let v = v.transpose(1, 2);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let rep = self.heads / self.kv_heads;
+        let expand = |x: &Tensor| {
+            if rep == 1 {
+                return x.shallow_clone();
+            }
+            let (b, kv, s, hd) = x.size4().expect("[B, Hkv, S, hd]");
+            x.unsqueeze(2).expand([b, kv, rep, s, hd], false).reshape([b, kv * rep, s, hd])
+        };
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &expand(&k), &expand(&v), mask, 0.0, false, None, false);
+        let h = xs + self.wo.forward(&out.transpose(1, 2).reshape([b, t, d]));
+        let n = self.ffn_norm.forward(&h);
+        &h + self.w2.forward(&(self.w1.forward(&n).silu() * self.w3.forward(&n)))
+    }
+}
+
+/// LlamaGen's T2I GPT.
+#[derive(Debug)]
+pub struct LlamaGen {
+    fc1: LoraLinear,
+    fc2: LoraLinear,
+    uncond_embedding: Tensor,
+    tok_embeddings: nn::Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    output: LoraLinear,
+    rope: Tensor,
+    config: LlamaGenConfig,
+}
+
+impl LlamaGen {
+    /// Creates the variables under `vs` (the state dict's root).
+    pub fn new(vs: nn::Path, cfg: &LlamaGenConfig, lora: Option<LoraSpec>) -> Result<Self> {
+        cfg.check()?;
+        let cap = &vs / "cls_embedding";
+        let proj = &cap / "cap_proj";
+        let std = match cfg.init {
+            ParamInit::Reference => nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+            ParamInit::Zeros => nn::Init::Const(0.0),
+        };
+        let uncond_init = match cfg.init {
+            ParamInit::Reference => {
+                nn::Init::Randn { mean: 0.0, stdev: 1.0 / (cfg.caption_dim as f64).sqrt() }
+            }
+            ParamInit::Zeros => nn::Init::Const(0.0),
+        };
+        let uncond_embedding =
+            cap.var("uncond_embedding", &[cfg.cls_token_num, cfg.caption_dim], uncond_init);
+        Ok(LlamaGen {
+            fc1: linear(&proj / "fc1", cfg.caption_dim, cfg.dim, cfg.init, false, None),
+            fc2: linear(&proj / "fc2", cfg.dim, cfg.dim, cfg.init, false, None),
+            uncond_embedding,
+            tok_embeddings: nn::embedding(
+                &vs / "tok_embeddings",
+                cfg.vocab_size,
+                cfg.dim,
+                nn::EmbeddingConfig { ws_init: std, ..Default::default() },
+            ),
+            layers: (0..cfg.n_layer).map(|i| Block::new(&vs / "layers" / i, cfg, lora)).collect(),
+            norm: RmsNorm::new(&vs / "norm", cfg.dim, cfg.norm_eps),
+            output: linear(&vs / "output", cfg.dim, cfg.vocab_size, cfg.init, true, None),
+            rope: rope_2d(cfg, vs.device()),
+            config: cfg.clone(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaGenConfig {
+        &self.config
+    }
+
+    /// Caption embeddings `[B, cls, dim]`; rows with `drop[i]` use the unconditional embedding.
+    pub fn embed_caption(&self, caption: &Tensor, drop: &[bool]) -> Result<Tensor> {
+        let c = &self.config;
+        if caption.size() != [drop.len() as i64, c.cls_token_num, c.caption_dim] {
+            return Err(ModelError::Config {
+                what: "caption features".into(),
+                message: format!(
+                    "expected [{}, {}, {}], got {:?}",
+                    drop.len(),
+                    c.cls_token_num,
+                    c.caption_dim,
+                    caption.size()
+                ),
+            });
+        }
+        let keep =
+            Tensor::from_slice(&drop.iter().map(|&d| !d).collect::<Vec<_>>()).to_device(caption.device());
+        let keep = keep.view([-1, 1, 1]);
+        let features = caption
+            .to_kind(self.uncond_embedding.kind())
+            .where_self(&keep, &self.uncond_embedding.unsqueeze(0));
+        Ok(self.fc2.forward(&self.fc1.forward(&features).gelu("tanh")))
+    }
+
+    /// Logits `[B, T, V]` for a prefix of caption embeddings `[B, cls, dim]` followed by `codes`
+    /// `[B, N]` (N ≤ grid² − 1 in training). With a cache, `codes` continue the cached sequence
+    /// and `caption` is `None`.
+    pub fn forward(
+        &self,
+        caption: Option<&Tensor>,
+        codes: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        if codes.numel() > 0 {
+            let (lo, hi) = (codes.min().int64_value(&[]), codes.max().int64_value(&[]));
+            if lo < 0 || hi >= c.vocab_size {
+                return Err(ModelError::Config {
+                    what: "image codes".into(),
+                    message: format!("codes span {lo}..={hi}, the vocabulary has {}", c.vocab_size),
+                });
+            }
+        }
+        let mut h = self.tok_embeddings.forward(codes);
+        if let Some(cap) = caption {
+            h = Tensor::cat(&[cap.to_kind(h.kind()), h], 1);
+        }
+        let past = cache.as_ref().map(|k| k.len()).unwrap_or(0);
+        let t = h.size()[1];
+        let total = c.cls_token_num + c.grid_size * c.grid_size;
+        if past + t > total {
+            return Err(ModelError::Config {
+                what: "token sequence".into(),
+                message: format!(
+                    "{} positions exceed the {total} of a {g}x{g} grid with its caption",
+                    past + t,
+                    g = c.grid_size
+                ),
+            });
+        }
+        let rope = self.rope.narrow(0, past, t);
+        let mask =
+            (t > 1).then(|| {
+                Tensor::full([t, past + t], f64::from(f32::MIN), (h.kind(), h.device()))
+                    .triu(past + 1)
+                    .view([1, 1, t, past + t])
+            });
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, &rope, mask.as_ref(), cache.as_deref_mut().map(|k| (k, i)));
+        }
+        Ok(self.output.forward(&self.norm.forward(&h)))
+    }
+}

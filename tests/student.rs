@@ -1,0 +1,170 @@
+//! Stage 3 through the runtime on the tiny Chameleon fixture: kept proxies are VQ-tokenized, and the
+//! ArTrainer trains from a slow stream of token rows, starting before the stream ends; a second
+//! run resumes from the checkpoint the first one left.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxytune_actors::ar_trainer::{ArTrainerActor, ArTrainerConfig};
+use proxytune_actors::intake::encode_png;
+use proxytune_actors::runtime::{
+    Context, JobOutcome, Metrics, Operator, Output, Pipeline, Produced, Signal, Source,
+};
+use proxytune_actors::tokenize::{Tokenize, TokenizeConfig};
+use proxytune_models::ar::lumina::LuminaTokens;
+use proxytune_models::ar::train::ArTrainConfig;
+use proxytune_models::lora::LoraConfig;
+use proxytune_schemas::{Proxy, Table, VqTokens};
+
+use crate::runtime::config;
+use crate::support::repo_root;
+
+fn student_dir() -> std::path::PathBuf {
+    repo_root().join("models/tests/fixtures/chameleon_tiny")
+}
+
+/// Token rows of 4x4 grids, a batch of 2 every `interval`, with a barrier after batch 3.
+struct SlowTokens {
+    batches: u64,
+    sent: u64,
+    interval: Duration,
+    produced: Arc<AtomicU64>,
+}
+
+impl Source for SlowTokens {
+    fn produce(&mut self, _ctx: &mut Context, out: &mut Output) -> proxytune_actors::Result<Produced> {
+        std::thread::sleep(self.interval);
+        let rows: Vec<VqTokens> = (0..2u64)
+            .map(|j| {
+                let i = self.sent * 2 + j;
+                VqTokens {
+                    proxy_key: format!("proxy-{i}"),
+                    job_id: "job".into(),
+                    subject: "dog9".into(),
+                    prompt: if i % 2 == 0 { "a sks dog on the beach".into() } else { "a sks dog".into() },
+                    tokenizer_id: "chameleon_tiny@1".into(),
+                    grid_height: 4,
+                    grid_width: 4,
+                    tokens: (0..16).map(|t| ((i * 3 + t * 7) % 32) as i32).collect(),
+                    created_at_us: 0,
+                }
+            })
+            .collect();
+        out.emit(VqTokens::to_batch(&rows)?);
+        self.produced.fetch_add(2, Ordering::SeqCst);
+        self.sent += 1;
+        if self.sent == 3 {
+            out.signal(Signal::Barrier { epoch: 1 });
+        }
+        Ok(if self.sent == self.batches { Produced::Done } else { Produced::More })
+    }
+}
+
+fn trainer_config(out: &std::path::Path, steps: u64) -> ArTrainerConfig {
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    ArTrainerConfig {
+        student_dir: student_dir(),
+        device: "cpu".into(),
+        lora: Some(LoraConfig { rank: 4, alpha: 8.0, target_modules: targets.map(String::from).to_vec() }),
+        train: ArTrainConfig {
+            learning_rate: 1e-2,
+            max_train_steps: steps,
+            batch_size: 2,
+            condition_dropout: 0.1,
+            ..Default::default()
+        },
+        tokens: LuminaTokens {
+            bos: 1,
+            separator: 2,
+            begin_image: 3,
+            end_image: 55,
+            new_line: 56,
+            size_base: 57,
+            codes_per_unit: 2,
+        },
+        tokenizer_id: "chameleon_tiny@1".into(),
+        min_rows_to_start: 2,
+        rows_per_step: 1,
+        output_dir: out.to_path_buf(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let produced = Arc::new(AtomicU64::new(0));
+    let source =
+        SlowTokens { batches: 8, sent: 0, interval: Duration::from_millis(40), produced: produced.clone() };
+    let (trainer, stats) = ArTrainerActor::new(trainer_config(dir.path(), 12), &Metrics::noop()).unwrap();
+    let mut p = Pipeline::new(config(8), Metrics::noop());
+    let src = p.source("tokens", source);
+    let sink = p.operator("ar_trainer", trainer);
+    p.connect(src, sink);
+    let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
+    assert_eq!(report.outcome, JobOutcome::Succeeded, "{report:?}");
+    let s = stats.lock().unwrap().clone();
+    eprintln!("student steps at rows received: {:?}; losses {:?}", s.rows_at_step, s.losses);
+    assert_eq!(s.steps, 12);
+    assert!(s.rows_at_step[0] < 16, "the first step ran before the stream ended: {:?}", s.rows_at_step);
+    assert!(s.rows_at_step.windows(2).all(|w| w[0] <= w[1]));
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+    assert!(s.checkpoints.len() >= 2, "a checkpoint on the barrier and one at the end: {:?}", s.checkpoints);
+    assert!(dir.path().join("adapter_model.safetensors").is_file());
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["data"]["rows_received"], 16);
+    assert_eq!(run["data"]["row_keys"][0], "proxy=proxy-0/tokenizer=chameleon_tiny@1");
+
+    // The same job with a larger budget resumes at step 12 and trains 4 more.
+    let source = SlowTokens { batches: 8, sent: 0, interval: Duration::ZERO, produced };
+    let (trainer, stats) = ArTrainerActor::new(trainer_config(dir.path(), 16), &Metrics::noop()).unwrap();
+    let mut p = Pipeline::new(config(8), Metrics::noop());
+    let src = p.source("tokens", source);
+    let sink = p.operator("ar_trainer", trainer);
+    p.connect(src, sink);
+    let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
+    assert_eq!(report.outcome, JobOutcome::Succeeded, "{report:?}");
+    let s = stats.lock().unwrap().clone();
+    assert_eq!((s.steps, s.losses.len()), (16, 4));
+}
+
+#[test]
+fn kept_proxies_become_token_rows_and_bad_images_are_named() {
+    let mut tokenize = Tokenize::new(TokenizeConfig {
+        student_dir: student_dir(),
+        tokenizer_id: "chameleon_tiny@1".into(),
+        resolution: 16,
+        device: "cpu".into(),
+        only_kept: true,
+    });
+    let mut ctx = Context::for_tests("tokenize");
+    let mut out = Output::default();
+    tokenize.on_start(&mut ctx, &mut out).unwrap();
+    // A wide grey-alpha image (converted and centre-cropped), a kept RGB one, a rejected one.
+    let wide =
+        image::DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_pixel(40, 20, image::LumaA([90, 255])));
+    let mut wide_png = Vec::new();
+    wide.write_to(&mut std::io::Cursor::new(&mut wide_png), image::ImageFormat::Png).unwrap();
+    let mut rows = crate::support::proxies("job", 0..3);
+    rows[0].image_png = wide_png;
+    rows[1].image_png = encode_png(&image::RgbImage::from_pixel(16, 16, image::Rgb([200, 10, 10])));
+    rows[2].keep = Some(false);
+    for r in &mut rows[..2] {
+        r.keep = Some(true);
+    }
+    tokenize.process_batch(0, Proxy::to_batch(&rows).unwrap(), &mut ctx, &mut out).unwrap();
+    let tokens = VqTokens::from_batch(out.batches()[0]).unwrap();
+    assert_eq!(tokens.len(), 2, "the rejected proxy is not tokenized");
+    assert_eq!((tokens[0].grid_height, tokens[0].grid_width, tokens[0].tokens.len()), (8, 8, 64));
+    assert_eq!(tokens[1].proxy_key, rows[1].key().to_string());
+    assert_eq!(tokens[1].prompt, rows[1].prompt);
+    assert!(tokens.iter().flat_map(|t| &t.tokens).all(|&c| (0..32).contains(&c)));
+
+    rows[1].image_png = b"not a png".to_vec();
+    let err = tokenize
+        .process_batch(0, Proxy::to_batch(&rows).unwrap(), &mut ctx, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&rows[1].key().to_string()) && err.contains("not a decodable image"), "{err}");
+}
