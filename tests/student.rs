@@ -42,7 +42,11 @@ impl Source for SlowTokens {
                     proxy_key: format!("proxy-{i}"),
                     job_id: "job".into(),
                     subject: "dog9".into(),
-                    prompt: if i % 2 == 0 { "a sks dog on the beach".into() } else { "a sks dog".into() },
+                    prompt: if i.is_multiple_of(2) {
+                        "a sks dog on the beach".into()
+                    } else {
+                        "a sks dog".into()
+                    },
                     tokenizer_id: "chameleon_tiny@1".into(),
                     grid_height: 4,
                     grid_width: 4,

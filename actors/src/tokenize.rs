@@ -75,7 +75,7 @@ impl Operator for Tokenize {
             Strictness::AllowUnexpected,
         )?;
         let f = vq.downsample_factor() as u32;
-        if self.config.resolution == 0 || self.config.resolution % f != 0 {
+        if self.config.resolution == 0 || !self.config.resolution.is_multiple_of(f) {
             return Err(Error::BadInput {
                 input: "tokenize.resolution".into(),
                 message: format!(

@@ -1,7 +1,7 @@
 //! Lumina-mGPT's text-to-image format on a Chameleon model.
 //!
-//! Prompt: `<s>` + the text `Generate an image of {W}x{H} according to the following prompt:\n{prompt}`
-//! + the turn separator `<reserved08706>`. The image that answers it is serialised as
+//! Prompt: `<s>`, the text `Generate an image of {W}x{H} according to the following prompt:\n{prompt}`,
+//! then the turn separator `<reserved08706>`. The image that answers it is serialised as
 //! `<racm3:break>`, a height and a width token (`<reserved{8800 + n}>`, `n` in 32-pixel units, i.e.
 //! two VQ codes), then the code grid row by row, each row followed by the new-line token
 //! `<reserved08799>`, then `<eoss>`, then the separator again. Training predicts the image sequence

@@ -444,7 +444,7 @@ impl DreamBoothTrainer {
                     Tensor::cat(&idx.iter().map(|&i| &self.class_pool[i].logvar).collect::<Vec<_>>(), 0);
                 let p = self.denoise_loss(model, &mut draws, &mean, &logvar, &class_ctx)?;
                 prior_value = p.double_value(&[]);
-                total = total + p * self.config.prior_loss_weight;
+                total += p * self.config.prior_loss_weight;
             }
             let total_value = total.double_value(&[]);
             if !total_value.is_finite() {
@@ -544,7 +544,7 @@ impl DreamBoothTrainer {
 
     /// Whether validation is due after the step just taken.
     pub fn validation_due(&self) -> bool {
-        matches!(&self.config.validation, Some(v) if self.step > 0 && self.step % v.every_steps == 0)
+        matches!(&self.config.validation, Some(v) if self.step > 0 && self.step.is_multiple_of(v.every_steps))
     }
 
     /// Samples the validation prompts with their fixed seeds, with the current weights.
