@@ -26,8 +26,8 @@ def config() -> ChameleonConfig:
     for code in range(CODES):
         vm["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"] = 64 + code
     return ChameleonConfig(
-        vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=1024, vocabulary_map=vm, pad_token_id=3,
+        vocab_size=VOCAB, hidden_size=640, intermediate_size=1728, num_hidden_layers=8, num_attention_heads=10,
+        num_key_value_heads=10, max_position_embeddings=1024, vocabulary_map=vm, pad_token_id=3,
         vq_config=dict(embed_dim=8, num_embeddings=CODES, latent_channels=8, resolution=16, base_channels=32,
                        channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[]))
 
