@@ -189,3 +189,94 @@ fn evaluate_names_bad_inputs_and_still_evaluates_the_rest() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("prompts.txt:2") && err.contains("unknown prompt kind `animal`"), "{err}");
 }
+
+#[test]
+fn evaluate_generators_puts_supervisor_and_student_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = crate::support::repo_root().join("models/tests/fixtures");
+    let supervisor_sampling = dir.path().join("supervisor.json");
+    std::fs::write(
+        &supervisor_sampling,
+        r#"{"num_inference_steps": 2, "guidance_scale": 3.0, "sampler": "ddim", "resolution": 16}"#,
+    )
+    .unwrap();
+    let student_sampling = dir.path().join("student.json");
+    std::fs::write(
+        &student_sampling,
+        r#"{"grid": 4, "image": {"guidance_scale": 2.0, "image_top_k": 8},
+            "tokens": {"bos": 1, "separator": 2, "begin_image": 3, "end_image": 55, "new_line": 56,
+                       "size_base": 57, "codes_per_unit": 2}}"#,
+    )
+    .unwrap();
+    let out_dir = dir.path().join("out");
+    let out = proxytune()
+        .args(["evaluate", "generators", "--device", "cpu", "--dreambench"])
+        .arg(dreambench())
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--dino")
+        .arg(fixtures.join("vit_tiny"))
+        .arg("--supervisor")
+        .arg(fixtures.join("sd_tiny"))
+        .arg("--supervisor-sampling")
+        .arg(&supervisor_sampling)
+        .arg("--student")
+        .arg(fixtures.join("chameleon_tiny"))
+        .arg("--student-sampling")
+        .arg(&student_sampling)
+        .args(["--subjects", "dog2,backpack", "--max-prompts", "2", "--images-per-prompt", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for role in ["supervisor", "student"] {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out_dir.join(format!("{role}.json"))).unwrap())
+                .unwrap();
+        for metric in ["FEAT-I", "DINO"] {
+            assert_eq!(
+                json["metrics"][metric]["per_subject"].as_object().unwrap().len(),
+                2,
+                "{role} {metric}"
+            );
+        }
+        assert_eq!(json["per_prompt"]["dog2"].as_array().unwrap().len(), 2);
+        let grid = image::open(out_dir.join(format!("grids/{role}/dog2.png"))).unwrap();
+        assert_eq!(grid.height(), 2 * grid.width() / 2, "2 prompts x 2 images of square samples");
+    }
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(md.contains("| metric | subjects | supervisor | student |") && md.contains("| dog2 |"), "{md}");
+
+    // CLIP-T with a tokenizer whose ids the (tiny) text encoder does not have: an error, not a panic.
+    let out = proxytune()
+        .args(["evaluate", "generators", "--device", "cpu", "--dreambench"])
+        .arg(dreambench())
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--clip")
+        .arg(fixtures.join("clip_tiny"))
+        .arg("--supervisor")
+        .arg(fixtures.join("sd_tiny"))
+        .arg("--supervisor-sampling")
+        .arg(&supervisor_sampling)
+        .args(["--subjects", "dog2", "--max-prompts", "1", "--images-per-prompt", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("outside the text encoder's vocabulary of 100"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A subject that does not exist is named.
+    let out = proxytune()
+        .args(["evaluate", "generators", "--device", "cpu", "--dreambench"])
+        .arg(dreambench())
+        .arg("--supervisor")
+        .arg(fixtures.join("sd_tiny"))
+        .args(["--subjects", "dog2,unicorn"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no subject `unicorn`"));
+}

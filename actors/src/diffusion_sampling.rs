@@ -7,15 +7,12 @@ use std::path::Path;
 
 use proxytune_models::device::parse_device;
 use proxytune_models::diffusion::pipeline::{SamplerKind, StableDiffusion};
-use proxytune_models::lora::{load_lora, LoraConfig};
+use proxytune_models::lora::{load_lora, read_config};
 use proxytune_models::rng::sample_noise;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::error::{Error, Result};
-
-/// The file beside a LoRA adapter that holds its [`LoraConfig`] (rank, α, target modules).
-pub const LORA_CONFIG_FILE: &str = "lora_config.json";
 
 /// How images are sampled.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,27 +46,14 @@ impl Default for SamplingConfig {
 }
 
 /// Loads the model folder `model_dir` on `device` (`cpu`, `cuda`, `cuda:N`), with the LoRA adapter
-/// at `adapter` when given (its config read from [`LORA_CONFIG_FILE`] in the same folder).
+/// at `adapter` when given (its config read from `lora_config.json` in the same folder).
 pub fn load_supervisor(model_dir: &Path, device: &str, adapter: Option<&Path>) -> Result<StableDiffusion> {
     let device = parse_device(device)?;
     let Some(adapter) = adapter else { return Ok(StableDiffusion::load(model_dir, device)?) };
-    let config_path = adapter.parent().unwrap_or(Path::new(".")).join(LORA_CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|source| Error::Io { path: config_path.clone(), source })?;
-    let lora: LoraConfig = serde_json::from_str(&text).map_err(|e| Error::BadInput {
-        input: config_path.display().to_string(),
-        message: format!("not a LoRA config: {e}"),
-    })?;
+    let lora = read_config(adapter)?;
     let mut sd = StableDiffusion::load_with_lora(model_dir, device, Some(&lora))?;
     load_lora(&mut sd.stores.unet_lora, &lora, "unet", adapter)?;
     Ok(sd)
-}
-
-/// Writes `lora` as [`LORA_CONFIG_FILE`] into `dir`.
-pub fn write_lora_config(dir: &Path, lora: &LoraConfig) -> Result<()> {
-    let path = dir.join(LORA_CONFIG_FILE);
-    let json = serde_json::to_string_pretty(lora).expect("LoRA config serialises");
-    std::fs::write(&path, json).map_err(|source| Error::Io { path, source })
 }
 
 /// Samples one image per `(prompt, seed)` pair, in one sampler call.

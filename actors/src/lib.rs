@@ -18,6 +18,7 @@
 //! - [`ar_trainer`]: stage 3, trains the AR student on token rows as they stream in.
 //! - [`diffusion_sampling`]: loading a supervisor (base + adapter) and seeded sampling, shared by those.
 //! - [`synthetic`]: load-generation actors (proxy rows with real PNG payloads, pass-through).
+//! - [`generators`]: supervisor and student as DreamBench `Generator`s.
 //! - [`dreambench`]: the DreamBench protocol (subjects, prompts, subsets, the real-images row).
 //! - [`intake`]: subject folders of reference photos into validated rows.
 #![warn(missing_docs)]
@@ -30,6 +31,7 @@ pub mod diffusion_sampling;
 pub mod dreambench;
 pub mod error;
 pub mod filter;
+pub mod generators;
 pub mod intake;
 pub mod lance_writer;
 pub mod proxy_generator;

@@ -27,7 +27,6 @@ use proxytune_models::weights::save_safetensors;
 use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Supervisor, Table};
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion_sampling::write_lora_config;
 use crate::error::{Error, Result};
 use crate::intake::{encode_png, images_to_square_batch, tensor_to_rgb};
 use crate::runtime::{Context, Metrics, Operator, Output};
@@ -162,7 +161,7 @@ impl SupervisorTuner {
             Some(lora) => {
                 let path = dir.join(LORA_FILE);
                 proxytune_models::lora::save_lora(&model.stores.unet_lora, lora, "unet", &path)?;
-                write_lora_config(dir, lora)?;
+                proxytune_models::lora::save_config(lora, dir)?;
                 path
             }
             None => {

@@ -110,6 +110,27 @@ pub fn save_lora(vs: &nn::VarStore, config: &LoraConfig, prefix: &str, path: &Pa
     crate::weights::write_safetensors(named, path)
 }
 
+/// The file beside an adapter that holds its [`LoraConfig`] (rank, α, target modules).
+pub const CONFIG_FILE: &str = "lora_config.json";
+
+/// Writes `config` as [`CONFIG_FILE`] into `dir`.
+pub fn save_config(config: &LoraConfig, dir: &Path) -> Result<()> {
+    let path = dir.join(CONFIG_FILE);
+    let json = serde_json::to_string_pretty(config).expect("LoRA config serialises");
+    std::fs::write(&path, json).map_err(|source| crate::error::ModelError::Io { path, source })
+}
+
+/// Reads the [`LoraConfig`] beside the adapter file `adapter`.
+pub fn read_config(adapter: &Path) -> Result<LoraConfig> {
+    let path = adapter.parent().unwrap_or(Path::new(".")).join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| crate::error::ModelError::Io { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|e| crate::error::ModelError::Config {
+        what: path.display().to_string(),
+        message: format!("not a LoRA config: {e}"),
+    })
+}
+
 /// Re-initialises every adapter of `vs` as PEFT does (A kaiming-uniform with bound
 /// `1/sqrt(fan_in)`, B zero), drawing A from `seed` and the variable's name rather than libtorch's
 /// global generator, so a run's starting point depends on its seed alone.

@@ -433,9 +433,8 @@ impl DreamBoothTrainer {
             let idx = self.instance_indices(k * b as u64, b, count);
             let (mean, logvar) = self.instance.as_ref().expect("ready() checked").rows(&idx);
             let instance = self.denoise_loss(model, &mut draws, &mean, &logvar, &instance_ctx)?;
-            let mut total = instance.shallow_clone();
-            let mut prior_value = 0.0;
-            if prior {
+            // A new tensor for the total: `+=` on a shallow clone would add into `instance` itself.
+            let (prior_value, total) = if prior {
                 let idx: Vec<usize> = (0..b as u64)
                     .map(|j| self.class_index(k * b as u64 + j).expect("ready() checked"))
                     .collect();
@@ -443,9 +442,10 @@ impl DreamBoothTrainer {
                 let logvar =
                     Tensor::cat(&idx.iter().map(|&i| &self.class_pool[i].logvar).collect::<Vec<_>>(), 0);
                 let p = self.denoise_loss(model, &mut draws, &mean, &logvar, &class_ctx)?;
-                prior_value = p.double_value(&[]);
-                total += p * self.config.prior_loss_weight;
-            }
+                (p.double_value(&[]), &instance + p * self.config.prior_loss_weight)
+            } else {
+                (0.0, instance.shallow_clone())
+            };
             let total_value = total.double_value(&[]);
             if !total_value.is_finite() {
                 self.optimizer.zero_grad();
@@ -606,7 +606,10 @@ impl DreamBoothTrainer {
             self.ema.as_ref(),
             &state,
             |dir| match (self.lora, &model.lora) {
-                (true, Some(lora)) => save_lora(&model.stores.unet_lora, lora, "unet", &dir.join(LORA_FILE)),
+                (true, Some(lora)) => {
+                    save_lora(&model.stores.unet_lora, lora, "unet", &dir.join(LORA_FILE))?;
+                    crate::lora::save_config(lora, dir)
+                }
                 _ => Ok(()),
             },
         )

@@ -56,6 +56,7 @@ pub struct ClipScorer {
     tokenizer: ClipTokenizer,
     processor: ImageProcessor,
     context: usize,
+    text_vocab: i64,
     device: Device,
     _vs: nn::VarStore,
 }
@@ -73,7 +74,8 @@ impl ClipScorer {
         processor.resize = super::preprocess::Resize::ShortestEdge(size);
         processor.center_crop = Some(size);
         let context = cfg.text_config.max_position_embeddings as usize;
-        Ok(ClipScorer { model, tokenizer, processor, context, device, _vs: vs })
+        let text_vocab = cfg.text_config.vocab_size;
+        Ok(ClipScorer { model, tokenizer, processor, context, text_vocab, device, _vs: vs })
     }
 
     /// Normalised text embeddings of `prompts`.
@@ -84,6 +86,15 @@ impl ClipScorer {
             let enc = self.tokenizer.encode_padded(p, self.context, self.tokenizer.end_id())?;
             ids.extend(enc.ids);
             masks.extend(enc.attention_mask);
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id < 0 || id >= self.text_vocab) {
+            return Err(crate::error::ModelError::Config {
+                what: "CLIP tokenizer".into(),
+                message: format!(
+                    "token id {id} is outside the text encoder's vocabulary of {}: the tokenizer does not belong to this checkpoint",
+                    self.text_vocab
+                ),
+            });
         }
         let n = prompts.len() as i64;
         let ids = Tensor::from_slice(&ids).view([n, -1]).to_device(self.device);
