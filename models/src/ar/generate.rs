@@ -68,7 +68,7 @@ pub fn warp(logits: &Tensor, s: &TokenSampling) -> Tensor {
 
 /// Picks one token per row of processed scores `[B, V]`: the arg-max when greedy, else a draw by
 /// inverse CDF from `draws`.
-fn pick(scores: &Tensor, greedy: bool, draws: &mut Draws) -> Result<Vec<i64>> {
+pub(crate) fn pick(scores: &Tensor, greedy: bool, draws: &mut Draws) -> Result<Vec<i64>> {
     if greedy {
         return Ok(Vec::<i64>::try_from(scores.argmax(-1, false))?);
     }

@@ -352,3 +352,64 @@ impl LlamaGen {
         Ok(self.output.forward(&self.norm.forward(&h)))
     }
 }
+
+impl LlamaGen {
+    /// Next-token cross-entropy and z-loss of `codes [B, N]` after the captions `[B, cls, caption_dim]`
+    /// (rows with `drop[i]` use the unconditional embedding): the logits from position
+    /// `cls - 1` on predict every code.
+    pub fn losses(&self, caption: &Tensor, drop: &[bool], codes: &Tensor) -> Result<(Tensor, Tensor)> {
+        let cls = self.config.cls_token_num;
+        let n = codes.size()[1];
+        let emb = self.embed_caption(caption, drop)?;
+        let logits = self.forward(Some(&emb), &codes.narrow(1, 0, n - 1), None)?.to_kind(Kind::Float);
+        let logits = logits.narrow(1, cls - 1, n).flatten(0, 1); // [B·N, V]
+        let ce =
+            logits.cross_entropy_loss::<Tensor>(&codes.flatten(0, 1), None, tch::Reduction::Mean, -100, 0.0);
+        let z = logits.logsumexp([-1], false).square().mean(Kind::Float);
+        Ok((ce, z))
+    }
+
+    /// Samples a full code grid (`grid²` codes, row-major) for one caption `[1, cls, caption_dim]`:
+    /// KV-cached, with classifier-free guidance against the unconditional embedding when
+    /// `sampling.guidance_scale != 1` (both rows in one batch), deterministic given `seed`.
+    pub fn generate(
+        &self,
+        caption: &Tensor,
+        sampling: &super::generate::TokenSampling,
+        seed: u64,
+    ) -> Result<Vec<i64>> {
+        use super::generate::{pick, warp};
+        use crate::rng::{Draws, Stream};
+        let guided = sampling.guidance_scale != 1.0;
+        let emb = if guided {
+            self.embed_caption(&Tensor::cat(&[caption, caption], 0), &[false, true])?
+        } else {
+            self.embed_caption(caption, &[false])?
+        };
+        let rows = emb.size()[0];
+        let device = emb.device();
+        let mut cache = KvCache::new();
+        let empty = Tensor::zeros([rows, 0], (Kind::Int64, device));
+        let n = (self.config.grid_size * self.config.grid_size) as usize;
+        let mut out = Vec::with_capacity(n);
+        let mut logits = tch::no_grad(|| self.forward(Some(&emb), &empty, Some(&mut cache)))?;
+        for step in 0..n {
+            let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // [rows, V]
+            let scores = if guided {
+                let (cond, uncond) = (last.get(0), last.get(1));
+                (&uncond + (&cond - &uncond) * sampling.guidance_scale).unsqueeze(0)
+            } else {
+                last
+            };
+            let warped = if sampling.greedy { scores } else { warp(&scores, sampling) };
+            let token =
+                pick(&warped, sampling.greedy, &mut Draws::new(seed, Stream::TokenSample, step as u64))?[0];
+            out.push(token);
+            if step + 1 < n {
+                let next = Tensor::from_slice(&vec![token; rows as usize]).view([rows, 1]).to_device(device);
+                logits = tch::no_grad(|| self.forward(None, &next, Some(&mut cache)))?;
+            }
+        }
+        Ok(out)
+    }
+}

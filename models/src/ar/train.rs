@@ -164,6 +164,18 @@ impl ArTrainer {
     /// A trainer for `student`'s adapters (re-initialised from the seed) or, without LoRA, all its
     /// weights. Under bf16 the frozen base is converted to bfloat16 here.
     pub fn new(student: &mut ChameleonStudent, config: ArTrainConfig) -> Result<Self> {
+        let lora = student.lora.is_some();
+        Self::for_stores(&mut student.base, &student.adapters, lora, config)
+    }
+
+    /// A trainer over any student's stores: the adapters when `lora` (re-initialised from the
+    /// seed), else the base.
+    pub fn for_stores(
+        base: &mut nn::VarStore,
+        adapters: &nn::VarStore,
+        lora: bool,
+        config: ArTrainConfig,
+    ) -> Result<Self> {
         let bad = |what: &str, message: &str| ModelError::Config {
             what: format!("ar_train.{what}"),
             message: message.into(),
@@ -174,10 +186,9 @@ impl ArTrainer {
         if !(0.0..1.0).contains(&config.condition_dropout) {
             return Err(bad("condition_dropout", "must be in [0, 1)"));
         }
-        let lora = student.lora.is_some();
         if lora {
-            student.base.freeze();
-            reset_lora(&student.adapters, config.seed)?;
+            base.freeze();
+            reset_lora(adapters, config.seed)?;
         }
         if config.precision == Precision::Bf16 {
             if !lora {
@@ -186,9 +197,9 @@ impl ArTrainer {
                     "bf16 trains LoRA adapters over a bfloat16 base; full fine-tuning runs in f32",
                 ));
             }
-            student.base.bfloat16();
+            base.bfloat16();
         }
-        let trained = if lora { &student.adapters } else { &student.base };
+        let trained = if lora { adapters } else { &*base };
         let optimizer = AdamW::new(trained.variables().into_iter().collect(), config.adam);
         Ok(ArTrainer { config, optimizer, lora, step: 0, last: None })
     }
@@ -275,17 +286,29 @@ impl ArTrainer {
                 message: format!("{} examples, a step takes {}", examples.len(), self.examples_per_step()),
             });
         }
+        let (b, dropout) = (self.config.batch_size, self.config.condition_dropout);
+        self.step_with(|a, draws| {
+            let chunk = &examples[a * b..(a + 1) * b];
+            let drop: Vec<bool> = (0..chunk.len()).map(|_| draws.unit() < dropout).collect();
+            let (ids, labels) = Self::batch(student, chunk, &drop)?;
+            Self::losses(student, &ids, &labels)
+        })
+    }
+
+    /// One optimiser step whose micro-step `a` losses (cross-entropy, z-loss) come from
+    /// `micro(a, draws)`, `draws` seeded by the run's seed and the micro-step number: the
+    /// model-agnostic part (accumulation, clipping, warm-up, AdamW, NaN checks).
+    pub fn step_with(
+        &mut self,
+        mut micro: impl FnMut(usize, &mut Draws) -> Result<(Tensor, Tensor)>,
+    ) -> Result<ArStepLosses> {
         let accum = self.config.gradient_accumulation_steps;
-        let b = self.config.batch_size;
         self.optimizer.zero_grad();
         let (mut sum_ce, mut sum_z, mut sum_t) = (0.0, 0.0, 0.0);
-        for (a, chunk) in examples.chunks(b).enumerate() {
-            let k = self.step * accum + a as u64;
+        for a in 0..accum {
+            let k = self.step * accum + a;
             let mut draws = Draws::new(self.config.seed, Stream::Train, k);
-            let drop: Vec<bool> =
-                (0..chunk.len()).map(|_| draws.unit() < self.config.condition_dropout).collect();
-            let (ids, labels) = Self::batch(student, chunk, &drop)?;
-            let (ce, z) = Self::losses(student, &ids, &labels)?;
+            let (ce, z) = micro(a as usize, &mut draws)?;
             let total = &ce + &z * self.config.z_loss_weight;
             let value = total.double_value(&[]);
             if !value.is_finite() {
