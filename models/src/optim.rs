@@ -113,6 +113,21 @@ impl AdamW {
         })
     }
 
+    /// The tail of a training step: clips the gradients to `max_grad_norm`, refuses a non-finite
+    /// norm (an error naming the step; the weights stay), steps at the warm-up schedule's rate
+    /// (peak `lr`, `warmup` steps) and clears the gradients. Returns `(learning rate, grad norm)`.
+    pub fn clipped_step(&mut self, max_grad_norm: f64, lr: f64, warmup: u64) -> Result<(f64, f64)> {
+        let grad_norm = self.clip_grad_norm(max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            self.zero_grad();
+            return Err(ModelError::NonFiniteLoss { step: self.steps + 1, loss: grad_norm });
+        }
+        let lr = warmup_constant_lr(lr, warmup, self.steps);
+        self.step(lr)?;
+        self.zero_grad();
+        Ok((lr, grad_norm))
+    }
+
     /// The moments as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) for a checkpoint;
     /// the step count is saved by the caller.
     pub fn state(&self) -> Vec<(String, Tensor)> {

@@ -286,6 +286,21 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1)
 }
 
+/// Scaled dot-product attention of `q [B, H, T, hd]` over `k`, `v` `[B, Hkv, S, hd]` with
+/// grouped-query sharing (each key/value head serves `H / Hkv` query heads), as transformers'
+/// `repeat_kv` does; `mask` is additive `[B|1, 1, T, S]`.
+pub(crate) fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let rep = q.size()[1] / k.size()[1];
+    let expand = |x: &Tensor| {
+        if rep == 1 {
+            return x.shallow_clone();
+        }
+        let (b, kv, s, hd) = x.size4().expect("[B, Hkv, S, hd]");
+        x.unsqueeze(2).expand([b, kv, rep, s, hd], false).reshape([b, kv * rep, s, hd])
+    };
+    Tensor::scaled_dot_product_attention(q, &expand(k), &expand(v), mask, 0.0, false, None, false)
+}
+
 /// Keys and values of every layer so far, `[B, Hkv, T, hd]` each.
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -380,16 +395,7 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let rep = self.heads / self.kv_heads;
-        let expand = |x: &Tensor| {
-            if rep == 1 {
-                return x.shallow_clone();
-            }
-            let (b, kv, s, hd) = x.size4().expect("[B, Hkv, S, hd]");
-            x.unsqueeze(2).expand([b, kv, rep, s, hd], false).reshape([b, kv * rep, s, hd])
-        };
-        let out =
-            Tensor::scaled_dot_product_attention(&q, &expand(&k), &expand(&v), mask, 0.0, false, None, false);
+        let out = grouped_attention(&q, &k, &v, mask);
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * hd]))
     }
 }

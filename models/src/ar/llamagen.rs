@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
-use super::chameleon::{KvCache, RmsNorm};
+use super::chameleon::{grouped_attention, KvCache, RmsNorm};
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraLinear, LoraSpec};
 
@@ -208,16 +208,7 @@ impl Block {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let rep = self.heads / self.kv_heads;
-        let expand = |x: &Tensor| {
-            if rep == 1 {
-                return x.shallow_clone();
-            }
-            let (b, kv, s, hd) = x.size4().expect("[B, Hkv, S, hd]");
-            x.unsqueeze(2).expand([b, kv, rep, s, hd], false).reshape([b, kv * rep, s, hd])
-        };
-        let out =
-            Tensor::scaled_dot_product_attention(&q, &expand(&k), &expand(&v), mask, 0.0, false, None, false);
+        let out = grouped_attention(&q, &k, &v, mask);
         let h = xs + self.wo.forward(&out.transpose(1, 2).reshape([b, t, d]));
         let n = self.ffn_norm.forward(&h);
         &h + self.w2.forward(&(self.w1.forward(&n).silu() * self.w3.forward(&n)))

@@ -19,7 +19,7 @@ use crate::checkpoint;
 use crate::diffusion::dreambooth::Precision;
 use crate::error::{ModelError, Result};
 use crate::lora::{reset_lora, save_lora, LoraConfig, LoraSpec};
-use crate::optim::{warmup_constant_lr, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::{Draws, Stream};
 use crate::weights::{load_safetensors, Strictness};
 
@@ -320,14 +320,11 @@ impl ArTrainer {
             sum_z += z.double_value(&[]);
             sum_t += value;
         }
-        let grad_norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            self.optimizer.zero_grad();
-            return Err(ModelError::NonFiniteLoss { step: self.step + 1, loss: grad_norm });
-        }
-        let lr = warmup_constant_lr(self.config.learning_rate, self.config.lr_warmup_steps, self.step);
-        self.optimizer.step(lr)?;
-        self.optimizer.zero_grad();
+        let (lr, grad_norm) = self.optimizer.clipped_step(
+            self.config.max_grad_norm,
+            self.config.learning_rate,
+            self.config.lr_warmup_steps,
+        )?;
         self.step += 1;
         let n = accum as f64;
         let losses = ArStepLosses {

@@ -32,7 +32,7 @@ use super::vae::AutoencoderKl;
 use crate::checkpoint;
 use crate::error::{ModelError, Result};
 use crate::lora::{reset_lora, save_lora};
-use crate::optim::{warmup_constant_lr, AdamW, AdamWConfig, Ema};
+use crate::optim::{AdamW, AdamWConfig, Ema};
 use crate::rng::{sample_noise, Draws, Stream};
 
 /// Numeric precision of training.
@@ -456,14 +456,11 @@ impl DreamBoothTrainer {
             sum_p += prior_value;
             sum_t += total_value;
         }
-        let grad_norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            self.optimizer.zero_grad();
-            return Err(ModelError::NonFiniteLoss { step: self.step + 1, loss: grad_norm });
-        }
-        let lr = warmup_constant_lr(self.config.learning_rate, self.config.lr_warmup_steps, self.step);
-        self.optimizer.step(lr)?;
-        self.optimizer.zero_grad();
+        let (lr, grad_norm) = self.optimizer.clipped_step(
+            self.config.max_grad_norm,
+            self.config.learning_rate,
+            self.config.lr_warmup_steps,
+        )?;
         if let Some(ema) = &mut self.ema {
             ema.update(self.optimizer.params())?;
         }
