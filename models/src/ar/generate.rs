@@ -25,11 +25,33 @@ pub struct TokenSampling {
     pub top_p: Option<f64>,
     /// Classifier-free guidance scale (1: no guidance).
     pub guidance_scale: f64,
+    /// Where the random draws come from.
+    pub draws: DrawSource,
+}
+
+/// Where sampling draws come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrawSource {
+    /// `(seed, step)` counters: independent of every other thread (the default).
+    #[default]
+    Counter,
+    /// libtorch's global generator seeded with the seed, `multinomial` per step: the same tokens as
+    /// transformers' `generate(do_sample=True)` after `torch.manual_seed(seed)`. Only deterministic
+    /// while nothing else draws from that generator meanwhile.
+    Torch,
 }
 
 impl Default for TokenSampling {
     fn default() -> Self {
-        TokenSampling { greedy: false, temperature: 1.0, top_k: None, top_p: None, guidance_scale: 1.0 }
+        TokenSampling {
+            greedy: false,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            guidance_scale: 1.0,
+            draws: DrawSource::Counter,
+        }
     }
 }
 
@@ -112,6 +134,9 @@ pub fn generate(
     let mut mask = attention_mask.map(|m| m.shallow_clone());
     let mut out = Vec::with_capacity(max_new_tokens);
     let mut logits = tch::no_grad(|| model.forward(prompt, mask.as_ref(), Some(&mut cache)))?;
+    if sampling.draws == DrawSource::Torch {
+        tch::manual_seed(seed as i64);
+    }
     for step in 0..max_new_tokens {
         let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // [rows, V]
         let mut scores = if guided {
@@ -126,9 +151,17 @@ pub fn generate(
                 if let Allowed::Mask(m) = &constraint {
                     scores = scores.masked_fill(&m.logical_not().to_device(device), f64::NEG_INFINITY);
                 }
-                let mut draws = Draws::new(seed, Stream::TokenSample, step as u64);
                 let warped = if sampling.greedy { scores } else { warp(&scores, sampling) };
-                pick(&warped, sampling.greedy, &mut draws)?[0]
+                match (sampling.draws, sampling.greedy) {
+                    (DrawSource::Torch, false) => {
+                        warped.softmax(-1, Kind::Float).multinomial(1, false).int64_value(&[0, 0])
+                    }
+                    _ => pick(
+                        &warped,
+                        sampling.greedy,
+                        &mut Draws::new(seed, Stream::TokenSample, step as u64),
+                    )?[0],
+                }
             }
         };
         out.push(token);

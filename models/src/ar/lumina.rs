@@ -186,6 +186,7 @@ pub fn sample_image_tokens(
         top_k: sampling.image_top_k,
         top_p: sampling.top_p,
         guidance_scale: sampling.guidance_scale,
+        draws: Default::default(),
     };
     let body = generate(model, &prompt, mask.as_ref(), body_len, &token_sampling, seed, |step, _| {
         let position = step as i64 + 1; // 1-based position in the body
