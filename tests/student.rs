@@ -91,6 +91,7 @@ fn trainer_config(out: &std::path::Path, steps: u64) -> ArTrainerConfig {
         min_rows_to_start: 2,
         rows_per_step: 1,
         output_dir: out.to_path_buf(),
+        corpus_version: Some(7),
     }
 }
 
@@ -118,6 +119,7 @@ async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("run.json")).unwrap()).unwrap();
     assert_eq!(run["data"]["rows_received"], 16);
+    assert_eq!(run["data"]["corpus_version"], 7);
     assert_eq!(run["data"]["row_keys"][0], "proxy=proxy-0/tokenizer=chameleon_tiny@1");
 
     // The same job with a larger budget resumes at step 12 and trains 4 more.

@@ -52,6 +52,10 @@ pub struct ArTrainerConfig {
     pub rows_per_step: usize,
     /// Where checkpoints, the adapter and `run.json` go.
     pub output_dir: PathBuf,
+    /// The corpus table version the rows come from, when the job replays a pinned version
+    /// (recorded with the rows consumed; a live stream is identified by the row keys alone).
+    #[serde(default)]
+    pub corpus_version: Option<u64>,
 }
 
 fn default_device() -> String {
@@ -169,6 +173,7 @@ impl ArTrainerActor {
 
     fn data_position(&self) -> serde_json::Value {
         serde_json::json!({
+            "corpus_version": self.config.corpus_version,
             "rows_received": self.rows.len(),
             "row_keys": self.rows.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
         })
