@@ -20,6 +20,7 @@
 //! - [`synthetic`]: load-generation actors (proxy rows with real PNG payloads, pass-through).
 //! - [`generators`]: supervisor and student as DreamBench `Generator`s.
 //! - [`dreambench`]: the DreamBench protocol (subjects, prompts, subsets, the real-images row).
+//! - [`world`]: the toy world (procedural captioned scenes, reserved subjects, the context check).
 //! - [`intake`]: subject folders of reference photos into validated rows.
 #![warn(missing_docs)]
 
@@ -39,5 +40,6 @@ pub mod runtime;
 pub mod supervisor_tuner;
 pub mod synthetic;
 pub mod tokenize;
+pub mod world;
 
 pub use error::{Error, Result};
