@@ -3,11 +3,12 @@
 //! Component map:
 //! - [`smoke`]: the smoke job of what exists (DreamBench references into a Lance corpus, an
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps).
-//! - [`bench`]: benchmarks that print side-by-side ratios (`proxytune bench runtime`).
-//! - [`evaluate`]: DreamBench evaluation (today: the real-images row).
+//! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`).
+//! - [`evaluate`]: DreamBench evaluation (the real-images row; supervisor and student).
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
 //! - [`metrics_server`]: the Prometheus exporter on loopback.
 //! - [`corpus_cmd`]: inspect a corpus (tables, rows, versions, fragments, tags).
+//! - [`world_cmd`]: the toy world (export subjects as a DreamBench-layout folder).
 
 mod bench;
 mod corpus_cmd;
@@ -15,6 +16,7 @@ mod evaluate;
 mod loadgen;
 mod metrics_server;
 mod smoke;
+mod world_cmd;
 
 use std::path::PathBuf;
 
@@ -51,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: corpus_cmd::CorpusCommand,
     },
+    /// The toy world.
+    World {
+        #[command(subcommand)]
+        command: world_cmd::WorldCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
         Command::Evaluate { command } => evaluate::run(command).map(|()| 0),
+        Command::World { command } => world_cmd::run(command).map(|()| 0),
     }?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     std::process::exit(code)

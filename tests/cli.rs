@@ -280,3 +280,28 @@ fn evaluate_generators_puts_supervisor_and_student_side_by_side() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no subject `unicorn`"));
 }
+
+#[test]
+fn world_subjects_export_as_a_dreambench_folder_that_evaluate_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = dir.path().join("world");
+    let out = proxytune().args(["world", "export", "--subjects", "3", "--out"]).arg(&world).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = proxytune()
+        .args(["evaluate", "real-images", "--device", "cpu", "--dreambench"])
+        .arg(&world)
+        .arg("--out")
+        .arg(dir.path().join("eval"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/real_images.json")).unwrap())
+            .unwrap();
+    let per_subject = json["FEAT-I"]["per_subject"].as_object().unwrap();
+    let names: Vec<&str> = per_subject.keys().map(String::as_str).collect();
+    assert_eq!(names, ["backpack_1", "dog_2", "teapot_0"]);
+    assert!(per_subject.values().all(|v| v.as_f64().is_some_and(|v| v > 0.0 && v <= 1.0)));
+    let out = proxytune().args(["world", "export", "--subjects", "0", "--out"]).arg(&world).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("1..=8 subjects"));
+}

@@ -235,6 +235,13 @@ impl Scene {
         }
     }
 
+    /// The caption as a DreamBench template: `{0}` for the identifier, `{1}` for the class noun.
+    pub fn template(&self) -> String {
+        let context = CONTEXTS[self.context].1[self.phrasing.min(1)];
+        let edit = self.edit.map(|e| format!("{} ", EDITS[e])).unwrap_or_default();
+        format!("a {edit}{{0}} {{1}} {context}")
+    }
+
     /// Renders the scene at `size × size` pixels.
     pub fn render(&self, size: u32) -> image::RgbImage {
         let i = &self.instance;
@@ -397,6 +404,62 @@ impl World {
     }
 }
 
+impl World {
+    /// Writes subjects `0..subjects` as a DreamBench-layout folder under `dir`: `subjects.tsv`
+    /// (dogs and cats are `live`), `prompts.txt` (the world's 25 templates for both kinds) and
+    /// `<subject>/NN.png` references at `size` pixels, so every DreamBench tool runs on the world.
+    pub fn export_dreambench(
+        &self,
+        dir: &std::path::Path,
+        subjects: usize,
+        references: usize,
+        size: u32,
+    ) -> crate::Result<()> {
+        let io = |path: std::path::PathBuf| move |source| crate::Error::Io { path, source };
+        if subjects == 0 || subjects > self.subjects.len() || size < 16 {
+            return Err(crate::Error::BadInput {
+                input: "world export".into(),
+                message: format!(
+                    "needs 1..={} subjects and images of at least 16 px (got {subjects} subjects, {size} px)",
+                    self.subjects.len()
+                ),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+        let mut tsv = String::from("subject\tclass\tlive\tn_images\n");
+        let mut templates: Vec<String> = Vec::new();
+        for n in 0..subjects {
+            let subject = self.subject(n, references).expect("n < subjects");
+            let class = CLASSES[subject.instance.class];
+            let live = matches!(class, "dog" | "cat");
+            tsv.push_str(&format!("{}\t{class}\t{live}\t{}\n", subject.name, subject.references.len()));
+            let folder = dir.join(&subject.name);
+            std::fs::create_dir_all(&folder).map_err(io(folder.clone()))?;
+            for (k, scene) in subject.references.iter().enumerate() {
+                let path = folder.join(format!("{k:02}.png"));
+                scene.render(size).save(&path).map_err(|e| crate::Error::BadInput {
+                    input: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            }
+            if templates.is_empty() {
+                templates = subject.prompts.iter().map(Scene::template).collect();
+            }
+        }
+        let mut prompts = String::from(
+            "# kind<TAB>template; {0} = identifier, {1} = class noun (the toy world's 25 prompts)\n",
+        );
+        for kind in ["object", "live"] {
+            for t in &templates {
+                prompts.push_str(&format!("{kind}\t{t}\n"));
+            }
+        }
+        std::fs::write(dir.join("subjects.tsv"), tsv).map_err(io(dir.join("subjects.tsv")))?;
+        std::fs::write(dir.join("prompts.txt"), prompts).map_err(io(dir.join("prompts.txt")))?;
+        Ok(())
+    }
+}
+
 /// The context a rendered image shows, judged by the colours of its top and bottom bands against
 /// each context's own renders (the renderer's exact check that a generated image drew the
 /// asked-for context).
@@ -456,6 +519,7 @@ mod tests {
         assert_eq!(subject.prompts.iter().filter(|p| p.edit.is_some()).count(), 5);
         assert_eq!(subject.prompts[0].caption(Some("sks")), "a sks teapot on the beach");
         assert_eq!(subject.prompts[20].caption(Some("sks")), "a red sks teapot on top of a wooden floor");
+        assert_eq!(subject.prompts[20].template(), "a red {0} {1} on top of a wooden floor");
         let plain = Scene { instance: Instance { pattern: 1, ..subject.instance }, ..subject.prompts[1] };
         assert!(plain.caption(None).starts_with("a striped "), "{}", plain.caption(None));
         // Different patterns, marks and contexts change the pixels.
@@ -487,5 +551,26 @@ mod tests {
             })
             .count();
         assert!(correct >= 190, "context recovered for {correct}/200 renders");
+    }
+}
+
+#[cfg(test)]
+mod export_tests {
+    use super::*;
+
+    #[test]
+    fn the_world_exports_a_dreambench_folder_the_protocol_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let world = World::new(3, 8);
+        world.export_dreambench(dir.path(), 3, 4, 32).unwrap();
+        let bench = crate::dreambench::DreamBench::open(dir.path()).unwrap();
+        assert_eq!(bench.subjects.len(), 3);
+        assert!(bench.subjects[2].live, "subject 2 is a dog");
+        assert_eq!(bench.prompts.prompts(&bench.subjects[0], "sks").len(), 25);
+        assert_eq!(bench.prompts.prompts(&bench.subjects[0], "sks")[0], "a sks teapot on the beach");
+        let refs = bench.references(&bench.subjects[1], tch::Device::Cpu).unwrap();
+        assert_eq!(refs.size(), [4, 3, 32, 32]);
+        let err = world.export_dreambench(dir.path(), 9, 4, 32).unwrap_err().to_string();
+        assert!(err.contains("1..=8 subjects"), "{err}");
     }
 }
