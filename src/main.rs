@@ -8,6 +8,7 @@
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
 //! - [`metrics_server`]: the Prometheus exporter on loopback.
 //! - [`corpus_cmd`]: inspect a corpus (tables, rows, versions, fragments, tags).
+//! - [`pretrain`]: pretraining the toy world's models (today: its CLIP).
 //! - [`world_cmd`]: the toy world (export subjects as a DreamBench-layout folder).
 
 mod bench;
@@ -15,6 +16,7 @@ mod corpus_cmd;
 mod evaluate;
 mod loadgen;
 mod metrics_server;
+mod pretrain;
 mod smoke;
 mod world_cmd;
 
@@ -53,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: corpus_cmd::CorpusCommand,
     },
+    /// Pretrain the toy world's models.
+    Pretrain {
+        #[command(subcommand)]
+        command: pretrain::PretrainCommand,
+    },
     /// The toy world.
     World {
         #[command(subcommand)]
@@ -81,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
         Command::Evaluate { command } => evaluate::run(command).map(|()| 0),
         Command::World { command } => world_cmd::run(command).map(|()| 0),
+        Command::Pretrain { command } => pretrain::run(command).map(|()| 0),
     }?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     std::process::exit(code)

@@ -305,3 +305,43 @@ fn world_subjects_export_as_a_dreambench_folder_that_evaluate_reads() {
     let out = proxytune().args(["world", "export", "--subjects", "0", "--out"]).arg(&world).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("1..=8 subjects"));
 }
+
+#[test]
+fn pretraining_the_world_clip_learns_retrieval_and_gives_a_loadable_scorer() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    let out = proxytune()
+        .args(["pretrain", "clip", "--device", "cpu", "--steps", "160", "--batch", "32", "--out"])
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(clip.join("manifest.json")).unwrap()).unwrap();
+    let (before, after) = (
+        manifest["retrieval_top1_before"].as_f64().unwrap(),
+        manifest["retrieval_top1_after"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "world CLIP, 160 steps of 32 pairs: held-out top-1 retrieval {before:.3} -> {after:.3} (chance 0.008)"
+    );
+    assert!(after > 0.1 && after > 5.0 * before, "{before} -> {after}");
+    // The folder is a CLIP checkpoint the evaluation commands load, on the world's subjects.
+    let world = dir.path().join("world");
+    let out = proxytune().args(["world", "export", "--subjects", "2", "--out"]).arg(&world).output().unwrap();
+    assert!(out.status.success());
+    let out = proxytune()
+        .args(["evaluate", "real-images", "--device", "cpu", "--dreambench"])
+        .arg(&world)
+        .arg("--out")
+        .arg(dir.path().join("eval"))
+        .arg("--clip")
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/real_images.json")).unwrap())
+            .unwrap();
+    assert!(json["CLIP-I"]["all"].as_f64().is_some_and(|v| v.is_finite()));
+}

@@ -5,6 +5,7 @@
 //! Component map:
 //! - [`error`]: [`ModelError`], the one error enum of this crate.
 //! - [`ar`]: the AR students (Chameleon / Lumina-mGPT), their VQ tokenizer and KV-cached decoding.
+//! - [`contrastive`]: CLIP-style contrastive training (the toy world's text/image encoder).
 //! - [`checkpoint`]: training checkpoints (atomic folders, retention, restore).
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
@@ -20,6 +21,7 @@
 
 pub mod ar;
 pub mod checkpoint;
+pub mod contrastive;
 pub mod device;
 pub mod diffusion;
 pub mod error;
