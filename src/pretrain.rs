@@ -2,7 +2,10 @@
 //! real path. `pretrain clip` trains a tiny CLIP (text and vision towers, `CLIPModel` layout) on
 //! world renders and their captions, contrastively, and writes it as a transformers-layout folder
 //! (`config.json`, `model.safetensors`) that `ClipScorer` and `--clip` load, with a manifest of
-//! what was trained and the held-out retrieval accuracy it reached.
+//! what was trained and the held-out retrieval accuracy it reached. `pretrain dino` trains a tiny
+//! ViT (`ViTModel` layout, its CLS embedding) to recognise object *instances* across contexts: two
+//! renders of one instance in different contexts are a positive pair, the batch's other instances
+//! negatives; `--dino` loads the result.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,6 +22,8 @@ use tch::{Device, Kind, Tensor};
 pub enum PretrainCommand {
     /// The world's CLIP-style text/image encoder (also its CLIP-I / CLIP-T scorer).
     Clip(ClipArgs),
+    /// The world's DINO-style instance encoder (a ViT; its DINO scorer).
+    Dino(ClipArgs),
 }
 
 /// Arguments of `proxytune pretrain clip`.
@@ -105,7 +110,10 @@ fn batch(
 
 /// Runs a pretraining subcommand.
 pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
-    let PretrainCommand::Clip(args) = command;
+    let args = match command {
+        PretrainCommand::Clip(args) => args,
+        PretrainCommand::Dino(args) => return dino(args),
+    };
     anyhow::ensure!(args.steps > 0 && args.batch > 1, "--steps must be positive and --batch at least 2");
     anyhow::ensure!(args.size % 4 == 0 && args.size >= 16, "--size must be a multiple of 4, at least 16");
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -149,6 +157,94 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
         "held_out_pairs": 128,
         "retrieval_top1_before": before,
         "retrieval_top1_after": after,
+        "seconds": seconds,
+    });
+    std::fs::write(args.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    println!("{}", serde_json::to_string_pretty(&manifest)?);
+    Ok(())
+}
+
+const DINO_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const DINO_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// Two views (different contexts and layouts) of the instance of pretraining scene `i`.
+fn views(world: &World, i: u64) -> (proxytune_actors::world::Scene, proxytune_actors::world::Scene) {
+    let a = world.pretraining_scene(i);
+    let b = proxytune_actors::world::Scene {
+        context: (a.context + 1 + (i as usize % 9)) % 10,
+        edit: None,
+        seed: a.seed.wrapping_mul(31).wrapping_add(17),
+        ..a
+    };
+    (proxytune_actors::world::Scene { edit: None, ..a }, b)
+}
+
+fn pixels(scenes: &[proxytune_actors::world::Scene], size: u32, device: Device) -> anyhow::Result<Tensor> {
+    let images = scenes
+        .iter()
+        .map(|s| {
+            let img = s.render(size);
+            Ok(proxytune_models::scorers::preprocess::rgb8_to_tensor(size, size, img.as_raw(), Device::Cpu)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mean = Tensor::from_slice(&DINO_MEAN).to_kind(Kind::Float).view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&DINO_STD).to_kind(Kind::Float).view([1, 3, 1, 1]);
+    Ok(((Tensor::stack(&images, 0) - mean) / std).to_device(device))
+}
+
+fn dino(args: ClipArgs) -> anyhow::Result<()> {
+    use proxytune_models::contrastive::cosine_matrix;
+    use proxytune_models::transformer::vit::{Vit, VitConfig};
+    anyhow::ensure!(args.steps > 0 && args.batch > 1, "--steps must be positive and --batch at least 2");
+    anyhow::ensure!(args.size % 4 == 0 && args.size >= 16, "--size must be a multiple of 4, at least 16");
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let device = proxytune_models::device::parse_device(&args.device)?;
+    let world = World::new(args.seed, 8);
+    let cfg_json = serde_json::json!({
+        "architectures": ["ViTModel"], "model_type": "vit",
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": args.size, "patch_size": 4,
+        "num_channels": 3, "qkv_bias": true
+    });
+    let cfg: VitConfig = serde_json::from_value(cfg_json.clone())?;
+    tch::manual_seed(args.seed as i64);
+    let vs = tch::nn::VarStore::new(device);
+    let vit = Vit::new(vs.root(), &cfg)?;
+    let mut trainer = ContrastiveTrainer::new(&vs, args.learning_rate, args.steps / 20, 0.05);
+    let held: Vec<_> = (0..128).map(|i| views(&world, 1_000_000_000 + i)).collect();
+    let held_a = pixels(&held.iter().map(|v| v.0).collect::<Vec<_>>(), args.size, device)?;
+    let held_b = pixels(&held.iter().map(|v| v.1).collect::<Vec<_>>(), args.size, device)?;
+    let eval = |vit: &Vit| {
+        tch::no_grad(|| {
+            retrieval_top1(&cosine_matrix(&vit.cls_embedding(&held_a), &vit.cls_embedding(&held_b)))
+        })
+    };
+    let before = eval(&vit);
+    let started = Instant::now();
+    let mut last = f64::NAN;
+    for step in 0..args.steps {
+        let from = step * args.batch as u64;
+        let pairs: Vec<_> = (from..from + args.batch as u64).map(|i| views(&world, i)).collect();
+        let a = pixels(&pairs.iter().map(|v| v.0).collect::<Vec<_>>(), args.size, device)?;
+        let b = pixels(&pairs.iter().map(|v| v.1).collect::<Vec<_>>(), args.size, device)?;
+        last = trainer.step_pairs(&vit.cls_embedding(&a), &vit.cls_embedding(&b))?;
+        if (step + 1) % 100 == 0 {
+            tracing::info!(step = step + 1, loss = last, "pretrain dino");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let after = eval(&vit);
+    std::fs::write(args.out.join("config.json"), serde_json::to_string_pretty(&cfg_json)?)?;
+    proxytune_models::weights::save_safetensors(&vs, &args.out.join("model.safetensors"))?;
+    let manifest = serde_json::json!({
+        "model": "world DINO-style instance encoder (ViTModel layout, CLS embedding)",
+        "command": format!("proxytune pretrain dino --steps {} --batch {} --size {} --seed {} --learning-rate {}",
+                           args.steps, args.batch, args.size, args.seed, args.learning_rate),
+        "pairs_seen": args.steps * args.batch as u64,
+        "final_loss": last,
+        "held_out_instances": 128,
+        "instance_retrieval_top1_before": before,
+        "instance_retrieval_top1_after": after,
         "seconds": seconds,
     });
     std::fs::write(args.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;

@@ -1,7 +1,8 @@
-//! Contrastive (CLIP-style) training of a [`Clip`] model on image–caption pairs: the symmetric
-//! InfoNCE loss over a batch with CLIP's learnt temperature (`logit_scale`, initialised to
-//! `ln(1/0.07)`, clamped at `ln(100)`), AdamW with clipping. The toy world's text/image encoder and
-//! its CLIP-I / CLIP-T scorer are pretrained this way.
+//! Contrastive training on matched pairs: the symmetric InfoNCE loss over a batch with CLIP's
+//! learnt temperature (`logit_scale`, initialised to `ln(1/0.07)`, clamped at `ln(100)`), AdamW
+//! with clipping. The toy world's [`Clip`] (image–caption pairs; its text encoder and CLIP-I /
+//! CLIP-T scorer) and its DINO-style instance encoder (two views of one object instance in different
+//! contexts) are pretrained this way.
 
 use tch::{nn, Kind, Tensor};
 
@@ -24,9 +25,7 @@ fn normalize(x: &Tensor) -> Tensor {
 
 /// Cosine similarities `[B_images, B_texts]` between the images' and the captions' embeddings.
 pub fn similarity(clip: &Clip, pixels: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let image = normalize(&clip.image_embeds(pixels));
-    let text = normalize(&clip.text_embeds(ids, Some(mask)));
-    image.matmul(&text.tr())
+    cosine_matrix(&clip.image_embeds(pixels), &clip.text_embeds(ids, Some(mask)))
 }
 
 /// Top-1 retrieval accuracy of matched pairs on the diagonal of `similarity`, averaged over
@@ -57,9 +56,15 @@ impl ContrastiveTrainer {
         self.logit_scale.double_value(&[]).exp()
     }
 
-    /// One step on a batch of matched pairs; returns the loss.
+    /// One step on a batch of CLIP image–caption pairs; returns the loss.
     pub fn step(&mut self, clip: &Clip, pixels: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<f64> {
-        let sim = similarity(clip, pixels, ids, mask) * self.logit_scale.clamp_max(100f64.ln()).exp();
+        self.step_pairs(&clip.image_embeds(pixels), &clip.text_embeds(ids, Some(mask)))
+    }
+
+    /// One step on embeddings `[B, D]` of matched pairs (row i of `a` matches row i of `b`);
+    /// returns the loss.
+    pub fn step_pairs(&mut self, a: &Tensor, b: &Tensor) -> Result<f64> {
+        let sim = normalize(a).matmul(&normalize(b).tr()) * self.logit_scale.clamp_max(100f64.ln()).exp();
         let n = sim.size()[0];
         let target = Tensor::arange(n, (Kind::Int64, sim.device()));
         let loss = (sim.cross_entropy_for_logits(&target) + sim.tr().cross_entropy_for_logits(&target)) / 2.0;
@@ -75,4 +80,9 @@ impl ContrastiveTrainer {
         self.optimizer.clipped_step(1.0, self.learning_rate, self.warmup)?;
         Ok(value)
     }
+}
+
+/// Cosine similarities `[B, B]` between two sets of embeddings.
+pub fn cosine_matrix(a: &Tensor, b: &Tensor) -> Tensor {
+    normalize(a).matmul(&normalize(b).tr())
 }
