@@ -108,15 +108,25 @@ fn batch(
     Ok((pixels, ids, masks))
 }
 
+/// Refuses a budget or size that cannot train, and an output folder that cannot be made, before
+/// any work starts.
+fn check(args: &ClipArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.steps > 0 && args.batch > 1, "--steps must be positive and --batch at least 2");
+    anyhow::ensure!(
+        args.size.is_multiple_of(4) && args.size >= 16,
+        "--size must be a multiple of 4, at least 16"
+    );
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    Ok(())
+}
+
 /// Runs a pretraining subcommand.
 pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
     let args = match command {
         PretrainCommand::Clip(args) => args,
         PretrainCommand::Dino(args) => return dino(args),
     };
-    anyhow::ensure!(args.steps > 0 && args.batch > 1, "--steps must be positive and --batch at least 2");
-    anyhow::ensure!(args.size % 4 == 0 && args.size >= 16, "--size must be a multiple of 4, at least 16");
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    check(&args)?;
     let device = proxytune_models::device::parse_device(&args.device)?;
     let tokenizer = ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?;
     let world = World::new(args.seed, 8);
@@ -195,9 +205,7 @@ fn pixels(scenes: &[proxytune_actors::world::Scene], size: u32, device: Device) 
 fn dino(args: ClipArgs) -> anyhow::Result<()> {
     use proxytune_models::contrastive::cosine_matrix;
     use proxytune_models::transformer::vit::{Vit, VitConfig};
-    anyhow::ensure!(args.steps > 0 && args.batch > 1, "--steps must be positive and --batch at least 2");
-    anyhow::ensure!(args.size % 4 == 0 && args.size >= 16, "--size must be a multiple of 4, at least 16");
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    check(&args)?;
     let device = proxytune_models::device::parse_device(&args.device)?;
     let world = World::new(args.seed, 8);
     let cfg_json = serde_json::json!({
