@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
-use metrics::{Counter, Gauge, Histogram};
 use proxytune_models::ar::lumina::{t2i_instruction, LuminaTokens};
 use proxytune_models::ar::train::{ArExample, ArTrainConfig, ArTrainer, ChameleonStudent};
 use proxytune_models::checkpoint;
@@ -22,10 +21,11 @@ use proxytune_models::device::parse_device;
 use proxytune_models::lora::{save_lora, LoraConfig};
 use proxytune_models::rng::{Draws, Stream};
 use proxytune_models::tokenizer::hf::HfTokenizer;
-use proxytune_schemas::{MetricName, Table, VqTokens};
+use proxytune_schemas::{Table, VqTokens};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::runtime::metrics::TrainMeters;
 use crate::runtime::{Context, Metrics, Operator, Output, Signal};
 
 /// Configuration of an [`ArTrainerActor`].
@@ -77,15 +77,6 @@ pub struct ArTrainerStats {
     pub checkpoints: Vec<PathBuf>,
 }
 
-struct Meters {
-    cross_entropy: Gauge,
-    z_loss: Gauge,
-    total: Gauge,
-    learning_rate: Gauge,
-    steps: Counter,
-    step_seconds: Histogram,
-}
-
 /// The AR student's trainer as an actor.
 pub struct ArTrainerActor {
     config: ArTrainerConfig,
@@ -93,7 +84,7 @@ pub struct ArTrainerActor {
     rows: Vec<(String, ArExample)>,
     input_closed: bool,
     stats: Arc<Mutex<ArTrainerStats>>,
-    meters: Meters,
+    meters: TrainMeters,
 }
 
 impl ArTrainerActor {
@@ -105,15 +96,7 @@ impl ArTrainerActor {
                 message: "must be at least 1".into(),
             });
         }
-        let labels = |term: &str| [("model", "student".to_string()), ("term", term.to_string())];
-        let meters = Meters {
-            cross_entropy: metrics.gauge_labels(MetricName::TrainLoss, &labels("cross_entropy")),
-            z_loss: metrics.gauge_labels(MetricName::TrainLoss, &labels("z_loss")),
-            total: metrics.gauge_labels(MetricName::TrainLoss, &labels("total")),
-            learning_rate: metrics.gauge(MetricName::TrainLearningRate, "model", "student"),
-            steps: metrics.counter(MetricName::TrainSteps, "model", "student"),
-            step_seconds: metrics.histogram(MetricName::TrainStepDuration, "model", "student"),
-        };
+        let meters = metrics.trainer("student", &["cross_entropy", "z_loss", "total"]);
         let stats = Arc::new(Mutex::new(ArTrainerStats::default()));
         let actor = ArTrainerActor {
             config,
@@ -158,12 +141,11 @@ impl ArTrainerActor {
         let batch: Vec<ArExample> = picks.iter().map(|&i| self.rows[i as usize].1.clone()).collect();
         let t0 = Instant::now();
         let losses = trainer.train_step(student, &batch)?;
-        self.meters.step_seconds.record(t0.elapsed().as_secs_f64());
-        self.meters.steps.increment(1);
-        self.meters.cross_entropy.set(losses.cross_entropy);
-        self.meters.z_loss.set(losses.z_loss);
-        self.meters.total.set(losses.total);
-        self.meters.learning_rate.set(losses.learning_rate);
+        self.meters.record(
+            &[losses.cross_entropy, losses.z_loss, losses.total],
+            losses.learning_rate,
+            t0.elapsed().as_secs_f64(),
+        );
         let mut stats = self.stats.lock().expect("trainer stats");
         stats.steps = losses.step;
         stats.rows_at_step.push(self.rows.len());

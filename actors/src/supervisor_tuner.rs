@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
-use metrics::{Counter, Gauge, Histogram};
+use metrics::Counter;
 use proxytune_models::device::parse_device;
 use proxytune_models::diffusion::dreambooth::{
     latest_checkpoint, DreamBoothConfig, DreamBoothTrainer, LORA_FILE,
@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::intake::{encode_png, images_to_square_batch, tensor_to_rgb};
+use crate::runtime::metrics::TrainMeters;
 use crate::runtime::{Context, Metrics, Operator, Output};
 
 /// Configuration of a [`SupervisorTuner`].
@@ -63,12 +64,7 @@ fn default_device() -> String {
 }
 
 struct Meters {
-    loss_instance: Gauge,
-    loss_prior: Gauge,
-    loss_total: Gauge,
-    learning_rate: Gauge,
-    steps: Counter,
-    step_seconds: Histogram,
+    train: TrainMeters,
     validation_images: Counter,
 }
 
@@ -94,14 +90,8 @@ impl SupervisorTuner {
                 message: "no reference images".into(),
             });
         }
-        let labels = |term: &str| [("model", "supervisor".to_string()), ("term", term.to_string())];
         let meters = Meters {
-            loss_instance: metrics.gauge_labels(MetricName::TrainLoss, &labels("instance")),
-            loss_prior: metrics.gauge_labels(MetricName::TrainLoss, &labels("prior")),
-            loss_total: metrics.gauge_labels(MetricName::TrainLoss, &labels("total")),
-            learning_rate: metrics.gauge(MetricName::TrainLearningRate, "model", "supervisor"),
-            steps: metrics.counter(MetricName::TrainSteps, "model", "supervisor"),
-            step_seconds: metrics.histogram(MetricName::TrainStepDuration, "model", "supervisor"),
+            train: metrics.trainer("supervisor", &["instance", "prior", "total"]),
             validation_images: metrics.counter(MetricName::GeneratedImages, "kind", "validation"),
         };
         Ok(SupervisorTuner { config, references, state: None, meters })
@@ -128,12 +118,11 @@ impl SupervisorTuner {
         let (model, trainer) = self.state.as_mut().expect("started");
         let t0 = Instant::now();
         let losses = trainer.train_step(model)?;
-        self.meters.step_seconds.record(t0.elapsed().as_secs_f64());
-        self.meters.steps.increment(1);
-        self.meters.loss_instance.set(losses.instance);
-        self.meters.loss_prior.set(losses.prior);
-        self.meters.loss_total.set(losses.total);
-        self.meters.learning_rate.set(losses.learning_rate);
+        self.meters.train.record(
+            &[losses.instance, losses.prior, losses.total],
+            losses.learning_rate,
+            t0.elapsed().as_secs_f64(),
+        );
         let every = trainer.config().checkpoint_every;
         if every > 0 && losses.step % every == 0 {
             trainer.save_checkpoint(model, &checkpoints)?;

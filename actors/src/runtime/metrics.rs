@@ -118,6 +118,18 @@ impl Metrics {
         }
     }
 
+    /// The handles of one trainer: `model` labels them (`supervisor`, `student`), `terms` names
+    /// its loss terms in the order [`TrainMeters::record`] takes them.
+    pub fn trainer(&self, model: &str, terms: &[&str]) -> TrainMeters {
+        let labels = |term: &str| [("model", model.to_string()), ("term", term.to_string())];
+        TrainMeters {
+            losses: terms.iter().map(|t| self.gauge_labels(MetricName::TrainLoss, &labels(t))).collect(),
+            learning_rate: self.gauge(MetricName::TrainLearningRate, "model", model),
+            steps: self.counter(MetricName::TrainSteps, "model", model),
+            step_seconds: self.histogram(MetricName::TrainStepDuration, "model", model),
+        }
+    }
+
     /// The handles of one edge.
     pub fn edge(&self, edge: &str) -> EdgeMetrics {
         EdgeMetrics {
@@ -167,4 +179,26 @@ pub struct EdgeMetrics {
     pub blocked_seconds: Histogram,
     /// Rows never taken by the receiver.
     pub undelivered_rows: Counter,
+}
+
+/// Metric handles of one trainer.
+#[derive(Clone)]
+pub struct TrainMeters {
+    losses: Vec<Gauge>,
+    learning_rate: Gauge,
+    steps: Counter,
+    step_seconds: Histogram,
+}
+
+impl TrainMeters {
+    /// Records one optimiser step: its loss terms (in the order given at creation), learning rate
+    /// and duration.
+    pub fn record(&self, losses: &[f64], learning_rate: f64, seconds: f64) {
+        for (gauge, value) in self.losses.iter().zip(losses) {
+            gauge.set(*value);
+        }
+        self.learning_rate.set(learning_rate);
+        self.steps.increment(1);
+        self.step_seconds.record(seconds);
+    }
 }

@@ -97,6 +97,20 @@ impl AttnBlock {
     }
 }
 
+/// Codes outside `0..codebook` are an error naming the span.
+pub(crate) fn check_codes(codes: &Tensor, codebook: i64) -> Result<()> {
+    if codes.numel() > 0 {
+        let (lo, hi) = (codes.min().int64_value(&[]), codes.max().int64_value(&[]));
+        if lo < 0 || hi >= codebook {
+            return Err(ModelError::Config {
+                what: "VQ codes".into(),
+                message: format!("codes span {lo}..={hi}, the codebook has {codebook}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check(cfg: &ChameleonVqConfig) -> Result<()> {
     let bad = |message: String| Err(ModelError::Config { what: "vq_config".into(), message });
     if cfg.channel_multiplier.is_empty() || cfg.num_res_blocks < 1 {
@@ -349,15 +363,7 @@ impl ChameleonVqDecoder {
                 message: format!("expected [B, h, w], got {size:?}"),
             });
         }
-        if codes.numel() > 0 {
-            let (lo, hi) = (codes.min().int64_value(&[]), codes.max().int64_value(&[]));
-            if lo < 0 || hi >= self.num_embeddings {
-                return Err(ModelError::Config {
-                    what: "VQ codes".into(),
-                    message: format!("codes span {lo}..={hi}, the codebook has {}", self.num_embeddings),
-                });
-            }
-        }
+        check_codes(codes, self.num_embeddings)?;
         let z = self.codebook.index_select(0, &codes.flatten(0, -1)).view([size[0], size[1], size[2], -1]);
         let mut h = z.permute([0, 3, 1, 2]).apply(&self.post_quant_conv).apply(&self.conv_in);
         h = self.mid.0.forward(&h, None);

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
-use super::chameleon_vq::AttnBlock;
+use super::chameleon_vq::{check_codes, AttnBlock};
 use crate::diffusion::blocks::{group_norm, Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::error::{ModelError, Result};
 
@@ -244,18 +244,7 @@ impl LlamaGenVq {
                 message: format!("expected [B, h, w], got {size:?}"),
             });
         }
-        if codes.numel() > 0 {
-            let (lo, hi) = (codes.min().int64_value(&[]), codes.max().int64_value(&[]));
-            if lo < 0 || hi >= self.config.codebook_size {
-                return Err(ModelError::Config {
-                    what: "VQ codes".into(),
-                    message: format!(
-                        "codes span {lo}..={hi}, the codebook has {}",
-                        self.config.codebook_size
-                    ),
-                });
-            }
-        }
+        check_codes(codes, self.config.codebook_size)?;
         let z =
             self.unit_codebook().index_select(0, &codes.flatten(0, -1)).view([size[0], size[1], size[2], -1]);
         let mut h = z.permute([0, 3, 1, 2]).apply(&self.post_quant_conv).apply(&self.dec_conv_in);
