@@ -30,24 +30,11 @@ pub enum EvaluateCommand {
 /// Arguments of `proxytune evaluate generators`.
 #[derive(Debug, clap::Args)]
 pub struct GeneratorsArgs {
-    /// DreamBench-layout folder.
-    #[arg(long, default_value_os_t = crate::default_dreambench())]
-    dreambench: PathBuf,
     /// Output folder (report.md, supervisor.json, student.json, grids/<role>/<subject>.png).
     #[arg(long, default_value = "out/evaluate")]
     out: PathBuf,
-    /// Folder with the converted EfficientNet-Lite0 weights and CLIP's BPE ($PROXYTUNE_ASSETS).
-    #[arg(long, env = "PROXYTUNE_ASSETS")]
-    assets: PathBuf,
-    /// A transformers DINO ViT checkpoint folder.
-    #[arg(long)]
-    dino: Option<PathBuf>,
-    /// A transformers CLIP checkpoint folder (CLIP-I and CLIP-T).
-    #[arg(long)]
-    clip: Option<PathBuf>,
-    /// Device: auto, cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    scorers: ScorerArgs,
     /// The supervisor: a diffusers model folder.
     #[arg(long)]
     supervisor: Option<PathBuf>,
@@ -84,24 +71,67 @@ pub struct GeneratorsArgs {
 /// Arguments of `proxytune evaluate real-images`.
 #[derive(Debug, clap::Args)]
 pub struct RealImagesArgs {
-    /// DreamBench-layout folder.
-    #[arg(long, default_value_os_t = crate::default_dreambench())]
-    dreambench: PathBuf,
     /// Output folder (real_images.json, real_images.md, grids/).
     #[arg(long, default_value = "out/evaluate")]
     out: PathBuf,
-    /// Folder with the converted EfficientNet-Lite0 weights ($PROXYTUNE_ASSETS by default).
+    #[command(flatten)]
+    scorers: ScorerArgs,
+}
+
+/// The benchmark folder, the scorers and the device, shared by the evaluation commands.
+#[derive(Debug, clap::Args)]
+pub struct ScorerArgs {
+    /// DreamBench-layout folder.
+    #[arg(long, default_value_os_t = crate::default_dreambench())]
+    dreambench: PathBuf,
+    /// Folder with the converted EfficientNet-Lite0 weights and CLIP's BPE ($PROXYTUNE_ASSETS).
     #[arg(long, env = "PROXYTUNE_ASSETS")]
     assets: PathBuf,
     /// A transformers DINO ViT checkpoint folder (config.json, model.safetensors).
     #[arg(long)]
     dino: Option<PathBuf>,
-    /// A transformers CLIP checkpoint folder (config.json, model.safetensors).
+    /// A transformers CLIP checkpoint folder (config.json, model.safetensors): CLIP-I and CLIP-T.
     #[arg(long)]
     clip: Option<PathBuf>,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+}
+
+/// The loaded scorers: FEAT-I always, DINO and CLIP when their folders are given.
+struct Scorers {
+    feat: FeatI,
+    dino: Option<Dino>,
+    clip: Option<ClipScorer>,
+    device: tch::Device,
+}
+
+impl Scorers {
+    fn load(args: &ScorerArgs) -> anyhow::Result<Self> {
+        let device = proxytune_models::device::parse_device(&args.device)?;
+        let feat = FeatI::load(&args.assets.join(WEIGHTS_FILE), device)?;
+        let dino = args.dino.as_deref().map(|d| Dino::load(d, device)).transpose()?;
+        let clip = match &args.clip {
+            Some(dir) => {
+                let tok = ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?;
+                Some(ClipScorer::load(dir, tok, device)?)
+            }
+            None => None,
+        };
+        Ok(Scorers { feat, dino, clip, device })
+    }
+
+    /// The image metrics, FEAT-I first.
+    fn embedders(&self) -> Vec<&dyn ImageEmbedder> {
+        let mut embedders: Vec<&dyn ImageEmbedder> = vec![&self.feat];
+        if let Some(d) = &self.dino {
+            embedders.push(d);
+        }
+        if let Some(c) = &self.clip {
+            embedders.push(c);
+        }
+        embedders
+    }
 }
 
 fn markdown(tables: &std::collections::BTreeMap<String, MetricTable>) -> String {
@@ -254,8 +284,9 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
         args.supervisor.is_some() || args.student.is_some(),
         "give --supervisor and/or --student"
     );
-    let device = proxytune_models::device::parse_device(&args.device)?;
-    let bench = DreamBench::open(&args.dreambench)?;
+    let scorers = Scorers::load(&args.scorers)?;
+    let (device, embedders) = (scorers.device, scorers.embedders());
+    let bench = DreamBench::open(&args.scorers.dreambench)?;
     let subjects: Vec<proxytune_actors::intake::SubjectEntry> = match args.subjects.as_str() {
         "all" => bench.subjects.clone(),
         "subset9" => {
@@ -264,34 +295,18 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
         list => {
             let names: Vec<&str> = list.split(',').map(str::trim).collect();
             if let Some(missing) = names.iter().find(|n| !bench.subjects.iter().any(|s| s.subject == **n)) {
-                anyhow::bail!("--subjects: no subject `{missing}` in {}", args.dreambench.display());
+                anyhow::bail!("--subjects: no subject `{missing}` in {}", args.scorers.dreambench.display());
             }
             bench.subjects.iter().filter(|s| names.contains(&s.subject.as_str())).cloned().collect()
         }
     };
-    let feat = FeatI::load(&args.assets.join(WEIGHTS_FILE), device)?;
-    let dino = args.dino.as_deref().map(|d| Dino::load(d, device)).transpose()?;
-    let clip = match &args.clip {
-        Some(dir) => {
-            let tok = ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?;
-            Some(ClipScorer::load(dir, tok, device)?)
-        }
-        None => None,
-    };
-    let mut embedders: Vec<&dyn ImageEmbedder> = vec![&feat];
-    if let Some(d) = &dino {
-        embedders.push(d);
-    }
-    if let Some(c) = &clip {
-        embedders.push(c);
-    }
     let protocol = ProtocolConfig {
         images_per_prompt: args.images_per_prompt,
         seed_base: args.seed_base,
         max_prompts: args.max_prompts,
         ..Default::default()
     };
-    let device_name = args.device.clone();
+    let device_name = args.scorers.device.clone();
     let mut models: Vec<Box<dyn Generator>> = Vec::new();
     if let Some(dir) = &args.supervisor {
         let sampling = read_json(args.supervisor_sampling.as_deref())?;
@@ -324,7 +339,7 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
     }
     let mut reports = Vec::new();
     for model in &mut models {
-        let clip_t = clip.as_ref().map(|c| c as &dyn proxytune_actors::filter::PromptScorer);
+        let clip_t = scorers.clip.as_ref().map(|c| c as &dyn proxytune_actors::filter::PromptScorer);
         let report =
             evaluate_generator(&bench, &subjects, model.as_mut(), &embedders, clip_t, &protocol, device)?;
         let role = report.role.as_str().to_string();
@@ -350,25 +365,9 @@ pub fn run(command: EvaluateCommand) -> anyhow::Result<()> {
         EvaluateCommand::RealImages(args) => args,
         EvaluateCommand::Generators(args) => return generators(*args),
     };
-    let device = proxytune_models::device::parse_device(&args.device)?;
-    let bench = DreamBench::open(&args.dreambench)?;
-    let feat = FeatI::load(&args.assets.join(WEIGHTS_FILE), device)?;
-    let dino = args.dino.as_deref().map(|d| Dino::load(d, device)).transpose()?;
-    let clip = match &args.clip {
-        Some(dir) => {
-            let tok = ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?;
-            Some(ClipScorer::load(dir, tok, device)?)
-        }
-        None => None,
-    };
-    let mut embedders: Vec<&dyn ImageEmbedder> = vec![&feat];
-    if let Some(d) = &dino {
-        embedders.push(d);
-    }
-    if let Some(c) = &clip {
-        embedders.push(c);
-    }
-    let tables = real_images_row(&bench, &embedders, device);
+    let scorers = Scorers::load(&args.scorers)?;
+    let bench = DreamBench::open(&args.scorers.dreambench)?;
+    let tables = real_images_row(&bench, &scorers.embedders(), scorers.device);
     std::fs::create_dir_all(args.out.join("grids")).with_context(|| args.out.display().to_string())?;
     std::fs::write(args.out.join("real_images.json"), serde_json::to_string_pretty(&tables)?)?;
     std::fs::write(args.out.join("real_images.md"), markdown(&tables))?;

@@ -75,6 +75,19 @@ pub fn read_state<S: DeserializeOwned>(checkpoint: &Path) -> Result<S> {
         .map_err(|e| ModelError::Config { what: path.display().to_string(), message: e.to_string() })
 }
 
+/// Refuses to resume when a setting that decides the run's draws or data differs from the
+/// checkpoint's: `fields` pairs each setting's name with whether it is the same; the error names
+/// the first that is not as `<prefix>.<name>`.
+pub fn same_settings(checkpoint: &Path, prefix: &str, fields: &[(&str, bool)]) -> Result<()> {
+    match fields.iter().find(|(_, same)| !same) {
+        Some((field, _)) => Err(ModelError::Config {
+            what: format!("{prefix}.{field}"),
+            message: format!("differs from the checkpoint {}", checkpoint.display()),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Restores the trained tensors, the optimiser moments (and step count `steps`) and the EMA
 /// (`ema_updates`) of a checkpoint into `optimizer` / `ema`. Shapes and names are checked.
 pub fn restore(

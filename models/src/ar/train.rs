@@ -388,12 +388,7 @@ impl ArTrainer {
                 saved.gradient_accumulation_steps == ours.gradient_accumulation_steps,
             ),
         ];
-        if let Some((field, _)) = fields.iter().find(|(_, same)| !same) {
-            return Err(ModelError::Config {
-                what: format!("ar_train.{field}"),
-                message: format!("differs from the checkpoint {}", checkpoint.display()),
-            });
-        }
+        checkpoint::same_settings(checkpoint, "ar_train", &fields)?;
         if state.lora != self.lora {
             return Err(ModelError::Config {
                 what: checkpoint.display().to_string(),

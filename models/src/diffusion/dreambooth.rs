@@ -637,12 +637,7 @@ impl DreamBoothTrainer {
             ("instance_prompt", saved.instance_prompt == ours.instance_prompt),
             ("class_prompt", saved.class_prompt == ours.class_prompt),
         ];
-        if let Some((field, _)) = fields.iter().find(|(_, same)| !same) {
-            return Err(ModelError::Config {
-                what: format!("dreambooth.{field}"),
-                message: format!("differs from the checkpoint {}", checkpoint.display()),
-            });
-        }
+        checkpoint::same_settings(checkpoint, "dreambooth", &fields)?;
         if state.lora != self.lora {
             return Err(ModelError::Config {
                 what: checkpoint.display().to_string(),

@@ -288,7 +288,7 @@ impl StableDiffusion {
 
     /// The element type of the UNet's weights (bfloat16 after mixed-precision set-up).
     pub fn unet_kind(&self) -> tch::Kind {
-        self.stores.unet.variables().values().next().map(|t| t.kind()).unwrap_or(tch::Kind::Float)
+        self.unet.kind()
     }
 
     /// Text conditioning for prompts (each padded to its encoder's context length).

@@ -503,6 +503,11 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// The element type of the weights (bfloat16 after mixed-precision set-up).
+    pub fn kind(&self) -> Kind {
+        self.conv_in.ws.kind()
+    }
+
     /// Predicts noise (or v, or x₀, per the scheduler's prediction type).
     pub fn forward(
         &self,
