@@ -1,6 +1,8 @@
 //! The `proxytune` command line: CLI parsing and the commands that exist so far.
 //!
 //! Component map:
+//! - [`demo`]: the embedded demo — the whole mission on the toy world, end to end.
+//! - [`replay`]: a fresh student from a stored corpus version (no generation), evaluated.
 //! - [`smoke`]: the smoke job of what exists (DreamBench references into a Lance corpus, an
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps).
 //! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`).
@@ -8,15 +10,17 @@
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
 //! - [`metrics_server`]: the Prometheus exporter on loopback.
 //! - [`corpus_cmd`]: inspect a corpus (tables, rows, versions, fragments, tags).
-//! - [`pretrain`]: pretraining the toy world's models (today: its CLIP).
+//! - [`pretrain`]: pretraining the toy world's models (CLIP, DINO, supervisor, student).
 //! - [`world_cmd`]: the toy world (export subjects as a DreamBench-layout folder).
 
 mod bench;
 mod corpus_cmd;
+mod demo;
 mod evaluate;
 mod loadgen;
 mod metrics_server;
 mod pretrain;
+mod replay;
 mod smoke;
 mod world_cmd;
 
@@ -34,6 +38,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The embedded demo: one world subject through the whole streaming pipeline (supervisor
+    /// DreamBooth with streamed priors, proxies, Filter, Lance, student training while proxies
+    /// arrive), then supervisor vs student evaluation and report/index.html.
+    Demo(Box<demo::DemoArgs>),
+    /// Train a fresh student from a stored corpus version (optionally re-filtered), no
+    /// generation, and evaluate it.
+    Replay(Box<replay::ReplayArgs>),
     /// Smoke job of what exists: imports DreamBench references into a Lance corpus (twice, to show
     /// the second import writes nothing), scans it, and trains a tiny tch network a few steps.
     Smoke(smoke::SmokeArgs),
@@ -69,15 +80,18 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,lance=warn,lance_core=warn,lance_file=warn,lance_io=warn",
+            )
+        }))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let code = match cli.command {
+        Command::Demo(args) => runtime.block_on(demo::run(*args)),
+        Command::Replay(args) => runtime.block_on(replay::run(*args)),
         Command::Smoke(args) => runtime.block_on(smoke::run(args)).map(|()| 0),
         Command::Corpus { command } => runtime.block_on(corpus_cmd::run(command)).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Unet(args) } => bench::unet(args).map(|()| 0),

@@ -18,7 +18,7 @@ use proxytune_models::ar::lumina::{t2i_instruction, LuminaTokens};
 use proxytune_models::ar::train::{ArExample, ArTrainConfig, ArTrainer, ChameleonStudent};
 use proxytune_models::checkpoint;
 use proxytune_models::device::parse_device;
-use proxytune_models::lora::{save_lora, LoraConfig};
+use proxytune_models::lora::{save_config, save_lora, LoraConfig};
 use proxytune_models::rng::{Draws, Stream};
 use proxytune_models::tokenizer::hf::HfTokenizer;
 use proxytune_schemas::{Table, VqTokens};
@@ -73,6 +73,8 @@ pub struct ArTrainerStats {
     pub rows_at_step: Vec<usize>,
     /// Total loss of each step of this run.
     pub losses: Vec<f64>,
+    /// When each step of this run started (µs since the epoch, UTC).
+    pub step_started_us: Vec<i64>,
     /// Checkpoints written.
     pub checkpoints: Vec<PathBuf>,
 }
@@ -139,7 +141,7 @@ impl ArTrainerActor {
         let picks = Draws::new(trainer.config().seed, Stream::Shuffle, k)
             .below(n as u64, trainer.examples_per_step());
         let batch: Vec<ArExample> = picks.iter().map(|&i| self.rows[i as usize].1.clone()).collect();
-        let t0 = Instant::now();
+        let (t0, started_us) = (Instant::now(), proxytune_schemas::now_us());
         let losses = trainer.train_step(student, &batch)?;
         self.meters.record(
             &[losses.cross_entropy, losses.z_loss, losses.total],
@@ -150,6 +152,7 @@ impl ArTrainerActor {
         stats.steps = losses.step;
         stats.rows_at_step.push(self.rows.len());
         stats.losses.push(losses.total);
+        stats.step_started_us.push(started_us);
         Ok(())
     }
 
@@ -246,6 +249,7 @@ impl Operator for ArTrainerActor {
                 "base_model.model",
                 &self.config.output_dir.join("adapter_model.safetensors"),
             )?;
+            save_config(lora, &self.config.output_dir)?;
         }
         let stats = self.stats.lock().expect("trainer stats").clone();
         let run = serde_json::json!({
@@ -254,6 +258,7 @@ impl Operator for ArTrainerActor {
             "last": trainer.last_losses(),
             "data": self.data_position(),
             "losses_this_run": stats.losses,
+            "step_started_us_this_run": stats.step_started_us,
         });
         let path = self.config.output_dir.join("run.json");
         std::fs::write(&path, serde_json::to_string_pretty(&run).expect("run serialises"))

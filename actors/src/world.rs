@@ -292,6 +292,31 @@ impl Scene {
     }
 }
 
+/// The identifier the world's subjects are taught under (rare: no pretraining caption has it).
+pub const IDENTIFIER: &str = "sks";
+
+/// Every word of the world's captions and prompts, and the identifier, each once, in a fixed
+/// order: the vocabulary of the world's tokenizers.
+pub fn vocabulary() -> Vec<&'static str> {
+    let mut words: Vec<&'static str> = vec!["a", "and", IDENTIFIER];
+    let phrases = CLASSES
+        .iter()
+        .copied()
+        .chain(COLOURS.iter().map(|c| c.0))
+        .chain(PATTERNS)
+        .chain(MARKS)
+        .chain(EDITS)
+        .chain(CONTEXTS.iter().flat_map(|c| c.1));
+    for phrase in phrases {
+        for word in phrase.split_whitespace() {
+            if !words.contains(&word) {
+                words.push(word);
+            }
+        }
+    }
+    words
+}
+
 /// A subject: a reserved instance with its references and prompts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Subject {
@@ -528,6 +553,23 @@ mod tests {
         assert_ne!(a.render(32), b.render(32));
         let c = Scene { context: (a.context + 1) % 10, ..a };
         assert_ne!(a.render(32), c.render(32));
+    }
+
+    #[test]
+    fn the_vocabulary_covers_every_caption_once() {
+        let words = vocabulary();
+        let unique: std::collections::HashSet<_> = words.iter().collect();
+        assert_eq!(unique.len(), words.len());
+        let world = World::new(7, 8);
+        let subject = world.subject(2, 6).unwrap();
+        let captions = (0..500)
+            .map(|i| world.pretraining_scene(i).caption(None))
+            .chain(subject.prompts.iter().map(|p| p.caption(Some(IDENTIFIER))));
+        for caption in captions {
+            for w in caption.split_whitespace() {
+                assert!(words.contains(&w), "`{w}` of `{caption}`");
+            }
+        }
     }
 
     #[test]

@@ -255,8 +255,9 @@ impl ChameleonVqVae {
         1 << (self.config.channel_multiplier.len() - 1)
     }
 
-    /// Encodes `pixels [B, 3, R, R]` in `[-1, 1]` to the code grid `[B, R/f, R/f]`.
-    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// The encoder's continuous output `[B, D, R/f, R/f]` (after `quant_conv`, before the codebook)
+    /// of `pixels [B, 3, R, R]` in `[-1, 1]`.
+    pub fn encode_latent(&self, pixels: &Tensor) -> Result<Tensor> {
         let size = pixels.size();
         let f = self.downsample_factor();
         if size.len() != 4 || size[1] != self.config.in_channels || size[2] % f != 0 || size[3] % f != 0 {
@@ -268,15 +269,29 @@ impl ChameleonVqVae {
                 ),
             });
         }
-        let z = self.encoder.forward(pixels).apply(&self.quant_conv); // [B, D, h, w]
-        let (b, d, h, w) = z.size4().expect("[B, D, h, w]");
-        let flat = z.permute([0, 2, 3, 1]).reshape([-1, d]); // [BHW, D]
-                                                             // ‖z − e‖² = ‖z‖² + ‖e‖² − 2 z·e, as the reference computes it (same ties).
-        let distances = flat.square().sum_dim_intlist(1, true, Kind::Float)
-            + self.codebook.square().sum_dim_intlist(1, false, Kind::Float)
-            - flat.matmul(&self.codebook.tr()) * 2.0;
-        Ok(distances.argmin(1, false).view([b, h, w]))
+        Ok(self.encoder.forward(pixels).apply(&self.quant_conv))
     }
+
+    /// Encodes `pixels [B, 3, R, R]` in `[-1, 1]` to the code grid `[B, R/f, R/f]`.
+    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(nearest_codes(&self.encode_latent(pixels)?, &self.codebook))
+    }
+
+    /// The codebook `[num_embeddings, embed_dim]`.
+    pub fn codebook(&self) -> &Tensor {
+        &self.codebook
+    }
+}
+
+/// The index of the nearest codebook row of every vector of `z [B, D, h, w]`: `[B, h, w]`.
+pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Tensor {
+    let (b, d, h, w) = z.size4().expect("[B, D, h, w]");
+    let flat = z.permute([0, 2, 3, 1]).reshape([-1, d]); // [BHW, D]
+                                                         // ‖z − e‖² = ‖z‖² + ‖e‖² − 2 z·e, as the reference computes it (same ties).
+    let distances = flat.square().sum_dim_intlist(1, true, Kind::Float)
+        + codebook.square().sum_dim_intlist(1, false, Kind::Float)
+        - flat.matmul(&codebook.tr()) * 2.0;
+    distances.argmin(1, false).view([b, h, w])
 }
 
 /// The decoder side of the VQ-VAE (`decoder.*`, `post_quant_conv.*`, `quantize.embedding.weight`).
@@ -365,7 +380,18 @@ impl ChameleonVqDecoder {
         }
         check_codes(codes, self.num_embeddings)?;
         let z = self.codebook.index_select(0, &codes.flatten(0, -1)).view([size[0], size[1], size[2], -1]);
-        let mut h = z.permute([0, 3, 1, 2]).apply(&self.post_quant_conv).apply(&self.conv_in);
+        Ok(self.decode_latent(&z.permute([0, 3, 1, 2])))
+    }
+
+    /// The codebook `[num_embeddings, embed_dim]`.
+    pub fn codebook(&self) -> &Tensor {
+        &self.codebook
+    }
+
+    /// Decodes (quantised) code vectors `z [B, D, h, w]` — what training passes through with the
+    /// straight-through estimator.
+    pub fn decode_latent(&self, z: &Tensor) -> Tensor {
+        let mut h = z.apply(&self.post_quant_conv).apply(&self.conv_in);
         h = self.mid.0.forward(&h, None);
         if let Some(a) = &self.mid.1 {
             h = a.forward(&h);
@@ -382,6 +408,6 @@ impl ChameleonVqDecoder {
                 h = u.forward(&h);
             }
         }
-        Ok(h.apply(&self.norm_out).silu().apply(&self.conv_out))
+        h.apply(&self.norm_out).silu().apply(&self.conv_out)
     }
 }

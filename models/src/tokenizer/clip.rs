@@ -194,6 +194,46 @@ impl ClipTokenizer {
         })
     }
 
+    /// A small CLIP BPE vocabulary that spells each of `words` as one token (when no other merge
+    /// gets in the way) and anything else byte by byte: the 256 byte symbols, the same with
+    /// `</w>`, one merge per prefix of each word (`d o`, `do g</w>`), then the two special tokens,
+    /// in the reference's order. Returns `vocab.json` and `merges.txt` contents, the folder format
+    /// transformers' `CLIPTokenizer` loads.
+    pub fn word_vocabulary(words: &[&str]) -> (String, String) {
+        let (map, bytes) = bytes_to_unicode();
+        let mut vocab: Vec<String> = bytes.iter().map(|c| c.to_string()).collect();
+        vocab.extend(bytes.iter().map(|c| format!("{c}</w>")));
+        let mut merges: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for word in words {
+            let pieces: Vec<String> =
+                word.to_lowercase().bytes().map(|b| map[b as usize].to_string()).collect();
+            let Some((first, rest)) = pieces.split_first() else { continue };
+            let mut acc = first.clone();
+            for (i, piece) in rest.iter().enumerate() {
+                let piece = if i + 1 == rest.len() { format!("{piece}</w>") } else { piece.clone() };
+                let merged = format!("{acc}{piece}");
+                if seen.insert((acc.clone(), piece.clone())) {
+                    merges.push((acc.clone(), piece));
+                    vocab.push(merged.clone());
+                }
+                acc = merged;
+            }
+        }
+        vocab.push(START.into());
+        vocab.push(END.into());
+        let mut ids = std::collections::BTreeMap::new();
+        for (i, token) in vocab.into_iter().enumerate() {
+            ids.entry(token).or_insert(i as i64);
+        }
+        let vocab_json = serde_json::to_string(&ids).expect("a map of strings serialises");
+        let mut merges_txt = String::from("#version: 0.2\n");
+        for (a, b) in merges {
+            merges_txt.push_str(&format!("{a} {b}\n"));
+        }
+        (vocab_json, merges_txt)
+    }
+
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.encoder.len()
@@ -292,6 +332,22 @@ impl ClipTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_word_vocabulary_spells_its_words_as_single_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vocab, merges) = ClipTokenizer::word_vocabulary(&["dog", "do", "sks", "beach", "on", "the"]);
+        std::fs::write(dir.path().join("vocab.json"), vocab).unwrap();
+        std::fs::write(dir.path().join("merges.txt"), merges).unwrap();
+        let tok = ClipTokenizer::from_folder(dir.path()).unwrap();
+        let ids = tok.encode("a sks dog on the beach").unwrap();
+        assert_eq!(ids.len(), 6, "`a` is a byte symbol, the rest one token each: {ids:?}");
+        assert_eq!(ids[0], tok.token_id("a</w>").unwrap());
+        assert_eq!(ids[2], tok.token_id("dog</w>").unwrap());
+        // Unknown words fall back to pieces, never fail.
+        assert!(tok.encode("a zebra").unwrap().len() > 2);
+        assert_eq!(tok.vocab_size() as i64, tok.end_id() + 1);
+    }
 
     #[test]
     fn loads_a_vocab_and_merges_folder() {

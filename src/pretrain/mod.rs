@@ -7,14 +7,18 @@
 //! renders of one instance in different contexts are a positive pair, the batch's other instances
 //! negatives; `--dino` loads the result.
 
-use std::path::PathBuf;
+mod student;
+mod supervisor;
+
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use proxytune_actors::world::World;
+use proxytune_actors::world::{classify_context, vocabulary, Scene, World};
 use proxytune_models::contrastive::{retrieval_top1, similarity, ContrastiveTrainer};
 use proxytune_models::tokenizer::clip::ClipTokenizer;
 use proxytune_models::transformer::clip::{Clip, ClipConfig};
+use sha2::Digest;
 use tch::{Device, Kind, Tensor};
 
 /// Pretraining subcommands.
@@ -24,6 +28,10 @@ pub enum PretrainCommand {
     Clip(ClipArgs),
     /// The world's DINO-style instance encoder (a ViT; its DINO scorer).
     Dino(ClipArgs),
+    /// The supervisor: a Stable Diffusion folder (VAE, UNet) over the world CLIP's text tower.
+    Supervisor(supervisor::SupervisorArgs),
+    /// The student: a Chameleon / Lumina-mGPT folder (VQ tokenizer, decoder, transformer).
+    Student(student::StudentArgs),
 }
 
 /// Arguments of `proxytune pretrain clip`.
@@ -33,7 +41,7 @@ pub struct ClipArgs {
     #[arg(long)]
     out: PathBuf,
     /// Optimiser steps.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1500)]
     steps: u64,
     /// Pairs per batch.
     #[arg(long, default_value_t = 64)]
@@ -47,9 +55,6 @@ pub struct ClipArgs {
     /// Learning rate.
     #[arg(long, default_value_t = 1e-3)]
     learning_rate: f64,
-    /// Folder with CLIP's BPE vocabulary ($PROXYTUNE_ASSETS).
-    #[arg(long, env = "PROXYTUNE_ASSETS")]
-    assets: PathBuf,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -59,13 +64,13 @@ const CONTEXT: usize = 32;
 const MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
-fn config(size: u32) -> serde_json::Value {
+fn config(size: u32, vocab_size: usize) -> serde_json::Value {
     serde_json::json!({
         "architectures": ["CLIPModel"],
         "model_type": "clip",
         "projection_dim": 64,
         "text_config": {
-            "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 2, "max_position_embeddings": CONTEXT, "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5, "eos_token_id": 2
         },
@@ -125,12 +130,19 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
     let args = match command {
         PretrainCommand::Clip(args) => args,
         PretrainCommand::Dino(args) => return dino(args),
+        PretrainCommand::Supervisor(args) => return supervisor::run(args),
+        PretrainCommand::Student(args) => return student::run(args),
     };
     check(&args)?;
     let device = proxytune_models::device::parse_device(&args.device)?;
-    let tokenizer = ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?;
+    // The world's own BPE vocabulary (every caption word one token), written beside the weights
+    // in the CLIP folder format, so the text embedding is small.
+    let (vocab_json, merges_txt) = ClipTokenizer::word_vocabulary(&vocabulary());
+    std::fs::write(args.out.join("vocab.json"), vocab_json)?;
+    std::fs::write(args.out.join("merges.txt"), merges_txt)?;
+    let tokenizer = ClipTokenizer::from_folder(&args.out)?;
     let world = World::new(args.seed, 8);
-    let cfg_json = config(args.size);
+    let cfg_json = config(args.size, tokenizer.vocab_size());
     let cfg: ClipConfig = serde_json::from_value(cfg_json.clone())?;
     tch::manual_seed(args.seed as i64);
     let vs = tch::nn::VarStore::new(device);
@@ -155,10 +167,10 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let after = eval(&clip);
-    std::fs::write(args.out.join("config.json"), serde_json::to_string_pretty(&cfg_json)?)?;
+    write_json(&args.out.join("config.json"), &cfg_json)?;
     proxytune_models::weights::save_safetensors(&vs, &args.out.join("model.safetensors"))?;
     let manifest = serde_json::json!({
-        "model": "world CLIP (CLIPModel layout)",
+        "model": "world CLIP (CLIPModel layout, the world's word-level BPE vocabulary)",
         "command": format!("proxytune pretrain clip --steps {} --batch {} --size {} --seed {} --learning-rate {}",
                            args.steps, args.batch, args.size, args.seed, args.learning_rate),
         "pairs_seen": args.steps * args.batch as u64,
@@ -169,9 +181,7 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
         "retrieval_top1_after": after,
         "seconds": seconds,
     });
-    std::fs::write(args.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
-    println!("{}", serde_json::to_string_pretty(&manifest)?);
-    Ok(())
+    finish(&args.out, &manifest)
 }
 
 const DINO_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
@@ -242,7 +252,7 @@ fn dino(args: ClipArgs) -> anyhow::Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let after = eval(&vit);
-    std::fs::write(args.out.join("config.json"), serde_json::to_string_pretty(&cfg_json)?)?;
+    write_json(&args.out.join("config.json"), &cfg_json)?;
     proxytune_models::weights::save_safetensors(&vs, &args.out.join("model.safetensors"))?;
     let manifest = serde_json::json!({
         "model": "world DINO-style instance encoder (ViTModel layout, CLS embedding)",
@@ -255,7 +265,76 @@ fn dino(args: ClipArgs) -> anyhow::Result<()> {
         "instance_retrieval_top1_after": after,
         "seconds": seconds,
     });
-    std::fs::write(args.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    finish(&args.out, &manifest)
+}
+
+/// Writes `value` as pretty JSON to `path`.
+fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes `manifest.json` in `out` with the SHA-256 of every file beside it, and prints it.
+fn finish(out: &Path, manifest: &serde_json::Value) -> anyhow::Result<()> {
+    let mut manifest = manifest.clone();
+    let mut files = serde_json::Map::new();
+    let mut names: Vec<PathBuf> = walk(out)?;
+    names.sort();
+    for path in names {
+        let rel = path.strip_prefix(out)?.to_string_lossy().into_owned();
+        if rel == "manifest.json" {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let digest = sha2::Sha256::digest(&bytes);
+        files.insert(rel, serde_json::json!({"bytes": bytes.len(), "sha256": hex(&digest)}));
+    }
+    manifest["files"] = serde_json::Value::Object(files);
+    write_json(&out.join("manifest.json"), &manifest)?;
     println!("{}", serde_json::to_string_pretty(&manifest)?);
     Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// Renders of scenes as `[B, 3, S, S]` in `[-1, 1]` on `device`.
+fn signed_pixels(scenes: &[Scene], size: u32, device: Device) -> anyhow::Result<Tensor> {
+    let images = scenes
+        .iter()
+        .map(|s| {
+            let img = s.render(size);
+            Ok(proxytune_models::scorers::preprocess::rgb8_to_tensor(size, size, img.as_raw(), Device::Cpu)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((Tensor::stack(&images, 0) * 2.0 - 1.0).to_device(device))
+}
+
+/// The fraction of `images` whose drawn context (by the renderer's classifier) is the context
+/// their scene asked for: the world's exact prompt-adherence check.
+fn context_accuracy(images: &[image::RgbImage], scenes: &[Scene]) -> f64 {
+    let hits = images.iter().zip(scenes).filter(|(img, s)| classify_context(img) == s.context).count();
+    hits as f64 / images.len().max(1) as f64
+}
+
+/// Held-out scenes for quality checks: `n` scenes, each context equally often, far from the
+/// training indices.
+fn held_out_scenes(world: &World, n: usize) -> Vec<Scene> {
+    (0..n as u64)
+        .map(|i| Scene { context: i as usize % 10, ..world.pretraining_scene(2_000_000_000 + i) })
+        .collect()
 }

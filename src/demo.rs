@@ -1,0 +1,868 @@
+//! `proxytune demo`: the whole mission on the toy world, end to end, with the pretrained world
+//! models in `models/world`.
+//!
+//! It renders one world subject's references, then runs the streaming pipeline:
+//!
+//! ```text
+//! class_prior_sampler ─┬─> class_prior_writer
+//!                      └─> supervisor_tuner ─┬─> supervisor_writer
+//!                                            └─> proxy_generator ─> filter ─> proxy_writer ─> tokenize ─┬─> vq_writer
+//!                                                                                                      └─> ar_trainer
+//! ```
+//!
+//! The supervisor is DreamBooth-LoRA-tuned while the untuned model's class priors stream in; the
+//! proxy generator samples its plan with the adapter batch by batch; the Filter scores every proxy
+//! (world DINO, world CLIP-I and CLIP-T) and records why it rejects one; the proxy writer commits
+//! every few rows to the Lance corpus and forwards only committed rows; the student's LoRA trains
+//! on their VQ tokens while generation goes on. Then the untuned student, the tuned supervisor and
+//! the tuned student are evaluated on the subject's 25 prompts with the same seeds, and
+//! `report/index.html` (with `report.json` and image grids) is written. `/metrics` is served while
+//! it runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use proxytune_actors::ar_trainer::{ArTrainerActor, ArTrainerConfig, ArTrainerStats};
+use proxytune_actors::class_prior_sampler::{ClassPriorConfig, ClassPriorSampler};
+use proxytune_actors::corpus::Corpus;
+use proxytune_actors::diffusion_sampling::SamplingConfig;
+use proxytune_actors::dreambench::{
+    evaluate_generator, DreamBench, Generator, GeneratorReport, ProtocolConfig,
+};
+use proxytune_actors::filter::{Filter, FilterConfig, ImageMetric, PromptScorer};
+use proxytune_actors::generators::{StudentGenerator, StudentSampling, SupervisorGenerator};
+use proxytune_actors::intake::encode_png;
+use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig, WriterStats};
+use proxytune_actors::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGeneratorConfig};
+use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
+use proxytune_actors::supervisor_tuner::{SupervisorTuner, SupervisorTunerConfig};
+use proxytune_actors::tokenize::{Tokenize, TokenizeConfig};
+use proxytune_actors::world::{classify_context, Subject, World, CLASSES, COLOURS, EDITS, IDENTIFIER};
+use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
+use proxytune_models::ar::train::ArTrainConfig;
+use proxytune_models::diffusion::dreambooth::DreamBoothConfig;
+use proxytune_models::diffusion::pipeline::SamplerKind;
+use proxytune_models::lora::LoraConfig;
+use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
+use proxytune_models::scorers::ImageEmbedder;
+use proxytune_models::tokenizer::clip::ClipTokenizer;
+use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
+use serde::Serialize;
+
+/// Arguments of `proxytune demo`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Output folder: corpus/, supervisor/, student/, report/.
+    #[arg(long, default_value = "out/demo")]
+    pub out: PathBuf,
+    /// The pretrained world models (`tools/dev world`).
+    #[arg(long, default_value = "models/world")]
+    pub world: PathBuf,
+    /// The world subject (`teapot_0`, `backpack_1`, `dog_2`, `cat_3`, `vase_4`, `sneaker_5`,
+    /// `clock_6`, `robot_toy_7`).
+    #[arg(long, default_value = "dog_2")]
+    pub subject: String,
+    /// World seed (the pretrained models were trained on world 7).
+    #[arg(long, default_value_t = 7)]
+    pub world_seed: u64,
+    /// Reference renders of the subject (4–6).
+    #[arg(long, default_value_t = 5)]
+    pub references: usize,
+    /// Class-prior images the untuned supervisor samples for prior preservation.
+    #[arg(long, default_value_t = 48)]
+    pub class_priors: usize,
+    /// DreamBooth-LoRA optimiser steps of the supervisor.
+    #[arg(long, default_value_t = 300)]
+    pub supervisor_steps: u64,
+    /// Proxies per prompt (16 prompts: the subject prompt, 10 contexts, 5 property edits).
+    #[arg(long, default_value_t = 12)]
+    pub proxies_per_prompt: u32,
+    /// LoRA optimiser steps of the student.
+    #[arg(long, default_value_t = 400)]
+    pub student_steps: u64,
+    /// Kept proxies the student waits for before its first step.
+    #[arg(long, default_value_t = 16)]
+    pub student_min_rows: usize,
+    /// Evaluation images per prompt (DreamBench: 4).
+    #[arg(long, default_value_t = 4)]
+    pub eval_images: usize,
+    /// Evaluate only the first this many of the subject's 25 prompts.
+    #[arg(long)]
+    pub eval_prompts: Option<usize>,
+    /// Reject proxies whose world-DINO fidelity to the references is below this.
+    #[arg(long, default_value_t = 0.5)]
+    pub min_fidelity: f32,
+    /// Reject a proxy whose DINO cosine to an already-kept one is above this.
+    #[arg(long, default_value_t = 0.995)]
+    pub max_duplicate_cosine: f32,
+    /// Serve Prometheus `/metrics` on this loopback port while it runs (0: do not serve).
+    #[arg(long, default_value_t = 9464)]
+    pub metrics_port: u16,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+const JOB: &str = "demo";
+pub(crate) const SIZE: u32 = 32;
+
+/// Every check that can fail before work starts: the subject, budgets, folders, the models.
+pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
+    let world = World::new(args.world_seed, CLASSES.len());
+    let names: Vec<String> = (0..CLASSES.len()).filter_map(|n| world.subject(n, 4)).map(|s| s.name).collect();
+    let Some(n) = names.iter().position(|s| *s == args.subject) else {
+        anyhow::bail!("--subject `{}`: no such world subject (one of: {})", args.subject, names.join(", "));
+    };
+    let subject = world.subject(n, args.references).expect("listed above");
+    anyhow::ensure!(
+        (4..=6).contains(&args.references),
+        "--references must be 4 to 6, got {}",
+        args.references
+    );
+    for (name, value) in [
+        ("--class-priors", args.class_priors as u64),
+        ("--supervisor-steps", args.supervisor_steps),
+        ("--proxies-per-prompt", args.proxies_per_prompt as u64),
+        ("--student-steps", args.student_steps),
+        ("--student-min-rows", args.student_min_rows as u64),
+        ("--eval-images", args.eval_images as u64),
+    ] {
+        anyhow::ensure!(value > 0, "{name} is 0: a budget must be positive");
+    }
+    if args.eval_prompts == Some(0) {
+        anyhow::bail!("--eval-prompts is 0: a budget must be positive");
+    }
+    for part in ["clip", "dino", "supervisor", "student"] {
+        let manifest = args.world.join(part).join("manifest.json");
+        anyhow::ensure!(
+            manifest.is_file(),
+            "{}: the pretrained world models are missing ({} not found; `tools/dev world` makes them)",
+            args.world.display(),
+            manifest.display()
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("--out {}: cannot create it", args.out.display()))?;
+    let probe = args.out.join(".writable");
+    std::fs::write(&probe, b"").with_context(|| format!("--out {}: not writable", args.out.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Corpus::open_or_create(args.out.join("corpus"))
+        .with_context(|| format!("{}: cannot hold the demo's corpus", args.out.join("corpus").display()))?;
+    Ok((world, subject))
+}
+
+/// The concrete device (`cpu`, `cuda:N`) that `auto` and friends resolve to.
+pub(crate) fn device_name(device: &str) -> anyhow::Result<String> {
+    Ok(match proxytune_models::device::parse_device(device)? {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    })
+}
+
+/// The world's scorers: DINO (instances), CLIP (CLIP-I and CLIP-T).
+pub(crate) fn scorers(world_dir: &Path, device: tch::Device) -> anyhow::Result<(Dino, ClipScorer)> {
+    let dino = Dino::load(&world_dir.join("dino"), device)?;
+    let clip_dir = world_dir.join("clip");
+    let clip = ClipScorer::load(&clip_dir, ClipTokenizer::from_folder(&clip_dir)?, device)?;
+    Ok((dino, clip))
+}
+
+/// The proxy plan: the subject prompt, one phrasing of each context, the five edits. (The
+/// evaluation also uses the contexts' second phrasings, which no proxy prompt has.)
+fn plan(subject: &Subject, class: &str, images_per_prompt: u32) -> PromptPlan {
+    let contexts = subject.prompts.iter().filter(|p| p.phrasing == 0 || p.edit.is_some());
+    PromptPlan {
+        subject_prompts: vec![format!("a {IDENTIFIER} {class}")],
+        context_prompts: contexts.map(|p| p.caption(Some(IDENTIFIER))).collect(),
+        images_per_prompt,
+        first_seed: 1_000_000,
+    }
+}
+
+fn supervisor_sampling() -> SamplingConfig {
+    SamplingConfig {
+        num_inference_steps: 25,
+        guidance_scale: 5.0,
+        sampler: SamplerKind::Ddim,
+        resolution: SIZE,
+        negative_prompt: String::new(),
+        batch_images: 8,
+    }
+}
+
+pub(crate) fn student_sampling(world_dir: &Path) -> anyhow::Result<StudentSampling> {
+    let path = world_dir.join("student/lumina_tokens.json");
+    let tokens: LuminaTokens =
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)
+            .with_context(|| format!("{}: not Lumina structure tokens", path.display()))?;
+    Ok(StudentSampling {
+        grid: (SIZE / 4) as i64,
+        image: ImageSampling { guidance_scale: 3.0, image_top_k: Some(64), top_p: None, temperature: 1.0 },
+        tokens,
+    })
+}
+
+fn student_lora() -> LoraConfig {
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    LoraConfig { rank: 8, alpha: 8.0, target_modules: targets.map(String::from).to_vec() }
+}
+
+/// The id written into the world student's VQ token rows.
+const TOKENIZER_ID: &str = "world-vq@1";
+
+/// Tokenization for the world student.
+pub(crate) fn tokenize_config(world_dir: &Path, device: &str, only_kept: bool) -> TokenizeConfig {
+    TokenizeConfig {
+        student_dir: world_dir.join("student"),
+        tokenizer_id: TOKENIZER_ID.into(),
+        resolution: SIZE,
+        device: device.into(),
+        only_kept,
+    }
+}
+
+/// The world student's LoRA training: `steps` steps of 8, starting once `min_rows` rows are in.
+pub(crate) fn student_trainer_config(
+    world_dir: &Path,
+    device: &str,
+    output_dir: &Path,
+    steps: u64,
+    min_rows: usize,
+    corpus_version: Option<u64>,
+) -> anyhow::Result<ArTrainerConfig> {
+    Ok(ArTrainerConfig {
+        student_dir: world_dir.join("student"),
+        device: device.into(),
+        lora: Some(student_lora()),
+        train: ArTrainConfig {
+            learning_rate: 1e-3,
+            lr_warmup_steps: 20,
+            max_train_steps: steps,
+            batch_size: 8,
+            condition_dropout: 0.1,
+            ..Default::default()
+        },
+        tokens: student_sampling(world_dir)?.tokens,
+        tokenizer_id: TOKENIZER_ID.into(),
+        min_rows_to_start: min_rows,
+        rows_per_step: 1,
+        output_dir: output_dir.to_path_buf(),
+        corpus_version,
+    })
+}
+
+/// Progress bars per stage, fed from the actors' shared statistics.
+struct Progress {
+    bars: Vec<(ProgressBar, Box<dyn Fn() -> u64 + Send>)>,
+}
+
+impl Progress {
+    fn bar(
+        multi: &MultiProgress,
+        name: &str,
+        total: u64,
+        read: Box<dyn Fn() -> u64 + Send>,
+    ) -> (ProgressBar, Box<dyn Fn() -> u64 + Send>) {
+        let bar = multi.add(ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {elapsed:>4} {per_sec}")
+                .expect("template parses")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(name.to_string());
+        (bar, read)
+    }
+
+    fn tick(&self) {
+        for (bar, read) in &self.bars {
+            bar.set_position(read());
+        }
+    }
+
+    fn finish(&self) {
+        self.tick();
+        for (bar, _) in &self.bars {
+            bar.finish();
+        }
+    }
+}
+
+fn written(stats: &Arc<Mutex<WriterStats>>) -> Box<dyn Fn() -> u64 + Send> {
+    let stats = stats.clone();
+    Box::new(move || stats.lock().map(|s| s.received_rows).unwrap_or(0))
+}
+
+/// What the pipeline run left behind.
+struct Run {
+    outcome: JobOutcome,
+    seconds: f64,
+    trainer: ArTrainerStats,
+    proxies_version: Option<u64>,
+    vq_version: Option<u64>,
+    error: Option<String>,
+}
+
+async fn pipeline(
+    args: &DemoArgs,
+    subject: &Subject,
+    corpus: &Corpus,
+    metrics: Metrics,
+) -> anyhow::Result<Run> {
+    let class = CLASSES[subject.instance.class];
+    let model_dir = args.world.join("supervisor");
+    let device = proxytune_models::device::parse_device(&args.device)?;
+    let device_name = device_name(&args.device)?;
+    let references: Vec<image::RgbImage> = subject.references.iter().map(|s| s.render(SIZE)).collect();
+    let reference_rows: Vec<ReferenceImage> = references
+        .iter()
+        .enumerate()
+        .map(|(i, img)| ReferenceImage {
+            job_id: JOB.into(),
+            subject: subject.name.clone(),
+            class_noun: class.into(),
+            image_index: i as u32,
+            source: format!("world render {i}"),
+            image_png: encode_png(img),
+            width: SIZE,
+            height: SIZE,
+            created_at_us: proxytune_schemas::now_us(),
+        })
+        .collect();
+    corpus.table::<ReferenceImage>().await?.append_rows(&reference_rows).await?;
+
+    let sampling = supervisor_sampling();
+    let priors = ClassPriorSampler::new(
+        ClassPriorConfig {
+            job_id: JOB.into(),
+            class_noun: class.into(),
+            class_prompt: format!("a {class}"),
+            model_dir: model_dir.clone(),
+            model_id: "world-sd".into(),
+            device: device_name.clone(),
+            num_images: args.class_priors,
+            first_seed: 0,
+            sampling: sampling.clone(),
+        },
+        &metrics,
+    );
+    let tuner = SupervisorTuner::new(
+        SupervisorTunerConfig {
+            job_id: JOB.into(),
+            subject: subject.name.clone(),
+            class_noun: class.into(),
+            model_dir: model_dir.clone(),
+            model_id: "world-sd".into(),
+            device: device_name.clone(),
+            lora: Some(LoraConfig::attention(8, 8.0)),
+            dreambooth: DreamBoothConfig {
+                instance_prompt: format!("a {IDENTIFIER} {class}"),
+                class_prompt: format!("a {class}"),
+                learning_rate: 1e-3,
+                max_train_steps: args.supervisor_steps,
+                train_batch_size: 4,
+                num_class_images: args.class_priors,
+                lr_warmup_steps: 20,
+                checkpoint_every: 100,
+                ..Default::default()
+            },
+            resolution: SIZE,
+            output_dir: args.out.join("supervisor"),
+        },
+        references.clone(),
+        &metrics,
+    )?;
+    let proxy_plan = plan(subject, class, args.proxies_per_prompt);
+    let planned = proxy_plan.items().len() as u64;
+    let generator = ProxyGenerator::new(
+        ProxyGeneratorConfig {
+            job_id: JOB.into(),
+            subject: subject.name.clone(),
+            model_dir: model_dir.clone(),
+            device: device_name.clone(),
+            plan: proxy_plan,
+            sampling,
+        },
+        &metrics,
+    )?;
+    let (dino, clip) = scorers(&args.world, device)?;
+    let (_, clip_t) = scorers(&args.world, device)?;
+    let embedders: Vec<(ImageMetric, Box<dyn ImageEmbedder + Send>)> =
+        vec![(ImageMetric::Dino, Box::new(dino)), (ImageMetric::ClipI, Box::new(clip))];
+    let filter = Filter::new(
+        FilterConfig {
+            min_fidelity: Some(args.min_fidelity),
+            fidelity_metric: Some(ImageMetric::Dino),
+            min_prompt_adherence: None,
+            max_duplicate_cosine: Some(args.max_duplicate_cosine),
+            identifier: Some(IDENTIFIER.into()),
+        },
+        embedders,
+        Some(Box::new(clip_t) as Box<dyn PromptScorer>),
+        reference_rows,
+        device,
+        &metrics,
+    )?;
+    let tokenize = Tokenize::new(tokenize_config(&args.world, &device_name, true));
+    let (trainer, trainer_stats) = ArTrainerActor::new(
+        student_trainer_config(
+            &args.world,
+            &device_name,
+            &args.out.join("student"),
+            args.student_steps,
+            args.student_min_rows,
+            None,
+        )?,
+        &metrics,
+    )?;
+    let commit = |rows: usize, forward: bool| LanceWriterConfig {
+        commit_every_rows: rows,
+        forward_committed: forward,
+    };
+    let (prior_writer, prior_stats) =
+        LanceWriter::<ClassPriorImage>::new(corpus.clone(), commit(16, false), &metrics);
+    let (supervisor_writer, supervisor_stats) =
+        LanceWriter::<Supervisor>::new(corpus.clone(), commit(1, false), &metrics);
+    let (proxy_writer, proxy_stats) = LanceWriter::<Proxy>::new(corpus.clone(), commit(8, true), &metrics);
+    let (vq_writer, vq_stats) = LanceWriter::<VqTokens>::new(corpus.clone(), commit(32, false), &metrics);
+
+    let mut p = Pipeline::new(PipelineConfig::default(), metrics);
+    let priors = p.source("class_prior_sampler", priors);
+    let tuner = p.operator("supervisor_tuner", tuner);
+    let generator = p.operator("proxy_generator", generator);
+    let filter = p.operator("filter", filter);
+    let tokenize = p.operator("tokenize", tokenize);
+    let trainer = p.operator("ar_trainer", trainer);
+    let prior_sink = p.async_operator("class_prior_writer", prior_writer);
+    let supervisor_sink = p.async_operator("supervisor_writer", supervisor_writer);
+    let proxy_sink = p.async_operator("proxy_writer", proxy_writer);
+    let vq_sink = p.async_operator("vq_writer", vq_writer);
+    p.connect(priors, tuner).connect(priors, prior_sink);
+    p.connect(tuner, generator).connect(tuner, supervisor_sink);
+    p.connect(generator, filter).connect(filter, proxy_sink);
+    p.connect(proxy_sink, tokenize);
+    p.connect(tokenize, vq_sink).connect(tokenize, trainer);
+
+    let multi = MultiProgress::new();
+    let steps = trainer_stats.clone();
+    let progress = Progress {
+        bars: vec![
+            Progress::bar(&multi, "class priors", args.class_priors as u64, written(&prior_stats)),
+            Progress::bar(&multi, "supervisor ready", 1, written(&supervisor_stats)),
+            Progress::bar(&multi, "proxies filtered", planned, written(&proxy_stats)),
+            Progress::bar(&multi, "kept, tokenized", planned, written(&vq_stats)),
+            Progress::bar(
+                &multi,
+                "student steps",
+                args.student_steps,
+                Box::new(move || steps.lock().map(|s| s.steps).unwrap_or(0)),
+            ),
+        ],
+    };
+    let started = Instant::now();
+    let running = p.start(&tokio::runtime::Handle::current())?;
+    let handle = running.handle();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("Ctrl-C: draining (the corpus keeps every committed row).");
+            handle.control().cancel();
+        }
+    });
+    let wait = running.wait();
+    tokio::pin!(wait);
+    let report = loop {
+        tokio::select! {
+            report = &mut wait => break report,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => progress.tick(),
+        }
+    };
+    progress.finish();
+    let error = report.tasks.iter().find_map(|t| t.error.clone().map(|e| format!("{}: {e}", t.name)));
+    let trainer = trainer_stats.lock().expect("trainer stats").clone();
+    let proxies_version = proxy_stats.lock().expect("writer stats").version;
+    let vq_version = vq_stats.lock().expect("writer stats").version;
+    Ok(Run {
+        outcome: report.outcome,
+        seconds: started.elapsed().as_secs_f64(),
+        trainer,
+        proxies_version,
+        vq_version,
+        error,
+    })
+}
+
+/// One model's evaluation with the world's exact checks.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelScores {
+    role: String,
+    version: String,
+    /// DINO, CLIP-I, CLIP-T, FEAT-I means over the subject's samples.
+    metrics: std::collections::BTreeMap<String, f64>,
+    /// Fraction of samples whose drawn context is the asked-for one.
+    context_accuracy: f64,
+    /// Fraction of samples (prompts that keep the colour) showing the subject's main colour.
+    subject_colour_present: f64,
+    samples: usize,
+    seconds: f64,
+    #[serde(skip)]
+    images: Vec<EvalSample>,
+}
+
+/// Whether at least 3 % of `img`'s pixels are within a small distance of `rgb` (shading included).
+fn has_colour(img: &image::RgbImage, rgb: [u8; 3]) -> bool {
+    let close = img
+        .pixels()
+        .filter(|p| {
+            // Shading scales the colour by 0.82..1: compare against the scaled range.
+            (0..=4).any(|k| {
+                let s = 1.0 - 0.045 * k as f32;
+                (0..3).map(|c| (p.0[c] as f32 - rgb[c] as f32 * s).abs()).fold(0.0, f32::max) < 24.0
+            })
+        })
+        .count();
+    close as f64 >= 0.03 * (img.width() * img.height()) as f64
+}
+
+fn exact_checks(subject: &Subject, samples: &[EvalSample]) -> (f64, f64) {
+    let (mut ctx_hits, mut colour_hits, mut colour_n) = (0usize, 0usize, 0usize);
+    let primary = COLOURS[subject.instance.primary].1;
+    for s in samples {
+        let Ok(img) = image::load_from_memory(&s.image_png).map(|i| i.to_rgb8()) else { continue };
+        let scene = &subject.prompts[s.prompt_index as usize];
+        ctx_hits += usize::from(classify_context(&img) == scene.context);
+        let recoloured = scene.edit.is_some_and(|e| matches!(EDITS[e], "red" | "purple" | "wet"));
+        if !recoloured {
+            colour_n += 1;
+            colour_hits += usize::from(has_colour(&img, primary));
+        }
+    }
+    let n = samples.len().max(1) as f64;
+    (ctx_hits as f64 / n, colour_hits as f64 / colour_n.max(1) as f64)
+}
+
+pub(crate) fn score(subject: &Subject, report: GeneratorReport, seconds: f64) -> ModelScores {
+    let metrics = report
+        .metrics
+        .iter()
+        .filter_map(|(name, table)| table.per_subject.get(&subject.name).map(|v| (name.clone(), *v)))
+        .collect();
+    let (context_accuracy, subject_colour_present) = exact_checks(subject, &report.samples);
+    ModelScores {
+        role: report.role.as_str().to_string(),
+        version: report.version,
+        metrics,
+        context_accuracy,
+        subject_colour_present,
+        samples: report.samples.len(),
+        seconds,
+        images: report.samples,
+    }
+}
+
+/// What an evaluation runs on: the world models, where the bench goes, how many samples.
+pub(crate) struct EvalSpec<'a> {
+    pub world_dir: &'a Path,
+    pub out_dir: &'a Path,
+    pub device: &'a str,
+    pub references: usize,
+    pub images_per_prompt: usize,
+    pub max_prompts: Option<usize>,
+}
+
+/// The world's DreamBench protocol for `models` on `subject`, with the same seeds for each.
+pub(crate) fn evaluate(
+    spec: &EvalSpec,
+    world: &World,
+    subject: &Subject,
+    models: Vec<(String, Box<dyn Generator>)>,
+) -> anyhow::Result<Vec<(String, ModelScores)>> {
+    let device = proxytune_models::device::parse_device(spec.device)?;
+    let bench_dir = spec.out_dir.join("world_bench");
+    let n = world.subject_instances().iter().position(|i| *i == subject.instance).expect("a world subject");
+    world.export_dreambench(&bench_dir, n + 1, spec.references, SIZE)?;
+    let bench = DreamBench::open(&bench_dir)?;
+    let entries: Vec<_> = bench.subjects.iter().filter(|s| s.subject == subject.name).cloned().collect();
+    let (dino, clip) = scorers(spec.world_dir, device)?;
+    let embedders: Vec<&dyn ImageEmbedder> = vec![&dino, &clip];
+    let protocol = ProtocolConfig {
+        identifier: IDENTIFIER.into(),
+        images_per_prompt: spec.images_per_prompt,
+        seed_base: 0,
+        max_prompts: spec.max_prompts,
+    };
+    let mut out = Vec::new();
+    for (label, mut model) in models {
+        let t0 = Instant::now();
+        let report = evaluate_generator(
+            &bench,
+            &entries,
+            model.as_mut(),
+            &embedders,
+            Some(&clip as &dyn PromptScorer),
+            &protocol,
+            device,
+        )?;
+        tracing::info!(model = %label, seconds = t0.elapsed().as_secs_f64(), "evaluated");
+        out.push((label, score(subject, report, t0.elapsed().as_secs_f64())));
+    }
+    Ok(out)
+}
+
+/// The student of the world folder, with its adapter when given.
+pub(crate) fn student(
+    world_dir: &Path,
+    adapter: Option<&Path>,
+    device: &str,
+) -> anyhow::Result<Box<dyn Generator>> {
+    Ok(Box::new(StudentGenerator::load(
+        &world_dir.join("student"),
+        adapter,
+        device,
+        student_sampling(world_dir)?,
+    )?))
+}
+
+fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box<dyn Generator>)>> {
+    let adapter = args.out.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
+    let supervisor = SupervisorGenerator::load(
+        &args.world.join("supervisor"),
+        Some(&adapter),
+        device,
+        supervisor_sampling(),
+    )?;
+    Ok(vec![
+        ("student (untuned)".into(), student(&args.world, None, device)?),
+        ("supervisor (DreamBooth-LoRA)".into(), Box::new(supervisor)),
+        (
+            "student (Proxy-Tuned LoRA)".into(),
+            student(&args.world, Some(&args.out.join("student/adapter_model.safetensors")), device)?,
+        ),
+    ])
+}
+
+/// A grid of equally sized images, `cols` per row.
+fn grid(images: &[image::RgbImage], cols: usize) -> Option<image::RgbImage> {
+    let first = images.first()?;
+    let (w, h) = first.dimensions();
+    let rows = images.len().div_ceil(cols);
+    let mut out = image::RgbImage::from_pixel(
+        cols as u32 * (w + 2),
+        rows as u32 * (h + 2),
+        image::Rgb([255, 255, 255]),
+    );
+    for (i, img) in images.iter().enumerate() {
+        let (x, y) = ((i % cols) as u32 * (w + 2), (i / cols) as u32 * (h + 2));
+        image::imageops::overlay(&mut out, img, x as i64, y as i64);
+    }
+    Some(out)
+}
+
+pub(crate) fn save_grid(images: &[image::RgbImage], cols: usize, path: &Path) -> anyhow::Result<bool> {
+    match grid(images, cols) {
+        Some(g) => {
+            // Scaled up 3x so 32-pixel images are visible on a page.
+            let big = image::imageops::resize(
+                &g,
+                g.width() * 3,
+                g.height() * 3,
+                image::imageops::FilterType::Nearest,
+            );
+            big.save(path).with_context(|| path.display().to_string())?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+pub(crate) fn decode(png: &[u8]) -> Option<image::RgbImage> {
+    image::load_from_memory(png).ok().map(|i| i.to_rgb8())
+}
+
+/// Runs the demo; returns the process exit code.
+pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
+    let (world, subject) = check(&args)?;
+    let class = CLASSES[subject.instance.class];
+    if args.metrics_port != 0 {
+        crate::metrics_server::install(args.metrics_port)?;
+    }
+    let metrics = Metrics::global();
+    metrics.describe_all();
+    let corpus = Corpus::open_or_create(args.out.join("corpus"))?;
+    let report_dir = args.out.join("report");
+    std::fs::create_dir_all(&report_dir)?;
+    eprintln!("proxytune demo: subject {} (a {class}), output {}", subject.name, args.out.display());
+    let t0 = Instant::now();
+    let run = pipeline(&args, &subject, &corpus, metrics).await?;
+    if run.outcome != JobOutcome::Succeeded {
+        anyhow::bail!(
+            "the pipeline ended {:?}{}; the corpus at {} keeps every committed row",
+            run.outcome,
+            run.error.map(|e| format!(" ({e})")).unwrap_or_default(),
+            corpus.root().display()
+        );
+    }
+
+    // What the corpus holds now.
+    let proxies: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
+    let priors = corpus.table::<ClassPriorImage>().await?.count_rows(None).await?;
+    let vq_rows = corpus.table::<VqTokens>().await?.count_rows(None).await?;
+    let kept: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(true)).collect();
+    let rejected: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(false)).collect();
+    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+    for p in &rejected {
+        *reasons.entry(p.reject_reason.map(|r| r.as_str().to_string()).unwrap_or_default()).or_default() += 1;
+    }
+    let first_proxy_us = proxies.iter().map(|p| p.generated_at_us).min().unwrap_or(0);
+    let last_proxy_us = proxies.iter().map(|p| p.generated_at_us).max().unwrap_or(0);
+    let first_step_us = run.trainer.step_started_us.first().copied();
+    let last_step_us = run.trainer.step_started_us.last().copied();
+    let steps_before_last_proxy = run.trainer.step_started_us.iter().filter(|&&t| t < last_proxy_us).count();
+
+    let t_eval = Instant::now();
+    let device = device_name(&args.device)?;
+    let spec = EvalSpec {
+        world_dir: &args.world,
+        out_dir: &args.out,
+        device: &device,
+        references: args.references,
+        images_per_prompt: args.eval_images,
+        max_prompts: args.eval_prompts,
+    };
+    let scores = evaluate(&spec, &world, &subject, demo_models(&args, &device)?)?;
+    let eval_seconds = t_eval.elapsed().as_secs_f64();
+
+    // Grids.
+    let refs: Vec<image::RgbImage> = subject.references.iter().map(|s| s.render(SIZE)).collect();
+    save_grid(&refs, refs.len(), &report_dir.join("references.png"))?;
+    let kept_imgs: Vec<_> = kept.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
+    let rejected_imgs: Vec<_> = rejected.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
+    let has_kept = save_grid(&kept_imgs, 12, &report_dir.join("proxies_kept.png"))?;
+    let has_rejected = save_grid(&rejected_imgs, 12, &report_dir.join("proxies_rejected.png"))?;
+    for (i, (_, s)) in scores.iter().enumerate() {
+        let mut samples: Vec<&EvalSample> = s.images.iter().collect();
+        samples.sort_by_key(|e| (e.prompt_index, e.sample_index));
+        let imgs: Vec<_> = samples.iter().filter_map(|e| decode(&e.image_png)).collect();
+        save_grid(&imgs, args.eval_images * 5, &report_dir.join(format!("samples_{i}.png")))?;
+    }
+
+    let seconds = |a: i64, b: i64| (b - a) as f64 / 1e6;
+    let generation_seconds = seconds(first_proxy_us, last_proxy_us).max(1e-9);
+    let report = serde_json::json!({
+        "subject": subject.name, "class": class, "identifier": IDENTIFIER,
+        "world_models": args.world.display().to_string(),
+        "outcome": format!("{:?}", run.outcome),
+        "stages": {
+            "class_priors": { "rows": priors },
+            "supervisor": { "steps": args.supervisor_steps },
+            "proxies": { "rows": proxies.len(), "kept": kept.len(), "rejected": rejected.len(),
+                         "reject_reasons": reasons,
+                         "first_generated_at_us": first_proxy_us, "last_generated_at_us": last_proxy_us,
+                         "per_second": proxies.len() as f64 / generation_seconds },
+            "vq_tokens": { "rows": vq_rows },
+            "student": { "steps": run.trainer.steps, "rows_received": run.trainer.rows_received,
+                         "first_step_at_us": first_step_us, "last_step_at_us": last_step_us,
+                         "steps_before_last_proxy": steps_before_last_proxy,
+                         "losses": run.trainer.losses,
+                         "steps_per_second": run.trainer.step_started_us.len() as f64
+                             / seconds(first_step_us.unwrap_or(0), last_step_us.unwrap_or(0)).max(1e-9) },
+        },
+        "corpus": { "path": corpus.root().display().to_string(), "proxies_version": run.proxies_version,
+                    "vq_tokens_version": run.vq_version, "rows_trained_on": run.trainer.rows_received },
+        "pipeline_seconds": run.seconds,
+        "evaluation_seconds": eval_seconds,
+        "total_seconds": t0.elapsed().as_secs_f64(),
+        "evaluation": { "images_per_prompt": args.eval_images,
+                        "prompts": args.eval_prompts.unwrap_or(25).min(25),
+                        "models": scores.iter().map(|(label, s)| serde_json::json!({"label": label, "scores": s})).collect::<Vec<_>>() },
+    });
+    std::fs::write(report_dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(report_dir.join("index.html"), html(&report, &scores, has_kept, has_rejected))?;
+    eprintln!("report: {}", report_dir.join("index.html").display());
+    println!("{}", serde_json::to_string_pretty(&report["evaluation"])?);
+    Ok(0)
+}
+
+pub(crate) fn html(
+    report: &serde_json::Value,
+    scores: &[(String, ModelScores)],
+    has_kept: bool,
+    has_rejected: bool,
+) -> String {
+    let metric_names = ["DINO", "CLIP-I", "CLIP-T"];
+    let mut rows = String::new();
+    for (label, s) in scores {
+        let cells: String = metric_names
+            .iter()
+            .map(|m| {
+                format!("<td>{}</td>", s.metrics.get(*m).map(|v| format!("{v:.3}")).unwrap_or("–".into()))
+            })
+            .collect();
+        rows.push_str(&format!(
+            "<tr><td>{label}</td>{cells}<td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n",
+            s.context_accuracy, s.subject_colour_present, s.samples
+        ));
+    }
+    let stages = &report["stages"];
+    let corpus = &report["corpus"];
+    let img = |file: &str, caption: &str| {
+        format!("<figure><img src=\"{file}\"><figcaption>{caption}</figcaption></figure>\n")
+    };
+    let mut grids = img("references.png", "references");
+    if has_kept {
+        grids.push_str(&img("proxies_kept.png", "proxies kept by the Filter (first 48)"));
+    }
+    if has_rejected {
+        grids.push_str(&img("proxies_rejected.png", "proxies rejected (first 48)"));
+    }
+    for (i, (label, _)) in scores.iter().enumerate() {
+        grids.push_str(&img(
+            &format!("samples_{i}.png"),
+            &format!("{label}: one row per prompt pair (prompts in order, images per prompt side by side)"),
+        ));
+    }
+    format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>proxytune demo: {subject}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}</style></head>
+<body>
+<h1>proxytune demo — {subject} (a {class}, identifier <code>{identifier}</code>)</h1>
+<h2>Scores on the subject's prompts (same seeds for every model)</h2>
+<table><tr><th>model</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>context drawn as asked</th><th>subject colour present</th><th>samples</th></tr>
+{rows}</table>
+<p>DINO, CLIP-I and CLIP-T use the world's own pretrained encoders (world DINO, world CLIP). The last two columns are the renderer's exact checks.</p>
+<h2>Pipeline</h2>
+<table>
+<tr><td>class priors</td><td>{priors} rows</td></tr>
+<tr><td>proxies</td><td>{proxies} generated, {kept} kept, {rejected} rejected {reasons}, {pps:.2}/s</td></tr>
+<tr><td>VQ token rows</td><td>{vq}</td></tr>
+<tr><td>student</td><td>{steps} steps, {before} of them before the last proxy was generated, {sps:.2} steps/s</td></tr>
+<tr><td>corpus</td><td>{path}: proxies version {pv}, {trained} rows trained on</td></tr>
+<tr><td>time</td><td>pipeline {pipe:.0} s, evaluation {eval:.0} s, total {total:.0} s</td></tr>
+</table>
+<h2>Images</h2>
+{grids}
+</body></html>
+"#,
+        subject = report["subject"].as_str().unwrap_or_default(),
+        class = report["class"].as_str().unwrap_or_default(),
+        identifier = report["identifier"].as_str().unwrap_or_default(),
+        priors = stages["class_priors"]["rows"],
+        proxies = stages["proxies"]["rows"],
+        kept = stages["proxies"]["kept"],
+        rejected = stages["proxies"]["rejected"],
+        reasons = stages["proxies"]["reject_reasons"],
+        pps = stages["proxies"]["per_second"].as_f64().unwrap_or(0.0),
+        vq = stages["vq_tokens"]["rows"],
+        steps = stages["student"]["steps"],
+        before = stages["student"]["steps_before_last_proxy"],
+        sps = stages["student"]["steps_per_second"].as_f64().unwrap_or(0.0),
+        path = corpus["path"].as_str().unwrap_or_default(),
+        pv = corpus["proxies_version"],
+        trained = corpus["rows_trained_on"],
+        pipe = report["pipeline_seconds"].as_f64().unwrap_or(0.0),
+        eval = report["evaluation_seconds"].as_f64().unwrap_or(0.0),
+        total = report["total_seconds"].as_f64().unwrap_or(0.0),
+    )
+}

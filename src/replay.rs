@@ -1,0 +1,172 @@
+//! `proxytune replay`: trains a fresh student from a stored corpus version — no generation — and
+//! evaluates it. The proxies of the pinned version are streamed from Lance (the Filter's decisions
+//! as stored, or new thresholds applied to the stored scores), VQ-tokenized and fed to the
+//! student's trainer; the report names the version and the rows it trained on.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use proxytune_actors::ar_trainer::ArTrainerActor;
+use proxytune_actors::corpus::{Corpus, VersionRef};
+use proxytune_actors::corpus_reader::{CorpusReader, CorpusReaderConfig};
+use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
+use proxytune_actors::tokenize::Tokenize;
+use proxytune_actors::world::{World, CLASSES};
+use proxytune_schemas::Proxy;
+
+use crate::demo::{device_name, evaluate, student, student_trainer_config, tokenize_config, EvalSpec};
+
+/// Arguments of `proxytune replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The corpus (e.g. `out/demo/corpus`).
+    #[arg(long)]
+    corpus: PathBuf,
+    /// The proxies table version (number or tag); the newest when absent.
+    #[arg(long)]
+    version: Option<String>,
+    /// Re-filter: keep proxies whose stored world-DINO fidelity is at least this.
+    #[arg(long)]
+    min_fidelity: Option<f32>,
+    /// Re-filter: keep proxies whose stored CLIP-T is at least this.
+    #[arg(long)]
+    min_prompt_adherence: Option<f32>,
+    /// Output folder (student/, report.json).
+    #[arg(long, default_value = "out/replay")]
+    out: PathBuf,
+    /// The pretrained world models.
+    #[arg(long, default_value = "models/world")]
+    world: PathBuf,
+    /// World seed of the corpus' subject.
+    #[arg(long, default_value_t = 7)]
+    world_seed: u64,
+    /// Student LoRA optimiser steps.
+    #[arg(long, default_value_t = 400)]
+    student_steps: u64,
+    /// Evaluation images per prompt.
+    #[arg(long, default_value_t = 4)]
+    eval_images: usize,
+    /// Evaluate only the first this many prompts.
+    #[arg(long)]
+    eval_prompts: Option<usize>,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+/// The Lance filter selecting the proxies to train on.
+fn selection(args: &ReplayArgs) -> String {
+    if args.min_fidelity.is_none() && args.min_prompt_adherence.is_none() {
+        return "keep = true".into();
+    }
+    // New thresholds replace the stored fidelity/adherence decisions; duplicates stay rejected.
+    let mut terms = vec!["(reject_reason IS NULL OR reject_reason <> 'near_duplicate')".to_string()];
+    if let Some(f) = args.min_fidelity {
+        terms.push(format!("score_dino >= {f}"));
+    }
+    if let Some(a) = args.min_prompt_adherence {
+        terms.push(format!("score_clip_t >= {a}"));
+    }
+    terms.join(" AND ")
+}
+
+/// Runs a replay; returns the process exit code.
+pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        args.student_steps > 0 && args.eval_images > 0,
+        "--student-steps and --eval-images must be positive"
+    );
+    let corpus = Corpus::open(&args.corpus)?;
+    let version_ref: Option<VersionRef> = args.version.as_deref().map(|v| v.parse().expect("infallible"));
+    let table = corpus.table::<Proxy>().await?;
+    let table = match &version_ref {
+        Some(v) => table.checkout(v).await?,
+        None => table,
+    };
+    let version =
+        table.version().with_context(|| format!("{}: the proxies table is empty", args.corpus.display()))?;
+    let filter = selection(&args);
+    let rows = table.count_rows(Some(&filter)).await?;
+    anyhow::ensure!(rows > 0, "{} version {version}: no proxy passes `{filter}`", args.corpus.display());
+    let sample: Vec<Proxy> = table.read_rows(Some(&filter)).await?;
+    let subject_name = sample[0].subject.clone();
+    anyhow::ensure!(
+        sample.iter().all(|p| p.subject == subject_name),
+        "{}: the selected proxies are of several subjects; a replay trains one",
+        args.corpus.display()
+    );
+    let world = World::new(args.world_seed, CLASSES.len());
+    let subject = (0..CLASSES.len())
+        .filter_map(|n| world.subject(n, 5))
+        .find(|s| s.name == subject_name)
+        .with_context(|| {
+            format!("the corpus' subject `{subject_name}` is not a subject of world {}", args.world_seed)
+        })?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("--out {}: cannot create it", args.out.display()))?;
+    let device = device_name(&args.device)?;
+    let started = Instant::now();
+
+    let reader = CorpusReader::<Proxy>::new(
+        corpus.clone(),
+        CorpusReaderConfig {
+            version: Some(VersionRef::Number(version)),
+            filter: Some(filter.clone()),
+            batch_rows: 32,
+        },
+    );
+    let metrics = Metrics::global();
+    let (trainer, stats) = ArTrainerActor::new(
+        student_trainer_config(
+            &args.world,
+            &device,
+            &args.out.join("student"),
+            args.student_steps,
+            rows.min(16),
+            Some(version),
+        )?,
+        &metrics,
+    )?;
+    let mut p = Pipeline::new(PipelineConfig::default(), metrics);
+    let src = p.async_source("corpus_reader", reader);
+    let tok = p.operator("tokenize", Tokenize::new(tokenize_config(&args.world, &device, false)));
+    let train = p.operator("ar_trainer", trainer);
+    p.connect(src, tok).connect(tok, train);
+    let report = p.start(&tokio::runtime::Handle::current())?.wait().await;
+    if report.outcome != JobOutcome::Succeeded {
+        let error = report.tasks.iter().find_map(|t| t.error.clone().map(|e| format!("{}: {e}", t.name)));
+        anyhow::bail!("the replay ended {:?} {}", report.outcome, error.unwrap_or_default());
+    }
+    let trained = stats.lock().expect("trainer stats").clone();
+    let train_seconds = started.elapsed().as_secs_f64();
+    let spec = EvalSpec {
+        world_dir: &args.world,
+        out_dir: &args.out,
+        device: &device,
+        references: 5,
+        images_per_prompt: args.eval_images,
+        max_prompts: args.eval_prompts,
+    };
+    let adapter = args.out.join("student/adapter_model.safetensors");
+    let scores = evaluate(
+        &spec,
+        &world,
+        &subject,
+        vec![("student (replayed)".into(), student(&args.world, Some(&adapter), &device)?)],
+    )?;
+    let out = serde_json::json!({
+        "corpus": args.corpus.display().to_string(),
+        "proxies_version": version,
+        "selection": filter,
+        "rows_selected": rows,
+        "rows_trained_on": trained.rows_received,
+        "student_steps": trained.steps,
+        "train_seconds": train_seconds,
+        "subject": subject.name,
+        "evaluation": scores.iter().map(|(label, s)| serde_json::json!({"label": label, "scores": s})).collect::<Vec<_>>(),
+    });
+    std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&out)?)?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
