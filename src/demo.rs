@@ -75,13 +75,13 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 48)]
     pub class_priors: usize,
     /// DreamBooth-LoRA optimiser steps of the supervisor.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 400)]
     pub supervisor_steps: u64,
     /// Proxies per prompt (16 prompts: the subject prompt, 10 contexts, 5 property edits).
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 24)]
     pub proxies_per_prompt: u32,
     /// LoRA optimiser steps of the student.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 1500)]
     pub student_steps: u64,
     /// Kept proxies the student waits for before its first step.
     #[arg(long, default_value_t = 16)]
@@ -92,9 +92,11 @@ pub struct DemoArgs {
     /// Evaluate only the first this many of the subject's 25 prompts.
     #[arg(long)]
     pub eval_prompts: Option<usize>,
-    /// Reject proxies whose world-DINO fidelity to the references is below this.
-    #[arg(long, default_value_t = 0.5)]
-    pub min_fidelity: f32,
+    /// Reject proxies whose world-DINO fidelity to the references is below this (the paper
+    /// filters nothing; the world DINO also scores contexts, so a high threshold drops whole
+    /// contexts — see `proxytune replay` to compare).
+    #[arg(long)]
+    pub min_fidelity: Option<f32>,
     /// Reject a proxy whose DINO cosine to an already-kept one is above this.
     #[arg(long, default_value_t = 0.995)]
     pub max_duplicate_cosine: f32,
@@ -393,7 +395,7 @@ async fn pipeline(
         vec![(ImageMetric::Dino, Box::new(dino)), (ImageMetric::ClipI, Box::new(clip))];
     let filter = Filter::new(
         FilterConfig {
-            min_fidelity: Some(args.min_fidelity),
+            min_fidelity: args.min_fidelity,
             fidelity_metric: Some(ImageMetric::Dino),
             min_prompt_adherence: None,
             max_duplicate_cosine: Some(args.max_duplicate_cosine),
@@ -510,7 +512,8 @@ pub(crate) struct ModelScores {
     images: Vec<EvalSample>,
 }
 
-/// Whether at least 3 % of `img`'s pixels are within a small distance of `rgb` (shading included).
+/// Whether at least 3 % of `img`'s pixels are within 40 levels per channel of `rgb` (its shaded
+/// tones included): the subject's main colour is drawn.
 fn has_colour(img: &image::RgbImage, rgb: [u8; 3]) -> bool {
     let close = img
         .pixels()
@@ -518,7 +521,7 @@ fn has_colour(img: &image::RgbImage, rgb: [u8; 3]) -> bool {
             // Shading scales the colour by 0.82..1: compare against the scaled range.
             (0..=4).any(|k| {
                 let s = 1.0 - 0.045 * k as f32;
-                (0..3).map(|c| (p.0[c] as f32 - rgb[c] as f32 * s).abs()).fold(0.0, f32::max) < 24.0
+                (0..3).map(|c| (p.0[c] as f32 - rgb[c] as f32 * s).abs()).fold(0.0, f32::max) < 40.0
             })
         })
         .count();

@@ -90,7 +90,8 @@ pub struct ScorerArgs {
     /// A transformers DINO ViT checkpoint folder (config.json, model.safetensors).
     #[arg(long)]
     dino: Option<PathBuf>,
-    /// A transformers CLIP checkpoint folder (config.json, model.safetensors): CLIP-I and CLIP-T.
+    /// A transformers CLIP checkpoint folder (config.json, model.safetensors, and its tokenizer
+    /// files when it has its own vocabulary): CLIP-I and CLIP-T.
     #[arg(long)]
     clip: Option<PathBuf>,
     /// Device: auto, cpu, cuda, cuda:N.
@@ -113,7 +114,14 @@ impl Scorers {
         let dino = args.dino.as_deref().map(|d| Dino::load(d, device)).transpose()?;
         let clip = match &args.clip {
             Some(dir) => {
-                let tok = ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?;
+                // The checkpoint's own vocabulary when the folder has one (the world CLIP does),
+                // else OpenAI's BPE.
+                let own = dir.join("vocab.json").is_file() || dir.join("tokenizer.json").is_file();
+                let tok = if own {
+                    ClipTokenizer::from_folder(dir)?
+                } else {
+                    ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?
+                };
                 Some(ClipScorer::load(dir, tok, device)?)
             }
             None => None,

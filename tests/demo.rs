@@ -1,0 +1,214 @@
+//! `proxytune demo` and `proxytune replay` through the real binary, at a reduced budget, on the
+//! committed world models: every stage produces rows, the student's first step comes before the
+//! last proxy is generated, the corpus version and rows trained on agree with the corpus, every
+//! score is present and finite, `/metrics` is served while it runs; then a replay of the stored
+//! version with a new threshold. Bad input is refused before any work.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proxytune_actors::corpus::{Corpus, VersionRef};
+use proxytune_schemas::Proxy;
+
+use crate::support::repo_root;
+
+fn proxytune() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_proxytune"));
+    c.current_dir(repo_root());
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The body of `GET /metrics`, if the port answers.
+fn scrape(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+const BUDGET: [&str; 20] = [
+    "--class-priors",
+    "8",
+    "--supervisor-steps",
+    "30",
+    "--proxies-per-prompt",
+    "3",
+    "--student-steps",
+    "40",
+    "--student-min-rows",
+    "4",
+    "--eval-images",
+    "1",
+    "--eval-prompts",
+    "4",
+    "--min-fidelity",
+    "0.0",
+    "--device",
+    "cpu",
+    "--subject",
+    "teapot_0",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let port = free_port();
+    let mut child = proxytune()
+        .arg("demo")
+        .args(BUDGET)
+        .args(["--metrics-port", &port.to_string(), "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // /metrics answers while the demo runs, with the pipeline's series.
+    let started = Instant::now();
+    let mut scraped = None;
+    while started.elapsed() < Duration::from_secs(120) && child.try_wait().unwrap().is_none() {
+        if let Some(body) = scrape(port).filter(|b| b.contains("proxytune_")) {
+            scraped = Some(body);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let scraped = scraped.expect("/metrics answered while the demo ran");
+    assert!(scraped.contains("proxytune_"), "{scraped}");
+
+    let report = json(&out.join("report/report.json"));
+    let stages = &report["stages"];
+    assert_eq!(report["outcome"], "Succeeded");
+    assert_eq!(stages["class_priors"]["rows"], 8);
+    assert_eq!(stages["proxies"]["rows"], 16 * 3, "16 prompts x 3");
+    let kept = stages["proxies"]["kept"].as_u64().unwrap();
+    assert!(kept >= 4, "{stages}");
+    assert_eq!(stages["vq_tokens"]["rows"].as_u64().unwrap(), kept);
+    assert_eq!(stages["student"]["steps"], 40);
+    // Streaming: the student's first step came before the last proxy was generated.
+    let first_step = stages["student"]["first_step_at_us"].as_i64().unwrap();
+    let last_proxy = stages["proxies"]["last_generated_at_us"].as_i64().unwrap();
+    eprintln!(
+        "demo: {kept} of 48 proxies kept; first student step {:.1} s before the last proxy; {} steps before it",
+        (last_proxy - first_step) as f64 / 1e6,
+        stages["student"]["steps_before_last_proxy"]
+    );
+    assert!(first_step < last_proxy, "{stages}");
+    // The corpus version and rows trained on are the corpus' own.
+    let corpus = Corpus::open(out.join("corpus")).unwrap();
+    let table = corpus.table::<Proxy>().await.unwrap();
+    let version = report["corpus"]["proxies_version"].as_u64().unwrap();
+    assert_eq!(table.version(), Some(version));
+    let kept_rows = table.count_rows(Some("keep = true")).await.unwrap() as u64;
+    assert_eq!(kept_rows, kept);
+    assert_eq!(report["corpus"]["rows_trained_on"].as_u64().unwrap(), kept);
+    let run = json(&out.join("student/run.json"));
+    assert_eq!(run["data"]["row_keys"].as_array().unwrap().len() as u64, kept);
+    // Every model scored, every score finite.
+    let models = report["evaluation"]["models"].as_array().unwrap();
+    assert_eq!(models.len(), 3);
+    for m in models {
+        let s = &m["scores"];
+        for metric in ["DINO", "CLIP-I", "CLIP-T"] {
+            assert!(s["metrics"][metric].as_f64().is_some_and(f64::is_finite), "{m}");
+        }
+        for check in ["context_accuracy", "subject_colour_present"] {
+            assert!(s[check].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{m}");
+        }
+        assert_eq!(s["samples"], 4);
+    }
+    let html = std::fs::read_to_string(out.join("report/index.html")).unwrap();
+    assert!(html.contains("student (Proxy-Tuned LoRA)") && html.contains("references.png"));
+    for grid in ["references.png", "samples_0.png", "samples_1.png", "samples_2.png"] {
+        assert!(out.join("report").join(grid).is_file(), "{grid}");
+    }
+
+    // A replay of that version with a new fidelity threshold: no generation, the report names the
+    // version and the rows.
+    let replay = dir.path().join("replay");
+    let output = proxytune()
+        .args([
+            "replay",
+            "--student-steps",
+            "8",
+            "--eval-images",
+            "1",
+            "--eval-prompts",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .args(["--version", &version.to_string(), "--min-fidelity", "0.3", "--corpus"])
+        .arg(out.join("corpus"))
+        .arg("--out")
+        .arg(&replay)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let r = json(&replay.join("report.json"));
+    assert_eq!(r["proxies_version"].as_u64(), Some(version));
+    let table = table.checkout(&VersionRef::Number(version)).await.unwrap();
+    let selected = table
+        .count_rows(Some(
+            "(reject_reason IS NULL OR reject_reason <> 'near_duplicate') AND score_dino >= 0.3",
+        ))
+        .await
+        .unwrap() as u64;
+    assert_eq!(r["rows_selected"].as_u64(), Some(selected));
+    assert_eq!(r["rows_trained_on"].as_u64(), Some(selected));
+    assert_eq!(r["student_steps"], 8);
+    assert!(r["evaluation"][0]["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite));
+    // The corpus is unchanged by the replay.
+    assert_eq!(corpus.table::<Proxy>().await.unwrap().version(), Some(version));
+}
+
+#[test]
+fn bad_demo_input_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], out: &Path| {
+        let started = Instant::now();
+        let o = proxytune()
+            .arg("demo")
+            .args(args)
+            .args(["--metrics-port", "0", "--out"])
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(started.elapsed() < Duration::from_secs(30), "refused before any work");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let out = dir.path().join("out");
+    let err = run(&["--subject", "unicorn_9"], &out);
+    assert!(err.contains("unicorn_9") && err.contains("teapot_0"), "{err}");
+    let err = run(&["--student-steps", "0"], &out);
+    assert!(err.contains("--student-steps is 0"), "{err}");
+    let file = dir.path().join("a_file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = run(&[], &file);
+    assert!(err.contains("a_file"), "{err}");
+    // A corpus path that holds something else is left untouched.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(other.join("corpus")).unwrap();
+    std::fs::write(other.join("corpus/notes.txt"), b"mine").unwrap();
+    let err = run(&[], &other);
+    assert!(err.contains("not a proxytune corpus"), "{err}");
+    assert_eq!(std::fs::read(other.join("corpus/notes.txt")).unwrap(), b"mine");
+    assert!(!other.join("report").exists(), "no work started");
+    let err = run(&["--world", "/nonexistent/world"], &out);
+    assert!(err.contains("tools/dev world"), "{err}");
+}
