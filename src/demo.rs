@@ -698,6 +698,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     eprintln!("proxytune demo: subject {} (a {class}), output {}", subject.name, args.out.display());
     let t0 = Instant::now();
     let run = pipeline(&args, &subject, &corpus, metrics).await?;
+    if run.outcome == JobOutcome::Cancelled {
+        eprintln!(
+            "proxytune demo: cancelled; the corpus at {} keeps every committed row (`proxytune corpus info`)",
+            corpus.root().display()
+        );
+        return Ok(run.outcome.exit_code());
+    }
     if run.outcome != JobOutcome::Succeeded {
         anyhow::bail!(
             "the pipeline ended {:?}{}; the corpus at {} keeps every committed row",

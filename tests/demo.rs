@@ -212,3 +212,39 @@ fn bad_demo_input_is_refused_before_any_work() {
     let err = run(&["--world", "/nonexistent/world"], &out);
     assert!(err.contains("tools/dev world"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_demo_leaves_a_readable_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let mut budget = BUDGET.to_vec();
+    let i = budget.iter().position(|a| *a == "--proxies-per-prompt").unwrap();
+    budget[i + 1] = "40"; // long enough to be interrupted mid-generation
+    let mut child = proxytune()
+        .arg("demo")
+        .args(budget)
+        .args(["--metrics-port", "0", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once proxies are being committed.
+    let started = Instant::now();
+    while !out.join("corpus/proxies.lance").exists() && started.elapsed() < Duration::from_secs(300) {
+        assert!(child.try_wait().unwrap().is_none(), "the demo ended before it was interrupted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("keeps every committed row"), "{stderr}");
+    // Every committed proxy is readable, and no more than planned.
+    let corpus = Corpus::open(out.join("corpus")).unwrap();
+    let proxies: Vec<Proxy> = corpus.table::<Proxy>().await.unwrap().read_rows(None).await.unwrap();
+    assert!(!proxies.is_empty() && proxies.len() < 16 * 40, "{}", proxies.len());
+    assert!(proxies.iter().all(|p| p.keep.is_some()), "every stored proxy was judged");
+}
