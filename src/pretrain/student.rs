@@ -193,7 +193,7 @@ fn train_vq(
                 let fresh = flat.index_select(0, &pick);
                 let dead = if step == 0 { used.ones_like().to_kind(Kind::Bool) } else { used.eq(0) };
                 let updated = fresh.where_self(&dead.unsqueeze(1), &codebook);
-                let _ = codebook.shallow_clone().copy_(&updated);
+                codebook.shallow_clone().copy_(&updated);
             });
         }
         let codes = nearest_codes(&z.detach(), &codebook);
@@ -215,10 +215,10 @@ fn train_vq(
     }
     tch::no_grad(|| {
         let named = vq_vs.variables();
-        let _ = named["model.vqmodel.quantize.embedding.weight"].shallow_clone().copy_(&codebook);
+        named["model.vqmodel.quantize.embedding.weight"].shallow_clone().copy_(&codebook);
         for (k, v) in decoder_vs.variables() {
             if let Some(rest) = k.strip_prefix("post_quant_conv.") {
-                let _ = named[&format!("model.vqmodel.post_quant_conv.{rest}")].shallow_clone().copy_(&v);
+                named[&format!("model.vqmodel.post_quant_conv.{rest}")].shallow_clone().copy_(&v);
             }
         }
     });
@@ -287,7 +287,7 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
     tch::no_grad(|| {
         let named = base.variables();
         for (k, v) in vq_vs.variables() {
-            let _ = named[&k].shallow_clone().copy_(&v);
+            named[&k].shallow_clone().copy_(&v);
         }
     });
     let mut student = ChameleonStudent {
