@@ -46,13 +46,20 @@ pub struct ClipArgs {
     /// Pairs per batch.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// What every pretraining command takes: image size, world seed, learning rate, device.
+#[derive(Debug, clap::Args)]
+pub struct Common {
     /// Image side in pixels.
     #[arg(long, default_value_t = 32)]
     size: u32,
     /// World seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Learning rate.
+    /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     learning_rate: f64,
     /// Device: auto, cpu, cuda, cuda:N.
@@ -118,7 +125,7 @@ fn batch(
 fn check(args: &ClipArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.steps > 0 && args.batch > 1, "--steps must be positive and --batch at least 2");
     anyhow::ensure!(
-        args.size.is_multiple_of(4) && args.size >= 16,
+        args.common.size.is_multiple_of(4) && args.common.size >= 16,
         "--size must be a multiple of 4, at least 16"
     );
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -134,22 +141,22 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
         PretrainCommand::Student(args) => return student::run(args),
     };
     check(&args)?;
-    let device = proxytune_models::device::parse_device(&args.device)?;
+    let device = proxytune_models::device::parse_device(&args.common.device)?;
     // The world's own BPE vocabulary (every caption word one token), written beside the weights
     // in the CLIP folder format, so the text embedding is small.
     let (vocab_json, merges_txt) = ClipTokenizer::word_vocabulary(&vocabulary());
     std::fs::write(args.out.join("vocab.json"), vocab_json)?;
     std::fs::write(args.out.join("merges.txt"), merges_txt)?;
     let tokenizer = ClipTokenizer::from_folder(&args.out)?;
-    let world = World::new(args.seed, 8);
-    let cfg_json = config(args.size, tokenizer.vocab_size());
+    let world = World::new(args.common.seed, 8);
+    let cfg_json = config(args.common.size, tokenizer.vocab_size());
     let cfg: ClipConfig = serde_json::from_value(cfg_json.clone())?;
-    tch::manual_seed(args.seed as i64);
+    tch::manual_seed(args.common.seed as i64);
     let vs = tch::nn::VarStore::new(device);
     let clip = Clip::new(vs.root(), &cfg)?;
-    let mut trainer = ContrastiveTrainer::new(&vs, args.learning_rate, args.steps / 20, 0.1);
+    let mut trainer = ContrastiveTrainer::new(&vs, args.common.learning_rate, args.steps / 20, 0.1);
     // Held-out pairs: scene indices far from the training ones.
-    let held_out = batch(&world, &tokenizer, (0..128).map(|i| 1_000_000_000 + i), args.size, device)?;
+    let held_out = batch(&world, &tokenizer, (0..128).map(|i| 1_000_000_000 + i), args.common.size, device)?;
     let eval = |clip: &Clip| {
         tch::no_grad(|| retrieval_top1(&similarity(clip, &held_out.0, &held_out.1, &held_out.2)))
     };
@@ -159,7 +166,7 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
     for step in 0..args.steps {
         let from = step * args.batch as u64;
         let (pixels, ids, masks) =
-            batch(&world, &tokenizer, from..from + args.batch as u64, args.size, device)?;
+            batch(&world, &tokenizer, from..from + args.batch as u64, args.common.size, device)?;
         last = trainer.step(&clip, &pixels, &ids, &masks)?;
         if (step + 1) % 100 == 0 {
             tracing::info!(step = step + 1, loss = last, "pretrain clip");
@@ -172,7 +179,7 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
     let manifest = serde_json::json!({
         "model": "world CLIP (CLIPModel layout, the world's word-level BPE vocabulary)",
         "command": format!("proxytune pretrain clip --steps {} --batch {} --size {} --seed {} --learning-rate {}",
-                           args.steps, args.batch, args.size, args.seed, args.learning_rate),
+                           args.steps, args.batch, args.common.size, args.common.seed, args.common.learning_rate),
         "pairs_seen": args.steps * args.batch as u64,
         "final_loss": last,
         "temperature": trainer.scale(),
@@ -216,22 +223,22 @@ fn dino(args: ClipArgs) -> anyhow::Result<()> {
     use proxytune_models::contrastive::cosine_matrix;
     use proxytune_models::transformer::vit::{Vit, VitConfig};
     check(&args)?;
-    let device = proxytune_models::device::parse_device(&args.device)?;
-    let world = World::new(args.seed, 8);
+    let device = proxytune_models::device::parse_device(&args.common.device)?;
+    let world = World::new(args.common.seed, 8);
     let cfg_json = serde_json::json!({
         "architectures": ["ViTModel"], "model_type": "vit",
         "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": args.size, "patch_size": 4,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": args.common.size, "patch_size": 4,
         "num_channels": 3, "qkv_bias": true
     });
     let cfg: VitConfig = serde_json::from_value(cfg_json.clone())?;
-    tch::manual_seed(args.seed as i64);
+    tch::manual_seed(args.common.seed as i64);
     let vs = tch::nn::VarStore::new(device);
     let vit = Vit::new(vs.root(), &cfg)?;
-    let mut trainer = ContrastiveTrainer::new(&vs, args.learning_rate, args.steps / 20, 0.05);
+    let mut trainer = ContrastiveTrainer::new(&vs, args.common.learning_rate, args.steps / 20, 0.05);
     let held: Vec<_> = (0..128).map(|i| views(&world, 1_000_000_000 + i)).collect();
-    let held_a = pixels(&held.iter().map(|v| v.0).collect::<Vec<_>>(), args.size, device)?;
-    let held_b = pixels(&held.iter().map(|v| v.1).collect::<Vec<_>>(), args.size, device)?;
+    let held_a = pixels(&held.iter().map(|v| v.0).collect::<Vec<_>>(), args.common.size, device)?;
+    let held_b = pixels(&held.iter().map(|v| v.1).collect::<Vec<_>>(), args.common.size, device)?;
     let eval = |vit: &Vit| {
         tch::no_grad(|| {
             retrieval_top1(&cosine_matrix(&vit.cls_embedding(&held_a), &vit.cls_embedding(&held_b)))
@@ -243,8 +250,8 @@ fn dino(args: ClipArgs) -> anyhow::Result<()> {
     for step in 0..args.steps {
         let from = step * args.batch as u64;
         let pairs: Vec<_> = (from..from + args.batch as u64).map(|i| views(&world, i)).collect();
-        let a = pixels(&pairs.iter().map(|v| v.0).collect::<Vec<_>>(), args.size, device)?;
-        let b = pixels(&pairs.iter().map(|v| v.1).collect::<Vec<_>>(), args.size, device)?;
+        let a = pixels(&pairs.iter().map(|v| v.0).collect::<Vec<_>>(), args.common.size, device)?;
+        let b = pixels(&pairs.iter().map(|v| v.1).collect::<Vec<_>>(), args.common.size, device)?;
         last = trainer.step_pairs(&vit.cls_embedding(&a), &vit.cls_embedding(&b))?;
         if (step + 1) % 100 == 0 {
             tracing::info!(step = step + 1, loss = last, "pretrain dino");
@@ -257,7 +264,7 @@ fn dino(args: ClipArgs) -> anyhow::Result<()> {
     let manifest = serde_json::json!({
         "model": "world DINO-style instance encoder (ViTModel layout, CLS embedding)",
         "command": format!("proxytune pretrain dino --steps {} --batch {} --size {} --seed {} --learning-rate {}",
-                           args.steps, args.batch, args.size, args.seed, args.learning_rate),
+                           args.steps, args.batch, args.common.size, args.common.seed, args.common.learning_rate),
         "pairs_seen": args.steps * args.batch as u64,
         "final_loss": last,
         "held_out_instances": 128,

@@ -45,18 +45,8 @@ pub struct StudentArgs {
     /// Images (sequences) per batch.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 32)]
-    size: u32,
-    /// World seed.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-    /// Peak learning rate (both networks).
-    #[arg(long, default_value_t = 1e-3)]
-    learning_rate: f64,
-    /// Device: auto, cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    common: super::Common,
 }
 
 /// Codebook size.
@@ -103,7 +93,7 @@ fn vq_config(size: u32) -> serde_json::Value {
 
 /// `config.json`, `tokenizer.json` and `lumina_tokens.json`; returns the structure tokens.
 fn write_configs(args: &StudentArgs) -> anyhow::Result<LuminaTokens> {
-    let words = text_words(args.size);
+    let words = text_words(args.common.size);
     let mut map: BTreeMap<String, i64> = BTreeMap::new();
     let mut next = 0i64;
     let mut add = |name: String, map: &mut BTreeMap<String, i64>| {
@@ -131,7 +121,7 @@ fn write_configs(args: &StudentArgs) -> anyhow::Result<LuminaTokens> {
         "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
         "attention_bias": false, "mlp_bias": false, "swin_norm": false, "hidden_act": "silu",
         "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
-        "image_token_id": 4, "vocabulary_map": map, "vq_config": vq_config(args.size)
+        "image_token_id": 4, "vocabulary_map": map, "vq_config": vq_config(args.common.size)
     });
     write_json(&args.out.join("config.json"), &config)?;
     let tokenizer = serde_json::json!({
@@ -180,7 +170,8 @@ fn train_vq(
     let codebook = decoder.codebook().shallow_clone();
     let d = codebook.size()[1];
     for step in 0..args.vq_steps {
-        let x = signed_pixels(&scenes(world, step * args.batch as u64, args.batch), args.size, device)?;
+        let x =
+            signed_pixels(&scenes(world, step * args.batch as u64, args.batch), args.common.size, device)?;
         let z = vq.encode_latent(&x)?;
         let flat = z.detach().permute([0, 2, 3, 1]).reshape([-1, d]);
         if step % 100 == 0 {
@@ -208,7 +199,7 @@ fn train_vq(
         anyhow::ensure!(value.is_finite(), "VQ loss is {value} at step {}", step + 1);
         opt.zero_grad();
         loss.backward();
-        opt.clipped_step(1.0, args.learning_rate, 50)?;
+        opt.clipped_step(1.0, args.common.learning_rate, 50)?;
         if (step + 1) % 100 == 0 {
             tracing::info!(step = step + 1, reconstruction = value, "pretrain student: vq");
         }
@@ -222,7 +213,7 @@ fn train_vq(
             }
         }
     });
-    let held = signed_pixels(&held_out_scenes(world, 128), args.size, device)?;
+    let held = signed_pixels(&held_out_scenes(world, 128), args.common.size, device)?;
     let (mse, used) = tch::no_grad(|| -> anyhow::Result<(f64, f64)> {
         let codes = vq.encode(&held)?;
         let mse = decoder.decode(&codes)?.mse_loss(&held, tch::Reduction::Mean).double_value(&[]);
@@ -265,11 +256,11 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
         args.vq_steps > 0 && args.ar_steps > 0 && args.batch > 0,
         "--vq-steps, --ar-steps and --batch must be positive"
     );
-    anyhow::ensure!(args.size == 32, "--size: the world student is built for 32-pixel images");
+    anyhow::ensure!(args.common.size == 32, "--size: the world student is built for 32-pixel images");
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let device = proxytune_models::device::parse_device(&args.device)?;
-    let world = World::new(args.seed, 8);
-    tch::manual_seed(args.seed as i64);
+    let device = proxytune_models::device::parse_device(&args.common.device)?;
+    let world = World::new(args.common.seed, 8);
+    tch::manual_seed(args.common.seed as i64);
     let started = Instant::now();
     let tokens = write_configs(&args)?;
     let cfg = ChameleonConfig::from_json(&args.out.join("config.json"))?;
@@ -298,9 +289,9 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
         tokens: tokens.clone(),
     };
     let tokenizer = HfTokenizer::from_file(&args.out.join("tokenizer.json"))?;
-    let grid = (args.size / FACTOR) as i64;
+    let grid = (args.common.size / FACTOR) as i64;
     let examples = |student: &ChameleonStudent, scenes: &[Scene]| {
-        to_examples(student, &tokenizer, scenes, args.size, device)
+        to_examples(student, &tokenizer, scenes, args.common.size, device)
     };
     let held = held_out_scenes(&world, 64);
     let held_examples = examples(&student, &held)?;
@@ -312,14 +303,14 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
     };
     let loss_before = held_loss(&student)?;
     let config = ArTrainConfig {
-        learning_rate: args.learning_rate,
+        learning_rate: args.common.learning_rate,
         adam: AdamWConfig { weight_decay: 0.01, ..Default::default() },
         lr_warmup_steps: 100,
         max_train_steps: args.ar_steps,
         batch_size: args.batch,
         max_grad_norm: 1.0,
         condition_dropout: 0.1,
-        seed: args.seed,
+        seed: args.common.seed,
         ..Default::default()
     };
     let mut trainer = ArTrainer::new(&mut student, config)?;
@@ -350,7 +341,8 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
     let probe = &held[..20];
     let mut images = Vec::new();
     for (i, s) in probe.iter().enumerate() {
-        let text = tokenizer.encode(&t2i_instruction(&s.caption(None), args.size, args.size))?;
+        let text =
+            tokenizer.encode(&t2i_instruction(&s.caption(None), args.common.size, args.common.size))?;
         let ids = tch::no_grad(|| {
             sample_image_tokens(
                 &student.model,
@@ -379,8 +371,8 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
         "model": "world Lumina-mGPT-style student (Chameleon folder: VQ encoder, decoder, transformer)",
         "command": format!(
             "proxytune pretrain student --vq-steps {} --ar-steps {} --batch {} --size {} --seed {} --learning-rate {}",
-            args.vq_steps, args.ar_steps, args.batch, args.size, args.seed, args.learning_rate),
-        "seed": args.seed,
+            args.vq_steps, args.ar_steps, args.batch, args.common.size, args.common.seed, args.common.learning_rate),
+        "seed": args.common.seed,
         "vq": { "codebook": CODES, "grid": grid, "images_seen": args.vq_steps * args.batch as u64,
                 "held_out_reconstruction_mse": vq_mse, "codebook_use": codebook_use, "seconds": vq_seconds },
         "transformer": { "parameters": params, "sequences_seen": args.ar_steps * args.batch as u64,

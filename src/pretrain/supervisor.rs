@@ -44,18 +44,8 @@ pub struct SupervisorArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 32)]
-    size: u32,
-    /// World seed.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-    /// Peak learning rate (both networks).
-    #[arg(long, default_value_t = 1e-3)]
-    learning_rate: f64,
-    /// Device: auto, cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    common: super::Common,
 }
 
 fn vae_config(size: u32, scaling_factor: f64) -> serde_json::Value {
@@ -140,7 +130,7 @@ fn scenes(world: &World, from: u64, n: usize) -> Vec<Scene> {
 fn train_vae(args: &SupervisorArgs, world: &World, device: Device) -> anyhow::Result<(f64, f64, f64)> {
     let dir = args.out.join("vae");
     std::fs::create_dir_all(&dir)?;
-    write_json(&dir.join("config.json"), &vae_config(args.size, 1.0))?;
+    write_json(&dir.join("config.json"), &vae_config(args.common.size, 1.0))?;
     let cfg = VaeConfig::from_json(&dir.join("config.json"))?;
     let vs = tch::nn::VarStore::new(device);
     let vae = AutoencoderKl::new(vs.root(), &cfg);
@@ -148,11 +138,12 @@ fn train_vae(args: &SupervisorArgs, world: &World, device: Device) -> anyhow::Re
         vs.variables().into_iter().collect(),
         AdamWConfig { weight_decay: 0.0, ..Default::default() },
     );
-    let held = signed_pixels(&held_out_scenes(world, 128), args.size, device)?;
+    let held = signed_pixels(&held_out_scenes(world, 128), args.common.size, device)?;
     let mut last = f64::NAN;
     for step in 0..args.vae_steps {
-        let x = signed_pixels(&scenes(world, step * args.batch as u64, args.batch), args.size, device)?;
-        let mut draws = Draws::new(args.seed, Stream::Train, step);
+        let x =
+            signed_pixels(&scenes(world, step * args.batch as u64, args.batch), args.common.size, device)?;
+        let mut draws = Draws::new(args.common.seed, Stream::Train, step);
         let (mean, logvar) = vae.encode(&x);
         let z = AutoencoderKl::sample_latent(&mean, &logvar, &draws.normal(&mean.size(), device));
         let recon = vae.decode(&z).mse_loss(&x, tch::Reduction::Mean);
@@ -162,7 +153,7 @@ fn train_vae(args: &SupervisorArgs, world: &World, device: Device) -> anyhow::Re
         anyhow::ensure!(last.is_finite(), "VAE loss is {last} at step {}", step + 1);
         opt.zero_grad();
         loss.backward();
-        opt.clipped_step(1.0, args.learning_rate, 50)?;
+        opt.clipped_step(1.0, args.common.learning_rate, 50)?;
         if (step + 1) % 100 == 0 {
             tracing::info!(step = step + 1, reconstruction = last, "pretrain supervisor: vae");
         }
@@ -175,7 +166,7 @@ fn train_vae(args: &SupervisorArgs, world: &World, device: Device) -> anyhow::Re
         )
     });
     let scaling = 1.0 / std.max(1e-6);
-    write_json(&dir.join("config.json"), &vae_config(args.size, scaling))?;
+    write_json(&dir.join("config.json"), &vae_config(args.common.size, scaling))?;
     save_safetensors(&vs, &dir.join("diffusion_pytorch_model.safetensors"))?;
     Ok((mse, scaling, last))
 }
@@ -213,13 +204,13 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
         "--vae-steps, --unet-steps and --batch must be positive"
     );
     anyhow::ensure!(
-        args.size.is_multiple_of(8) && args.size >= 16,
+        args.common.size.is_multiple_of(8) && args.common.size >= 16,
         "--size must be a multiple of 8, at least 16"
     );
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let device = proxytune_models::device::parse_device(&args.device)?;
-    let world = World::new(args.seed, 8);
-    tch::manual_seed(args.seed as i64);
+    let device = proxytune_models::device::parse_device(&args.common.device)?;
+    let world = World::new(args.common.seed, 8);
+    tch::manual_seed(args.common.seed as i64);
     let started = Instant::now();
     let width = text_encoder(&args.clip, &args.out)?;
     std::fs::create_dir_all(args.out.join("scheduler"))?;
@@ -230,7 +221,7 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
 
     let unet_dir = args.out.join("unet");
     std::fs::create_dir_all(&unet_dir)?;
-    write_json(&unet_dir.join("config.json"), &unet_config(args.size / 4, width))?;
+    write_json(&unet_dir.join("config.json"), &unet_config(args.common.size / 4, width))?;
     {
         let vs = tch::nn::VarStore::new(device);
         let _unet =
@@ -242,7 +233,7 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
     sd.stores.text_encoder.freeze();
     let schedule = NoiseSchedule::new(&sd.scheduler)?;
     let held = held_out_scenes(&world, 64);
-    let held_x = signed_pixels(&held, args.size, device)?;
+    let held_x = signed_pixels(&held, args.common.size, device)?;
     let held_captions: Vec<String> = held.iter().map(|s| s.caption(None)).collect();
     let held_refs: Vec<&str> = held_captions.iter().map(String::as_str).collect();
     let loss_before = held_out_loss(&sd, &schedule, &held_x, &held_refs)?;
@@ -252,8 +243,8 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
     let mut last = f64::NAN;
     for step in 0..args.unet_steps {
         let batch = scenes(&world, 10_000_000 + step * args.batch as u64, args.batch);
-        let x = signed_pixels(&batch, args.size, device)?;
-        let mut draws = Draws::new(args.seed, Stream::Train, 1_000_000 + step);
+        let x = signed_pixels(&batch, args.common.size, device)?;
+        let mut draws = Draws::new(args.common.seed, Stream::Train, 1_000_000 + step);
         let (mean, logvar) = tch::no_grad(|| sd.vae.encode(&x));
         let latents = AutoencoderKl::sample_latent(&mean, &logvar, &draws.normal(&mean.size(), device))
             * sd.vae.scaling_factor;
@@ -272,7 +263,7 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
         anyhow::ensure!(last.is_finite(), "UNet loss is {last} at step {}", step + 1);
         opt.zero_grad();
         loss.backward();
-        opt.clipped_step(1.0, args.learning_rate, 100)?;
+        opt.clipped_step(1.0, args.common.learning_rate, 100)?;
         if (step + 1) % 100 == 0 {
             tracing::info!(step = step + 1, loss = last, "pretrain supervisor: unet");
         }
@@ -286,7 +277,7 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
         num_inference_steps: 25,
         guidance_scale: 5.0,
         sampler: SamplerKind::Ddim,
-        resolution: args.size,
+        resolution: args.common.size,
         negative_prompt: String::new(),
         batch_images: 20,
     };
@@ -302,8 +293,8 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
         "model": "world Stable Diffusion (diffusers folder: world CLIP text tower, AutoencoderKL, UNet2DConditionModel)",
         "command": format!(
             "proxytune pretrain supervisor --clip <world clip> --vae-steps {} --unet-steps {} --batch {} --size {} --seed {} --learning-rate {}",
-            args.vae_steps, args.unet_steps, args.batch, args.size, args.seed, args.learning_rate),
-        "seed": args.seed,
+            args.vae_steps, args.unet_steps, args.batch, args.common.size, args.common.seed, args.common.learning_rate),
+        "seed": args.common.seed,
         "vae": { "images_seen": args.vae_steps * args.batch as u64, "final_reconstruction_mse": vae_last,
                  "held_out_reconstruction_mse": vae_mse, "scaling_factor": scaling, "seconds": vae_seconds },
         "unet": { "parameters": params, "images_seen": args.unet_steps * args.batch as u64,
