@@ -683,6 +683,20 @@ pub(crate) fn decode(png: &[u8]) -> Option<image::RgbImage> {
     image::load_from_memory(png).ok().map(|i| i.to_rgb8())
 }
 
+/// Rows, first and last timestamps and rows per second of a stage's output.
+fn throughput(times: impl Iterator<Item = i64>) -> serde_json::Value {
+    let times: Vec<i64> = times.collect();
+    let (first, last) = (times.iter().min().copied(), times.iter().max().copied());
+    let span = match (first, last) {
+        (Some(a), Some(b)) => (b - a) as f64 / 1e6,
+        _ => 0.0,
+    };
+    serde_json::json!({
+        "rows": times.len(), "first_at_us": first, "last_at_us": last,
+        "per_second": if span > 0.0 { times.len() as f64 / span } else { 0.0 },
+    })
+}
+
 /// Runs the demo; returns the process exit code.
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let (world, subject) = check(&args)?;
@@ -716,8 +730,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
 
     // What the corpus holds now.
     let proxies: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
-    let priors = corpus.table::<ClassPriorImage>().await?.count_rows(None).await?;
-    let vq_rows = corpus.table::<VqTokens>().await?.count_rows(None).await?;
+    let priors: Vec<ClassPriorImage> = corpus.table::<ClassPriorImage>().await?.read_rows(None).await?;
+    let vq_rows: Vec<VqTokens> = corpus.table::<VqTokens>().await?.read_rows(None).await?;
+    let supervisors: Vec<Supervisor> = corpus.table::<Supervisor>().await?.read_rows(None).await?;
     let kept: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(true)).collect();
     let rejected: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(false)).collect();
     let mut reasons = std::collections::BTreeMap::<String, usize>::new();
@@ -764,13 +779,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         "world_models": args.world.display().to_string(),
         "outcome": format!("{:?}", run.outcome),
         "stages": {
-            "class_priors": { "rows": priors },
-            "supervisor": { "steps": args.supervisor_steps },
+            "class_priors": throughput(priors.iter().map(|r| r.created_at_us)),
+            "supervisor": {
+                "steps": supervisors.first().map(|s| s.train_steps),
+                "ready_at_us": supervisors.first().map(|s| s.created_at_us),
+                "final_loss": supervisors.first().and_then(|s| s.final_loss),
+                "steps_per_second": supervisors.first().map(|s| s.train_steps as f64
+                    / seconds(priors.iter().map(|r| r.created_at_us).min().unwrap_or(s.created_at_us), s.created_at_us).max(1e-9)),
+            },
+            "filter": throughput(proxies.iter().filter_map(|p| p.filtered_at_us)),
             "proxies": { "rows": proxies.len(), "kept": kept.len(), "rejected": rejected.len(),
                          "reject_reasons": reasons,
                          "first_generated_at_us": first_proxy_us, "last_generated_at_us": last_proxy_us,
                          "per_second": proxies.len() as f64 / generation_seconds },
-            "vq_tokens": { "rows": vq_rows },
+            "vq_tokens": throughput(vq_rows.iter().map(|r| r.created_at_us)),
             "student": { "steps": run.trainer.steps, "rows_received": run.trainer.rows_received,
                          "first_step_at_us": first_step_us, "last_step_at_us": last_step_us,
                          "steps_before_last_proxy": steps_before_last_proxy,
@@ -844,9 +866,11 @@ pub(crate) fn html(
 <p>DINO, CLIP-I and CLIP-T use the world's own pretrained encoders (world DINO, world CLIP). The last two columns are the renderer's exact checks.</p>
 <h2>Pipeline</h2>
 <table>
-<tr><td>class priors</td><td>{priors} rows</td></tr>
+<tr><td>class priors</td><td>{priors} rows, {priors_ps:.2}/s</td></tr>
+<tr><td>supervisor</td><td>{sup_steps} DreamBooth-LoRA steps, {sup_sps:.2} steps/s while priors streamed in</td></tr>
 <tr><td>proxies</td><td>{proxies} generated, {kept} kept, {rejected} rejected {reasons}, {pps:.2}/s</td></tr>
-<tr><td>VQ token rows</td><td>{vq}</td></tr>
+<tr><td>filter</td><td>{filtered} judged, {filter_ps:.2}/s</td></tr>
+<tr><td>VQ token rows</td><td>{vq}, {vq_ps:.2}/s</td></tr>
 <tr><td>student</td><td>{steps} steps, {before} of them before the last proxy was generated, {sps:.2} steps/s</td></tr>
 <tr><td>corpus</td><td>{path}: proxies version {pv}, {trained} rows trained on</td></tr>
 <tr><td>time</td><td>pipeline {pipe:.0} s, evaluation {eval:.0} s, total {total:.0} s</td></tr>
@@ -859,6 +883,12 @@ pub(crate) fn html(
         class = report["class"].as_str().unwrap_or_default(),
         identifier = report["identifier"].as_str().unwrap_or_default(),
         priors = stages["class_priors"]["rows"],
+        priors_ps = stages["class_priors"]["per_second"].as_f64().unwrap_or(0.0),
+        sup_steps = stages["supervisor"]["steps"],
+        sup_sps = stages["supervisor"]["steps_per_second"].as_f64().unwrap_or(0.0),
+        filtered = stages["filter"]["rows"],
+        filter_ps = stages["filter"]["per_second"].as_f64().unwrap_or(0.0),
+        vq_ps = stages["vq_tokens"]["per_second"].as_f64().unwrap_or(0.0),
         proxies = stages["proxies"]["rows"],
         kept = stages["proxies"]["kept"],
         rejected = stages["proxies"]["rejected"],
