@@ -49,7 +49,9 @@ use proxytune_models::lora::LoraConfig;
 use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
 use proxytune_models::scorers::ImageEmbedder;
 use proxytune_models::tokenizer::clip::ClipTokenizer;
-use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
+use proxytune_schemas::{
+    ClassPriorImage, EvalSample, MetricName, Proxy, ReferenceImage, Supervisor, VqTokens,
+};
 use serde::Serialize;
 
 /// Arguments of `proxytune demo`.
@@ -103,6 +105,9 @@ pub struct DemoArgs {
     /// Serve Prometheus `/metrics` on this loopback port while it runs (0: do not serve).
     #[arg(long, default_value_t = 9464)]
     pub metrics_port: u16,
+    /// Keep serving `/metrics` this many seconds after the report is written (for a last scrape).
+    #[arg(long, default_value_t = 0)]
+    pub linger_seconds: u64,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -683,6 +688,17 @@ pub(crate) fn decode(png: &[u8]) -> Option<image::RgbImage> {
     image::load_from_memory(png).ok().map(|i| i.to_rgb8())
 }
 
+/// The metric label of a DreamBench metric name (`CLIP-I` → `clip_i`).
+fn metric_label(name: &str) -> &'static str {
+    match name {
+        "DINO" => "dino",
+        "CLIP-I" => "clip_i",
+        "CLIP-T" => "clip_t",
+        "FEAT-I" => "feat_i",
+        _ => "other",
+    }
+}
+
 /// Rows, first and last timestamps and rows per second of a stage's output.
 fn throughput(times: impl Iterator<Item = i64>) -> serde_json::Value {
     let times: Vec<i64> = times.collect();
@@ -811,8 +827,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     });
     std::fs::write(report_dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(report_dir.join("index.html"), html(&report, &scores, has_kept, has_rejected))?;
+    for (i, (_, s)) in scores.iter().enumerate() {
+        let model = ["student_untuned", "supervisor", "student"].get(i).copied().unwrap_or("model");
+        let mut values: Vec<(&str, f64)> = s.metrics.iter().map(|(k, v)| (metric_label(k), *v)).collect();
+        values.push(("context_accuracy", s.context_accuracy));
+        values.push(("subject_colour_present", s.subject_colour_present));
+        for (metric, value) in values {
+            metrics::gauge!(MetricName::EvalScore.as_str(), "model" => model, "metric" => metric).set(value);
+        }
+    }
     eprintln!("report: {}", report_dir.join("index.html").display());
     println!("{}", serde_json::to_string_pretty(&report["evaluation"])?);
+    if args.metrics_port != 0 && args.linger_seconds > 0 {
+        tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
+    }
     Ok(0)
 }
 

@@ -7,6 +7,7 @@
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps).
 //! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`).
 //! - [`evaluate`]: DreamBench evaluation (the real-images row; supervisor and student).
+//! - [`grafana_cmd`]: the Grafana dashboards as code, rendered to `grafana/dashboards`.
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
 //! - [`metrics_server`]: the Prometheus exporter on loopback.
 //! - [`corpus_cmd`]: inspect a corpus (tables, rows, versions, fragments, tags).
@@ -17,6 +18,7 @@ mod bench;
 mod corpus_cmd;
 mod demo;
 mod evaluate;
+mod grafana_cmd;
 mod loadgen;
 mod metrics_server;
 mod pretrain;
@@ -71,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: pretrain::PretrainCommand,
     },
+    /// Grafana dashboards (as code in grafana/src).
+    Grafana {
+        #[command(subcommand)]
+        command: grafana_cmd::GrafanaCommand,
+    },
     /// The toy world.
     World {
         #[command(subcommand)]
@@ -101,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Loadgen(args) => runtime.block_on(loadgen::run(args)),
         Command::Evaluate { command } => evaluate::run(command).map(|()| 0),
+        Command::Grafana { command } => grafana_cmd::run(command).map(|()| 0),
         Command::World { command } => world_cmd::run(command).map(|()| 0),
         Command::Pretrain { command } => pretrain::run(command).map(|()| 0),
     }?;

@@ -12,7 +12,18 @@ use std::time::{Duration, Instant};
 use proxytune_actors::corpus::{Corpus, VersionRef};
 use proxytune_schemas::Proxy;
 
+use crate::metrics::{http_get, KillOnDrop};
 use crate::support::repo_root;
+
+/// Percent-encodes a query parameter.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
 
 fn proxytune() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_proxytune"));
@@ -66,10 +77,29 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
     let port = free_port();
+    // A real Prometheus scrapes the demo every second.
+    let prom_port = free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: proxytune\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ),
+    )
+    .unwrap();
+    let prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus is installed by tools/dev setup");
+    let _prometheus = KillOnDrop(prometheus);
     let mut child = proxytune()
         .arg("demo")
         .args(BUDGET)
-        .args(["--metrics-port", &port.to_string(), "--out"])
+        .args(["--metrics-port", &port.to_string(), "--linger-seconds", "4", "--out"])
         .arg(&out)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -89,6 +119,27 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let scraped = scraped.expect("/metrics answered while the demo ran");
     assert!(scraped.contains("proxytune_"), "{scraped}");
+
+    // Every expression of the committed Grafana dashboards returns data from that Prometheus.
+    let dashboard = json(&repo_root().join("grafana/dashboards/proxytune-pipeline.json"));
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    let prom: std::net::SocketAddr = ([127, 0, 0, 1], prom_port).into();
+    for expr in &exprs {
+        let query = format!("/api/v1/query?query={}", url_encode(expr));
+        let body = http_get(prom, &query).unwrap_or_else(|e| panic!("{expr}: {e}"));
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["status"], "success", "{expr}: {body}");
+        let result = answer["data"]["result"].as_array().unwrap();
+        assert!(!result.is_empty(), "`{expr}` returned no data");
+    }
+    eprintln!("demo: all {} dashboard expressions returned data", exprs.len());
 
     let report = json(&out.join("report/report.json"));
     let stages = &report["stages"];
@@ -174,6 +225,15 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert!(r["evaluation"][0]["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite));
     // The corpus is unchanged by the replay.
     assert_eq!(corpus.table::<Proxy>().await.unwrap().version(), Some(version));
+}
+
+#[test]
+fn the_committed_dashboards_are_what_their_source_renders() {
+    let out = proxytune().args(["grafana", "render", "--check"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text =
+        std::fs::read_to_string(repo_root().join("grafana/dashboards/proxytune-pipeline.json")).unwrap();
+    assert!(text.contains("${datasource}") && !text.contains("\"uid\": \"P"), "datasource by variable");
 }
 
 #[test]

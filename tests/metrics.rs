@@ -87,7 +87,7 @@ async fn every_actor_and_edge_emits_its_metrics_into_a_fresh_registry() {
     assert!(text.contains("proxytune_actor_batch_duration_seconds_bucket"), "durations are histograms");
 }
 
-struct KillOnDrop(Child);
+pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

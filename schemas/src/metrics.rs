@@ -49,6 +49,8 @@ pub enum MetricName {
     TrainStepDuration,
     /// Images a sampler generated. Labels: `kind` (`proxy`, `class_prior`, `validation`).
     GeneratedImages,
+    /// The latest DreamBench evaluation score of a model. Labels: `model`, `metric`.
+    EvalScore,
 }
 
 /// Prometheus metric kinds.
@@ -64,7 +66,7 @@ pub enum MetricKind {
 
 impl MetricName {
     /// Every metric, for compliance tests and dashboards.
-    pub const ALL: [MetricName; 21] = [
+    pub const ALL: [MetricName; 22] = [
         MetricName::ActorReceivedRows,
         MetricName::ActorSentRows,
         MetricName::ActorBatches,
@@ -86,6 +88,7 @@ impl MetricName {
         MetricName::TrainSteps,
         MetricName::TrainStepDuration,
         MetricName::GeneratedImages,
+        MetricName::EvalScore,
     ];
 
     /// The exported name.
@@ -112,6 +115,7 @@ impl MetricName {
             MetricName::TrainSteps => "proxytune_train_steps_total",
             MetricName::TrainStepDuration => "proxytune_train_step_duration_seconds",
             MetricName::GeneratedImages => "proxytune_generated_images_total",
+            MetricName::EvalScore => "proxytune_eval_score",
         }
     }
 
@@ -127,7 +131,8 @@ impl MetricName {
             | MetricName::CorpusVersion
             | MetricName::CorpusFragments
             | MetricName::TrainLoss
-            | MetricName::TrainLearningRate => MetricKind::Gauge,
+            | MetricName::TrainLearningRate
+            | MetricName::EvalScore => MetricKind::Gauge,
             _ => MetricKind::Counter,
         }
     }
@@ -156,6 +161,7 @@ impl MetricName {
             MetricName::TrainSteps => "Optimiser steps taken, by model.",
             MetricName::TrainStepDuration => "Seconds one optimiser step took, by model.",
             MetricName::GeneratedImages => "Images a diffusion sampler generated, by kind.",
+            MetricName::EvalScore => "Latest DreamBench evaluation score, by model and metric.",
         }
     }
 }
