@@ -19,40 +19,37 @@
 //! `report/index.html` (with `report.json` and image grids) is written. `/metrics` is served while
 //! it runs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use proxytune_actors::ar_trainer::{ArTrainerActor, ArTrainerConfig, ArTrainerStats};
+use proxytune_actors::ar_trainer::{ArTrainerActor, ArTrainerStats};
 use proxytune_actors::class_prior_sampler::{ClassPriorConfig, ClassPriorSampler};
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::diffusion_sampling::SamplingConfig;
-use proxytune_actors::dreambench::{
-    evaluate_generator, DreamBench, Generator, GeneratorReport, ProtocolConfig,
-};
+use proxytune_actors::dreambench::Generator;
 use proxytune_actors::filter::{Filter, FilterConfig, ImageMetric, PromptScorer};
-use proxytune_actors::generators::{StudentGenerator, StudentSampling, SupervisorGenerator};
+use proxytune_actors::generators::SupervisorGenerator;
 use proxytune_actors::intake::encode_png;
 use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig, WriterStats};
 use proxytune_actors::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGeneratorConfig};
 use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
 use proxytune_actors::supervisor_tuner::{SupervisorTuner, SupervisorTunerConfig};
-use proxytune_actors::tokenize::{Tokenize, TokenizeConfig};
-use proxytune_actors::world::{classify_context, Subject, World, CLASSES, COLOURS, EDITS, IDENTIFIER};
-use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
-use proxytune_models::ar::train::ArTrainConfig;
+use proxytune_actors::tokenize::Tokenize;
+use proxytune_actors::world::{Subject, World, CLASSES, IDENTIFIER};
 use proxytune_models::diffusion::dreambooth::DreamBoothConfig;
-use proxytune_models::diffusion::pipeline::SamplerKind;
 use proxytune_models::lora::LoraConfig;
-use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
 use proxytune_models::scorers::ImageEmbedder;
-use proxytune_models::tokenizer::clip::ClipTokenizer;
 use proxytune_schemas::{
     ClassPriorImage, EvalSample, MetricName, Proxy, ReferenceImage, Supervisor, VqTokens,
 };
-use serde::Serialize;
+
+use crate::report::{decode, html, metric_label, save_grid, throughput};
+use crate::world_models::{
+    device_name, evaluate, scorers, student, student_trainer_config, supervisor_sampling, tokenize_config,
+    EvalSpec, SIZE,
+};
 
 /// Arguments of `proxytune demo`.
 #[derive(Clone, Debug, clap::Args)]
@@ -114,7 +111,6 @@ pub struct DemoArgs {
 }
 
 const JOB: &str = "demo";
-pub(crate) const SIZE: u32 = 32;
 
 /// Every check that can fail before work starts: the subject, budgets, folders, the models.
 pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
@@ -161,22 +157,6 @@ pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
     Ok((world, subject))
 }
 
-/// The concrete device (`cpu`, `cuda:N`) that `auto` and friends resolve to.
-pub(crate) fn device_name(device: &str) -> anyhow::Result<String> {
-    Ok(match proxytune_models::device::parse_device(device)? {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    })
-}
-
-/// The world's scorers: DINO (instances), CLIP (CLIP-I and CLIP-T).
-pub(crate) fn scorers(world_dir: &Path, device: tch::Device) -> anyhow::Result<(Dino, ClipScorer)> {
-    let dino = Dino::load(&world_dir.join("dino"), device)?;
-    let clip_dir = world_dir.join("clip");
-    let clip = ClipScorer::load(&clip_dir, ClipTokenizer::from_folder(&clip_dir)?, device)?;
-    Ok((dino, clip))
-}
-
 /// The proxy plan: the subject prompt, one phrasing of each context, the five edits. (The
 /// evaluation also uses the contexts' second phrasings, which no proxy prompt has.)
 fn plan(subject: &Subject, class: &str, images_per_prompt: u32) -> PromptPlan {
@@ -187,78 +167,6 @@ fn plan(subject: &Subject, class: &str, images_per_prompt: u32) -> PromptPlan {
         images_per_prompt,
         first_seed: 1_000_000,
     }
-}
-
-fn supervisor_sampling() -> SamplingConfig {
-    SamplingConfig {
-        num_inference_steps: 25,
-        guidance_scale: 5.0,
-        sampler: SamplerKind::Ddim,
-        resolution: SIZE,
-        negative_prompt: String::new(),
-        batch_images: 8,
-    }
-}
-
-pub(crate) fn student_sampling(world_dir: &Path) -> anyhow::Result<StudentSampling> {
-    let path = world_dir.join("student/lumina_tokens.json");
-    let tokens: LuminaTokens =
-        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)
-            .with_context(|| format!("{}: not Lumina structure tokens", path.display()))?;
-    Ok(StudentSampling {
-        grid: (SIZE / 4) as i64,
-        image: ImageSampling { guidance_scale: 3.0, image_top_k: Some(64), top_p: None, temperature: 1.0 },
-        tokens,
-    })
-}
-
-fn student_lora() -> LoraConfig {
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    LoraConfig { rank: 8, alpha: 8.0, target_modules: targets.map(String::from).to_vec() }
-}
-
-/// The id written into the world student's VQ token rows.
-const TOKENIZER_ID: &str = "world-vq@1";
-
-/// Tokenization for the world student.
-pub(crate) fn tokenize_config(world_dir: &Path, device: &str, only_kept: bool) -> TokenizeConfig {
-    TokenizeConfig {
-        student_dir: world_dir.join("student"),
-        tokenizer_id: TOKENIZER_ID.into(),
-        resolution: SIZE,
-        device: device.into(),
-        only_kept,
-    }
-}
-
-/// The world student's LoRA training: `steps` steps of 8, starting once `min_rows` rows are in.
-pub(crate) fn student_trainer_config(
-    world_dir: &Path,
-    device: &str,
-    output_dir: &Path,
-    steps: u64,
-    min_rows: usize,
-    corpus_version: Option<u64>,
-) -> anyhow::Result<ArTrainerConfig> {
-    Ok(ArTrainerConfig {
-        student_dir: world_dir.join("student"),
-        device: device.into(),
-        lora: Some(student_lora()),
-        train: ArTrainConfig {
-            learning_rate: 1e-3,
-            lr_warmup_steps: 20,
-            max_train_steps: steps,
-            batch_size: 8,
-            condition_dropout: 0.1,
-            ..Default::default()
-        },
-        tokens: student_sampling(world_dir)?.tokens,
-        tokenizer_id: TOKENIZER_ID.into(),
-        min_rows_to_start: min_rows,
-        rows_per_step: 1,
-        output_dir: output_dir.to_path_buf(),
-        corpus_version,
-    })
 }
 
 /// Progress bars per stage, fed from the actors' shared statistics.
@@ -500,138 +408,6 @@ async fn pipeline(
     })
 }
 
-/// One model's evaluation with the world's exact checks.
-#[derive(Debug, Serialize)]
-pub(crate) struct ModelScores {
-    role: String,
-    version: String,
-    /// DINO, CLIP-I, CLIP-T, FEAT-I means over the subject's samples.
-    metrics: std::collections::BTreeMap<String, f64>,
-    /// Fraction of samples whose drawn context is the asked-for one.
-    context_accuracy: f64,
-    /// Fraction of samples (prompts that keep the colour) showing the subject's main colour.
-    subject_colour_present: f64,
-    samples: usize,
-    seconds: f64,
-    #[serde(skip)]
-    images: Vec<EvalSample>,
-}
-
-/// Whether at least 3 % of `img`'s pixels are within 40 levels per channel of `rgb` (its shaded
-/// tones included): the subject's main colour is drawn.
-fn has_colour(img: &image::RgbImage, rgb: [u8; 3]) -> bool {
-    let close = img
-        .pixels()
-        .filter(|p| {
-            // Shading scales the colour by 0.82..1: compare against the scaled range.
-            (0..=4).any(|k| {
-                let s = 1.0 - 0.045 * k as f32;
-                (0..3).map(|c| (p.0[c] as f32 - rgb[c] as f32 * s).abs()).fold(0.0, f32::max) < 40.0
-            })
-        })
-        .count();
-    close as f64 >= 0.03 * (img.width() * img.height()) as f64
-}
-
-fn exact_checks(subject: &Subject, samples: &[EvalSample]) -> (f64, f64) {
-    let (mut ctx_hits, mut colour_hits, mut colour_n) = (0usize, 0usize, 0usize);
-    let primary = COLOURS[subject.instance.primary].1;
-    for s in samples {
-        let Ok(img) = image::load_from_memory(&s.image_png).map(|i| i.to_rgb8()) else { continue };
-        let scene = &subject.prompts[s.prompt_index as usize];
-        ctx_hits += usize::from(classify_context(&img) == scene.context);
-        let recoloured = scene.edit.is_some_and(|e| matches!(EDITS[e], "red" | "purple" | "wet"));
-        if !recoloured {
-            colour_n += 1;
-            colour_hits += usize::from(has_colour(&img, primary));
-        }
-    }
-    let n = samples.len().max(1) as f64;
-    (ctx_hits as f64 / n, colour_hits as f64 / colour_n.max(1) as f64)
-}
-
-pub(crate) fn score(subject: &Subject, report: GeneratorReport, seconds: f64) -> ModelScores {
-    let metrics = report
-        .metrics
-        .iter()
-        .filter_map(|(name, table)| table.per_subject.get(&subject.name).map(|v| (name.clone(), *v)))
-        .collect();
-    let (context_accuracy, subject_colour_present) = exact_checks(subject, &report.samples);
-    ModelScores {
-        role: report.role.as_str().to_string(),
-        version: report.version,
-        metrics,
-        context_accuracy,
-        subject_colour_present,
-        samples: report.samples.len(),
-        seconds,
-        images: report.samples,
-    }
-}
-
-/// What an evaluation runs on: the world models, where the bench goes, how many samples.
-pub(crate) struct EvalSpec<'a> {
-    pub world_dir: &'a Path,
-    pub out_dir: &'a Path,
-    pub device: &'a str,
-    pub references: usize,
-    pub images_per_prompt: usize,
-    pub max_prompts: Option<usize>,
-}
-
-/// The world's DreamBench protocol for `models` on `subject`, with the same seeds for each.
-pub(crate) fn evaluate(
-    spec: &EvalSpec,
-    world: &World,
-    subject: &Subject,
-    models: Vec<(String, Box<dyn Generator>)>,
-) -> anyhow::Result<Vec<(String, ModelScores)>> {
-    let device = proxytune_models::device::parse_device(spec.device)?;
-    let bench_dir = spec.out_dir.join("world_bench");
-    let n = world.subject_instances().iter().position(|i| *i == subject.instance).expect("a world subject");
-    world.export_dreambench(&bench_dir, n + 1, spec.references, SIZE)?;
-    let bench = DreamBench::open(&bench_dir)?;
-    let entries: Vec<_> = bench.subjects.iter().filter(|s| s.subject == subject.name).cloned().collect();
-    let (dino, clip) = scorers(spec.world_dir, device)?;
-    let embedders: Vec<&dyn ImageEmbedder> = vec![&dino, &clip];
-    let protocol = ProtocolConfig {
-        identifier: IDENTIFIER.into(),
-        images_per_prompt: spec.images_per_prompt,
-        seed_base: 0,
-        max_prompts: spec.max_prompts,
-    };
-    let mut out = Vec::new();
-    for (label, mut model) in models {
-        let t0 = Instant::now();
-        let report = evaluate_generator(
-            &bench,
-            &entries,
-            model.as_mut(),
-            &embedders,
-            Some(&clip as &dyn PromptScorer),
-            &protocol,
-            device,
-        )?;
-        tracing::info!(model = %label, seconds = t0.elapsed().as_secs_f64(), "evaluated");
-        out.push((label, score(subject, report, t0.elapsed().as_secs_f64())));
-    }
-    Ok(out)
-}
-
-/// The student of the world folder, with its adapter when given.
-pub(crate) fn student(
-    world_dir: &Path,
-    adapter: Option<&Path>,
-    device: &str,
-) -> anyhow::Result<Box<dyn Generator>> {
-    Ok(Box::new(StudentGenerator::load(
-        &world_dir.join("student"),
-        adapter,
-        device,
-        student_sampling(world_dir)?,
-    )?))
-}
-
 fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box<dyn Generator>)>> {
     let adapter = args.out.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
     let supervisor = SupervisorGenerator::load(
@@ -648,69 +424,6 @@ fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box
             student(&args.world, Some(&args.out.join("student/adapter_model.safetensors")), device)?,
         ),
     ])
-}
-
-/// A grid of equally sized images, `cols` per row.
-fn grid(images: &[image::RgbImage], cols: usize) -> Option<image::RgbImage> {
-    let first = images.first()?;
-    let (w, h) = first.dimensions();
-    let rows = images.len().div_ceil(cols);
-    let mut out = image::RgbImage::from_pixel(
-        cols as u32 * (w + 2),
-        rows as u32 * (h + 2),
-        image::Rgb([255, 255, 255]),
-    );
-    for (i, img) in images.iter().enumerate() {
-        let (x, y) = ((i % cols) as u32 * (w + 2), (i / cols) as u32 * (h + 2));
-        image::imageops::overlay(&mut out, img, x as i64, y as i64);
-    }
-    Some(out)
-}
-
-pub(crate) fn save_grid(images: &[image::RgbImage], cols: usize, path: &Path) -> anyhow::Result<bool> {
-    match grid(images, cols) {
-        Some(g) => {
-            // Scaled up 3x so 32-pixel images are visible on a page.
-            let big = image::imageops::resize(
-                &g,
-                g.width() * 3,
-                g.height() * 3,
-                image::imageops::FilterType::Nearest,
-            );
-            big.save(path).with_context(|| path.display().to_string())?;
-            Ok(true)
-        }
-        None => Ok(false),
-    }
-}
-
-pub(crate) fn decode(png: &[u8]) -> Option<image::RgbImage> {
-    image::load_from_memory(png).ok().map(|i| i.to_rgb8())
-}
-
-/// The metric label of a DreamBench metric name (`CLIP-I` → `clip_i`).
-fn metric_label(name: &str) -> &'static str {
-    match name {
-        "DINO" => "dino",
-        "CLIP-I" => "clip_i",
-        "CLIP-T" => "clip_t",
-        "FEAT-I" => "feat_i",
-        _ => "other",
-    }
-}
-
-/// Rows, first and last timestamps and rows per second of a stage's output.
-fn throughput(times: impl Iterator<Item = i64>) -> serde_json::Value {
-    let times: Vec<i64> = times.collect();
-    let (first, last) = (times.iter().min().copied(), times.iter().max().copied());
-    let span = match (first, last) {
-        (Some(a), Some(b)) => (b - a) as f64 / 1e6,
-        _ => 0.0,
-    };
-    serde_json::json!({
-        "rows": times.len(), "first_at_us": first, "last_at_us": last,
-        "per_second": if span > 0.0 { times.len() as f64 / span } else { 0.0 },
-    })
 }
 
 /// Runs the demo; returns the process exit code.
@@ -842,95 +555,4 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
     }
     Ok(0)
-}
-
-pub(crate) fn html(
-    report: &serde_json::Value,
-    scores: &[(String, ModelScores)],
-    has_kept: bool,
-    has_rejected: bool,
-) -> String {
-    let metric_names = ["DINO", "CLIP-I", "CLIP-T"];
-    let mut rows = String::new();
-    for (label, s) in scores {
-        let cells: String = metric_names
-            .iter()
-            .map(|m| {
-                format!("<td>{}</td>", s.metrics.get(*m).map(|v| format!("{v:.3}")).unwrap_or("–".into()))
-            })
-            .collect();
-        rows.push_str(&format!(
-            "<tr><td>{label}</td>{cells}<td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n",
-            s.context_accuracy, s.subject_colour_present, s.samples
-        ));
-    }
-    let stages = &report["stages"];
-    let corpus = &report["corpus"];
-    let img = |file: &str, caption: &str| {
-        format!("<figure><img src=\"{file}\"><figcaption>{caption}</figcaption></figure>\n")
-    };
-    let mut grids = img("references.png", "references");
-    if has_kept {
-        grids.push_str(&img("proxies_kept.png", "proxies kept by the Filter (first 48)"));
-    }
-    if has_rejected {
-        grids.push_str(&img("proxies_rejected.png", "proxies rejected (first 48)"));
-    }
-    for (i, (label, _)) in scores.iter().enumerate() {
-        grids.push_str(&img(
-            &format!("samples_{i}.png"),
-            &format!("{label}: one row per prompt pair (prompts in order, images per prompt side by side)"),
-        ));
-    }
-    format!(
-        r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>proxytune demo: {subject}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}</style></head>
-<body>
-<h1>proxytune demo — {subject} (a {class}, identifier <code>{identifier}</code>)</h1>
-<h2>Scores on the subject's prompts (same seeds for every model)</h2>
-<table><tr><th>model</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>context drawn as asked</th><th>subject colour present</th><th>samples</th></tr>
-{rows}</table>
-<p>DINO, CLIP-I and CLIP-T use the world's own pretrained encoders (world DINO, world CLIP). The last two columns are the renderer's exact checks.</p>
-<h2>Pipeline</h2>
-<table>
-<tr><td>class priors</td><td>{priors} rows, {priors_ps:.2}/s</td></tr>
-<tr><td>supervisor</td><td>{sup_steps} DreamBooth-LoRA steps, {sup_sps:.2} steps/s while priors streamed in</td></tr>
-<tr><td>proxies</td><td>{proxies} generated, {kept} kept, {rejected} rejected {reasons}, {pps:.2}/s</td></tr>
-<tr><td>filter</td><td>{filtered} judged, {filter_ps:.2}/s</td></tr>
-<tr><td>VQ token rows</td><td>{vq}, {vq_ps:.2}/s</td></tr>
-<tr><td>student</td><td>{steps} steps, {before} of them before the last proxy was generated, {sps:.2} steps/s</td></tr>
-<tr><td>corpus</td><td>{path}: proxies version {pv}, {trained} rows trained on</td></tr>
-<tr><td>time</td><td>pipeline {pipe:.0} s, evaluation {eval:.0} s, total {total:.0} s</td></tr>
-</table>
-<h2>Images</h2>
-{grids}
-</body></html>
-"#,
-        subject = report["subject"].as_str().unwrap_or_default(),
-        class = report["class"].as_str().unwrap_or_default(),
-        identifier = report["identifier"].as_str().unwrap_or_default(),
-        priors = stages["class_priors"]["rows"],
-        priors_ps = stages["class_priors"]["per_second"].as_f64().unwrap_or(0.0),
-        sup_steps = stages["supervisor"]["steps"],
-        sup_sps = stages["supervisor"]["steps_per_second"].as_f64().unwrap_or(0.0),
-        filtered = stages["filter"]["rows"],
-        filter_ps = stages["filter"]["per_second"].as_f64().unwrap_or(0.0),
-        vq_ps = stages["vq_tokens"]["per_second"].as_f64().unwrap_or(0.0),
-        proxies = stages["proxies"]["rows"],
-        kept = stages["proxies"]["kept"],
-        rejected = stages["proxies"]["rejected"],
-        reasons = stages["proxies"]["reject_reasons"],
-        pps = stages["proxies"]["per_second"].as_f64().unwrap_or(0.0),
-        vq = stages["vq_tokens"]["rows"],
-        steps = stages["student"]["steps"],
-        before = stages["student"]["steps_before_last_proxy"],
-        sps = stages["student"]["steps_per_second"].as_f64().unwrap_or(0.0),
-        path = corpus["path"].as_str().unwrap_or_default(),
-        pv = corpus["proxies_version"],
-        trained = corpus["rows_trained_on"],
-        pipe = report["pipeline_seconds"].as_f64().unwrap_or(0.0),
-        eval = report["evaluation_seconds"].as_f64().unwrap_or(0.0),
-        total = report["total_seconds"].as_f64().unwrap_or(0.0),
-    )
 }

@@ -12,6 +12,8 @@
 //! - [`metrics_server`]: the Prometheus exporter on loopback.
 //! - [`corpus_cmd`]: inspect a corpus (tables, rows, versions, fragments, tags).
 //! - [`pretrain`]: pretraining the toy world's models (CLIP, DINO, supervisor, student).
+//! - [`world_models`]: the world's models as the demo and replay use them, and the world's evaluation.
+//! - [`report`]: the demo's report (grids, throughput, HTML).
 //! - [`world_cmd`]: the toy world (export subjects as a DreamBench-layout folder).
 
 mod bench;
@@ -23,8 +25,10 @@ mod loadgen;
 mod metrics_server;
 mod pretrain;
 mod replay;
+mod report;
 mod smoke;
 mod world_cmd;
+mod world_models;
 
 use std::path::PathBuf;
 

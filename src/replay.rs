@@ -15,7 +15,9 @@ use proxytune_actors::tokenize::Tokenize;
 use proxytune_actors::world::{World, CLASSES};
 use proxytune_schemas::Proxy;
 
-use crate::demo::{device_name, evaluate, student, student_trainer_config, tokenize_config, EvalSpec};
+use crate::world_models::{
+    device_name, evaluate, student, student_trainer_config, tokenize_config, EvalSpec,
+};
 
 /// Arguments of `proxytune replay`.
 #[derive(Debug, clap::Args)]
