@@ -113,7 +113,7 @@ pub struct DemoArgs {
 const JOB: &str = "demo";
 
 /// Every check that can fail before work starts: the subject, budgets, folders, the models.
-pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
+pub(crate) fn check_settings(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
     let world = World::new(args.world_seed, CLASSES.len());
     let names: Vec<String> = (0..CLASSES.len()).filter_map(|n| world.subject(n, 4)).map(|s| s.name).collect();
     let Some(n) = names.iter().position(|s| *s == args.subject) else {
@@ -147,6 +147,13 @@ pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
             manifest.display()
         );
     }
+    Ok((world, subject))
+}
+
+/// [`check_settings`], then the output folder: creatable, writable, and its `corpus/` a corpus or
+/// nothing.
+pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
+    let (world, subject) = check_settings(args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out {}: cannot create it", args.out.display()))?;
     let probe = args.out.join(".writable");
@@ -225,6 +232,7 @@ async fn pipeline(
     subject: &Subject,
     corpus: &Corpus,
     metrics: Metrics,
+    mut cancel: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Run> {
     let class = CLASSES[subject.instance.class];
     let model_dir = args.world.join("supervisor");
@@ -380,8 +388,8 @@ async fn pipeline(
     let running = p.start(&tokio::runtime::Handle::current())?;
     let handle = running.handle();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!("Ctrl-C: draining (the corpus keeps every committed row).");
+        if cancel.wait_for(|c| *c).await.is_ok() {
+            tracing::info!("Cancelled: draining (the corpus keeps every committed row).");
             handle.control().cancel();
         }
     });
@@ -426,13 +434,32 @@ fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box
     ])
 }
 
-/// Runs the demo; returns the process exit code.
+/// Runs the demo from the command line (Ctrl-C cancels); returns the process exit code.
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
-    let (world, subject) = check(&args)?;
-    let class = CLASSES[subject.instance.class];
+    check(&args)?;
     if args.metrics_port != 0 {
         crate::metrics_server::install(args.metrics_port)?;
     }
+    let (cancel, cancelled) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = cancel.send(true);
+        }
+    });
+    let code = execute(&args, cancelled).await?;
+    if code == 0 && args.metrics_port != 0 && args.linger_seconds > 0 {
+        tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
+    }
+    Ok(code)
+}
+
+/// One demo job: the pipeline, the evaluation and the report under `args.out`, with the global
+/// metrics recorder; `cancelled` turning true drains it. Returns the exit code (0 done, 130
+/// cancelled).
+pub async fn execute(args: &DemoArgs, cancelled: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<i32> {
+    let args = args.clone();
+    let (world, subject) = check(&args)?;
+    let class = CLASSES[subject.instance.class];
     let metrics = Metrics::global();
     metrics.describe_all();
     let corpus = Corpus::open_or_create(args.out.join("corpus"))?;
@@ -440,7 +467,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&report_dir)?;
     eprintln!("proxytune demo: subject {} (a {class}), output {}", subject.name, args.out.display());
     let t0 = Instant::now();
-    let run = pipeline(&args, &subject, &corpus, metrics).await?;
+    let run = pipeline(&args, &subject, &corpus, metrics, cancelled).await?;
     if run.outcome == JobOutcome::Cancelled {
         eprintln!(
             "proxytune demo: cancelled; the corpus at {} keeps every committed row (`proxytune corpus info`)",
@@ -551,8 +578,5 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     }
     eprintln!("report: {}", report_dir.join("index.html").display());
     println!("{}", serde_json::to_string_pretty(&report["evaluation"])?);
-    if args.metrics_port != 0 && args.linger_seconds > 0 {
-        tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
-    }
     Ok(0)
 }

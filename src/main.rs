@@ -1,6 +1,7 @@
 //! The `proxytune` command line: CLI parsing and the commands that exist so far.
 //!
 //! Component map:
+//! - [`daemon`]: the long-running service: jobs over an HTTP API, persistence, `/metrics`.
 //! - [`demo`]: the embedded demo — the whole mission on the toy world, end to end.
 //! - [`replay`]: a fresh student from a stored corpus version (no generation), evaluated.
 //! - [`smoke`]: the smoke job of what exists (DreamBench references into a Lance corpus, an
@@ -18,6 +19,7 @@
 
 mod bench;
 mod corpus_cmd;
+mod daemon;
 mod demo;
 mod evaluate;
 mod grafana_cmd;
@@ -48,6 +50,9 @@ enum Command {
     /// DreamBooth with streamed priors, proxies, Filter, Lance, student training while proxies
     /// arrive), then supervisor vs student evaluation and report/index.html.
     Demo(Box<demo::DemoArgs>),
+    /// Run as a daemon: world-subject jobs over a JSON HTTP API, queued and persisted, with
+    /// /metrics and a status page.
+    Daemon(daemon::DaemonArgs),
     /// Train a fresh student from a stored corpus version (optionally re-filtered), no
     /// generation, and evaluate it.
     Replay(Box<replay::ReplayArgs>),
@@ -102,6 +107,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let code = match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(*args)),
+        Command::Daemon(args) => runtime.block_on(daemon::run(args)),
         Command::Replay(args) => runtime.block_on(replay::run(*args)),
         Command::Smoke(args) => runtime.block_on(smoke::run(args)).map(|()| 0),
         Command::Corpus { command } => runtime.block_on(corpus_cmd::run(command)).map(|()| 0),

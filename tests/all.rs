@@ -2,6 +2,7 @@
 
 mod cli;
 mod corpus;
+mod daemon;
 mod demo;
 mod filter;
 mod metrics;

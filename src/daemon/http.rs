@@ -1,0 +1,158 @@
+//! The daemon's HTTP/1.1 server (hyper) and its routes. Every answer is JSON except `/` (HTML)
+//! and `/metrics` (Prometheus text); errors are `{"error": "..."}` with a 4xx/5xx status.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::jobs::{JobSpec, JobState};
+use super::Shared;
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("a valid response")
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Reply {
+    reply(status, "application/json", serde_json::to_vec_pretty(&value).expect("JSON serialises"))
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
+    json(status, serde_json::json!({ "error": message.to_string() }))
+}
+
+/// Accepts connections until the process stops.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> anyhow::Result<i32> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(shared, req).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+fn authorised(shared: &Shared, req: &Request<Incoming>) -> bool {
+    let Some(token) = &shared.config.token else { return true };
+    let given = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+    given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| t == token)
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
+    if !authorised(&shared, &req) {
+        return error(StatusCode::UNAUTHORIZED, "a bearer token is required (Authorization: Bearer <token>)");
+    }
+    let path: Vec<String> = req.uri().path().split('/').filter(|s| !s.is_empty()).map(String::from).collect();
+    let segments: Vec<&str> = path.iter().map(String::as_str).collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, []) => reply(StatusCode::OK, "text/html; charset=utf-8", status_page(&shared)),
+        (Method::GET, ["metrics"]) => {
+            reply(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render())
+        }
+        (Method::GET, ["jobs"]) => {
+            let jobs: Vec<serde_json::Value> = shared
+                .store()
+                .list()
+                .into_iter()
+                .map(|j| serde_json::to_value(j).expect("job serialises"))
+                .collect();
+            json(StatusCode::OK, serde_json::json!({ "jobs": jobs }))
+        }
+        (Method::POST, ["jobs"]) => submit(&shared, req).await,
+        (Method::GET, ["jobs", id]) => match job_record(&shared, id) {
+            Some(job) => {
+                let report = shared.store().dir(id).join("report/report.json");
+                let summary = std::fs::read_to_string(report)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .map(|r| serde_json::json!({ "stages": r["stages"], "corpus": r["corpus"], "evaluation": r["evaluation"] }));
+                json(StatusCode::OK, serde_json::json!({ "job": job, "report": summary }))
+            }
+            None => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+        },
+        (Method::POST, ["jobs", id, "cancel"]) => match shared.cancel(id) {
+            Ok(Some(true)) => json(StatusCode::ACCEPTED, serde_json::json!({ "cancelling": id })),
+            Ok(Some(false)) => error(StatusCode::CONFLICT, format!("job `{id}` has already ended")),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+        (Method::GET, ["jobs", id, "report"]) => {
+            let Some(job) = shared.store().get(id).cloned() else {
+                return error(StatusCode::NOT_FOUND, format!("no job `{id}`"));
+            };
+            if job.state != JobState::Succeeded {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!("job `{id}` is {:?}; its report comes when it succeeds", job.state),
+                );
+            }
+            match std::fs::read(shared.store().dir(id).join("report/report.json")) {
+                Ok(bytes) => reply(StatusCode::OK, "application/json", bytes),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("report of `{id}`: {e}")),
+            }
+        }
+        (_, ["jobs", ..]) | (_, []) | (_, ["metrics"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no route {}", req.uri().path())),
+    }
+}
+
+/// A copy of job `id`'s record (the store's lock is released at once).
+fn job_record(shared: &Shared, id: &str) -> Option<super::jobs::Job> {
+    let store = shared.store();
+    store.get(id).cloned()
+}
+
+async fn submit(shared: &Shared, req: Request<Incoming>) -> Reply {
+    let limit = shared.config.max_body_bytes;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {limit} bytes")),
+    };
+    let spec: JobSpec = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a job spec: {e}")),
+    };
+    match shared.submit(spec) {
+        Ok(job) => json(StatusCode::CREATED, serde_json::to_value(job).expect("job serialises")),
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    }
+}
+
+fn status_page(shared: &Shared) -> String {
+    let rows: String = shared
+        .store()
+        .list()
+        .into_iter()
+        .map(|j| {
+            format!(
+                "<tr><td><a href=\"/jobs/{id}\">{id}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                j.spec.subject,
+                serde_json::to_value(j.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                j.error.as_deref().unwrap_or(""),
+                id = j.id
+            )
+        })
+        .collect();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>proxytune daemon</title></head><body>\
+         <h1>proxytune daemon</h1><table border=\"1\"><tr><th>job</th><th>subject</th><th>state</th><th>error</th></tr>\n{rows}</table>\
+         <p><a href=\"/metrics\">/metrics</a></p></body></html>"
+    )
+}
