@@ -144,7 +144,10 @@ fn status_page(shared: &Shared) -> String {
             format!(
                 "<tr><td><a href=\"/jobs/{id}\">{id}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                 j.spec.subject,
-                serde_json::to_value(j.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                serde_json::to_value(j.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
                 j.error.as_deref().unwrap_or(""),
                 id = j.id
             )
