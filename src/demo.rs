@@ -232,7 +232,7 @@ async fn pipeline(
     subject: &Subject,
     corpus: &Corpus,
     metrics: Metrics,
-    mut cancel: tokio::sync::watch::Receiver<bool>,
+    mut commands: tokio::sync::watch::Receiver<JobCommand>,
 ) -> anyhow::Result<Run> {
     let class = CLASSES[subject.instance.class];
     let model_dir = args.world.join("supervisor");
@@ -388,9 +388,23 @@ async fn pipeline(
     let running = p.start(&tokio::runtime::Handle::current())?;
     let handle = running.handle();
     tokio::spawn(async move {
-        if cancel.wait_for(|c| *c).await.is_ok() {
-            tracing::info!("Cancelled: draining (the corpus keeps every committed row).");
-            handle.control().cancel();
+        while commands.changed().await.is_ok() {
+            let command = *commands.borrow_and_update();
+            let control = handle.control();
+            match command {
+                JobCommand::Run => {
+                    control.resume();
+                }
+                JobCommand::Pause => {
+                    tracing::info!("Paused: sources and actors hold between batches.");
+                    control.pause();
+                }
+                JobCommand::Cancel => {
+                    tracing::info!("Cancelled: draining (the corpus keeps every committed row).");
+                    control.cancel();
+                    return;
+                }
+            }
         }
     });
     let wait = running.wait();
@@ -434,19 +448,30 @@ fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box
     ])
 }
 
+/// What a running job is told: run (or resume), pause, cancel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobCommand {
+    /// Run (resume after a pause).
+    Run,
+    /// Hold every actor between batches.
+    Pause,
+    /// Drain and stop.
+    Cancel,
+}
+
 /// Runs the demo from the command line (Ctrl-C cancels); returns the process exit code.
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     check(&args)?;
     if args.metrics_port != 0 {
         crate::metrics_server::install(args.metrics_port)?;
     }
-    let (cancel, cancelled) = tokio::sync::watch::channel(false);
+    let (cancel, commands) = tokio::sync::watch::channel(JobCommand::Run);
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = cancel.send(true);
+            let _ = cancel.send(JobCommand::Cancel);
         }
     });
-    let code = execute(&args, cancelled).await?;
+    let code = execute(&args, commands).await?;
     if code == 0 && args.metrics_port != 0 && args.linger_seconds > 0 {
         tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
     }
@@ -454,9 +479,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
 }
 
 /// One demo job: the pipeline, the evaluation and the report under `args.out`, with the global
-/// metrics recorder; `cancelled` turning true drains it. Returns the exit code (0 done, 130
-/// cancelled).
-pub async fn execute(args: &DemoArgs, cancelled: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<i32> {
+/// metrics recorder, steered by `commands` (pause, resume, cancel: a cancel drains it). Returns
+/// the exit code (0 done, 130 cancelled).
+pub async fn execute(
+    args: &DemoArgs,
+    commands: tokio::sync::watch::Receiver<JobCommand>,
+) -> anyhow::Result<i32> {
     let args = args.clone();
     let (world, subject) = check(&args)?;
     let class = CLASSES[subject.instance.class];
@@ -467,7 +495,7 @@ pub async fn execute(args: &DemoArgs, cancelled: tokio::sync::watch::Receiver<bo
     std::fs::create_dir_all(&report_dir)?;
     eprintln!("proxytune demo: subject {} (a {class}), output {}", subject.name, args.out.display());
     let t0 = Instant::now();
-    let run = pipeline(&args, &subject, &corpus, metrics, cancelled).await?;
+    let run = pipeline(&args, &subject, &corpus, metrics, commands).await?;
     if run.outcome == JobOutcome::Cancelled {
         eprintln!(
             "proxytune demo: cancelled; the corpus at {} keeps every committed row (`proxytune corpus info`)",

@@ -1,5 +1,5 @@
 //! `proxytune daemon` through the real binary: jobs submitted over HTTP run to completion and
-//! give their reports, a running job is cancelled, bad requests get the right status and a
+//! give their reports, a running job is paused, resumed and cancelled, bad requests get the right status and a
 //! message, a non-loopback bind needs a token and requests must carry it.
 
 use std::io::{Read, Write};
@@ -89,7 +89,7 @@ fn wait_state(addr: SocketAddr, id: &str, states: &[&str]) -> serde_json::Value 
 const SMALL: &str = r#""class_priors": 8, "supervisor_steps": 20, "proxies_per_prompt": 2, "student_steps": 20, "student_min_rows": 4, "eval_images": 1, "eval_prompts": 2"#;
 
 #[test]
-fn jobs_run_over_http_a_running_one_is_cancelled_and_bad_requests_are_refused() {
+fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -148,7 +148,35 @@ fn jobs_run_over_http_a_running_one_is_cancelled_and_bad_requests_are_refused() 
         assert!(report["stages"]["student"]["steps"].as_u64() == Some(20), "{}", report["stages"]);
     }
     wait_state(addr, &third, &["running"]);
+    // Pause holds the pipeline: no proxy is generated while paused; resume lets it go on.
+    let proxies_generated = || {
+        let (_, text) = request(addr, "GET", "/metrics", "", None).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("proxytune_generated_images_total{kind=\"proxy\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let started = Instant::now();
+    while proxies_generated() < 40.0 {
+        assert!(started.elapsed() < Duration::from_secs(300), "the third job never generated proxies");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, body) = request(addr, "POST", &format!("/jobs/{third}/pause"), "", None).unwrap();
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(job(addr, &third)["state"], "paused");
+    std::thread::sleep(Duration::from_secs(2)); // a batch in flight finishes
+    let held = proxies_generated();
     std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(proxies_generated(), held, "nothing is generated while paused");
+    let (status, body) = request(addr, "POST", &format!("/jobs/{third}/pause"), "", None).unwrap();
+    assert_eq!(status, 409, "a paused job cannot be paused again: {body}");
+    let (status, body) = request(addr, "POST", &format!("/jobs/{third}/resume"), "", None).unwrap();
+    assert_eq!(status, 202, "{body}");
+    let started = Instant::now();
+    while proxies_generated() <= held {
+        assert!(started.elapsed() < Duration::from_secs(120), "resume did not restart generation");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (status, body) = request(addr, "POST", &format!("/jobs/{third}/cancel"), "", None).unwrap();
     assert_eq!(status, 202, "{body}");
     let j = wait_state(addr, &third, &["cancelled", "succeeded", "failed"]);

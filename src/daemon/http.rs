@@ -10,6 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::jobs::{JobSpec, JobState};
 use super::Shared;
+use crate::demo::JobCommand;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -85,12 +86,27 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
             }
             None => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
         },
-        (Method::POST, ["jobs", id, "cancel"]) => match shared.cancel(id) {
-            Ok(Some(true)) => json(StatusCode::ACCEPTED, serde_json::json!({ "cancelling": id })),
-            Ok(Some(false)) => error(StatusCode::CONFLICT, format!("job `{id}` has already ended")),
-            Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        },
+        (Method::POST, ["jobs", id, verb @ ("cancel" | "pause" | "resume")]) => {
+            let command = match *verb {
+                "cancel" => JobCommand::Cancel,
+                "pause" => JobCommand::Pause,
+                _ => JobCommand::Run,
+            };
+            match shared.command(id, command) {
+                Ok(Some(true)) => {
+                    json(StatusCode::ACCEPTED, serde_json::json!({ "job": id, "command": verb }))
+                }
+                Ok(Some(false)) => {
+                    let state = job_record(&shared, id).map(|j| format!("{:?}", j.state).to_lowercase());
+                    error(
+                        StatusCode::CONFLICT,
+                        format!("job `{id}` is {}: cannot {verb} it", state.unwrap_or_default()),
+                    )
+                }
+                Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            }
+        }
         (Method::GET, ["jobs", id, "report"]) => {
             let Some(job) = shared.store().get(id).cloned() else {
                 return error(StatusCode::NOT_FOUND, format!("no job `{id}`"));

@@ -3,7 +3,7 @@
 //! (temp file + rename) on every transition, beside the job's own corpus, checkpoints and report.
 //! A plain-file store: one small JSON document per job, readable by hand, nothing to migrate, and
 //! the job's heavy data already lives in its Lance corpus next to it. On open, jobs that were
-//! queued or running are queued again: their pipeline resumes from its checkpoints and corpus.
+//! queued, running or paused are queued again: their pipeline resumes from its checkpoints and corpus.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,6 +97,8 @@ pub enum JobState {
     Queued,
     /// Its pipeline runs.
     Running,
+    /// Its pipeline holds between batches until resumed.
+    Paused,
     /// Finished; its report is ready.
     Succeeded,
     /// Stopped by an error (kept in `error`).
@@ -154,7 +156,7 @@ impl JobStore {
             if let Some(n) = job.id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
                 next = next.max(n + 1);
             }
-            if job.state == JobState::Running {
+            if matches!(job.state, JobState::Running | JobState::Paused) {
                 job.state = JobState::Queued;
             }
             jobs.insert(job.id.clone(), job);

@@ -11,7 +11,8 @@
 //! before anything is queued.
 //!
 //! Routes: `GET /` (status page), `GET /metrics`, `GET /jobs`, `POST /jobs`, `GET /jobs/{id}`,
-//! `POST /jobs/{id}/cancel`, `GET /jobs/{id}/report`.
+//! `POST /jobs/{id}/pause`, `POST /jobs/{id}/resume`, `POST /jobs/{id}/cancel`,
+//! `GET /jobs/{id}/report`.
 
 mod http;
 pub mod jobs;
@@ -25,6 +26,8 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use jobs::{JobSpec, JobState, JobStore};
+
+use crate::demo::JobCommand;
 
 /// Arguments of `proxytune daemon`.
 #[derive(Debug, clap::Args)]
@@ -101,7 +104,7 @@ impl DaemonConfig {
 pub struct Shared {
     config: DaemonConfig,
     store: Mutex<JobStore>,
-    cancels: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
+    controls: Mutex<HashMap<String, tokio::sync::watch::Sender<JobCommand>>>,
     wake: tokio::sync::Notify,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -123,40 +126,56 @@ impl Shared {
         Ok(job)
     }
 
-    /// Cancels a queued or running job; false when it has already ended.
-    fn cancel(&self, id: &str) -> anyhow::Result<Option<bool>> {
+    /// Tells job `id` to pause, resume or cancel. `None`: no such job; `Some(false)`: not in a
+    /// state where the command applies (a finished job, pausing a queued one, …).
+    fn command(&self, id: &str, command: JobCommand) -> anyhow::Result<Option<bool>> {
         let Some(job) = self.store().get(id).cloned() else { return Ok(None) };
-        match job.state {
-            JobState::Queued => {
-                self.store().update(id, |j| {
-                    j.state = JobState::Cancelled;
-                    j.finished_at_us = Some(proxytune_schemas::now_us());
-                })?;
-                Ok(Some(true))
+        let send = |c: JobCommand| {
+            if let Some(tx) = self.controls.lock().expect("control lock").get(id) {
+                let _ = tx.send(c);
             }
-            JobState::Running => {
-                if let Some(tx) = self.cancels.lock().expect("cancel lock").get(id) {
-                    let _ = tx.send(true);
+        };
+        let now = proxytune_schemas::now_us();
+        let next = match (command, job.state) {
+            (JobCommand::Cancel, JobState::Queued) => Some(JobState::Cancelled),
+            (JobCommand::Cancel, JobState::Running | JobState::Paused) => {
+                send(JobCommand::Cancel);
+                None
+            }
+            (JobCommand::Pause, JobState::Running) => {
+                send(JobCommand::Pause);
+                Some(JobState::Paused)
+            }
+            (JobCommand::Run, JobState::Paused) => {
+                send(JobCommand::Run);
+                Some(JobState::Running)
+            }
+            _ => return Ok(Some(false)),
+        };
+        if let Some(state) = next {
+            self.store().update(id, |j| {
+                j.state = state;
+                if state == JobState::Cancelled {
+                    j.finished_at_us = Some(now);
                 }
-                Ok(Some(true))
-            }
-            _ => Ok(Some(false)),
+            })?;
         }
+        Ok(Some(true))
     }
 }
 
 /// Starts queued jobs while slots are free; each job runs on its own task.
 async fn runner(shared: Arc<Shared>) {
     loop {
-        let running = shared.cancels.lock().expect("cancel lock").len();
+        let running = shared.controls.lock().expect("cancel lock").len();
         let next =
             (running < shared.config.concurrency).then(|| shared.store().next_queued().cloned()).flatten();
         let Some(job) = next else {
             shared.wake.notified().await;
             continue;
         };
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        shared.cancels.lock().expect("cancel lock").insert(job.id.clone(), tx);
+        let (tx, rx) = tokio::sync::watch::channel(JobCommand::Run);
+        shared.controls.lock().expect("cancel lock").insert(job.id.clone(), tx);
         let started = shared.store().update(&job.id, |j| {
             j.state = JobState::Running;
             j.attempts += 1;
@@ -191,7 +210,7 @@ async fn runner(shared: Arc<Shared>) {
             }) {
                 tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
             }
-            shared2.cancels.lock().expect("cancel lock").remove(&job.id);
+            shared2.controls.lock().expect("cancel lock").remove(&job.id);
             shared2.wake.notify_one();
         });
     }
@@ -212,7 +231,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),
-        cancels: Mutex::new(HashMap::new()),
+        controls: Mutex::new(HashMap::new()),
         wake: tokio::sync::Notify::new(),
         metrics,
     });
