@@ -471,7 +471,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             let _ = cancel.send(JobCommand::Cancel);
         }
     });
-    let code = execute(&args, commands).await?;
+    let code = execute(&args, commands, None).await?;
     if code == 0 && args.metrics_port != 0 && args.linger_seconds > 0 {
         tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
     }
@@ -479,23 +479,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
 }
 
 /// One demo job: the pipeline, the evaluation and the report under `args.out`, with the global
-/// metrics recorder, steered by `commands` (pause, resume, cancel: a cancel drains it). Returns
-/// the exit code (0 done, 130 cancelled).
+/// metrics recorder (with `job_id` on every series when given), steered by `commands` (pause,
+/// resume, cancel: a cancel drains it). Returns the exit code (0 done, 130 cancelled).
 pub async fn execute(
     args: &DemoArgs,
     commands: tokio::sync::watch::Receiver<JobCommand>,
+    job_id: Option<&str>,
 ) -> anyhow::Result<i32> {
     let args = args.clone();
     let (world, subject) = check(&args)?;
     let class = CLASSES[subject.instance.class];
-    let metrics = Metrics::global();
+    let metrics = match job_id {
+        Some(id) => Metrics::global().for_job(id),
+        None => Metrics::global(),
+    };
     metrics.describe_all();
     let corpus = Corpus::open_or_create(args.out.join("corpus"))?;
     let report_dir = args.out.join("report");
     std::fs::create_dir_all(&report_dir)?;
     eprintln!("proxytune demo: subject {} (a {class}), output {}", subject.name, args.out.display());
     let t0 = Instant::now();
-    let run = pipeline(&args, &subject, &corpus, metrics, commands).await?;
+    let run = pipeline(&args, &subject, &corpus, metrics.clone(), commands).await?;
     if run.outcome == JobOutcome::Cancelled {
         eprintln!(
             "proxytune demo: cancelled; the corpus at {} keeps every committed row (`proxytune corpus info`)",
@@ -601,7 +605,9 @@ pub async fn execute(
         values.push(("context_accuracy", s.context_accuracy));
         values.push(("subject_colour_present", s.subject_colour_present));
         for (metric, value) in values {
-            metrics::gauge!(MetricName::EvalScore.as_str(), "model" => model, "metric" => metric).set(value);
+            metrics
+                .gauge_labels(MetricName::EvalScore, &[("model", model.into()), ("metric", metric.into())])
+                .set(value);
         }
     }
     eprintln!("report: {}", report_dir.join("index.html").display());

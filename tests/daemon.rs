@@ -152,7 +152,11 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     let proxies_generated = || {
         let (_, text) = request(addr, "GET", "/metrics", "", None).unwrap();
         text.lines()
-            .find_map(|l| l.strip_prefix("proxytune_generated_images_total{kind=\"proxy\"} "))
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "proxytune_generated_images_total{{kind=\"proxy\",job_id=\"{third}\"}} "
+                ))
+            })
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
@@ -194,6 +198,10 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     assert!(status == 200 && page.contains(&ids[0]) && page.contains("cancelled"), "{page}");
     let (status, metrics) = request(addr, "GET", "/metrics", "", None).unwrap();
     assert!(status == 200 && metrics.contains("proxytune_train_steps_total"), "{metrics}");
+    for id in &ids {
+        let series = format!("proxytune_eval_score{{model=\"student\",metric=\"dino\",job_id=\"{id}\"}}");
+        assert!(metrics.contains(&series), "every job's series carry its id: {series}");
+    }
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! `grafana/dashboards/*.json` (committed, never edited by hand; a test checks the files equal
 //! this source's output and runs every expression against a real Prometheus). The datasource is
 //! the dashboard variable `${datasource}`, never a hard-coded UID. Metric names come from
-//! `proxytune_schemas::MetricName`, the one place they are defined.
+//! `proxytune_schemas::MetricName`, the one place they are defined. Series of the daemon's jobs
+//! carry a `job_id` label.
 
 use proxytune_schemas::MetricName as M;
 use serde_json::{json, Value};
@@ -207,11 +208,11 @@ pub fn pipeline_rows() -> Vec<Row> {
         Row {
             title: "Evaluation (DreamBench protocol)",
             panels: vec![panel(
-                "Latest scores, by model and metric",
+                "Latest scores, by job, model and metric",
                 "short",
                 vec![q(
-                    format!("max by (model, metric) ({})", M::EvalScore.as_str()),
-                    "{{model}} {{metric}}",
+                    format!("max by (job_id, model, metric) ({})", M::EvalScore.as_str()),
+                    "{{job_id}} {{model}} {{metric}}",
                 )],
             )],
         },

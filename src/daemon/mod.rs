@@ -192,10 +192,12 @@ async fn runner(shared: Arc<Shared>) {
             // The job's own synchronous work (model loading, evaluation) runs on a blocking
             // thread, so the API's async workers stay free.
             let handle = tokio::runtime::Handle::current();
-            let result =
-                tokio::task::spawn_blocking(move || handle.block_on(crate::demo::execute(&args, rx)))
-                    .await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the job's thread panicked: {e}")));
+            let id = job.id.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                handle.block_on(crate::demo::execute(&args, rx, Some(&id)))
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the job's thread panicked: {e}")));
             let (state, error) = match result {
                 Ok(0) => (JobState::Succeeded, None),
                 Ok(130) => (JobState::Cancelled, None),

@@ -14,6 +14,8 @@ use proxytune_schemas::MetricName;
 pub struct Metrics {
     recorder: Option<Arc<dyn Recorder + Send + Sync>>,
     noop: bool,
+    /// Added to every metric as `job_id` (the daemon's jobs share one process).
+    job_id: Option<String>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -30,12 +32,22 @@ impl Metrics {
 
     /// Handles on `recorder` (e.g. a fresh Prometheus recorder in a test).
     pub fn with_recorder(recorder: Arc<dyn Recorder + Send + Sync>) -> Self {
-        Metrics { recorder: Some(recorder), noop: false }
+        Metrics { recorder: Some(recorder), noop: false, job_id: None }
     }
 
     /// Handles that record nothing.
     pub fn noop() -> Self {
-        Metrics { recorder: None, noop: true }
+        Metrics { recorder: None, noop: true, job_id: None }
+    }
+
+    /// The same recorder, with `job_id = job` on every metric built from it.
+    pub fn for_job(&self, job: &str) -> Self {
+        Metrics { job_id: Some(job.to_string()), ..self.clone() }
+    }
+
+    fn labels(&self, labels: &[(&'static str, String)]) -> Vec<metrics::Label> {
+        let job = self.job_id.iter().map(|j| metrics::Label::new("job_id", j.clone()));
+        labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).chain(job).collect()
     }
 
     fn build<T>(&self, make: impl FnOnce() -> T, noop: impl FnOnce() -> T) -> T {
@@ -50,34 +62,30 @@ impl Metrics {
 
     /// A counter with one label.
     pub fn counter(&self, name: MetricName, label: &'static str, value: &str) -> Counter {
-        let value = value.to_string();
-        self.build(|| metrics::counter!(name.as_str(), label => value), Counter::noop)
+        self.counter_labels(name, &[(label, value.to_string())])
     }
 
     /// A counter with labels.
     pub fn counter_labels(&self, name: MetricName, labels: &[(&'static str, String)]) -> Counter {
-        let labels: Vec<metrics::Label> =
-            labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+        let labels = self.labels(labels);
         self.build(|| metrics::counter!(name.as_str(), labels), Counter::noop)
     }
 
     /// A gauge with one label.
     pub fn gauge(&self, name: MetricName, label: &'static str, value: &str) -> Gauge {
-        let value = value.to_string();
-        self.build(|| metrics::gauge!(name.as_str(), label => value), Gauge::noop)
+        self.gauge_labels(name, &[(label, value.to_string())])
     }
 
     /// A gauge with labels.
     pub fn gauge_labels(&self, name: MetricName, labels: &[(&'static str, String)]) -> Gauge {
-        let labels: Vec<metrics::Label> =
-            labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+        let labels = self.labels(labels);
         self.build(|| metrics::gauge!(name.as_str(), labels), Gauge::noop)
     }
 
     /// A histogram with one label.
     pub fn histogram(&self, name: MetricName, label: &'static str, value: &str) -> Histogram {
-        let value = value.to_string();
-        self.build(|| metrics::histogram!(name.as_str(), label => value), Histogram::noop)
+        let labels = self.labels(&[(label, value.to_string())]);
+        self.build(|| metrics::histogram!(name.as_str(), labels), Histogram::noop)
     }
 
     /// Registers every metric's help text with the recorder.
