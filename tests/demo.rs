@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use proxytune_actors::corpus::{Corpus, VersionRef};
 use proxytune_schemas::Proxy;
 
-use crate::metrics::{http_get, KillOnDrop};
+use crate::metrics::{http_get, prometheus};
 use crate::support::repo_root;
 
 /// Percent-encodes a query parameter.
@@ -78,28 +78,11 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     let out = dir.path().join("demo");
     let port = free_port();
     // A real Prometheus scrapes the demo every second.
-    let prom_port = free_port();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: proxytune\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
-        ),
-    )
-    .unwrap();
-    let prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus is installed by tools/dev setup");
-    let _prometheus = KillOnDrop(prometheus);
+    let (_prometheus, prom) = prometheus(dir.path(), port);
     let mut child = proxytune()
         .arg("demo")
         .args(BUDGET)
-        .args(["--metrics-port", &port.to_string(), "--linger-seconds", "4", "--out"])
+        .args(["--metrics-port", &port.to_string(), "--linger-seconds", "20", "--out"])
         .arg(&out)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -115,12 +98,22 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let scraped = scraped.expect("/metrics answered while the demo ran");
     assert!(scraped.contains("proxytune_"), "{scraped}");
 
-    // Every expression of the committed Grafana dashboards returns data from that Prometheus.
+    // Every expression of the committed Grafana dashboards returns data from that Prometheus. The
+    // queries run while the demo lingers after its report (a target that is gone is marked stale).
+    let query = |expr: &str| -> serde_json::Value {
+        let body = http_get(prom, &format!("/api/v1/query?query={}", url_encode(expr)))
+            .unwrap_or_else(|e| panic!("{expr}: {e}"));
+        serde_json::from_str(&body).unwrap()
+    };
+    let started = Instant::now();
+    while query("proxytune_eval_score")["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+        assert!(child.try_wait().unwrap().is_none(), "the demo ended before Prometheus saw its scores");
+        assert!(started.elapsed() < Duration::from_secs(300), "the scores never reached Prometheus");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let dashboard = json(&repo_root().join("grafana/dashboards/proxytune-pipeline.json"));
     let exprs: Vec<String> = dashboard["panels"]
         .as_array()
@@ -130,16 +123,14 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
         .map(|t| t["expr"].as_str().unwrap().to_string())
         .collect();
     assert!(exprs.len() >= 20, "{exprs:?}");
-    let prom: std::net::SocketAddr = ([127, 0, 0, 1], prom_port).into();
     for expr in &exprs {
-        let query = format!("/api/v1/query?query={}", url_encode(expr));
-        let body = http_get(prom, &query).unwrap_or_else(|e| panic!("{expr}: {e}"));
-        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(answer["status"], "success", "{expr}: {body}");
-        let result = answer["data"]["result"].as_array().unwrap();
-        assert!(!result.is_empty(), "`{expr}` returned no data");
+        let answer = query(expr);
+        assert_eq!(answer["status"], "success", "{expr}: {answer}");
+        assert!(!answer["data"]["result"].as_array().unwrap().is_empty(), "`{expr}` returned no data");
     }
     eprintln!("demo: all {} dashboard expressions returned data", exprs.len());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     let report = json(&out.join("report/report.json"));
     let stages = &report["stages"];

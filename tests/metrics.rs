@@ -96,6 +96,29 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A real Prometheus (Debian's, installed by `tools/dev setup`) on a free loopback port, its data
+/// under `dir`, scraping `127.0.0.1:<target_port>/metrics` every second; killed when the guard drops.
+pub fn prometheus(dir: &std::path::Path, target_port: u16) -> (KillOnDrop, SocketAddr) {
+    let prom_port = free_port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: proxytune\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus is installed by tools/dev setup");
+    (KillOnDrop(child), ([127, 0, 0, 1], prom_port).into())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_pipeline() {
     // Our /metrics endpoint, on loopback, with a recorder of this test's own.
@@ -114,25 +137,7 @@ async fn a_real_prometheus_scrapes_the_pipeline() {
     assert_eq!(sample(&text, "proxytune_actor_received_rows_total{actor=\"lance_writer\"}"), Some(640.0));
 
     // A real Prometheus, loopback only, scraping every second.
-    let prom_port = free_port();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: proxytune\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus is installed by tools/dev setup");
-    let _guard = KillOnDrop(child);
-    let prom: SocketAddr = ([127, 0, 0, 1], prom_port).into();
+    let (_guard, prom) = prometheus(dir.path(), port);
     let query = "/api/v1/query?query=proxytune_actor_received_rows_total%7Bactor%3D%22lance_writer%22%7D";
     let deadline = Instant::now() + Duration::from_secs(60);
     let value = loop {
