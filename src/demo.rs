@@ -461,7 +461,7 @@ pub enum JobCommand {
 
 /// Runs the demo from the command line (Ctrl-C cancels); returns the process exit code.
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
-    check(&args)?;
+    check_settings(&args)?; // the folders are checked by `execute`, still before any work
     if args.metrics_port != 0 {
         crate::metrics_server::install(args.metrics_port)?;
     }

@@ -225,14 +225,9 @@ impl LlamaGenVq {
         }
         h = self.enc_mid.forward(&h);
         let z = h.apply(&self.enc_norm_out).silu().apply(&self.enc_conv_out).apply(&self.quant_conv);
-        let (b, dim, hh, ww) = z.size4()?;
-        let flat = z.permute([0, 2, 3, 1]).reshape([-1, dim]);
-        let flat = &flat / flat.square().sum_dim_intlist(-1, true, Kind::Float).sqrt().clamp_min(1e-12);
-        let code = self.unit_codebook();
-        let distances = flat.square().sum_dim_intlist(1, true, Kind::Float)
-            + code.square().sum_dim_intlist(1, false, Kind::Float)
-            - flat.matmul(&code.tr()) * 2.0;
-        Ok(distances.argmin(1, false).view([b, hh, ww]))
+        // Unit vectors against the unit codebook (cosine), by the VQ's shared nearest-code rule.
+        let unit = &z / z.square().sum_dim_intlist(1, true, Kind::Float).sqrt().clamp_min(1e-12);
+        Ok(super::chameleon_vq::nearest_codes(&unit, &self.unit_codebook()))
     }
 
     /// Decodes codes `[B, h, w]` to pixels `[B, 3, h·f, w·f]` (about `[-1, 1]`).
