@@ -379,7 +379,7 @@ pub async fn runtime(args: RuntimeArgs) -> anyhow::Result<()> {
     let corpus = Corpus::open_or_create(scratch.join("corpus"))?;
     let (writer, stats) = LanceWriter::<proxytune_schemas::Proxy>::new(
         corpus,
-        LanceWriterConfig { commit_every_rows: args.batch_rows * 8, forward_committed: false },
+        LanceWriterConfig { commit_every_rows: args.batch_rows * 8, ..Default::default() },
         &Metrics::noop(),
     );
     let mut p = Pipeline::new(cfg.clone(), Metrics::noop());

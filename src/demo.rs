@@ -108,6 +108,10 @@ pub struct DemoArgs {
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Checkpoint the supervisor's and the student's training every this many steps (a restarted
+    /// job resumes from the newest).
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: u64,
 }
 
 const JOB: &str = "demo";
@@ -128,6 +132,7 @@ pub(crate) fn check_settings(args: &DemoArgs) -> anyhow::Result<(World, Subject)
     for (name, value) in [
         ("--class-priors", args.class_priors as u64),
         ("--supervisor-steps", args.supervisor_steps),
+        ("--checkpoint-every", args.checkpoint_every),
         ("--proxies-per-prompt", args.proxies_per_prompt as u64),
         ("--student-steps", args.student_steps),
         ("--student-min-rows", args.student_min_rows as u64),
@@ -217,6 +222,39 @@ fn written(stats: &Arc<Mutex<WriterStats>>) -> Box<dyn Fn() -> u64 + Send> {
     Box::new(move || stats.lock().map(|s| s.received_rows).unwrap_or(0))
 }
 
+/// Where a job is, for its status: the stage and every stage's counts.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct JobProgress {
+    /// `starting`, `tuning supervisor`, `generating proxies`, `training student`, `evaluating`,
+    /// `reporting`, `done`, `cancelled`.
+    pub stage: String,
+    /// Class-prior images sampled (this run) and planned.
+    pub class_priors: u64,
+    pub class_priors_planned: u64,
+    /// Supervisor optimiser steps taken (restored ones included) and planned.
+    pub supervisor_steps: u64,
+    pub supervisor_steps_planned: u64,
+    /// Whether the tuned supervisor is ready (its adapter exported).
+    pub supervisor_ready: bool,
+    /// Proxies in the corpus (stored before this run plus written by it) and planned.
+    pub proxies_stored: u64,
+    pub proxies_planned: u64,
+    /// Kept proxies the student has received.
+    pub student_rows: u64,
+    /// Student optimiser steps taken (restored ones included) and planned.
+    pub student_steps: u64,
+    pub student_steps_planned: u64,
+    /// The proxies table's version.
+    pub corpus_version: Option<u64>,
+}
+
+/// A job's progress, shared with whoever watches it (the daemon's status routes).
+pub type ProgressHandle = Arc<Mutex<JobProgress>>;
+
+fn set_stage(progress: &ProgressHandle, stage: &str) {
+    progress.lock().expect("progress lock").stage = stage.to_string();
+}
+
 /// What the pipeline run left behind.
 struct Run {
     outcome: JobOutcome,
@@ -233,6 +271,7 @@ async fn pipeline(
     corpus: &Corpus,
     metrics: Metrics,
     mut commands: tokio::sync::watch::Receiver<JobCommand>,
+    job_progress: &ProgressHandle,
 ) -> anyhow::Result<Run> {
     let class = CLASSES[subject.instance.class];
     let model_dir = args.world.join("supervisor");
@@ -271,6 +310,7 @@ async fn pipeline(
         },
         &metrics,
     );
+    let tuner_steps;
     let tuner = SupervisorTuner::new(
         SupervisorTunerConfig {
             job_id: JOB.into(),
@@ -288,7 +328,7 @@ async fn pipeline(
                 train_batch_size: 4,
                 num_class_images: args.class_priors,
                 lr_warmup_steps: 20,
-                checkpoint_every: 100,
+                checkpoint_every: args.checkpoint_every,
                 ..Default::default()
             },
             resolution: SIZE,
@@ -297,6 +337,15 @@ async fn pipeline(
         references.clone(),
         &metrics,
     )?;
+    tuner_steps = tuner.steps();
+    // A resumed job: the proxies stored already are not sampled again; the kept ones are what
+    // new proxies are checked for duplicates against, and the proxy writer passes them on first
+    // (in commit order), so the student sees the sequence of an uninterrupted run.
+    let stored: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
+    if !stored.is_empty() {
+        eprintln!("proxytune demo: resuming with {} proxies stored", stored.len());
+    }
+    let stored_kept: Vec<Proxy> = stored.iter().filter(|p| p.keep == Some(true)).cloned().collect();
     let proxy_plan = plan(subject, class, args.proxies_per_prompt);
     let planned = proxy_plan.items().len() as u64;
     let generator = ProxyGenerator::new(
@@ -307,6 +356,7 @@ async fn pipeline(
             device: device_name.clone(),
             plan: proxy_plan,
             sampling,
+            stored_seeds: stored.iter().map(|p| p.seed).collect(),
         },
         &metrics,
     )?;
@@ -314,7 +364,7 @@ async fn pipeline(
     let (_, clip_t) = scorers(&args.world, device)?;
     let embedders: Vec<(ImageMetric, Box<dyn ImageEmbedder + Send>)> =
         vec![(ImageMetric::Dino, Box::new(dino)), (ImageMetric::ClipI, Box::new(clip))];
-    let filter = Filter::new(
+    let mut filter = Filter::new(
         FilterConfig {
             min_fidelity: args.min_fidelity,
             fidelity_metric: Some(ImageMetric::Dino),
@@ -328,6 +378,7 @@ async fn pipeline(
         device,
         &metrics,
     )?;
+    filter.remember_kept(&stored_kept)?;
     let tokenize = Tokenize::new(tokenize_config(&args.world, &device_name, true));
     let (trainer, trainer_stats) = ArTrainerActor::new(
         student_trainer_config(
@@ -337,12 +388,14 @@ async fn pipeline(
             args.student_steps,
             args.student_min_rows,
             None,
+            args.checkpoint_every,
         )?,
         &metrics,
     )?;
     let commit = |rows: usize, forward: bool| LanceWriterConfig {
         commit_every_rows: rows,
         forward_committed: forward,
+        replay_stored: forward,
     };
     let (prior_writer, prior_stats) =
         LanceWriter::<ClassPriorImage>::new(corpus.clone(), commit(16, false), &metrics);
@@ -384,6 +437,38 @@ async fn pipeline(
             ),
         ],
     };
+    let update = {
+        let (priors, supervisor, proxies) =
+            (prior_stats.clone(), supervisor_stats.clone(), proxy_stats.clone());
+        let student = trainer_stats.clone();
+        let job_progress = job_progress.clone();
+        let (priors_planned, supervisor_planned, student_planned) =
+            (args.class_priors as u64, args.supervisor_steps, args.student_steps);
+        move || {
+            let proxies = proxies.lock().expect("writer stats").clone();
+            let student = student.lock().expect("trainer stats").clone();
+            let mut p = job_progress.lock().expect("progress lock");
+            p.class_priors = priors.lock().expect("writer stats").received_rows;
+            p.class_priors_planned = priors_planned;
+            p.supervisor_steps = tuner_steps.load(std::sync::atomic::Ordering::Relaxed);
+            p.supervisor_steps_planned = supervisor_planned;
+            p.supervisor_ready = supervisor.lock().expect("writer stats").received_rows > 0;
+            p.proxies_stored = proxies.replayed_rows + proxies.written_rows;
+            p.proxies_planned = planned;
+            p.student_rows = student.rows_received as u64;
+            p.student_steps = student.steps;
+            p.student_steps_planned = student_planned;
+            p.corpus_version = proxies.version;
+            p.stage = if !p.supervisor_ready {
+                "tuning supervisor"
+            } else if p.proxies_stored < planned {
+                "generating proxies"
+            } else {
+                "training student"
+            }
+            .into();
+        }
+    };
     let started = Instant::now();
     let running = p.start(&tokio::runtime::Handle::current())?;
     let handle = running.handle();
@@ -412,10 +497,14 @@ async fn pipeline(
     let report = loop {
         tokio::select! {
             report = &mut wait => break report,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => progress.tick(),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                progress.tick();
+                update();
+            }
         }
     };
     progress.finish();
+    update();
     let error = report.tasks.iter().find_map(|t| t.error.clone().map(|e| format!("{}: {e}", t.name)));
     let trainer = trainer_stats.lock().expect("trainer stats").clone();
     let proxies_version = proxy_stats.lock().expect("writer stats").version;
@@ -471,7 +560,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             let _ = cancel.send(JobCommand::Cancel);
         }
     });
-    let code = execute(&args, commands, None).await?;
+    let code = execute(&args, commands, None, &ProgressHandle::default()).await?;
     if code == 0 && args.metrics_port != 0 && args.linger_seconds > 0 {
         tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
     }
@@ -485,6 +574,7 @@ pub async fn execute(
     args: &DemoArgs,
     commands: tokio::sync::watch::Receiver<JobCommand>,
     job_id: Option<&str>,
+    progress: &ProgressHandle,
 ) -> anyhow::Result<i32> {
     let args = args.clone();
     let (world, subject) = check(&args)?;
@@ -499,8 +589,10 @@ pub async fn execute(
     std::fs::create_dir_all(&report_dir)?;
     eprintln!("proxytune demo: subject {} (a {class}), output {}", subject.name, args.out.display());
     let t0 = Instant::now();
-    let run = pipeline(&args, &subject, &corpus, metrics.clone(), commands).await?;
+    set_stage(progress, "starting");
+    let run = pipeline(&args, &subject, &corpus, metrics.clone(), commands, progress).await?;
     if run.outcome == JobOutcome::Cancelled {
+        set_stage(progress, "cancelled");
         eprintln!(
             "proxytune demo: cancelled; the corpus at {} keeps every committed row (`proxytune corpus info`)",
             corpus.root().display()
@@ -533,6 +625,7 @@ pub async fn execute(
     let last_step_us = run.trainer.step_started_us.last().copied();
     let steps_before_last_proxy = run.trainer.step_started_us.iter().filter(|&&t| t < last_proxy_us).count();
 
+    set_stage(progress, "evaluating");
     let t_eval = Instant::now();
     let device = device_name(&args.device)?;
     let spec = EvalSpec {
@@ -546,6 +639,7 @@ pub async fn execute(
     let scores = evaluate(&spec, &world, &subject, demo_models(&args, &device)?)?;
     let eval_seconds = t_eval.elapsed().as_secs_f64();
 
+    set_stage(progress, "reporting");
     // Grids.
     let refs: Vec<image::RgbImage> = subject.references.iter().map(|s| s.render(SIZE)).collect();
     save_grid(&refs, refs.len(), &report_dir.join("references.png"))?;
@@ -610,6 +704,7 @@ pub async fn execute(
                 .set(value);
         }
     }
+    set_stage(progress, "done");
     eprintln!("report: {}", report_dir.join("index.html").display());
     println!("{}", serde_json::to_string_pretty(&report["evaluation"])?);
     Ok(0)

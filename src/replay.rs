@@ -127,6 +127,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
             args.student_steps,
             rows.min(16),
             Some(version),
+            100,
         )?,
         &metrics,
     )?;

@@ -86,7 +86,8 @@ pub(crate) fn tokenize_config(world_dir: &Path, device: &str, only_kept: bool) -
     }
 }
 
-/// The world student's LoRA training: `steps` steps of 8, starting once `min_rows` rows are in.
+/// The world student's LoRA training: `steps` steps of 8, starting once `min_rows` rows are in,
+/// with a checkpoint every `checkpoint_every` steps.
 pub(crate) fn student_trainer_config(
     world_dir: &Path,
     device: &str,
@@ -94,6 +95,7 @@ pub(crate) fn student_trainer_config(
     steps: u64,
     min_rows: usize,
     corpus_version: Option<u64>,
+    checkpoint_every: u64,
 ) -> anyhow::Result<ArTrainerConfig> {
     Ok(ArTrainerConfig {
         student_dir: world_dir.join("student"),
@@ -113,6 +115,7 @@ pub(crate) fn student_trainer_config(
         rows_per_step: 1,
         output_dir: output_dir.to_path_buf(),
         corpus_version,
+        checkpoint_every,
     })
 }
 

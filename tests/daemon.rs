@@ -1,6 +1,8 @@
 //! `proxytune daemon` through the real binary: jobs submitted over HTTP run to completion and
 //! give their reports, a running job is paused, resumed and cancelled, bad requests get the right status and a
-//! message, a non-loopback bind needs a token and requests must carry it.
+//! message, a non-loopback bind needs a token and requests must carry it; a job killed (`kill -9`)
+//! during tuning, generation and training resumes each time and ends with exactly its planned
+//! proxies and a student that continued from its checkpoints.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -50,12 +52,15 @@ fn start(dir: &Path, bind: &str, token: Option<&str>) -> std::process::Child {
         ),
     )
     .unwrap();
+    // The log is appended across restarts (a test reads it; a pipe nobody drains would block).
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_proxytune"))
         .args(["daemon", "--config"])
         .arg(&config)
         .env_remove("PROXYTUNE_TOKEN")
+        .env("RUST_LOG", "info,lance=warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .unwrap()
 }
@@ -68,10 +73,14 @@ fn wait_up(addr: SocketAddr, token: Option<&str>) {
     }
 }
 
-fn job(addr: SocketAddr, id: &str) -> serde_json::Value {
+fn job_status(addr: SocketAddr, id: &str) -> serde_json::Value {
     let (status, body) = request(addr, "GET", &format!("/jobs/{id}"), "", None).unwrap();
     assert_eq!(status, 200, "{body}");
-    serde_json::from_str::<serde_json::Value>(&body).unwrap()["job"].clone()
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()
+}
+
+fn job(addr: SocketAddr, id: &str) -> serde_json::Value {
+    job_status(addr, id)["job"].clone()
 }
 
 fn wait_state(addr: SocketAddr, id: &str, states: &[&str]) -> serde_json::Value {
@@ -208,9 +217,9 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
 fn a_non_loopback_bind_needs_a_token_and_every_request_carries_it() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let out = start(dir.path(), &format!("0.0.0.0:{port}"), None).wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let status = start(dir.path(), &format!("0.0.0.0:{port}"), None).wait().unwrap();
+    assert!(!status.success());
+    let err = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(err.contains("not loopback") && err.contains("token"), "{err}");
 
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -222,4 +231,113 @@ fn a_non_loopback_bind_needs_a_token_and_every_request_carries_it() {
     assert_eq!(status, 401);
     let (status, _) = request(addr, "GET", "/jobs", "", Some("s3cret")).unwrap();
     assert_eq!(status, 200);
+}
+
+/// The daemon is killed (SIGKILL) while the job tunes its supervisor, while it generates proxies
+/// and while its student trains; each restart resumes the job from its checkpoints and corpus.
+#[test]
+fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let bind = format!("127.0.0.1:{port}");
+    let (planned, steps, every) = (64u64, 150u64, 10u64); // 16 prompts × 4 proxies
+    let spec = format!(
+        r#"{{"subject": "dog_2", "class_priors": 8, "supervisor_steps": 60, "checkpoint_every": {every},
+            "proxies_per_prompt": 4, "student_steps": {steps}, "student_min_rows": 8,
+            "eval_images": 1, "eval_prompts": 2}}"#
+    );
+    let n = |p: &serde_json::Value, k: &str| p[k].as_u64().unwrap_or(0);
+    type Point = (&'static str, Box<dyn Fn(&serde_json::Value) -> bool>);
+    let points: [Point; 3] = [
+        (
+            "tuning",
+            Box::new(move |p| p["supervisor_ready"] == false && n(p, "supervisor_steps") >= 2 * every),
+        ),
+        (
+            "generation",
+            Box::new(move |p| {
+                p["supervisor_ready"] == true && (16..planned - 8).contains(&n(p, "proxies_stored"))
+            }),
+        ),
+        (
+            "training",
+            Box::new(move |p| {
+                n(p, "proxies_stored") == planned
+                    && (2 * every..steps - every).contains(&n(p, "student_steps"))
+            }),
+        ),
+    ];
+    let job_dir = dir.path().join("data/jobs/job-1");
+    let mut killed_at_student_step = 0;
+    for (i, (stage, reached)) in points.iter().enumerate() {
+        let mut daemon = start(dir.path(), &bind, None);
+        wait_up(addr, None);
+        if i == 0 {
+            let (status, body) = request(addr, "POST", "/jobs", &spec, None).unwrap();
+            assert_eq!(status, 201, "{body}");
+        }
+        let started = Instant::now();
+        let progress = loop {
+            let p = job_status(addr, "job-1")["progress"].clone();
+            if reached(&p) {
+                break p;
+            }
+            assert!(started.elapsed() < Duration::from_secs(300), "never reached {stage}: {p}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        daemon.kill().unwrap(); // SIGKILL
+        daemon.wait().unwrap();
+        eprintln!("killed during {stage}: {progress}");
+        match *stage {
+            "tuning" => assert!(
+                job_dir.join("supervisor/checkpoints").read_dir().unwrap().next().is_some(),
+                "a supervisor checkpoint exists"
+            ),
+            "training" => killed_at_student_step = n(&progress, "student_steps"),
+            _ => {}
+        }
+    }
+    let _daemon = KillOnDrop(start(dir.path(), &bind, None));
+    wait_up(addr, None);
+    let j = wait_state(addr, "job-1", &["succeeded", "failed", "cancelled"]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempts"], 4, "started once and restarted three times: {j}");
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("supervisor tuning resumes"), "the tuner resumed from its checkpoint");
+    assert!(log.contains("student training resumes"), "the trainer resumed from its checkpoint");
+
+    // Exactly one row per planned proxy key.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxies: Vec<proxytune_schemas::Proxy> = rt.block_on(async {
+        let corpus = proxytune_actors::corpus::Corpus::open(job_dir.join("corpus")).unwrap();
+        corpus.table::<proxytune_schemas::Proxy>().await.unwrap().read_rows(None).await.unwrap()
+    });
+    let seeds: std::collections::BTreeSet<u64> = proxies.iter().map(|p| p.seed).collect();
+    assert_eq!(proxies.len() as u64, planned, "no proxy row lost or duplicated");
+    assert_eq!(seeds, (1_000_000..1_000_000 + planned).collect(), "the plan's seeds, each once");
+    assert!(proxies.iter().all(|p| p.keep.is_some()), "every stored proxy was judged");
+
+    // The student continued from its step: the last run took only the steps after its checkpoint.
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(job_dir.join("student/run.json")).unwrap()).unwrap();
+    assert_eq!(run["steps"], steps);
+    let this_run = run["losses_this_run"].as_array().unwrap().len() as u64;
+    let resumed_at = steps - this_run;
+    assert!(
+        resumed_at >= killed_at_student_step / every * every && resumed_at >= every,
+        "killed at step {killed_at_student_step}, resumed at {resumed_at}"
+    );
+    assert_eq!(
+        run["data"]["row_keys"].as_array().unwrap().len(),
+        proxies.iter().filter(|p| p.keep == Some(true)).count(),
+        "the student received every kept proxy once"
+    );
+    // The final checkpoint loads: the report evaluated the student from it.
+    assert!(job_dir.join(format!("student/checkpoints/checkpoint-{steps:08}/state.json")).is_file());
+    let (status, body) = request(addr, "GET", "/jobs/job-1/report", "", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let student = &report["evaluation"]["models"][2];
+    assert!(student["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite), "{student}");
 }

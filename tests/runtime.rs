@@ -300,7 +300,7 @@ async fn cancel_drains_every_row_into_lance() {
     let (source, produced) = synthetic(32, None, 2);
     let (writer, stats) = LanceWriter::<Proxy>::new(
         corpus.clone(),
-        LanceWriterConfig { commit_every_rows: 200, forward_committed: false },
+        LanceWriterConfig { commit_every_rows: 200, ..Default::default() },
         &Metrics::noop(),
     );
     let mut p = Pipeline::new(config(128), Metrics::noop());
@@ -535,7 +535,7 @@ async fn a_pinned_corpus_version_replays_through_the_pipeline() {
     );
     let (writer, stats) = LanceWriter::<Proxy>::new(
         target.clone(),
-        LanceWriterConfig { commit_every_rows: 32, forward_committed: true },
+        LanceWriterConfig { commit_every_rows: 32, forward_committed: true, replay_stored: false },
         &Metrics::noop(),
     );
     let mut p = Pipeline::new(config(64), Metrics::noop());

@@ -92,6 +92,7 @@ fn trainer_config(out: &std::path::Path, steps: u64) -> ArTrainerConfig {
         rows_per_step: 1,
         output_dir: out.to_path_buf(),
         corpus_version: Some(7),
+        checkpoint_every: 0,
     }
 }
 

@@ -108,11 +108,12 @@ async fn run_job(corpus: &Corpus, out_dir: &std::path::Path) -> PipelineReport {
             device: "cpu".into(),
             plan: plan(),
             sampling: sampling(),
+            stored_seeds: Default::default(),
         },
         &metrics,
     )
     .unwrap();
-    let writer_config = LanceWriterConfig { commit_every_rows: 2, forward_committed: false };
+    let writer_config = LanceWriterConfig { commit_every_rows: 2, ..Default::default() };
     let (prior_writer, _) =
         LanceWriter::<ClassPriorImage>::new(corpus.clone(), writer_config.clone(), &metrics);
     let (supervisor_writer, _) =

@@ -5,8 +5,10 @@
 //! growing corpus), and its data is a function of the seed and the arrival order alone: a replay of
 //! a stored corpus version reproduces a run, and a resumed run continues it exactly.
 //!
-//! Checkpoints (`<output_dir>/checkpoints/`) are written on every barrier and at the end, with the
-//! keys of the rows consumed so far; a restarted job resumes from the newest. At the end the adapter
+//! Checkpoints (`<output_dir>/checkpoints/`) are written every `checkpoint_every` steps, on every
+//! barrier and at the end, with the keys of the rows received so far; a restarted job resumes from
+//! the newest (weights, optimiser state, step) and checks that its input repeats those rows in the
+//! same order (the proxy writer's `replay_stored`) before it steps on. At the end the adapter
 //! (PEFT layout) and `run.json` (steps, losses, rows consumed) are written to `output_dir`.
 
 use std::path::PathBuf;
@@ -56,6 +58,9 @@ pub struct ArTrainerConfig {
     /// (recorded with the rows consumed; a live stream is identified by the row keys alone).
     #[serde(default)]
     pub corpus_version: Option<u64>,
+    /// Write a checkpoint every this many steps (0: only on barriers and at the end).
+    #[serde(default)]
+    pub checkpoint_every: u64,
 }
 
 fn default_device() -> String {
@@ -84,6 +89,8 @@ pub struct ArTrainerActor {
     config: ArTrainerConfig,
     state: Option<(ChameleonStudent, ArTrainer, HfTokenizer)>,
     rows: Vec<(String, ArExample)>,
+    /// Keys of the rows the resumed checkpoint had received, which the input must repeat.
+    resumed_keys: Vec<String>,
     input_closed: bool,
     stats: Arc<Mutex<ArTrainerStats>>,
     meters: TrainMeters,
@@ -104,6 +111,7 @@ impl ArTrainerActor {
             config,
             state: None,
             rows: Vec::new(),
+            resumed_keys: Vec::new(),
             input_closed: false,
             stats: stats.clone(),
             meters,
@@ -153,6 +161,11 @@ impl ArTrainerActor {
         stats.rows_at_step.push(self.rows.len());
         stats.losses.push(losses.total);
         stats.step_started_us.push(started_us);
+        drop(stats);
+        let every = self.config.checkpoint_every;
+        if every > 0 && losses.step % every == 0 {
+            self.save_checkpoint()?;
+        }
         Ok(())
     }
 
@@ -167,6 +180,10 @@ impl ArTrainerActor {
     fn save_checkpoint(&self) -> Result<()> {
         let (student, trainer, _) = self.state.as_ref().expect("started");
         let path = trainer.save_checkpoint(student, &self.checkpoints_dir(), self.data_position())?;
+        if let Some(lora) = &student.lora {
+            // The checkpoint's adapter is then loadable on its own (an evaluation mid-run).
+            save_config(lora, &path)?;
+        }
         self.stats.lock().expect("trainer stats").checkpoints.push(path);
         Ok(())
     }
@@ -181,7 +198,11 @@ impl Operator for ArTrainerActor {
         let tokenizer = HfTokenizer::from_file(&c.student_dir.join("tokenizer.json"))?;
         if let Some(ckpt) = checkpoint::latest(&self.checkpoints_dir())? {
             let state = trainer.resume(&ckpt)?;
-            tracing::info!(checkpoint = %ckpt.display(), step = state.step, "student training resumes");
+            self.resumed_keys = state.data["row_keys"]
+                .as_array()
+                .map(|keys| keys.iter().filter_map(|k| k.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            tracing::info!(checkpoint = %ckpt.display(), step = state.step, rows = self.resumed_keys.len(), "student training resumes");
         }
         self.stats.lock().expect("trainer stats").steps = trainer.step_count();
         self.state = Some((student, trainer, tokenizer));
@@ -214,7 +235,19 @@ impl Operator for ArTrainerActor {
             let image_tokens = Vec::<i64>::try_from(student.model.image_vocab.codes_to_tokens(&codes))
                 .map_err(proxytune_models::ModelError::from)?;
             let example = ArExample { text_ids: tokenizer.encode(&instruction)?, image_tokens, rows, cols };
-            self.rows.push((row.key().to_string(), example));
+            let key = row.key().to_string();
+            if let Some(expected) = self.resumed_keys.get(self.rows.len()) {
+                if *expected != key {
+                    return Err(Error::BadInput {
+                        input: format!("vq_tokens row {key}"),
+                        message: format!(
+                            "row {} of the resumed run, where the checkpoint had {expected}: the input does not repeat the checkpoint's data",
+                            self.rows.len()
+                        ),
+                    });
+                }
+            }
+            self.rows.push((key, example));
         }
         self.stats.lock().expect("trainer stats").rows_received = self.rows.len();
         Ok(())

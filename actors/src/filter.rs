@@ -194,6 +194,29 @@ impl Filter {
         Ok(self.subjects.get_mut(subject).expect("inserted above"))
     }
 
+    /// Takes proxies kept earlier (a resumed job's stored ones) as already kept, so new proxies
+    /// are checked for duplicates against them as in an uninterrupted run.
+    pub fn remember_kept(&mut self, kept: &[Proxy]) -> Result<()> {
+        for p in kept {
+            let (images, ok) = self.decode(&[p.image_png.as_slice()])?;
+            let Some(images) = images.filter(|_| ok[0]) else {
+                return Err(Error::BadInput {
+                    input: format!("stored proxy {}", p.key()),
+                    message: "kept, but its image does not decode".into(),
+                });
+            };
+            let dup_metric = self.embedders[0].0;
+            let emb =
+                tch::no_grad(|| self.embed_all(&images)).remove(&dup_metric).expect("every metric embeds");
+            let state = self.subject(&p.subject)?;
+            state.kept = Some(match state.kept.take() {
+                Some(k) => Tensor::cat(&[k, emb], 0),
+                None => emb,
+            });
+        }
+        Ok(())
+    }
+
     /// Scores and judges a batch of proxies.
     pub fn judge(&mut self, mut rows: Vec<Proxy>, now_us: i64) -> Result<Vec<Proxy>> {
         let pngs: Vec<&[u8]> = rows.iter().map(|r| r.image_png.as_slice()).collect();

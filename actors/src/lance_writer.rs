@@ -2,6 +2,9 @@
 //! by row key, committing one Lance version per commit: when `commit_every_rows` rows are buffered,
 //! on every barrier or flush signal, and on close. With `forward_committed`, each committed batch
 //! (only rows that were new) is passed downstream, so a consumer only ever sees persisted rows.
+//! With `replay_stored` too, the rows the table already holds are passed downstream first, in
+//! storage order (which is commit order): a resumed job's consumers see exactly the sequence an
+//! uninterrupted run would have shown them, the stored rows and then the new ones.
 
 use std::sync::{Arc, Mutex};
 
@@ -28,11 +31,18 @@ pub struct LanceWriterConfig {
     /// Pass each committed batch (the new rows) to the next actor.
     #[serde(default)]
     pub forward_committed: bool,
+    /// With `forward_committed`: pass the rows already stored downstream first, on start.
+    #[serde(default)]
+    pub replay_stored: bool,
 }
 
 impl Default for LanceWriterConfig {
     fn default() -> Self {
-        LanceWriterConfig { commit_every_rows: default_commit_rows(), forward_committed: false }
+        LanceWriterConfig {
+            commit_every_rows: default_commit_rows(),
+            forward_committed: false,
+            replay_stored: false,
+        }
     }
 }
 
@@ -49,6 +59,8 @@ pub struct WriterStats {
     pub commits: u64,
     /// The table's version after the last commit.
     pub version: Option<u64>,
+    /// Stored rows passed downstream on start (`replay_stored`).
+    pub replayed_rows: u64,
 }
 
 /// The corpus sink actor for table `T`.
@@ -120,8 +132,25 @@ impl<T: Table> LanceWriter<T> {
 }
 
 impl<T: Table> AsyncOperator for LanceWriter<T> {
-    async fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
-        self.table = Some(self.corpus.table::<T>().await?);
+    async fn on_start(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<()> {
+        let table = self.corpus.table::<T>().await?;
+        if self.config.forward_committed && self.config.replay_stored {
+            let mut stream = table.scan(&crate::corpus::Scan::default()).await?;
+            let mut replayed = 0;
+            while let Some(batch) = futures::TryStreamExt::try_next(&mut stream).await? {
+                replayed += batch.num_rows() as u64;
+                out.emit(batch);
+            }
+            self.stats.lock().expect("writer stats").replayed_rows = replayed;
+            if replayed > 0 {
+                tracing::info!(table = T::NAME, rows = replayed, "stored rows passed on before new ones");
+            }
+        }
+        if let Some(v) = table.version() {
+            self.version.set(v as f64);
+            self.stats.lock().expect("writer stats").version = Some(v);
+        }
+        self.table = Some(table);
         Ok(())
     }
 

@@ -7,7 +7,8 @@
 //!
 //! Seeds are `first_seed + prompt_index · images_per_prompt + image_index`: a proxy's key
 //! (job, subject, prompt, seed, supervisor version) is the same in every run of the plan, so a
-//! restarted job rewrites nothing the corpus already holds.
+//! restarted job rewrites nothing the corpus already holds, and with `stored_seeds` (the seeds the
+//! corpus already holds for this job) it does not even sample them again.
 
 use std::path::{Path, PathBuf};
 
@@ -124,6 +125,9 @@ pub struct ProxyGeneratorConfig {
     /// How to sample.
     #[serde(default)]
     pub sampling: SamplingConfig,
+    /// Seeds of plan items the corpus already holds (a resumed job): they are not sampled again.
+    #[serde(default)]
+    pub stored_seeds: std::collections::BTreeSet<u64>,
 }
 
 fn default_device() -> String {
@@ -204,9 +208,16 @@ impl Operator for ProxyGenerator {
     fn do_pending_work(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<()> {
         if self.active.is_none() {
             let supervisor = self.queue.remove(0);
+            let stored = &self.config.stored_seeds;
+            let items: Vec<PlanItem> =
+                self.config.plan.items().into_iter().filter(|i| !stored.contains(&i.seed)).collect();
+            if items.is_empty() {
+                tracing::info!("every proxy of the plan is stored already");
+                return Ok(());
+            }
             let model = self.load(&supervisor)?;
-            tracing::info!(supervisor = %supervisor.supervisor_id, version = supervisor.supervisor_version, "sampling proxies");
-            self.active = Some(Active { supervisor, model, items: self.config.plan.items(), next: 0 });
+            tracing::info!(supervisor = %supervisor.supervisor_id, version = supervisor.supervisor_version, to_sample = items.len(), "sampling proxies");
+            self.active = Some(Active { supervisor, model, items, next: 0 });
         }
         let active = self.active.as_mut().expect("set above");
         let n = self.config.sampling.batch_images.max(1).min(active.items.len() - active.next);

@@ -13,6 +13,8 @@
 //! step; the last good checkpoint stays.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
@@ -74,6 +76,7 @@ pub struct SupervisorTuner {
     references: Vec<image::RgbImage>,
     state: Option<(StableDiffusion, DreamBoothTrainer)>,
     meters: Meters,
+    steps: Arc<AtomicU64>,
 }
 
 impl SupervisorTuner {
@@ -94,7 +97,12 @@ impl SupervisorTuner {
             train: metrics.trainer("supervisor", &["instance", "prior", "total"]),
             validation_images: metrics.counter(MetricName::GeneratedImages, "kind", "validation"),
         };
-        Ok(SupervisorTuner { config, references, state: None, meters })
+        Ok(SupervisorTuner { config, references, state: None, meters, steps: Arc::default() })
+    }
+
+    /// The optimiser steps taken so far (restored ones included), readable while the job runs.
+    pub fn steps(&self) -> Arc<AtomicU64> {
+        self.steps.clone()
     }
 
     fn checkpoints_dir(&self) -> PathBuf {
@@ -118,6 +126,7 @@ impl SupervisorTuner {
         let (model, trainer) = self.state.as_mut().expect("started");
         let t0 = Instant::now();
         let losses = trainer.train_step(model)?;
+        self.steps.store(losses.step, Ordering::Relaxed);
         self.meters.train.record(
             &[losses.instance, losses.prior, losses.total],
             losses.learning_rate,
@@ -187,6 +196,7 @@ impl Operator for SupervisorTuner {
             trainer.resume(&checkpoint)?;
             tracing::info!(subject = %c.subject, checkpoint = %checkpoint.display(), step = trainer.step_count(), "supervisor tuning resumes");
         }
+        self.steps.store(trainer.step_count(), Ordering::Relaxed);
         self.state = Some((model, trainer));
         Ok(())
     }

@@ -82,7 +82,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
                     .ok()
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                     .map(|r| serde_json::json!({ "stages": r["stages"], "corpus": r["corpus"], "evaluation": r["evaluation"] }));
-                json(StatusCode::OK, serde_json::json!({ "job": job, "report": summary }))
+                let progress = shared.progress(id);
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "job": job, "progress": progress, "report": summary }),
+                )
             }
             None => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
         },

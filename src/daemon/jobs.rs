@@ -43,6 +43,13 @@ pub struct JobSpec {
     /// Filter threshold on world-DINO fidelity.
     #[serde(default)]
     pub min_fidelity: Option<f32>,
+    /// Checkpoint the supervisor's and the student's training every this many steps.
+    #[serde(default = "d_checkpoint_every")]
+    pub checkpoint_every: u64,
+}
+
+fn d_checkpoint_every() -> u64 {
+    100
 }
 
 fn d_priors() -> usize {
@@ -85,6 +92,7 @@ impl JobSpec {
             metrics_port: 0,
             linger_seconds: 0,
             device,
+            checkpoint_every: self.checkpoint_every,
         }
     }
 }

@@ -27,7 +27,7 @@ use serde::Deserialize;
 
 use jobs::{JobSpec, JobState, JobStore};
 
-use crate::demo::JobCommand;
+use crate::demo::{JobCommand, JobProgress, ProgressHandle};
 
 /// Arguments of `proxytune daemon`.
 #[derive(Debug, clap::Args)]
@@ -105,6 +105,7 @@ pub struct Shared {
     config: DaemonConfig,
     store: Mutex<JobStore>,
     controls: Mutex<HashMap<String, tokio::sync::watch::Sender<JobCommand>>>,
+    progress: Mutex<HashMap<String, ProgressHandle>>,
     wake: tokio::sync::Notify,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -112,6 +113,12 @@ pub struct Shared {
 impl Shared {
     fn store(&self) -> std::sync::MutexGuard<'_, JobStore> {
         self.store.lock().expect("job store lock")
+    }
+
+    /// The progress of job `id` in this daemon's lifetime (its last run's, once it ended).
+    fn progress(&self, id: &str) -> Option<JobProgress> {
+        let handle = self.progress.lock().expect("progress lock").get(id).cloned();
+        handle.map(|h| h.lock().expect("progress lock").clone())
     }
 
     /// Validates a spec (the subject exists, budgets are positive) and queues it.
@@ -184,6 +191,8 @@ async fn runner(shared: Arc<Shared>) {
         if let Err(e) = started {
             tracing::error!(job = %job.id, error = %e, "cannot record the job's start");
         }
+        let progress = ProgressHandle::default();
+        shared.progress.lock().expect("progress lock").insert(job.id.clone(), progress.clone());
         let shared2 = shared.clone();
         tokio::spawn(async move {
             let out = shared2.store().dir(&job.id);
@@ -194,7 +203,7 @@ async fn runner(shared: Arc<Shared>) {
             let handle = tokio::runtime::Handle::current();
             let id = job.id.clone();
             let result = tokio::task::spawn_blocking(move || {
-                handle.block_on(crate::demo::execute(&args, rx, Some(&id)))
+                handle.block_on(crate::demo::execute(&args, rx, Some(&id), &progress))
             })
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the job's thread panicked: {e}")));
@@ -234,6 +243,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         config,
         store: Mutex::new(store),
         controls: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
         wake: tokio::sync::Notify::new(),
         metrics,
     });
