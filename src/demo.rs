@@ -1,7 +1,8 @@
 //! `proxytune demo`: the whole mission on the toy world, end to end, with the pretrained world
 //! models in `models/world`.
 //!
-//! It renders one world subject's references, then runs the streaming pipeline:
+//! It renders one world subject's references (or reads a folder of photos of an object of a world
+//! class, `--photos`), then runs the streaming pipeline:
 //!
 //! ```text
 //! class_prior_sampler ─┬─> class_prior_writer
@@ -37,15 +38,14 @@ use proxytune_actors::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGenerat
 use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
 use proxytune_actors::supervisor_tuner::{SupervisorTuner, SupervisorTunerConfig};
 use proxytune_actors::tokenize::Tokenize;
-use proxytune_actors::world::{Subject, World, CLASSES, IDENTIFIER};
+use proxytune_actors::world::{World, CLASSES, IDENTIFIER};
 use proxytune_models::diffusion::dreambooth::DreamBoothConfig;
 use proxytune_models::lora::LoraConfig;
 use proxytune_models::scorers::ImageEmbedder;
-use proxytune_schemas::{
-    ClassPriorImage, EvalSample, MetricName, Proxy, ReferenceImage, Supervisor, VqTokens,
-};
+use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
 
-use crate::report::{decode, html, metric_label, save_grid, throughput};
+use crate::report::{decode, html, record_scores, save_grid, throughput};
+use crate::subject::JobSubject;
 use crate::world_models::{
     device_name, evaluate, scorers, student, student_trainer_config, supervisor_sampling, tokenize_config,
     EvalSpec, SIZE,
@@ -61,9 +61,18 @@ pub struct DemoArgs {
     #[arg(long, default_value = "models/world")]
     pub world: PathBuf,
     /// The world subject (`teapot_0`, `backpack_1`, `dog_2`, `cat_3`, `vase_4`, `sneaker_5`,
-    /// `clock_6`, `robot_toy_7`).
+    /// `clock_6`, `robot_toy_7`), or the name of the subject of `--photos`.
     #[arg(long, default_value = "dog_2")]
     pub subject: String,
+    /// Teach the subject from this folder of 3–6 photos (PNG or JPEG) instead of a world subject.
+    #[arg(long, requires = "class_noun")]
+    pub photos: Option<PathBuf>,
+    /// The class noun of `--photos`' subject (one of the world's classes).
+    #[arg(long)]
+    pub class_noun: Option<String>,
+    /// The rare-token identifier of the subject in prompts.
+    #[arg(long, default_value = IDENTIFIER)]
+    pub identifier: String,
     /// World seed (the pretrained models were trained on world 7).
     #[arg(long, default_value_t = 7)]
     pub world_seed: u64,
@@ -117,13 +126,21 @@ pub struct DemoArgs {
 const JOB: &str = "demo";
 
 /// Every check that can fail before work starts: the subject, budgets, folders, the models.
-pub(crate) fn check_settings(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
+pub(crate) fn check_settings(args: &DemoArgs) -> anyhow::Result<JobSubject> {
     let world = World::new(args.world_seed, CLASSES.len());
-    let names: Vec<String> = (0..CLASSES.len()).filter_map(|n| world.subject(n, 4)).map(|s| s.name).collect();
-    let Some(n) = names.iter().position(|s| *s == args.subject) else {
-        anyhow::bail!("--subject `{}`: no such world subject (one of: {})", args.subject, names.join(", "));
+    crate::subject::check_identifier(&args.identifier).context("--identifier")?;
+    let subject = match (&args.photos, &args.class_noun) {
+        (Some(dir), Some(class)) => JobSubject::folder(&world, &args.subject, class, dir)
+            .with_context(|| format!("--photos {}", dir.display()))?,
+        (Some(_), None) => anyhow::bail!("--photos needs --class-noun"),
+        (None, class) => {
+            let s = JobSubject::world(&world, &args.subject, args.references).context("--subject")?;
+            if let Some(c) = class.as_deref().filter(|c| *c != s.class_noun()) {
+                anyhow::bail!("--class-noun `{c}`: world subject `{}` is a {}", s.name, s.class_noun());
+            }
+            s
+        }
     };
-    let subject = world.subject(n, args.references).expect("listed above");
     anyhow::ensure!(
         (4..=6).contains(&args.references),
         "--references must be 4 to 6, got {}",
@@ -152,13 +169,13 @@ pub(crate) fn check_settings(args: &DemoArgs) -> anyhow::Result<(World, Subject)
             manifest.display()
         );
     }
-    Ok((world, subject))
+    Ok(subject)
 }
 
 /// [`check_settings`], then the output folder: creatable, writable, and its `corpus/` a corpus or
 /// nothing.
-pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
-    let (world, subject) = check_settings(args)?;
+pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<JobSubject> {
+    let subject = check_settings(args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out {}: cannot create it", args.out.display()))?;
     let probe = args.out.join(".writable");
@@ -166,12 +183,12 @@ pub(crate) fn check(args: &DemoArgs) -> anyhow::Result<(World, Subject)> {
     std::fs::remove_file(&probe).ok();
     Corpus::open_or_create(args.out.join("corpus"))
         .with_context(|| format!("{}: cannot hold the demo's corpus", args.out.join("corpus").display()))?;
-    Ok((world, subject))
+    Ok(subject)
 }
 
 /// The proxy plan: the subject prompt, one phrasing of each context, the five edits. (The
 /// evaluation also uses the contexts' second phrasings, which no proxy prompt has.)
-fn plan(subject: &Subject, class: &str, images_per_prompt: u32) -> PromptPlan {
+fn plan(subject: &JobSubject, class: &str, images_per_prompt: u32) -> PromptPlan {
     let contexts = subject.prompts.iter().filter(|p| p.phrasing == 0 || p.edit.is_some());
     PromptPlan {
         subject_prompts: vec![format!("a {IDENTIFIER} {class}")],
@@ -267,17 +284,17 @@ struct Run {
 
 async fn pipeline(
     args: &DemoArgs,
-    subject: &Subject,
+    subject: &JobSubject,
     corpus: &Corpus,
     metrics: Metrics,
     mut commands: tokio::sync::watch::Receiver<JobCommand>,
     job_progress: &ProgressHandle,
 ) -> anyhow::Result<Run> {
-    let class = CLASSES[subject.instance.class];
+    let class = subject.class_noun();
     let model_dir = args.world.join("supervisor");
     let device = proxytune_models::device::parse_device(&args.device)?;
     let device_name = device_name(&args.device)?;
-    let references: Vec<image::RgbImage> = subject.references.iter().map(|s| s.render(SIZE)).collect();
+    let references = subject.references.clone();
     let reference_rows: Vec<ReferenceImage> = references
         .iter()
         .enumerate()
@@ -286,7 +303,7 @@ async fn pipeline(
             subject: subject.name.clone(),
             class_noun: class.into(),
             image_index: i as u32,
-            source: format!("world render {i}"),
+            source: subject.sources[i].clone(),
             image_png: encode_png(img),
             width: SIZE,
             height: SIZE,
@@ -577,8 +594,8 @@ pub async fn execute(
     progress: &ProgressHandle,
 ) -> anyhow::Result<i32> {
     let args = args.clone();
-    let (world, subject) = check(&args)?;
-    let class = CLASSES[subject.instance.class];
+    let subject = check(&args)?;
+    let class = subject.class_noun();
     let metrics = match job_id {
         Some(id) => Metrics::global().for_job(id),
         None => Metrics::global(),
@@ -632,17 +649,15 @@ pub async fn execute(
         world_dir: &args.world,
         out_dir: &args.out,
         device: &device,
-        references: args.references,
         images_per_prompt: args.eval_images,
         max_prompts: args.eval_prompts,
     };
-    let scores = evaluate(&spec, &world, &subject, demo_models(&args, &device)?)?;
+    let scores = evaluate(&spec, &subject, demo_models(&args, &device)?)?;
     let eval_seconds = t_eval.elapsed().as_secs_f64();
 
     set_stage(progress, "reporting");
     // Grids.
-    let refs: Vec<image::RgbImage> = subject.references.iter().map(|s| s.render(SIZE)).collect();
-    save_grid(&refs, refs.len(), &report_dir.join("references.png"))?;
+    save_grid(&subject.references, subject.references.len(), &report_dir.join("references.png"))?;
     let kept_imgs: Vec<_> = kept.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
     let rejected_imgs: Vec<_> = rejected.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
     let has_kept = save_grid(&kept_imgs, 12, &report_dir.join("proxies_kept.png"))?;
@@ -695,14 +710,7 @@ pub async fn execute(
     std::fs::write(report_dir.join("index.html"), html(&report, &scores, has_kept, has_rejected))?;
     for (i, (_, s)) in scores.iter().enumerate() {
         let model = ["student_untuned", "supervisor", "student"].get(i).copied().unwrap_or("model");
-        let mut values: Vec<(&str, f64)> = s.metrics.iter().map(|(k, v)| (metric_label(k), *v)).collect();
-        values.push(("context_accuracy", s.context_accuracy));
-        values.push(("subject_colour_present", s.subject_colour_present));
-        for (metric, value) in values {
-            metrics
-                .gauge_labels(MetricName::EvalScore, &[("model", model.into()), ("metric", metric.into())])
-                .set(value);
-        }
+        record_scores(&metrics, model, s);
     }
     set_stage(progress, "done");
     eprintln!("report: {}", report_dir.join("index.html").display());

@@ -29,6 +29,7 @@ mod pretrain;
 mod replay;
 mod report;
 mod smoke;
+mod subject;
 mod world_cmd;
 mod world_models;
 

@@ -13,48 +13,50 @@ use proxytune_actors::corpus_reader::{CorpusReader, CorpusReaderConfig};
 use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
 use proxytune_actors::tokenize::Tokenize;
 use proxytune_actors::world::{World, CLASSES};
-use proxytune_schemas::Proxy;
+use proxytune_schemas::{Proxy, ReferenceImage};
 
+use crate::demo::{JobCommand, ProgressHandle};
+use crate::subject::JobSubject;
 use crate::world_models::{
     device_name, evaluate, student, student_trainer_config, tokenize_config, EvalSpec,
 };
 
 /// Arguments of `proxytune replay`.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct ReplayArgs {
     /// The corpus (e.g. `out/demo/corpus`).
     #[arg(long)]
-    corpus: PathBuf,
+    pub corpus: PathBuf,
     /// The proxies table version (number or tag); the newest when absent.
     #[arg(long)]
-    version: Option<String>,
+    pub version: Option<String>,
     /// Re-filter: keep proxies whose stored world-DINO fidelity is at least this.
     #[arg(long)]
-    min_fidelity: Option<f32>,
+    pub min_fidelity: Option<f32>,
     /// Re-filter: keep proxies whose stored CLIP-T is at least this.
     #[arg(long)]
-    min_prompt_adherence: Option<f32>,
+    pub min_prompt_adherence: Option<f32>,
     /// Output folder (student/, report.json).
     #[arg(long, default_value = "out/replay")]
-    out: PathBuf,
+    pub out: PathBuf,
     /// The pretrained world models.
     #[arg(long, default_value = "models/world")]
-    world: PathBuf,
+    pub world: PathBuf,
     /// World seed of the corpus' subject.
     #[arg(long, default_value_t = 7)]
-    world_seed: u64,
+    pub world_seed: u64,
     /// Student LoRA optimiser steps.
     #[arg(long, default_value_t = 400)]
-    student_steps: u64,
+    pub student_steps: u64,
     /// Evaluation images per prompt.
     #[arg(long, default_value_t = 4)]
-    eval_images: usize,
+    pub eval_images: usize,
     /// Evaluate only the first this many prompts.
     #[arg(long)]
-    eval_prompts: Option<usize>,
+    pub eval_prompts: Option<usize>,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
-    device: String,
+    pub device: String,
 }
 
 /// The Lance filter selecting the proxies to train on.
@@ -73,12 +75,25 @@ fn selection(args: &ReplayArgs) -> String {
     terms.join(" AND ")
 }
 
-/// Runs a replay; returns the process exit code.
+/// Runs a replay from the command line (Ctrl-C cancels); returns the process exit code.
 pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
+    let (cancel, commands) = tokio::sync::watch::channel(JobCommand::Run);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = cancel.send(JobCommand::Cancel);
+        }
+    });
+    execute(&args, commands, None, &ProgressHandle::default()).await
+}
+
+/// Checks a replay's settings and its corpus before any work: returns the pinned version, the
+/// selection and the number of rows it selects.
+pub(crate) async fn check(args: &ReplayArgs) -> anyhow::Result<(u64, String, usize)> {
     anyhow::ensure!(
         args.student_steps > 0 && args.eval_images > 0,
         "--student-steps and --eval-images must be positive"
     );
+    anyhow::ensure!(args.eval_prompts != Some(0), "--eval-prompts is 0: a budget must be positive");
     let corpus = Corpus::open(&args.corpus)?;
     let version_ref: Option<VersionRef> = args.version.as_deref().map(|v| v.parse().expect("infallible"));
     let table = corpus.table::<Proxy>().await?;
@@ -88,9 +103,24 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
     };
     let version =
         table.version().with_context(|| format!("{}: the proxies table is empty", args.corpus.display()))?;
-    let filter = selection(&args);
+    let filter = selection(args);
     let rows = table.count_rows(Some(&filter)).await?;
     anyhow::ensure!(rows > 0, "{} version {version}: no proxy passes `{filter}`", args.corpus.display());
+    Ok((version, filter, rows))
+}
+
+/// One replay: trains a fresh student on the selected rows of the pinned version under
+/// `args.out`, evaluates it and writes `report.json`; steered by `commands` (a cancel drains it).
+/// Returns the exit code (0 done, 130 cancelled).
+pub async fn execute(
+    args: &ReplayArgs,
+    mut commands: tokio::sync::watch::Receiver<JobCommand>,
+    job_id: Option<&str>,
+    progress: &ProgressHandle,
+) -> anyhow::Result<i32> {
+    let (version, filter, rows) = check(args).await?;
+    let corpus = Corpus::open(&args.corpus)?;
+    let table = corpus.table::<Proxy>().await?.checkout(&VersionRef::Number(version)).await?;
     let sample: Vec<Proxy> = table.read_rows(Some(&filter)).await?;
     let subject_name = sample[0].subject.clone();
     anyhow::ensure!(
@@ -99,12 +129,13 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
         args.corpus.display()
     );
     let world = World::new(args.world_seed, CLASSES.len());
-    let subject = (0..CLASSES.len())
-        .filter_map(|n| world.subject(n, 5))
-        .find(|s| s.name == subject_name)
-        .with_context(|| {
-            format!("the corpus' subject `{subject_name}` is not a subject of world {}", args.world_seed)
-        })?;
+    let references: Vec<ReferenceImage> = corpus
+        .table::<ReferenceImage>()
+        .await?
+        .read_rows(Some(&format!("subject = '{}'", subject_name.replace('\'', "''"))))
+        .await?;
+    let subject = JobSubject::stored(&world, &references)
+        .with_context(|| format!("{}: the subject `{subject_name}`", args.corpus.display()))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out {}: cannot create it", args.out.display()))?;
     let device = device_name(&args.device)?;
@@ -118,7 +149,11 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
             batch_rows: 32,
         },
     );
-    let metrics = Metrics::global();
+    let metrics = match job_id {
+        Some(id) => Metrics::global().for_job(id),
+        None => Metrics::global(),
+    };
+    metrics.describe_all();
     let (trainer, stats) = ArTrainerActor::new(
         student_trainer_config(
             &args.world,
@@ -131,33 +166,78 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
         )?,
         &metrics,
     )?;
-    let mut p = Pipeline::new(PipelineConfig::default(), metrics);
+    let mut p = Pipeline::new(PipelineConfig::default(), metrics.clone());
     let src = p.async_source("corpus_reader", reader);
     let tok = p.operator("tokenize", Tokenize::new(tokenize_config(&args.world, &device, false)));
     let train = p.operator("ar_trainer", trainer);
     p.connect(src, tok).connect(tok, train);
-    let report = p.start(&tokio::runtime::Handle::current())?.wait().await;
+    {
+        let mut p = progress.lock().expect("progress lock");
+        p.stage = "training student".into();
+        p.student_steps_planned = args.student_steps;
+        p.proxies_stored = rows as u64;
+        p.corpus_version = Some(version);
+    }
+    let running = p.start(&tokio::runtime::Handle::current())?;
+    let handle = running.handle();
+    tokio::spawn(async move {
+        while commands.changed().await.is_ok() {
+            let command = *commands.borrow_and_update();
+            match command {
+                JobCommand::Run => handle.control().resume(),
+                JobCommand::Pause => handle.control().pause(),
+                JobCommand::Cancel => {
+                    handle.control().cancel();
+                    return;
+                }
+            };
+        }
+    });
+    let wait = running.wait();
+    tokio::pin!(wait);
+    let report = loop {
+        tokio::select! {
+            report = &mut wait => break report,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                let s = stats.lock().expect("trainer stats").clone();
+                let mut p = progress.lock().expect("progress lock");
+                p.student_steps = s.steps;
+                p.student_rows = s.rows_received as u64;
+            }
+        }
+    };
+    let trained = stats.lock().expect("trainer stats").clone();
+    {
+        let mut p = progress.lock().expect("progress lock");
+        p.student_steps = trained.steps;
+        p.student_rows = trained.rows_received as u64;
+    }
+    if report.outcome == JobOutcome::Cancelled {
+        progress.lock().expect("progress lock").stage = "cancelled".into();
+        return Ok(report.outcome.exit_code());
+    }
     if report.outcome != JobOutcome::Succeeded {
         let error = report.tasks.iter().find_map(|t| t.error.clone().map(|e| format!("{}: {e}", t.name)));
         anyhow::bail!("the replay ended {:?} {}", report.outcome, error.unwrap_or_default());
     }
-    let trained = stats.lock().expect("trainer stats").clone();
     let train_seconds = started.elapsed().as_secs_f64();
+    progress.lock().expect("progress lock").stage = "evaluating".into();
     let spec = EvalSpec {
         world_dir: &args.world,
         out_dir: &args.out,
         device: &device,
-        references: 5,
         images_per_prompt: args.eval_images,
         max_prompts: args.eval_prompts,
     };
     let adapter = args.out.join("student/adapter_model.safetensors");
     let scores = evaluate(
         &spec,
-        &world,
         &subject,
         vec![("student (replayed)".into(), student(&args.world, Some(&adapter), &device)?)],
     )?;
+    for (_, s) in &scores {
+        crate::report::record_scores(&metrics, "student", s);
+    }
     let out = serde_json::json!({
         "corpus": args.corpus.display().to_string(),
         "proxies_version": version,
@@ -170,6 +250,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<i32> {
         "evaluation": scores.iter().map(|(label, s)| serde_json::json!({"label": label, "scores": s})).collect::<Vec<_>>(),
     });
     std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&out)?)?;
+    progress.lock().expect("progress lock").stage = "done".into();
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(0)
 }

@@ -86,8 +86,10 @@ pub(crate) fn html(
             })
             .collect();
         rows.push_str(&format!(
-            "<tr><td>{label}</td>{cells}<td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>\n",
-            s.context_accuracy, s.subject_colour_present, s.samples
+            "<tr><td>{label}</td>{cells}<td>{:.2}</td><td>{}</td><td>{}</td></tr>\n",
+            s.context_accuracy,
+            s.subject_colour_present.map(|v| format!("{v:.2}")).unwrap_or("–".into()),
+            s.samples
         ));
     }
     let stages = &report["stages"];
@@ -159,4 +161,25 @@ pub(crate) fn html(
         eval = report["evaluation_seconds"].as_f64().unwrap_or(0.0),
         total = report["total_seconds"].as_f64().unwrap_or(0.0),
     )
+}
+
+/// Sets `proxytune_eval_score{model, metric}` for each of a model's scores.
+pub(crate) fn record_scores(
+    metrics: &proxytune_actors::runtime::Metrics,
+    model: &str,
+    scores: &crate::world_models::ModelScores,
+) {
+    let mut values: Vec<(&str, f64)> = scores.metrics.iter().map(|(k, v)| (metric_label(k), *v)).collect();
+    values.push(("context_accuracy", scores.context_accuracy));
+    if let Some(v) = scores.subject_colour_present {
+        values.push(("subject_colour_present", v));
+    }
+    for (metric, value) in values {
+        metrics
+            .gauge_labels(
+                proxytune_schemas::MetricName::EvalScore,
+                &[("model", model.into()), ("metric", metric.into())],
+            )
+            .set(value);
+    }
 }

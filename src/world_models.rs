@@ -15,7 +15,9 @@ use proxytune_actors::dreambench::{
 use proxytune_actors::filter::PromptScorer;
 use proxytune_actors::generators::{StudentGenerator, StudentSampling};
 use proxytune_actors::tokenize::TokenizeConfig;
-use proxytune_actors::world::{classify_context, Subject, World, COLOURS, EDITS, IDENTIFIER};
+use proxytune_actors::world::{classify_context, EDITS, IDENTIFIER};
+
+use crate::subject::JobSubject;
 use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
 use proxytune_models::ar::train::ArTrainConfig;
 use proxytune_models::diffusion::pipeline::SamplerKind;
@@ -130,8 +132,9 @@ pub(crate) struct ModelScores {
     pub metrics: std::collections::BTreeMap<String, f64>,
     /// Fraction of samples whose drawn context is the asked-for one.
     pub context_accuracy: f64,
-    /// Fraction of samples (prompts that keep the colour) showing the subject's main colour.
-    pub subject_colour_present: f64,
+    /// Fraction of samples (prompts that keep the colour) showing the subject's main colour, when
+    /// the subject's colour is known (world subjects).
+    pub subject_colour_present: Option<f64>,
     /// Samples scored.
     pub samples: usize,
     /// Seconds the evaluation took.
@@ -157,24 +160,23 @@ fn has_colour(img: &image::RgbImage, rgb: [u8; 3]) -> bool {
     close as f64 >= 0.03 * (img.width() * img.height()) as f64
 }
 
-fn exact_checks(subject: &Subject, samples: &[EvalSample]) -> (f64, f64) {
+fn exact_checks(subject: &JobSubject, samples: &[EvalSample]) -> (f64, Option<f64>) {
     let (mut ctx_hits, mut colour_hits, mut colour_n) = (0usize, 0usize, 0usize);
-    let primary = COLOURS[subject.instance.primary].1;
     for s in samples {
         let Ok(img) = image::load_from_memory(&s.image_png).map(|i| i.to_rgb8()) else { continue };
         let scene = &subject.prompts[s.prompt_index as usize];
         ctx_hits += usize::from(classify_context(&img) == scene.context);
         let recoloured = scene.edit.is_some_and(|e| matches!(EDITS[e], "red" | "purple" | "wet"));
-        if !recoloured {
+        if let (Some(colour), false) = (subject.colour, recoloured) {
             colour_n += 1;
-            colour_hits += usize::from(has_colour(&img, primary));
+            colour_hits += usize::from(has_colour(&img, colour));
         }
     }
     let n = samples.len().max(1) as f64;
-    (ctx_hits as f64 / n, colour_hits as f64 / colour_n.max(1) as f64)
+    (ctx_hits as f64 / n, subject.colour.map(|_| colour_hits as f64 / colour_n.max(1) as f64))
 }
 
-pub(crate) fn score(subject: &Subject, report: GeneratorReport, seconds: f64) -> ModelScores {
+pub(crate) fn score(subject: &JobSubject, report: GeneratorReport, seconds: f64) -> ModelScores {
     let metrics = report
         .metrics
         .iter()
@@ -198,22 +200,20 @@ pub(crate) struct EvalSpec<'a> {
     pub world_dir: &'a Path,
     pub out_dir: &'a Path,
     pub device: &'a str,
-    pub references: usize,
     pub images_per_prompt: usize,
     pub max_prompts: Option<usize>,
 }
 
-/// The world's DreamBench protocol for `models` on `subject`, with the same seeds for each.
+/// The world's DreamBench protocol for `models` on `subject` (its references, its class's 25
+/// prompts), with the same seeds for each.
 pub(crate) fn evaluate(
     spec: &EvalSpec,
-    world: &World,
-    subject: &Subject,
+    subject: &JobSubject,
     models: Vec<(String, Box<dyn Generator>)>,
 ) -> anyhow::Result<Vec<(String, ModelScores)>> {
     let device = proxytune_models::device::parse_device(spec.device)?;
     let bench_dir = spec.out_dir.join("world_bench");
-    let n = world.subject_instances().iter().position(|i| *i == subject.instance).expect("a world subject");
-    world.export_dreambench(&bench_dir, n + 1, spec.references, SIZE)?;
+    subject.write_bench(&bench_dir)?;
     let bench = DreamBench::open(&bench_dir)?;
     let entries: Vec<_> = bench.subjects.iter().filter(|s| s.subject == subject.name).cloned().collect();
     let (dino, clip) = scorers(spec.world_dir, device)?;

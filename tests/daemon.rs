@@ -17,14 +17,14 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// One HTTP/1.0 request; returns (status, body).
-fn request(
+/// One HTTP/1.0 request; returns (status, headers, body bytes).
+fn request_raw(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: &str,
     token: Option<&str>,
-) -> std::io::Result<(u16, String)> {
+) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
@@ -33,22 +33,38 @@ fn request(
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let status = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
+    let mut response = Vec::new();
+    s.read_to_end(&mut response)?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(response.len());
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, head, response.get(split + 4..).unwrap_or_default().to_vec()))
+}
+
+/// One HTTP/1.0 request; returns (status, body).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let (status, _, body) = request_raw(addr, method, path, body, token)?;
+    Ok((status, String::from_utf8_lossy(&body).to_string()))
 }
 
 fn start(dir: &Path, bind: &str, token: Option<&str>) -> std::process::Child {
     let config = dir.join("daemon.toml");
+    let roots = dir.join("roots");
+    std::fs::create_dir_all(&roots).unwrap();
     let token = token.map(|t| format!("token = \"{t}\"\n")).unwrap_or_default();
     std::fs::write(
         &config,
         format!(
-            "bind = \"{bind}\"\ndata_dir = \"{}\"\nworld = \"{}\"\nconcurrency = 1\nmax_body_bytes = 4096\ndevice = \"cpu\"\n{token}",
+            "bind = \"{bind}\"\ndata_dir = \"{}\"\nworld = \"{}\"\nconcurrency = 1\nmax_body_bytes = 262144\nmax_photo_bytes = 16384\ndevice = \"cpu\"\nroots = [\"{}\"]\n{token}",
             dir.join("data").display(),
-            repo_root().join("models/world").display()
+            repo_root().join("models/world").display(),
+            roots.display()
         ),
     )
     .unwrap();
@@ -97,29 +113,94 @@ fn wait_state(addr: SocketAddr, id: &str, states: &[&str]) -> serde_json::Value 
 
 const SMALL: &str = r#""class_priors": 8, "supervisor_steps": 20, "proxies_per_prompt": 2, "student_steps": 20, "student_min_rows": 4, "eval_images": 1, "eval_prompts": 2"#;
 
+/// World renders of subject `n` at 64 px, as PNG files (a user's photos).
+fn photos(n: usize, count: usize) -> Vec<Vec<u8>> {
+    let world = proxytune_actors::world::World::new(7, 8);
+    let subject = world.subject(n, count).unwrap();
+    subject
+        .references
+        .iter()
+        .map(|scene| {
+            let mut png = std::io::Cursor::new(Vec::new());
+            scene.render(64).write_to(&mut png, image::ImageFormat::Png).unwrap();
+            png.into_inner()
+        })
+        .collect()
+}
+
+fn uploads(files: &[Vec<u8>]) -> String {
+    use base64::Engine;
+    let items: Vec<String> = files
+        .iter()
+        .enumerate()
+        .map(|(k, f)| {
+            format!(
+                r#"{{"name": "photo{k}.png", "data_base64": "{}"}}"#,
+                base64::engine::general_purpose::STANDARD.encode(f)
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
 #[test]
 fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let _daemon = KillOnDrop(start(dir.path(), &format!("127.0.0.1:{port}"), None));
+    // A folder of teapot photos under the daemon's root.
+    let teapot = dir.path().join("roots/teapot");
+    std::fs::create_dir_all(&teapot).unwrap();
+    for (k, png) in photos(0, 4).iter().enumerate() {
+        std::fs::write(teapot.join(format!("{k}.png")), png).unwrap();
+    }
+    let daemon = std::sync::Mutex::new(start(dir.path(), &format!("127.0.0.1:{port}"), None));
+    let _guard = scopeguard(&daemon);
     wait_up(addr, None);
+    // A real Prometheus scrapes the daemon every second.
+    let (_prometheus, prom) = crate::metrics::prometheus(dir.path(), port);
 
     let submit = |body: String| request(addr, "POST", "/jobs", &body, None).unwrap();
-    let mut ids = Vec::new();
-    for subject in ["teapot_0", "dog_2"] {
-        let (status, body) = submit(format!(r#"{{"subject": "{subject}", {SMALL}}}"#));
-        assert_eq!(status, 201, "{body}");
-        ids.push(
-            serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_string(),
-        );
-    }
+    let id_of = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["id"].as_str().unwrap().to_string()
+    };
+    // Job 1: a dog's photos uploaded in the request; job 2: a folder of teapot photos.
+    let dog = uploads(&photos(2, 5));
+    let (status, body) =
+        submit(format!(r#"{{"subject": "rex", "class_noun": "dog", "images": {dog}, {SMALL}}}"#));
+    assert_eq!(status, 201, "{body}");
+    let first = id_of(&body);
+    let (status, body) =
+        submit(format!(r#"{{"subject": "pot", "class_noun": "teapot", "folder": "teapot", {SMALL}}}"#));
+    assert_eq!(status, 201, "{body}");
+    let second = id_of(&body);
+    assert!(dir.path().join(format!("data/jobs/{first}/photos/04.png")).is_file(), "uploads are stored");
+    assert!(!std::fs::read_to_string(dir.path().join(format!("data/jobs/{first}/job.json")))
+        .unwrap()
+        .contains("data_base64"));
     let long = SMALL.replace(r#""proxies_per_prompt": 2"#, r#""proxies_per_prompt": 60"#);
     let (status, body) = submit(format!(r#"{{"subject": "cat_3", {long}}}"#));
     assert_eq!(status, 201, "{body}");
-    let third = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_string();
+    let third = id_of(&body);
+    let (status, body) = request(addr, "POST", &format!("/jobs/{third}/evaluate"), "", None).unwrap();
+    assert_eq!(status, 409, "nothing to evaluate before a checkpoint: {body}");
 
     // Bad requests: status and a message naming what is wrong; nothing is queued.
+    let noise = {
+        let img = image::RgbImage::from_fn(120, 120, |x, y| {
+            image::Rgb([(x * 37 ^ y * 91) as u8, (x * y) as u8, (x + 7 * y) as u8])
+        });
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        png.into_inner()
+    };
+    let mut big = photos(2, 4);
+    big[1] = noise;
+    let mut not_image = photos(2, 4);
+    not_image[2] = b"GIF89a not really".to_vec();
+    let photos_with = |files: &[Vec<u8>]| {
+        format!(r#"{{"subject": "rex", "class_noun": "dog", "images": {}}}"#, uploads(files))
+    };
     let cases = [
         ("POST", "/jobs", "{not json".to_string(), 400, "not a job spec"),
         ("POST", "/jobs", r#"{"class_priors": 8}"#.to_string(), 400, "subject"),
@@ -129,33 +210,110 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         (
             "POST",
             "/jobs",
-            format!(r#"{{"subject": "dog_2", "pad": "{}"}}"#, "x".repeat(5000)),
+            format!(r#"{{"subject": "dog_2", "pad": "{}"}}"#, "x".repeat(300_000)),
             413,
-            "exceeds 4096",
+            "exceeds 262144",
+        ),
+        ("POST", "/jobs", photos_with(&big), 400, "photo1.png`: larger than 16384"),
+        ("POST", "/jobs", photos_with(&not_image), 400, "photo2.png`: not a PNG or JPEG"),
+        ("POST", "/jobs", photos_with(&photos(2, 6)[..2]), 400, "2 photos"),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "rex", "class_noun": "dog", "folder": "/etc"}"#.to_string(),
+            400,
+            "outside the daemon's roots",
+        ),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "rex", "class_noun": "dog", "folder": "../../../etc"}"#.to_string(),
+            400,
+            "outside the daemon's roots",
+        ),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "rex", "class_noun": "dog", "folder": "nothing-here"}"#.to_string(),
+            400,
+            "not found",
+        ),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "rex", "class_noun": "cow", "folder": "teapot"}"#.to_string(),
+            400,
+            "class_noun `cow`",
+        ),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "Rex!", "class_noun": "dog", "folder": "teapot"}"#.to_string(),
+            400,
+            "name `Rex!`",
+        ),
+        ("POST", "/jobs", r#"{"subject": "dog_2", "identifier": "dog"}"#.to_string(), 400, "class word"),
+        ("POST", "/jobs", r#"{"kind": "replay", "source_job": "job-99"}"#.to_string(), 400, "job-99"),
+        (
+            "POST",
+            "/jobs",
+            r#"{"kind": "replay", "corpus": "/tmp"}"#.to_string(),
+            400,
+            "outside the daemon's roots",
         ),
         ("GET", "/jobs/job-99", String::new(), 404, "job-99"),
         ("POST", "/jobs/job-99/cancel", String::new(), 404, "job-99"),
+        ("POST", "/jobs/job-99/evaluate", String::new(), 404, "job-99"),
+        ("GET", "/jobs/job-1/files/../job.json", String::new(), 400, "plain names"),
+        ("GET", "/jobs/job-1/files/photos/00.jpg", String::new(), 404, "only .png"),
         ("GET", "/nowhere", String::new(), 404, "nowhere"),
         ("DELETE", "/jobs", String::new(), 405, "not allowed"),
     ];
     for (method, path, body, want, says) in cases {
         let (status, answer) = request(addr, method, path, &body, None).unwrap();
-        assert_eq!(status, want, "{method} {path}: {answer}");
+        assert_eq!(status, want, "{method} {path} {}: {answer}", &body[..body.len().min(120)]);
         assert!(answer.contains(says), "{method} {path}: {answer}");
     }
     let (status, body) = request(addr, "GET", &format!("/jobs/{third}/report"), "", None).unwrap();
     assert_eq!(status, 409, "no report before the job succeeds: {body}");
 
     // The first two finish with reports; the third is cancelled while it runs.
-    for id in &ids {
+    for (id, subject) in [(&first, "rex"), (&second, "pot")] {
         let j = wait_state(addr, id, &["succeeded", "failed"]);
         assert_eq!(j["state"], "succeeded", "{j}");
         let (status, body) = request(addr, "GET", &format!("/jobs/{id}/report"), "", None).unwrap();
         assert_eq!(status, 200);
         let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(report["subject"], subject);
         assert_eq!(report["evaluation"]["models"].as_array().unwrap().len(), 3);
         assert!(report["stages"]["student"]["steps"].as_u64() == Some(20), "{}", report["stages"]);
+        let status = job_status(addr, id);
+        assert_eq!(status["progress"]["stage"], "done", "{status}");
+        assert_eq!(status["progress"]["student_steps"], 20, "{status}");
     }
+    // Its report page and images are served.
+    let (status, head, page) =
+        request_raw(addr, "GET", &format!("/jobs/{first}/files/report/index.html"), "", None).unwrap();
+    assert!(status == 200 && head.contains("text/html") && String::from_utf8_lossy(&page).contains("rex"));
+    let (status, head, png) =
+        request_raw(addr, "GET", &format!("/jobs/{first}/files/report/samples_2.png"), "", None).unwrap();
+    assert!(status == 200 && head.contains("image/png") && png.starts_with(b"\x89PNG"), "{head}");
+
+    // An evaluation now, of the first job's newest student checkpoint.
+    let (status, body) = request(addr, "POST", &format!("/jobs/{first}/evaluate"), "", None).unwrap();
+    assert_eq!(status, 202, "{body}");
+    let started = Instant::now();
+    let evaluation = loop {
+        let e = job_status(addr, &first)["latest_evaluation"].clone();
+        if !e.is_null() {
+            break e;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the evaluation never came");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(evaluation["step"], 20, "{evaluation}");
+    assert!(evaluation["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite), "{evaluation}");
+
     wait_state(addr, &third, &["running"]);
     // Pause holds the pipeline: no proxy is generated while paused; resume lets it go on.
     let proxies_generated = || {
@@ -197,20 +355,58 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     let (status, _) = request(addr, "POST", &format!("/jobs/{third}/cancel"), "", None).unwrap();
     assert_eq!(status, 409, "an ended job cannot be cancelled again");
 
+    // A replay of the first job's corpus, the version pinned at submission.
+    let (status, body) = submit(format!(
+        r#"{{"kind": "replay", "source_job": "{first}", "min_fidelity": 0.0, "student_steps": 10, "eval_images": 1, "eval_prompts": 2}}"#
+    ));
+    assert_eq!(status, 201, "{body}");
+    let replay: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pinned = replay["spec"]["version"].as_u64().expect("the version is pinned");
+    let j = wait_state(addr, replay["id"].as_str().unwrap(), &["succeeded", "failed"]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let (status, body) =
+        request(addr, "GET", &format!("/jobs/{}/report", j["id"].as_str().unwrap()), "", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["proxies_version"], pinned);
+    assert_eq!(report["subject"], "rex");
+    assert_eq!(report["student_steps"], 10);
+    assert!(report["rows_trained_on"].as_u64().unwrap() > 0, "{report}");
+
     let (status, list) = request(addr, "GET", "/jobs", "", None).unwrap();
     assert_eq!(status, 200);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&list).unwrap()["jobs"].as_array().unwrap().len(),
-        3
+        4
     );
     let (status, page) = request(addr, "GET", "/", "", None).unwrap();
-    assert!(status == 200 && page.contains(&ids[0]) && page.contains("cancelled"), "{page}");
+    assert!(
+        status == 200 && page.contains(&first) && page.contains("cancelled") && page.contains("samples.png"),
+        "{page}"
+    );
     let (status, metrics) = request(addr, "GET", "/metrics", "", None).unwrap();
     assert!(status == 200 && metrics.contains("proxytune_train_steps_total"), "{metrics}");
-    for id in &ids {
+    for id in [&first, &second] {
         let series = format!("proxytune_eval_score{{model=\"student\",metric=\"dino\",job_id=\"{id}\"}}");
         assert!(metrics.contains(&series), "every job's series carry its id: {series}");
     }
+    // Every expression of the Grafana dashboards returns data from the Prometheus that scraped
+    // this daemon.
+    crate::metrics::assert_dashboards_answer(prom, || daemon.lock().unwrap().try_wait().unwrap().is_none());
+}
+
+/// Kills the daemon when the test ends, however it ends.
+fn scopeguard(daemon: &std::sync::Mutex<std::process::Child>) -> impl Drop + '_ {
+    struct Guard<'a>(&'a std::sync::Mutex<std::process::Child>);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut child) = self.0.lock() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    Guard(daemon)
 }
 
 #[test]

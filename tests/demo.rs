@@ -12,18 +12,7 @@ use std::time::{Duration, Instant};
 use proxytune_actors::corpus::{Corpus, VersionRef};
 use proxytune_schemas::Proxy;
 
-use crate::metrics::{http_get, prometheus};
 use crate::support::repo_root;
-
-/// Percent-encodes a query parameter.
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 fn proxytune() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_proxytune"));
@@ -77,12 +66,10 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
     let port = free_port();
-    // A real Prometheus scrapes the demo every second.
-    let (_prometheus, prom) = prometheus(dir.path(), port);
     let mut child = proxytune()
         .arg("demo")
         .args(BUDGET)
-        .args(["--metrics-port", &port.to_string(), "--linger-seconds", "20", "--out"])
+        .args(["--metrics-port", &port.to_string(), "--out"])
         .arg(&out)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -101,34 +88,6 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     let scraped = scraped.expect("/metrics answered while the demo ran");
     assert!(scraped.contains("proxytune_"), "{scraped}");
 
-    // Every expression of the committed Grafana dashboards returns data from that Prometheus. The
-    // queries run while the demo lingers after its report (a target that is gone is marked stale).
-    let query = |expr: &str| -> serde_json::Value {
-        let body = http_get(prom, &format!("/api/v1/query?query={}", url_encode(expr)))
-            .unwrap_or_else(|e| panic!("{expr}: {e}"));
-        serde_json::from_str(&body).unwrap()
-    };
-    let started = Instant::now();
-    while query("proxytune_eval_score")["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
-        assert!(child.try_wait().unwrap().is_none(), "the demo ended before Prometheus saw its scores");
-        assert!(started.elapsed() < Duration::from_secs(300), "the scores never reached Prometheus");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let dashboard = json(&repo_root().join("grafana/dashboards/proxytune-pipeline.json"));
-    let exprs: Vec<String> = dashboard["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .map(|t| t["expr"].as_str().unwrap().to_string())
-        .collect();
-    assert!(exprs.len() >= 20, "{exprs:?}");
-    for expr in &exprs {
-        let answer = query(expr);
-        assert_eq!(answer["status"], "success", "{expr}: {answer}");
-        assert!(!answer["data"]["result"].as_array().unwrap().is_empty(), "`{expr}` returned no data");
-    }
-    eprintln!("demo: all {} dashboard expressions returned data", exprs.len());
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 

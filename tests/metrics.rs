@@ -119,6 +119,49 @@ pub fn prometheus(dir: &std::path::Path, target_port: u16) -> (KillOnDrop, Socke
     (KillOnDrop(child), ([127, 0, 0, 1], prom_port).into())
 }
 
+/// Percent-encodes a query parameter.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs every expression of the committed Grafana dashboards against the Prometheus at `prom`
+/// and asserts each returns data. It first waits until the evaluation gauge has been scraped;
+/// `alive` says whether the scraped target still runs (a gone target's series go stale).
+pub fn assert_dashboards_answer(prom: SocketAddr, alive: impl Fn() -> bool) {
+    let query = |expr: &str| -> serde_json::Value {
+        let body = http_get(prom, &format!("/api/v1/query?query={}", url_encode(expr)))
+            .unwrap_or_else(|e| panic!("{expr}: {e}"));
+        serde_json::from_str(&body).unwrap()
+    };
+    let started = Instant::now();
+    while query("proxytune_eval_score")["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+        assert!(alive(), "the target ended before Prometheus saw its scores");
+        assert!(started.elapsed() < Duration::from_secs(120), "the scores never reached Prometheus");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let path = crate::support::repo_root().join("grafana/dashboards/proxytune-pipeline.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    for expr in &exprs {
+        let answer = query(expr);
+        assert_eq!(answer["status"], "success", "{expr}: {answer}");
+        assert!(!answer["data"]["result"].as_array().unwrap().is_empty(), "`{expr}` returned no data");
+    }
+    eprintln!("all {} dashboard expressions returned data", exprs.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_pipeline() {
     // Our /metrics endpoint, on loopback, with a recorder of this test's own.

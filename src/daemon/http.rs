@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::jobs::{JobSpec, JobState};
-use super::Shared;
+use super::{EvaluateRefusal, Shared};
 use crate::demo::JobCommand;
 
 type Reply = Response<Full<Bytes>>;
@@ -77,15 +77,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
         (Method::POST, ["jobs"]) => submit(&shared, req).await,
         (Method::GET, ["jobs", id]) => match job_record(&shared, id) {
             Some(job) => {
-                let report = shared.store().dir(id).join("report/report.json");
+                let report = shared.store().dir(id).join(job.spec.report_path());
                 let summary = std::fs::read_to_string(report)
                     .ok()
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                     .map(|r| serde_json::json!({ "stages": r["stages"], "corpus": r["corpus"], "evaluation": r["evaluation"] }));
                 let progress = shared.progress(id);
+                let latest = shared.latest_evaluation(id);
                 json(
                     StatusCode::OK,
-                    serde_json::json!({ "job": job, "progress": progress, "report": summary }),
+                    serde_json::json!({ "job": job, "progress": progress, "report": summary, "latest_evaluation": latest }),
                 )
             }
             None => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
@@ -111,6 +112,15 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
         }
+        (Method::POST, ["jobs", id, "evaluate"]) => match shared.evaluate_now(id) {
+            Ok(n) => json(
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "job": id, "evaluation": n, "result": format!("/jobs/{id}/files/evaluations/{n:03}/evaluation.json") }),
+            ),
+            Err(EvaluateRefusal::NoJob) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+            Err(EvaluateRefusal::NotNow(why)) => error(StatusCode::CONFLICT, why),
+        },
+        (Method::GET, ["jobs", id, "files", rest @ ..]) => file(&shared, id, rest),
         (Method::GET, ["jobs", id, "report"]) => {
             let Some(job) = shared.store().get(id).cloned() else {
                 return error(StatusCode::NOT_FOUND, format!("no job `{id}`"));
@@ -121,7 +131,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
                     format!("job `{id}` is {:?}; its report comes when it succeeds", job.state),
                 );
             }
-            match std::fs::read(shared.store().dir(id).join("report/report.json")) {
+            match std::fs::read(shared.store().dir(id).join(job.spec.report_path())) {
                 Ok(bytes) => reply(StatusCode::OK, "application/json", bytes),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("report of `{id}`: {e}")),
             }
@@ -145,37 +155,108 @@ async fn submit(shared: &Shared, req: Request<Incoming>) -> Reply {
         Ok(b) => b.to_bytes(),
         Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {limit} bytes")),
     };
-    let spec: JobSpec = match serde_json::from_slice(&body) {
+    let spec = match JobSpec::parse(&body) {
         Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a job spec: {e}")),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a job spec: {e:#}")),
     };
-    match shared.submit(spec) {
+    match shared.submit(spec).await {
         Ok(job) => json(StatusCode::CREATED, serde_json::to_value(job).expect("job serialises")),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     }
 }
 
+/// A file of job `id` (report pages, grids, JSON), by a relative path of plain names.
+fn file(shared: &Shared, id: &str, rest: &[&str]) -> Reply {
+    if job_record(shared, id).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no job `{id}`"));
+    }
+    let plain = |s: &&str| {
+        !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    if rest.is_empty() || !rest.iter().all(plain) {
+        return error(StatusCode::BAD_REQUEST, "a file path is plain names: letters, digits, `_`, `-`, `.`");
+    }
+    let path = rest.join("/");
+    let content_type = match path.rsplit('.').next() {
+        Some("png") => "image/png",
+        Some("html") => "text/html; charset=utf-8",
+        Some("json") => "application/json",
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("`{path}`: only .png, .html and .json files are served"),
+            )
+        }
+    };
+    match std::fs::read(shared.store().dir(id).join(&path)) {
+        Ok(bytes) => reply(StatusCode::OK, content_type, bytes),
+        Err(_) => error(StatusCode::NOT_FOUND, format!("job `{id}` has no file `{path}`")),
+    }
+}
+
 fn status_page(shared: &Shared) -> String {
-    let rows: String = shared
-        .store()
-        .list()
-        .into_iter()
+    let jobs: Vec<super::jobs::Job> = shared.store().list().into_iter().cloned().collect();
+    let rows: String = jobs
+        .iter()
         .map(|j| {
+            let dir = shared.store().dir(&j.id);
+            let progress = shared.progress(&j.id);
+            let stage = progress.as_ref().map(|p| p.stage.clone()).unwrap_or_default();
+            let counts = progress
+                .map(|p| {
+                    format!(
+                        "supervisor {}/{}, proxies {}/{}, student {}/{}",
+                        p.supervisor_steps,
+                        p.supervisor_steps_planned,
+                        p.proxies_stored,
+                        p.proxies_planned,
+                        p.student_steps,
+                        p.student_steps_planned
+                    )
+                })
+                .unwrap_or_default();
+            // The latest samples: the newest evaluation's, else the report's student samples.
+            let mut evaluations: Vec<String> = std::fs::read_dir(dir.join("evaluations"))
+                .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+                .unwrap_or_default();
+            evaluations.sort();
+            let samples = evaluations
+                .iter()
+                .rev()
+                .map(|n| format!("evaluations/{n}/samples.png"))
+                .chain(["report/samples_2.png".to_string()])
+                .find(|f| dir.join(f).is_file());
+            let samples = samples
+                .map(|f| format!("<img src=\"/jobs/{id}/files/{f}\" height=\"48\">", id = j.id))
+                .unwrap_or_default();
+            let report = if dir.join("report/index.html").is_file() {
+                format!(" <a href=\"/jobs/{}/files/report/index.html\">report</a>", j.id)
+            } else {
+                String::new()
+            };
             format!(
-                "<tr><td><a href=\"/jobs/{id}\">{id}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-                j.spec.subject,
+                "<tr><td><a href=\"/jobs/{id}\">{id}</a>{report}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{samples}</td><td>{}</td></tr>\n",
+                escape(&j.spec.label()),
                 serde_json::to_value(j.state)
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default(),
-                j.error.as_deref().unwrap_or(""),
+                escape(&stage),
+                counts,
+                escape(j.error.as_deref().unwrap_or("")),
                 id = j.id
             )
         })
         .collect();
     format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>proxytune daemon</title></head><body>\
-         <h1>proxytune daemon</h1><table border=\"1\"><tr><th>job</th><th>subject</th><th>state</th><th>error</th></tr>\n{rows}</table>\
-         <p><a href=\"/metrics\">/metrics</a></p></body></html>"
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\"><title>proxytune daemon</title>\
+         <style>body{{font-family:sans-serif}}td,th{{padding:2px 8px}}img{{image-rendering:pixelated}}</style></head><body>\
+         <h1>proxytune daemon</h1><table border=\"1\"><tr><th>job</th><th>subject</th><th>state</th><th>stage</th><th>progress</th><th>latest samples</th><th>error</th></tr>\n{rows}</table>\
+         <p><a href=\"/metrics\">/metrics</a> · <a href=\"/jobs\">/jobs</a></p></body></html>"
     )
+}
+
+/// `text` safe inside HTML.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

@@ -1,9 +1,11 @@
-//! Jobs and their store. A job is a world subject with its budgets (the demo's typed settings);
-//! its spec and state live in the data directory as `jobs/<id>/job.json`, written atomically
-//! (temp file + rename) on every transition, beside the job's own corpus, checkpoints and report.
-//! A plain-file store: one small JSON document per job, readable by hand, nothing to migrate, and
-//! the job's heavy data already lives in its Lance corpus next to it. On open, jobs that were
-//! queued, running or paused are queued again: their pipeline resumes from its checkpoints and corpus.
+//! Jobs and their store. A job is a **tune** job (a subject, world or photos, taught end to end:
+//! the demo's typed settings) or a **replay** job (a fresh student trained on a stored corpus
+//! version, no generation). Its spec and state live in the data directory as `jobs/<id>/job.json`,
+//! written atomically (temp file + rename) on every transition, beside the job's own corpus,
+//! checkpoints, uploaded photos and report. A plain-file store: one small JSON document per job,
+//! readable by hand, nothing to migrate, and the job's heavy data already lives in its Lance corpus
+//! next to it. On open, jobs that were queued, running or paused are queued again: their pipeline
+//! resumes from its checkpoints and corpus.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,13 +14,49 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::demo::DemoArgs;
+use crate::replay::ReplayArgs;
 
-/// What a client submits: a world subject and budgets (every field but `subject` optional).
+/// What a client submits (`kind` is `tune` when absent).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobSpec {
+    /// Teach a subject: tune the supervisor, generate and filter proxies, train the student,
+    /// evaluate.
+    Tune(TuneSpec),
+    /// Train a fresh student on a stored corpus version and evaluate it.
+    Replay(ReplaySpec),
+}
+
+/// A photo in a request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JobSpec {
-    /// World subject (`teapot_0`, `dog_2`, …).
+pub struct Upload {
+    /// Its file name (for messages and the stored reference's `source`).
+    pub name: String,
+    /// The PNG or JPEG file, base64.
+    pub data_base64: String,
+}
+
+/// A tune job: a subject and budgets (every field but `subject` optional).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneSpec {
+    /// A world subject (`teapot_0`, `dog_2`, …), or the name of the subject of `images` or
+    /// `folder`.
     pub subject: String,
+    /// The subject's photos (3–6 PNG or JPEG), uploaded in the request. Not kept in `job.json`:
+    /// they are stored in the job's `photos/` folder.
+    #[serde(default, skip_serializing)]
+    pub images: Vec<Upload>,
+    /// Or a folder of the subject's photos, under one of the daemon's `roots`.
+    #[serde(default)]
+    pub folder: Option<PathBuf>,
+    /// The class noun of the photos' subject (one of the world's classes).
+    #[serde(default)]
+    pub class_noun: Option<String>,
+    /// The subject's identifier in prompts.
+    #[serde(default = "d_identifier")]
+    pub identifier: String,
     /// Class-prior images.
     #[serde(default = "d_priors")]
     pub class_priors: usize,
@@ -48,10 +86,49 @@ pub struct JobSpec {
     pub checkpoint_every: u64,
 }
 
-fn d_checkpoint_every() -> u64 {
-    100
+/// A corpus version: its number or a tag.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VersionSpec {
+    /// A version number.
+    Number(u64),
+    /// A tag.
+    Tag(String),
 }
 
+/// A replay job: which corpus version, which rows, how long to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaySpec {
+    /// The job whose corpus is replayed (`job-3`) …
+    #[serde(default)]
+    pub source_job: Option<String>,
+    /// … or a corpus folder under one of the daemon's `roots`.
+    #[serde(default)]
+    pub corpus: Option<PathBuf>,
+    /// The proxies table version; the newest at submission when absent (then pinned).
+    #[serde(default)]
+    pub version: Option<VersionSpec>,
+    /// Re-filter: keep proxies whose stored world-DINO fidelity is at least this.
+    #[serde(default)]
+    pub min_fidelity: Option<f32>,
+    /// Re-filter: keep proxies whose stored CLIP-T is at least this.
+    #[serde(default)]
+    pub min_prompt_adherence: Option<f32>,
+    /// Student LoRA steps.
+    #[serde(default = "d_replay_steps")]
+    pub student_steps: u64,
+    /// Evaluation images per prompt.
+    #[serde(default = "d_eval_images")]
+    pub eval_images: usize,
+    /// Evaluate only the first this many prompts.
+    #[serde(default)]
+    pub eval_prompts: Option<usize>,
+}
+
+fn d_identifier() -> String {
+    proxytune_actors::world::IDENTIFIER.into()
+}
 fn d_priors() -> usize {
     48
 }
@@ -64,20 +141,65 @@ fn d_proxies() -> u32 {
 fn d_student_steps() -> u64 {
     1500
 }
+fn d_replay_steps() -> u64 {
+    400
+}
 fn d_min_rows() -> usize {
     16
 }
 fn d_eval_images() -> usize {
     4
 }
+fn d_checkpoint_every() -> u64 {
+    100
+}
 
 impl JobSpec {
-    /// The demo settings of this job, writing under `out`.
-    pub fn demo_args(&self, out: PathBuf, world: PathBuf, device: String) -> DemoArgs {
+    /// A spec from a request body: JSON, `kind` defaulting to `tune`.
+    pub fn parse(body: &[u8]) -> anyhow::Result<Self> {
+        let mut value: serde_json::Value = serde_json::from_slice(body).context("not JSON")?;
+        let object = value.as_object_mut().context("not a JSON object")?;
+        object.entry("kind").or_insert_with(|| "tune".into());
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// Where the job's report is, under its folder.
+    pub fn report_path(&self) -> &'static str {
+        match self {
+            JobSpec::Tune(_) => "report/report.json",
+            JobSpec::Replay(_) => "report.json",
+        }
+    }
+
+    /// What the status page shows as the job's subject or source.
+    pub fn label(&self) -> String {
+        match self {
+            JobSpec::Tune(t) => t.subject.clone(),
+            JobSpec::Replay(r) => match (&r.source_job, &r.corpus) {
+                (Some(job), _) => format!("replay of {job}"),
+                (None, Some(c)) => format!("replay of {}", c.display()),
+                _ => "replay".into(),
+            },
+        }
+    }
+}
+
+impl TuneSpec {
+    /// The demo settings of this job, writing under `out`, its photos (if any) in `photos`.
+    pub fn demo_args(
+        &self,
+        out: PathBuf,
+        photos: Option<PathBuf>,
+        world: PathBuf,
+        device: String,
+    ) -> DemoArgs {
         DemoArgs {
             out,
             world,
             subject: self.subject.clone(),
+            photos,
+            class_noun: self.class_noun.clone(),
+            identifier: self.identifier.clone(),
             world_seed: 7,
             references: 5,
             class_priors: self.class_priors,
@@ -93,6 +215,28 @@ impl JobSpec {
             linger_seconds: 0,
             device,
             checkpoint_every: self.checkpoint_every,
+        }
+    }
+}
+
+impl ReplaySpec {
+    /// The replay settings of this job on `corpus`, writing under `out`.
+    pub fn replay_args(&self, corpus: PathBuf, out: PathBuf, world: PathBuf, device: String) -> ReplayArgs {
+        ReplayArgs {
+            corpus,
+            version: self.version.as_ref().map(|v| match v {
+                VersionSpec::Number(n) => n.to_string(),
+                VersionSpec::Tag(t) => t.clone(),
+            }),
+            min_fidelity: self.min_fidelity,
+            min_prompt_adherence: self.min_prompt_adherence,
+            out,
+            world,
+            world_seed: 7,
+            student_steps: self.student_steps,
+            eval_images: self.eval_images,
+            eval_prompts: self.eval_prompts,
+            device,
         }
     }
 }
@@ -123,6 +267,10 @@ pub struct Job {
     pub id: String,
     /// What was submitted.
     pub spec: JobSpec,
+    /// The folder the spec's input resolved to at submission: the subject's photos (uploads are
+    /// stored in the job's `photos/`) or the replayed corpus.
+    #[serde(default)]
+    pub input: Option<PathBuf>,
     /// Where it is.
     pub state: JobState,
     /// Why it failed.
@@ -183,13 +331,28 @@ impl JobStore {
         self.root.join(id)
     }
 
-    /// Adds a queued job.
-    pub fn submit(&mut self, spec: JobSpec) -> anyhow::Result<Job> {
+    /// Adds a queued job; `prepare` gets its new folder first (to store uploads) and returns the
+    /// job's input folder. When it fails, the job is not added.
+    pub fn submit(
+        &mut self,
+        spec: JobSpec,
+        prepare: impl FnOnce(&Path) -> anyhow::Result<Option<PathBuf>>,
+    ) -> anyhow::Result<Job> {
         let id = format!("job-{}", self.next);
+        let dir = self.dir(&id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let input = match prepare(&dir) {
+            Ok(input) => input,
+            Err(e) => {
+                std::fs::remove_dir_all(&dir).ok();
+                return Err(e);
+            }
+        };
         self.next += 1;
         let job = Job {
             id: id.clone(),
             spec,
+            input,
             state: JobState::Queued,
             error: None,
             attempts: 0,
@@ -243,18 +406,25 @@ mod tests {
     #[test]
     fn jobs_persist_and_unfinished_ones_are_queued_again() {
         let dir = tempfile::tempdir().unwrap();
-        let spec: JobSpec = serde_json::from_str(r#"{"subject": "dog_2", "student_steps": 10}"#).unwrap();
-        assert_eq!((spec.student_steps, spec.class_priors), (10, 48));
+        let spec = JobSpec::parse(br#"{"subject": "dog_2", "student_steps": 10}"#).unwrap();
+        let JobSpec::Tune(tune) = &spec else { panic!("a tune job by default") };
+        assert_eq!((tune.student_steps, tune.class_priors), (10, 48));
         let mut store = JobStore::open(dir.path()).unwrap();
-        let a = store.submit(spec.clone()).unwrap();
-        let b = store.submit(spec).unwrap();
+        let a = store.submit(spec.clone(), |_| Ok(None)).unwrap();
+        assert!(store.submit(spec.clone(), |_| anyhow::bail!("bad upload")).is_err());
+        let b = store.submit(spec, |_| Ok(None)).unwrap();
+        assert_eq!(b.id, "job-2", "a refused job takes no id");
         store.update(&a.id, |j| j.state = JobState::Running).unwrap();
         store.update(&b.id, |j| j.state = JobState::Succeeded).unwrap();
         let store = JobStore::open(dir.path()).unwrap();
         assert_eq!(store.get(&a.id).unwrap().state, JobState::Queued, "a running job is queued again");
         assert_eq!(store.get(&b.id).unwrap().state, JobState::Succeeded);
         let mut store = store;
-        assert_eq!(store.submit(store.get(&a.id).unwrap().spec.clone()).unwrap().id, "job-3");
-        assert!(serde_json::from_str::<JobSpec>(r#"{"subject": "dog_2", "colour": 1}"#).is_err());
+        assert_eq!(store.submit(store.get(&a.id).unwrap().spec.clone(), |_| Ok(None)).unwrap().id, "job-3");
+        assert!(JobSpec::parse(br#"{"subject": "dog_2", "colour": 1}"#).is_err());
+        let replay = JobSpec::parse(br#"{"kind": "replay", "source_job": "job-1", "version": 4}"#).unwrap();
+        let JobSpec::Replay(r) = replay else { panic!("a replay job") };
+        assert_eq!(r.version, Some(VersionSpec::Number(4)));
+        assert!(JobSpec::parse(br#"{"kind": "replay", "subject": "dog_2"}"#).is_err());
     }
 }

@@ -1,25 +1,28 @@
-//! `proxytune daemon --config <file>`: proxytune as a long-running service. Clients submit world
-//! subjects as jobs over a JSON HTTP API; jobs queue and run `concurrency` at a time (one job's
-//! failure does not stop the others), each with its own corpus, checkpoints and report under
-//! `<data_dir>/jobs/<id>/`; `/metrics` and a small HTML status page are served beside the API.
-//! A restarted daemon queues its unfinished jobs again, and they resume from their checkpoints and
-//! corpus.
+//! `proxytune daemon --config <file>`: proxytune as a long-running service. Clients submit jobs
+//! over a JSON HTTP API: tune jobs (a world subject, or photos uploaded in the request or in a
+//! folder under the configured roots) and replay jobs (a stored corpus version and a filter). Jobs
+//! queue and run `concurrency` at a time (one job's failure does not stop the others), each with
+//! its own corpus, checkpoints and report under `<data_dir>/jobs/<id>/`; `/metrics` and a small
+//! HTML status page are served beside the API. A restarted daemon queues its unfinished jobs
+//! again, and they resume from their checkpoints and corpus. An evaluation of a job's latest
+//! student checkpoint can be asked for at any time.
 //!
 //! Security: the daemon binds loopback by default; binding any other address needs a bearer token
-//! (config `token` or `PROXYTUNE_TOKEN`), which every request must then carry. Request bodies are
-//! size-limited and job specs validated (unknown fields refused, the subject and budgets checked)
-//! before anything is queued.
+//! (config `token` or `PROXYTUNE_TOKEN`), which every request must then carry. Request bodies and
+//! photos are size-limited, photos' count, sizes and formats checked, names, class nouns and
+//! identifiers validated, paths confined to the configured `roots`, and unknown fields refused,
+//! all before anything is queued.
 //!
-//! Routes: `GET /` (status page), `GET /metrics`, `GET /jobs`, `POST /jobs`, `GET /jobs/{id}`,
-//! `POST /jobs/{id}/pause`, `POST /jobs/{id}/resume`, `POST /jobs/{id}/cancel`,
-//! `GET /jobs/{id}/report`.
+//! Routes (see `openapi.yaml`): `GET /` (status page), `GET /metrics`, `GET /jobs`, `POST /jobs`,
+//! `GET /jobs/{id}`, `POST /jobs/{id}/pause|resume|cancel|evaluate`, `GET /jobs/{id}/report`,
+//! `GET /jobs/{id}/files/{path}`.
 
 mod http;
 pub mod jobs;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -61,6 +64,12 @@ pub struct DaemonConfig {
     /// Device of the jobs: auto, cpu, cuda, cuda:N.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Folders that job specs may name (subject photos, corpora); none: paths are refused.
+    #[serde(default)]
+    pub roots: Vec<PathBuf>,
+    /// Largest photo accepted in an upload, in bytes (decoded).
+    #[serde(default = "default_max_photo")]
+    pub max_photo_bytes: usize,
 }
 
 fn default_bind() -> SocketAddr {
@@ -73,7 +82,10 @@ fn default_world() -> PathBuf {
     PathBuf::from("models/world")
 }
 fn default_max_body() -> usize {
-    64 * 1024
+    16 * 1024 * 1024
+}
+fn default_max_photo() -> usize {
+    4 * 1024 * 1024
 }
 fn default_device() -> String {
     "auto".into()
@@ -96,6 +108,11 @@ impl DaemonConfig {
             );
         }
         anyhow::ensure!(config.concurrency > 0, "{}: concurrency must be at least 1", path.display());
+        for root in &mut config.roots {
+            *root = root
+                .canonicalize()
+                .with_context(|| format!("{}: root {} does not exist", path.display(), root.display()))?;
+        }
         Ok(config)
     }
 }
@@ -106,6 +123,7 @@ pub struct Shared {
     store: Mutex<JobStore>,
     controls: Mutex<HashMap<String, tokio::sync::watch::Sender<JobCommand>>>,
     progress: Mutex<HashMap<String, ProgressHandle>>,
+    evaluating: Mutex<std::collections::HashSet<String>>,
     wake: tokio::sync::Notify,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -121,14 +139,95 @@ impl Shared {
         handle.map(|h| h.lock().expect("progress lock").clone())
     }
 
-    /// Validates a spec (the subject exists, budgets are positive) and queues it.
-    fn submit(&self, spec: JobSpec) -> anyhow::Result<jobs::Job> {
-        crate::demo::check_settings(&spec.demo_args(
-            PathBuf::new(),
-            self.config.world.clone(),
-            "cpu".into(),
-        ))?;
-        let job = self.store().submit(spec)?;
+    /// `path` from a job spec's `what` field, confined to the configured roots: a relative path
+    /// is looked up under each root in turn, an absolute one must lie inside one (after symbolic
+    /// links and `..` are resolved).
+    fn confine(&self, what: &str, path: &Path) -> anyhow::Result<PathBuf> {
+        let roots = &self.config.roots;
+        anyhow::ensure!(
+            !roots.is_empty(),
+            "{what} `{}`: the daemon's config names no roots, so paths are refused",
+            path.display()
+        );
+        let candidates: Vec<PathBuf> = if path.is_absolute() {
+            vec![path.to_path_buf()]
+        } else {
+            roots.iter().map(|r| r.join(path)).collect()
+        };
+        for candidate in candidates {
+            let Ok(real) = candidate.canonicalize() else { continue };
+            if roots.iter().any(|r| real.starts_with(r)) {
+                return Ok(real);
+            }
+            anyhow::bail!("{what} `{}` is outside the daemon's roots", path.display());
+        }
+        anyhow::bail!("{what} `{}`: not found under the daemon's roots", path.display())
+    }
+
+    /// Validates a spec and queues it: a tune job's subject (world subject, uploaded photos or a
+    /// folder under the roots), its class noun, identifier and budgets; a replay job's corpus,
+    /// version (pinned now) and selection. Uploads are stored in the job's `photos/` folder.
+    async fn submit(&self, spec: JobSpec) -> anyhow::Result<jobs::Job> {
+        let job = match spec {
+            JobSpec::Tune(tune) => {
+                anyhow::ensure!(
+                    tune.images.is_empty() || tune.folder.is_none(),
+                    "give the subject's photos as `images` or as a `folder`, not both"
+                );
+                let folder = tune.folder.as_deref().map(|f| self.confine("folder", f)).transpose()?;
+                let photos = decode_uploads(&tune.images, self.config.max_photo_bytes)?;
+                let world = self.config.world.clone();
+                let spec = JobSpec::Tune(tune.clone());
+                self.store().submit(spec, |dir| {
+                    let input = if photos.is_empty() {
+                        folder
+                    } else {
+                        let photo_dir = dir.join("photos");
+                        std::fs::create_dir_all(&photo_dir)?;
+                        for (k, (name, ext, bytes)) in photos.iter().enumerate() {
+                            let path = photo_dir.join(format!("{k:02}.{ext}"));
+                            std::fs::write(&path, bytes).with_context(|| format!("photo `{name}`"))?;
+                        }
+                        Some(photo_dir)
+                    };
+                    crate::demo::check_settings(&tune.demo_args(
+                        PathBuf::new(),
+                        input.clone(),
+                        world,
+                        "cpu".into(),
+                    ))?;
+                    Ok(input)
+                })?
+            }
+            JobSpec::Replay(mut replay) => {
+                let corpus = match (&replay.source_job, &replay.corpus) {
+                    (Some(source), None) => {
+                        let store = self.store();
+                        let job = store
+                            .get(source)
+                            .with_context(|| format!("source_job `{source}`: no such job"))?;
+                        anyhow::ensure!(
+                            matches!(job.spec, JobSpec::Tune(_)),
+                            "source_job `{source}` is a replay; replay the tune job it replayed"
+                        );
+                        store.dir(source).join("corpus")
+                    }
+                    (None, Some(path)) => self.confine("corpus", path)?,
+                    _ => anyhow::bail!(
+                        "a replay names its corpus by `source_job` or by `corpus` (one of them)"
+                    ),
+                };
+                let args = replay.replay_args(
+                    corpus.clone(),
+                    PathBuf::new(),
+                    self.config.world.clone(),
+                    "cpu".into(),
+                );
+                let (version, _, _) = crate::replay::check(&args).await?;
+                replay.version = Some(jobs::VersionSpec::Number(version));
+                self.store().submit(JobSpec::Replay(replay), |_| Ok(Some(corpus)))?
+            }
+        };
         self.wake.notify_one();
         Ok(job)
     }
@@ -171,6 +270,142 @@ impl Shared {
     }
 }
 
+/// Why an evaluation cannot start now.
+pub enum EvaluateRefusal {
+    /// No such job.
+    NoJob,
+    /// Not now (no checkpoint yet, one in flight); the message says why.
+    NotNow(String),
+}
+
+impl Shared {
+    /// Starts an evaluation of job `id`'s newest student checkpoint, beside the job on a blocking
+    /// thread: its scores on the subject's prompts go to `<job>/evaluations/<n>/evaluation.json`
+    /// (with a samples grid) and to `proxytune_eval_score{model="student_checkpoint"}`. Returns `n`.
+    fn evaluate_now(self: &Arc<Self>, id: &str) -> Result<u64, EvaluateRefusal> {
+        let Some(job) = self.store().get(id).cloned() else { return Err(EvaluateRefusal::NoJob) };
+        let dir = self.store().dir(id);
+        let checkpoint = proxytune_models::checkpoint::latest(&dir.join("student/checkpoints"))
+            .ok()
+            .flatten()
+            .ok_or_else(|| EvaluateRefusal::NotNow(format!("job `{id}` has no student checkpoint yet")))?;
+        if !self.evaluating.lock().expect("evaluating lock").insert(id.to_string()) {
+            return Err(EvaluateRefusal::NotNow(format!("an evaluation of job `{id}` is running")));
+        }
+        let evaluations = dir.join("evaluations");
+        let n = std::fs::read_dir(&evaluations).map(|d| d.count() as u64).unwrap_or(0) + 1;
+        let out = evaluations.join(format!("{n:03}"));
+        // The trainer prunes old checkpoints: copy the one evaluated first.
+        let copied = out.join("checkpoint");
+        let copy = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&copied)?;
+            for file in ["adapter_model.safetensors", proxytune_models::lora::CONFIG_FILE, "state.json"] {
+                std::fs::copy(checkpoint.join(file), copied.join(file))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = copy() {
+            self.evaluating.lock().expect("evaluating lock").remove(id);
+            std::fs::remove_dir_all(&out).ok();
+            return Err(EvaluateRefusal::NotNow(format!("cannot copy {}: {e}", checkpoint.display())));
+        }
+        let corpus = match &job.spec {
+            JobSpec::Tune(_) => dir.join("corpus"),
+            JobSpec::Replay(_) => job.input.clone().unwrap_or_default(),
+        };
+        let (eval_images, eval_prompts) = match &job.spec {
+            JobSpec::Tune(t) => (t.eval_images, t.eval_prompts),
+            JobSpec::Replay(r) => (r.eval_images, r.eval_prompts),
+        };
+        let shared = self.clone();
+        let id = id.to_string();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let result = evaluate_checkpoint(
+                &shared.config,
+                &handle,
+                &id,
+                &corpus,
+                &copied,
+                &out,
+                eval_images,
+                eval_prompts,
+            );
+            if let Err(e) = &result {
+                tracing::error!(job = %id, error = %format!("{e:#}"), "evaluation failed");
+                let failed = serde_json::json!({ "checkpoint": checkpoint.display().to_string(), "error": format!("{e:#}") });
+                std::fs::create_dir_all(&out).ok();
+                std::fs::write(out.join("evaluation.json"), failed.to_string()).ok();
+            }
+            shared.evaluating.lock().expect("evaluating lock").remove(&id);
+        });
+        Ok(n)
+    }
+
+    /// The newest evaluation of job `id` (`evaluations/<n>/evaluation.json`), if any.
+    fn latest_evaluation(&self, id: &str) -> Option<serde_json::Value> {
+        let dir = self.store().dir(id).join("evaluations");
+        let mut runs: Vec<PathBuf> =
+            std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        runs.sort();
+        let text = std::fs::read_to_string(runs.last()?.join("evaluation.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// One evaluation of a student checkpoint on the subject stored in `corpus`.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_checkpoint(
+    config: &DaemonConfig,
+    handle: &tokio::runtime::Handle,
+    id: &str,
+    corpus: &Path,
+    checkpoint: &Path,
+    out: &Path,
+    eval_images: usize,
+    eval_prompts: Option<usize>,
+) -> anyhow::Result<()> {
+    use proxytune_actors::world::{World, CLASSES};
+    let t0 = std::time::Instant::now();
+    let references: Vec<proxytune_schemas::ReferenceImage> = handle.block_on(async {
+        let corpus = proxytune_actors::corpus::Corpus::open(corpus)?;
+        anyhow::Ok(corpus.table::<proxytune_schemas::ReferenceImage>().await?.read_rows(None).await?)
+    })?;
+    let subject = crate::subject::JobSubject::stored(&World::new(7, CLASSES.len()), &references)?;
+    let device = crate::world_models::device_name(&config.device)?;
+    std::fs::create_dir_all(out)?;
+    let spec = crate::world_models::EvalSpec {
+        world_dir: &config.world,
+        out_dir: out,
+        device: &device,
+        images_per_prompt: eval_images,
+        max_prompts: eval_prompts,
+    };
+    let adapter = checkpoint.join("adapter_model.safetensors");
+    let model = crate::world_models::student(&config.world, Some(&adapter), &device)?;
+    let scores = crate::world_models::evaluate(&spec, &subject, vec![("student checkpoint".into(), model)])?;
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;
+    let metrics = proxytune_actors::runtime::Metrics::global().for_job(id);
+    for (_, s) in &scores {
+        crate::report::record_scores(&metrics, "student_checkpoint", s);
+        let mut samples: Vec<&proxytune_schemas::EvalSample> = s.images.iter().collect();
+        samples.sort_by_key(|e| (e.prompt_index, e.sample_index));
+        let images: Vec<_> = samples.iter().filter_map(|e| crate::report::decode(&e.image_png)).collect();
+        crate::report::save_grid(&images, eval_images * 5, &out.join("samples.png"))?;
+    }
+    let report = serde_json::json!({
+        "checkpoint": checkpoint.display().to_string(),
+        "step": state["step"],
+        "subject": subject.name,
+        "seconds": t0.elapsed().as_secs_f64(),
+        "scores": scores.first().map(|(_, s)| s),
+    });
+    std::fs::write(out.join("evaluation.json"), serde_json::to_string_pretty(&report)?)?;
+    tracing::info!(job = %id, checkpoint = %checkpoint.display(), "evaluation written");
+    Ok(())
+}
+
 /// Starts queued jobs while slots are free; each job runs on its own task.
 async fn runner(shared: Arc<Shared>) {
     loop {
@@ -196,14 +431,23 @@ async fn runner(shared: Arc<Shared>) {
         let shared2 = shared.clone();
         tokio::spawn(async move {
             let out = shared2.store().dir(&job.id);
-            let args = job.spec.demo_args(out, shared2.config.world.clone(), shared2.config.device.clone());
-            tracing::info!(job = %job.id, subject = %job.spec.subject, "job starts");
+            let (world, device) = (shared2.config.world.clone(), shared2.config.device.clone());
+            tracing::info!(job = %job.id, what = %job.spec.label(), "job starts");
             // The job's own synchronous work (model loading, evaluation) runs on a blocking
             // thread, so the API's async workers stay free.
             let handle = tokio::runtime::Handle::current();
             let id = job.id.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                handle.block_on(crate::demo::execute(&args, rx, Some(&id), &progress))
+            let job_id = id.clone();
+            let result = tokio::task::spawn_blocking(move || match &job.spec {
+                JobSpec::Tune(tune) => {
+                    let args = tune.demo_args(out, job.input.clone(), world, device);
+                    handle.block_on(crate::demo::execute(&args, rx, Some(&job_id), &progress))
+                }
+                JobSpec::Replay(replay) => {
+                    let corpus = job.input.clone().unwrap_or_default();
+                    let args = replay.replay_args(corpus, out, world, device);
+                    handle.block_on(crate::replay::execute(&args, rx, Some(&job_id), &progress))
+                }
             })
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the job's thread panicked: {e}")));
@@ -213,15 +457,15 @@ async fn runner(shared: Arc<Shared>) {
                 Ok(code) => (JobState::Failed, Some(format!("ended with code {code}"))),
                 Err(e) => (JobState::Failed, Some(format!("{e:#}"))),
             };
-            tracing::info!(job = %job.id, ?state, error = ?error, "job ends");
-            if let Err(e) = shared2.store().update(&job.id, |j| {
+            tracing::info!(job = %id, ?state, error = ?error, "job ends");
+            if let Err(e) = shared2.store().update(&id, |j| {
                 j.state = state;
                 j.error = error;
                 j.finished_at_us = Some(proxytune_schemas::now_us());
             }) {
-                tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
+                tracing::error!(job = %id, error = %e, "cannot record the job's end");
             }
-            shared2.controls.lock().expect("cancel lock").remove(&job.id);
+            shared2.controls.lock().expect("cancel lock").remove(&id);
             shared2.wake.notify_one();
         });
     }
@@ -244,10 +488,54 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         store: Mutex::new(store),
         controls: Mutex::new(HashMap::new()),
         progress: Mutex::new(HashMap::new()),
+        evaluating: Mutex::new(Default::default()),
         wake: tokio::sync::Notify::new(),
         metrics,
     });
     tokio::spawn(runner(shared.clone()));
     shared.wake.notify_one();
     http::serve(listener, shared).await
+}
+
+/// Decodes uploaded photos: base64 of at most `max_bytes` each, PNG or JPEG by content, with
+/// sides in the accepted range, 3 to 6 of them (or none). Returns (name, extension, bytes).
+fn decode_uploads(
+    uploads: &[jobs::Upload],
+    max_bytes: usize,
+) -> anyhow::Result<Vec<(String, &'static str, Vec<u8>)>> {
+    use base64::Engine;
+    if uploads.is_empty() {
+        return Ok(Vec::new());
+    }
+    crate::subject::check_photo_count(uploads.len())?;
+    uploads
+        .iter()
+        .map(|u| {
+            let name = &u.name;
+            anyhow::ensure!(
+                (1..=100).contains(&name.chars().count())
+                    && !name.chars().any(|c| c.is_control() || c == '/' || c == '\\'),
+                "photo name `{}`: use 1 to 100 characters, no slashes or control characters",
+                name.escape_debug()
+            );
+            anyhow::ensure!(
+                u.data_base64.len() <= max_bytes.div_ceil(3) * 4 + 4,
+                "photo `{name}`: larger than {max_bytes} bytes"
+            );
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(u.data_base64.trim())
+                .with_context(|| format!("photo `{name}`: data_base64 is not base64"))?;
+            anyhow::ensure!(bytes.len() <= max_bytes, "photo `{name}`: larger than {max_bytes} bytes");
+            let ext = match image::guess_format(&bytes) {
+                Ok(image::ImageFormat::Png) => "png",
+                Ok(image::ImageFormat::Jpeg) => "jpg",
+                _ => anyhow::bail!("photo `{name}`: not a PNG or JPEG file"),
+            };
+            let reader = image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format()?;
+            let (w, h) = reader.into_dimensions().with_context(|| format!("photo `{name}`: unreadable"))?;
+            crate::subject::check_photo_size(name, w, h)?;
+            image::load_from_memory(&bytes).with_context(|| format!("photo `{name}`: cannot be decoded"))?;
+            Ok((name.clone(), ext, bytes))
+        })
+        .collect()
 }
