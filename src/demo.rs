@@ -327,7 +327,6 @@ async fn pipeline(
         },
         &metrics,
     );
-    let tuner_steps;
     let tuner = SupervisorTuner::new(
         SupervisorTunerConfig {
             job_id: JOB.into(),
@@ -354,7 +353,7 @@ async fn pipeline(
         references.clone(),
         &metrics,
     )?;
-    tuner_steps = tuner.steps();
+    let tuner_steps = tuner.steps();
     // A resumed job: the proxies stored already are not sampled again; the kept ones are what
     // new proxies are checked for duplicates against, and the proxy writer passes them on first
     // (in commit order), so the student sees the sequence of an uninterrupted run.

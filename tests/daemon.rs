@@ -170,6 +170,17 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         submit(format!(r#"{{"subject": "rex", "class_noun": "dog", "images": {dog}, {SMALL}}}"#));
     assert_eq!(status, 201, "{body}");
     let first = id_of(&body);
+    // A job whose photos vanish before it starts fails; the jobs after it still run.
+    let doomed = dir.path().join("roots/doomed");
+    std::fs::create_dir_all(&doomed).unwrap();
+    for (k, png) in photos(0, 4).iter().enumerate() {
+        std::fs::write(doomed.join(format!("{k}.png")), png).unwrap();
+    }
+    let (status, body) =
+        submit(format!(r#"{{"subject": "gone", "class_noun": "teapot", "folder": "doomed", {SMALL}}}"#));
+    assert_eq!(status, 201, "{body}");
+    let failing = id_of(&body);
+    std::fs::remove_dir_all(&doomed).unwrap();
     let (status, body) =
         submit(format!(r#"{{"subject": "pot", "class_noun": "teapot", "folder": "teapot", {SMALL}}}"#));
     assert_eq!(status, 201, "{body}");
@@ -188,7 +199,7 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     // Bad requests: status and a message naming what is wrong; nothing is queued.
     let noise = {
         let img = image::RgbImage::from_fn(120, 120, |x, y| {
-            image::Rgb([(x * 37 ^ y * 91) as u8, (x * y) as u8, (x + 7 * y) as u8])
+            image::Rgb([((x * 37) ^ (y * 91)) as u8, (x * y) as u8, (x + 7 * y) as u8])
         });
         let mut png = std::io::Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
@@ -291,6 +302,9 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         assert_eq!(status["progress"]["stage"], "done", "{status}");
         assert_eq!(status["progress"]["student_steps"], 20, "{status}");
     }
+    let j = wait_state(addr, &failing, &["failed", "succeeded"]);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("doomed"), "the error names the folder: {j}");
     // Its report page and images are served.
     let (status, head, page) =
         request_raw(addr, "GET", &format!("/jobs/{first}/files/report/index.html"), "", None).unwrap();
@@ -377,7 +391,7 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     assert_eq!(status, 200);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&list).unwrap()["jobs"].as_array().unwrap().len(),
-        4
+        5
     );
     let (status, page) = request(addr, "GET", "/", "", None).unwrap();
     assert!(
