@@ -264,6 +264,20 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
             "name `Rex!`",
         ),
         ("POST", "/jobs", r#"{"subject": "dog_2", "identifier": "dog"}"#.to_string(), 400, "class word"),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "dog_2", "models": "/usr"}"#.to_string(),
+            400,
+            "models `/usr` is outside",
+        ),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "dog_2", "models": "teapot"}"#.to_string(),
+            400,
+            "pretrained world models are missing",
+        ),
         ("POST", "/jobs", r#"{"kind": "replay", "source_job": "job-99"}"#.to_string(), 400, "job-99"),
         (
             "POST",

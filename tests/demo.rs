@@ -221,6 +221,23 @@ fn bad_demo_input_is_refused_before_any_work() {
     assert!(!other.join("report").exists(), "no work started");
     let err = run(&["--world", "/nonexistent/world"], &out);
     assert!(err.contains("tools/dev world"), "{err}");
+    // A folder of photos: it must exist and hold 3–6 images of a world class.
+    let photos = dir.path().join("photos");
+    let err = run(&["--subject", "rex", "--class-noun", "dog", "--photos", photos.to_str().unwrap()], &out);
+    assert!(err.contains("photos"), "{err}");
+    std::fs::create_dir_all(&photos).unwrap();
+    for k in 0..2 {
+        image::RgbImage::new(40, 40).save(photos.join(format!("{k}.png"))).unwrap();
+    }
+    let err = run(&["--subject", "rex", "--class-noun", "dog", "--photos", photos.to_str().unwrap()], &out);
+    assert!(err.contains("2 photos") && err.contains("3 to 6"), "{err}");
+    image::RgbImage::new(40, 40).save(photos.join("2.png")).unwrap();
+    let err = run(&["--subject", "rex", "--class-noun", "cow", "--photos", photos.to_str().unwrap()], &out);
+    assert!(err.contains("class_noun `cow`") && err.contains("teapot"), "{err}");
+    let err = run(&["--subject", "rex", "--photos", photos.to_str().unwrap()], &out);
+    assert!(err.contains("--class-noun"), "{err}");
+    let err = run(&["--identifier", "zq"], &out);
+    assert!(err.contains("identifier `zq`"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

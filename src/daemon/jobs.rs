@@ -57,6 +57,10 @@ pub struct TuneSpec {
     /// The subject's identifier in prompts.
     #[serde(default = "d_identifier")]
     pub identifier: String,
+    /// The pretrained models (a folder with `clip`, `dino`, `supervisor`, `student`) under one of
+    /// the daemon's roots; the daemon's `world` when absent. Resolved at submission.
+    #[serde(default)]
+    pub models: Option<PathBuf>,
     /// Class-prior images.
     #[serde(default = "d_priors")]
     pub class_priors: usize,
@@ -115,6 +119,10 @@ pub struct ReplaySpec {
     /// Re-filter: keep proxies whose stored CLIP-T is at least this.
     #[serde(default)]
     pub min_prompt_adherence: Option<f32>,
+    /// The pretrained models the student and scorers come from, under one of the daemon's roots;
+    /// the daemon's `world` when absent. Resolved at submission.
+    #[serde(default)]
+    pub models: Option<PathBuf>,
     /// Student LoRA steps.
     #[serde(default = "d_replay_steps")]
     pub student_steps: u64,
@@ -195,7 +203,7 @@ impl TuneSpec {
     ) -> DemoArgs {
         DemoArgs {
             out,
-            world,
+            world: self.models.clone().unwrap_or(world),
             subject: self.subject.clone(),
             photos,
             class_noun: self.class_noun.clone(),
@@ -231,7 +239,7 @@ impl ReplaySpec {
             min_fidelity: self.min_fidelity,
             min_prompt_adherence: self.min_prompt_adherence,
             out,
-            world,
+            world: self.models.clone().unwrap_or(world),
             world_seed: 7,
             student_steps: self.student_steps,
             eval_images: self.eval_images,
@@ -340,6 +348,10 @@ impl JobStore {
     ) -> anyhow::Result<Job> {
         let id = format!("job-{}", self.next);
         let dir = self.dir(&id);
+        if dir.exists() && !dir.join("job.json").exists() {
+            // Left by a submission the daemon died during: nothing was queued from it.
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let input = match prepare(&dir) {
             Ok(input) => input,

@@ -169,7 +169,8 @@ impl Shared {
     /// version (pinned now) and selection. Uploads are stored in the job's `photos/` folder.
     async fn submit(&self, spec: JobSpec) -> anyhow::Result<jobs::Job> {
         let job = match spec {
-            JobSpec::Tune(tune) => {
+            JobSpec::Tune(mut tune) => {
+                tune.models = tune.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
                 anyhow::ensure!(
                     tune.images.is_empty() || tune.folder.is_none(),
                     "give the subject's photos as `images` or as a `folder`, not both"
@@ -200,6 +201,7 @@ impl Shared {
                 })?
             }
             JobSpec::Replay(mut replay) => {
+                replay.models = replay.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
                 let corpus = match (&replay.source_job, &replay.corpus) {
                     (Some(source), None) => {
                         let store = self.store();
@@ -313,16 +315,18 @@ impl Shared {
             JobSpec::Tune(_) => dir.join("corpus"),
             JobSpec::Replay(_) => job.input.clone().unwrap_or_default(),
         };
-        let (eval_images, eval_prompts) = match &job.spec {
-            JobSpec::Tune(t) => (t.eval_images, t.eval_prompts),
-            JobSpec::Replay(r) => (r.eval_images, r.eval_prompts),
+        let (eval_images, eval_prompts, models) = match &job.spec {
+            JobSpec::Tune(t) => (t.eval_images, t.eval_prompts, t.models.clone()),
+            JobSpec::Replay(r) => (r.eval_images, r.eval_prompts, r.models.clone()),
         };
+        let world = models.unwrap_or_else(|| self.config.world.clone());
         let shared = self.clone();
         let id = id.to_string();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let result = evaluate_checkpoint(
-                &shared.config,
+                &world,
+                &shared.config.device,
                 &handle,
                 &id,
                 &corpus,
@@ -356,7 +360,8 @@ impl Shared {
 /// One evaluation of a student checkpoint on the subject stored in `corpus`.
 #[allow(clippy::too_many_arguments)]
 fn evaluate_checkpoint(
-    config: &DaemonConfig,
+    world: &Path,
+    device: &str,
     handle: &tokio::runtime::Handle,
     id: &str,
     corpus: &Path,
@@ -372,17 +377,17 @@ fn evaluate_checkpoint(
         anyhow::Ok(corpus.table::<proxytune_schemas::ReferenceImage>().await?.read_rows(None).await?)
     })?;
     let subject = crate::subject::JobSubject::stored(&World::new(7, CLASSES.len()), &references)?;
-    let device = crate::world_models::device_name(&config.device)?;
+    let device = crate::world_models::device_name(device)?;
     std::fs::create_dir_all(out)?;
     let spec = crate::world_models::EvalSpec {
-        world_dir: &config.world,
+        world_dir: world,
         out_dir: out,
         device: &device,
         images_per_prompt: eval_images,
         max_prompts: eval_prompts,
     };
     let adapter = checkpoint.join("adapter_model.safetensors");
-    let model = crate::world_models::student(&config.world, Some(&adapter), &device)?;
+    let model = crate::world_models::student(world, Some(&adapter), &device)?;
     let scores = crate::world_models::evaluate(&spec, &subject, vec![("student checkpoint".into(), model)])?;
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;
