@@ -1,8 +1,8 @@
 //! `proxytune daemon` through the real binary: jobs submitted over HTTP run to completion and
 //! give their reports, a running job is paused, resumed and cancelled, bad requests get the right status and a
 //! message, a non-loopback bind needs a token and requests must carry it; a job killed (`kill -9`)
-//! during tuning, generation and training resumes each time and ends with exactly its planned
-//! proxies and a student that continued from its checkpoints.
+//! during tuning, generation and training, and stopped by SIGTERM, resumes each time and ends with
+//! exactly its planned proxies and a student that continued from its checkpoints.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -53,15 +53,15 @@ fn request(
     Ok((status, String::from_utf8_lossy(&body).to_string()))
 }
 
-fn start(dir: &Path, bind: &str, token: Option<&str>) -> std::process::Child {
+/// Starts the daemon on `bind` with the test config plus `extra` TOML lines.
+fn start(dir: &Path, bind: &str, extra: &str) -> std::process::Child {
     let config = dir.join("daemon.toml");
     let roots = dir.join("roots");
     std::fs::create_dir_all(&roots).unwrap();
-    let token = token.map(|t| format!("token = \"{t}\"\n")).unwrap_or_default();
     std::fs::write(
         &config,
         format!(
-            "bind = \"{bind}\"\ndata_dir = \"{}\"\nworld = \"{}\"\nconcurrency = 1\nmax_body_bytes = 262144\nmax_photo_bytes = 16384\ndevice = \"cpu\"\nroots = [\"{}\"]\n{token}",
+            "bind = \"{bind}\"\ndata_dir = \"{}\"\nworld = \"{}\"\nmax_body_bytes = 262144\nmax_photo_bytes = 16384\ndevice = \"cpu\"\nroots = [\"{}\"]\n{extra}",
             dir.join("data").display(),
             repo_root().join("models/world").display(),
             roots.display()
@@ -154,7 +154,7 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     for (k, png) in photos(0, 4).iter().enumerate() {
         std::fs::write(teapot.join(format!("{k}.png")), png).unwrap();
     }
-    let daemon = std::sync::Mutex::new(start(dir.path(), &format!("127.0.0.1:{port}"), None));
+    let daemon = std::sync::Mutex::new(start(dir.path(), &format!("127.0.0.1:{port}"), ""));
     let _guard = scopeguard(&daemon);
     wait_up(addr, None);
     // A real Prometheus scrapes the daemon every second.
@@ -441,13 +441,14 @@ fn scopeguard(daemon: &std::sync::Mutex<std::process::Child>) -> impl Drop + '_ 
 fn a_non_loopback_bind_needs_a_token_and_every_request_carries_it() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let status = start(dir.path(), &format!("0.0.0.0:{port}"), None).wait().unwrap();
+    let status = start(dir.path(), &format!("0.0.0.0:{port}"), "").wait().unwrap();
     assert!(!status.success());
     let err = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(err.contains("not loopback") && err.contains("token"), "{err}");
 
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let _daemon = KillOnDrop(start(dir.path(), &format!("127.0.0.1:{port}"), Some("s3cret")));
+    let _daemon =
+        KillOnDrop(start(dir.path(), &format!("127.0.0.1:{port}"), "token = \"s3cret\"\nconcurrency = 2\n"));
     wait_up(addr, Some("s3cret"));
     let (status, body) = request(addr, "GET", "/jobs", "", None).unwrap();
     assert_eq!(status, 401, "{body}");
@@ -455,10 +456,28 @@ fn a_non_loopback_bind_needs_a_token_and_every_request_carries_it() {
     assert_eq!(status, 401);
     let (status, _) = request(addr, "GET", "/jobs", "", Some("s3cret")).unwrap();
     assert_eq!(status, 200);
+
+    // With concurrency 2, two jobs run at once and a third waits.
+    for subject in ["dog_2", "cat_3", "vase_4"] {
+        let body = format!(r#"{{"subject": "{subject}", {SMALL}}}"#);
+        let (status, answer) = request(addr, "POST", "/jobs", &body, Some("s3cret")).unwrap();
+        assert_eq!(status, 201, "{answer}");
+    }
+    let states = || -> Vec<String> {
+        let (_, list) = request(addr, "GET", "/jobs", "", Some("s3cret")).unwrap();
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        list["jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap().to_string()).collect()
+    };
+    let started = Instant::now();
+    while states() != ["running", "running", "queued"] {
+        assert!(started.elapsed() < Duration::from_secs(30), "two jobs never ran at once: {:?}", states());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The daemon is killed (SIGKILL) while the job tunes its supervisor, while it generates proxies
-/// and while its student trains; each restart resumes the job from its checkpoints and corpus.
+/// and while its student trains, then stopped gracefully (SIGTERM) while the student trains again;
+/// each restart resumes the job from its checkpoints and corpus.
 #[test]
 fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -473,7 +492,7 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing(
     );
     let n = |p: &serde_json::Value, k: &str| p[k].as_u64().unwrap_or(0);
     type Point = (&'static str, Box<dyn Fn(&serde_json::Value) -> bool>);
-    let points: [Point; 3] = [
+    let points: [Point; 4] = [
         (
             "tuning",
             Box::new(move |p| p["supervisor_ready"] == false && n(p, "supervisor_steps") >= 2 * every),
@@ -487,15 +506,19 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing(
         (
             "training",
             Box::new(move |p| {
-                n(p, "proxies_stored") == planned
-                    && (2 * every..steps - every).contains(&n(p, "student_steps"))
+                n(p, "proxies_stored") == planned && (2 * every..steps / 2).contains(&n(p, "student_steps"))
             }),
+        ),
+        // Then a graceful stop (SIGTERM) while the student trains again.
+        (
+            "training, stopped by SIGTERM",
+            Box::new(move |p| (steps / 2 + every..steps - every).contains(&n(p, "student_steps"))),
         ),
     ];
     let job_dir = dir.path().join("data/jobs/job-1");
     let mut killed_at_student_step = 0;
     for (i, (stage, reached)) in points.iter().enumerate() {
-        let mut daemon = start(dir.path(), &bind, None);
+        let mut daemon = start(dir.path(), &bind, "");
         wait_up(addr, None);
         if i == 0 {
             let (status, body) = request(addr, "POST", "/jobs", &spec, None).unwrap();
@@ -510,23 +533,40 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing(
             assert!(started.elapsed() < Duration::from_secs(300), "never reached {stage}: {p}");
             std::thread::sleep(Duration::from_millis(50));
         };
-        daemon.kill().unwrap(); // SIGKILL
-        daemon.wait().unwrap();
-        eprintln!("killed during {stage}: {progress}");
+        if stage.ends_with("SIGTERM") {
+            let term = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+            assert!(term.success());
+            let started = Instant::now();
+            let status = loop {
+                if let Some(status) = daemon.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(started.elapsed() < Duration::from_secs(60), "the daemon did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            assert!(status.success(), "a graceful stop exits 0: {status}");
+            let record: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(job_dir.join("job.json")).unwrap()).unwrap();
+            assert_eq!(record["state"], "queued", "a job stopped by the daemon's shutdown waits to resume");
+        } else {
+            daemon.kill().unwrap(); // SIGKILL
+            daemon.wait().unwrap();
+        }
+        eprintln!("stopped during {stage}: {progress}");
         match *stage {
             "tuning" => assert!(
                 job_dir.join("supervisor/checkpoints").read_dir().unwrap().next().is_some(),
                 "a supervisor checkpoint exists"
             ),
-            "training" => killed_at_student_step = n(&progress, "student_steps"),
+            "training, stopped by SIGTERM" => killed_at_student_step = n(&progress, "student_steps"),
             _ => {}
         }
     }
-    let _daemon = KillOnDrop(start(dir.path(), &bind, None));
+    let _daemon = KillOnDrop(start(dir.path(), &bind, ""));
     wait_up(addr, None);
     let j = wait_state(addr, "job-1", &["succeeded", "failed", "cancelled"]);
     assert_eq!(j["state"], "succeeded", "{j}");
-    assert_eq!(j["attempts"], 4, "started once and restarted three times: {j}");
+    assert_eq!(j["attempts"], 5, "started once and restarted four times: {j}");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("supervisor tuning resumes"), "the tuner resumed from its checkpoint");
     assert!(log.contains("student training resumes"), "the trainer resumed from its checkpoint");
@@ -549,8 +589,8 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing(
     let this_run = run["losses_this_run"].as_array().unwrap().len() as u64;
     let resumed_at = steps - this_run;
     assert!(
-        resumed_at >= killed_at_student_step / every * every && resumed_at >= every,
-        "killed at step {killed_at_student_step}, resumed at {resumed_at}"
+        resumed_at >= killed_at_student_step,
+        "stopped at step {killed_at_student_step} or later (the drain checkpoints), resumed at {resumed_at}"
     );
     assert_eq!(
         run["data"]["row_keys"].as_array().unwrap().len(),

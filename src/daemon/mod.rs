@@ -4,8 +4,9 @@
 //! queue and run `concurrency` at a time (one job's failure does not stop the others), each with
 //! its own corpus, checkpoints and report under `<data_dir>/jobs/<id>/`; `/metrics` and a small
 //! HTML status page are served beside the API. A restarted daemon queues its unfinished jobs
-//! again, and they resume from their checkpoints and corpus. An evaluation of a job's latest
-//! student checkpoint can be asked for at any time.
+//! again, and they resume from their checkpoints and corpus; SIGTERM or Ctrl-C stops it gracefully
+//! (running jobs drain and are queued again). An evaluation of a job's latest student checkpoint can
+//! be asked for at any time.
 //!
 //! Security: the daemon binds loopback by default; binding any other address needs a bearer token
 //! (config `token` or `PROXYTUNE_TOKEN`), which every request must then carry. Request bodies and
@@ -124,6 +125,8 @@ pub struct Shared {
     controls: Mutex<HashMap<String, tokio::sync::watch::Sender<JobCommand>>>,
     progress: Mutex<HashMap<String, ProgressHandle>>,
     evaluating: Mutex<std::collections::HashSet<String>>,
+    /// Jobs stopped by the daemon's shutdown (queued again, not cancelled); set once it began.
+    interrupted: Mutex<Option<std::collections::HashSet<String>>>,
     wake: tokio::sync::Notify,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -414,6 +417,9 @@ fn evaluate_checkpoint(
 /// Starts queued jobs while slots are free; each job runs on its own task.
 async fn runner(shared: Arc<Shared>) {
     loop {
+        if shared.interrupted.lock().expect("interrupted lock").is_some() {
+            return; // shutting down: nothing new starts
+        }
         let running = shared.controls.lock().expect("cancel lock").len();
         let next =
             (running < shared.config.concurrency).then(|| shared.store().next_queued().cloned()).flatten();
@@ -456,8 +462,15 @@ async fn runner(shared: Arc<Shared>) {
             })
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the job's thread panicked: {e}")));
+            let interrupted = shared2
+                .interrupted
+                .lock()
+                .expect("interrupted lock")
+                .as_ref()
+                .is_some_and(|i| i.contains(&id));
             let (state, error) = match result {
                 Ok(0) => (JobState::Succeeded, None),
+                Ok(130) if interrupted => (JobState::Queued, None),
                 Ok(130) => (JobState::Cancelled, None),
                 Ok(code) => (JobState::Failed, Some(format!("ended with code {code}"))),
                 Err(e) => (JobState::Failed, Some(format!("{e:#}"))),
@@ -494,12 +507,61 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         controls: Mutex::new(HashMap::new()),
         progress: Mutex::new(HashMap::new()),
         evaluating: Mutex::new(Default::default()),
+        interrupted: Mutex::new(None),
         wake: tokio::sync::Notify::new(),
         metrics,
     });
     tokio::spawn(runner(shared.clone()));
     shared.wake.notify_one();
-    http::serve(listener, shared).await
+    tokio::select! {
+        served = http::serve(listener, shared.clone()) => served,
+        () = stop_signal() => {
+            shared.shut_down().await;
+            Ok(0)
+        }
+    }
+}
+
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the daemon gracefully");
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+impl Shared {
+    /// A graceful stop: no new job starts; running jobs drain (their committed rows stay, their
+    /// trainers checkpoint) and are queued again, to resume when the daemon next starts.
+    async fn shut_down(&self) {
+        let running: Vec<String> = {
+            let controls = self.controls.lock().expect("control lock");
+            let running: Vec<String> = controls
+                .iter()
+                .filter(|(_, tx)| *tx.borrow() != JobCommand::Cancel) // a client's cancel stays a cancel
+                .map(|(id, _)| id.clone())
+                .collect();
+            *self.interrupted.lock().expect("interrupted lock") = Some(running.iter().cloned().collect());
+            for id in &running {
+                let _ = controls[id].send(JobCommand::Cancel);
+            }
+            running
+        };
+        tracing::info!(jobs = ?running, "stopping: running jobs drain and will resume at the next start");
+        self.wake.notify_one();
+        while !self.controls.lock().expect("control lock").is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        tracing::info!("stopped");
+    }
 }
 
 /// Decodes uploaded photos: base64 of at most `max_bytes` each, PNG or JPEG by content, with
