@@ -35,7 +35,9 @@ use proxytune_actors::generators::SupervisorGenerator;
 use proxytune_actors::intake::encode_png;
 use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig, WriterStats};
 use proxytune_actors::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGeneratorConfig};
-use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
+use proxytune_actors::runtime::{
+    JobOutcome, Metrics, Pipeline, PipelineConfig, PipelineReport, RunningPipeline,
+};
 use proxytune_actors::supervisor_tuner::{SupervisorTuner, SupervisorTunerConfig};
 use proxytune_actors::tokenize::Tokenize;
 use proxytune_actors::world::{World, CLASSES, IDENTIFIER};
@@ -287,7 +289,7 @@ async fn pipeline(
     subject: &JobSubject,
     corpus: &Corpus,
     metrics: Metrics,
-    mut commands: tokio::sync::watch::Receiver<JobCommand>,
+    commands: tokio::sync::watch::Receiver<JobCommand>,
     job_progress: &ProgressHandle,
 ) -> anyhow::Result<Run> {
     let class = subject.class_noun();
@@ -487,38 +489,11 @@ async fn pipeline(
     };
     let started = Instant::now();
     let running = p.start(&tokio::runtime::Handle::current())?;
-    let handle = running.handle();
-    tokio::spawn(async move {
-        while commands.changed().await.is_ok() {
-            let command = *commands.borrow_and_update();
-            let control = handle.control();
-            match command {
-                JobCommand::Run => {
-                    control.resume();
-                }
-                JobCommand::Pause => {
-                    tracing::info!("Paused: sources and actors hold between batches.");
-                    control.pause();
-                }
-                JobCommand::Cancel => {
-                    tracing::info!("Cancelled: draining (the corpus keeps every committed row).");
-                    control.cancel();
-                    return;
-                }
-            }
-        }
-    });
-    let wait = running.wait();
-    tokio::pin!(wait);
-    let report = loop {
-        tokio::select! {
-            report = &mut wait => break report,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                progress.tick();
-                update();
-            }
-        }
-    };
+    let report = steer(running, commands, || {
+        progress.tick();
+        update();
+    })
+    .await;
     progress.finish();
     update();
     let error = report.tasks.iter().find_map(|t| t.error.clone().map(|e| format!("{}: {e}", t.name)));
@@ -551,6 +526,44 @@ fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box
             student(&args.world, Some(&args.out.join("student/adapter_model.safetensors")), device)?,
         ),
     ])
+}
+
+/// Waits for a started pipeline while applying `commands` to it (pause, resume; a cancel drains
+/// it) and calling `tick` every 250 ms.
+pub(crate) async fn steer(
+    running: RunningPipeline,
+    mut commands: tokio::sync::watch::Receiver<JobCommand>,
+    mut tick: impl FnMut(),
+) -> PipelineReport {
+    let handle = running.handle();
+    tokio::spawn(async move {
+        while commands.changed().await.is_ok() {
+            let command = *commands.borrow_and_update();
+            let control = handle.control();
+            match command {
+                JobCommand::Run => {
+                    control.resume();
+                }
+                JobCommand::Pause => {
+                    tracing::info!("Paused: sources and actors hold between batches.");
+                    control.pause();
+                }
+                JobCommand::Cancel => {
+                    tracing::info!("Cancelled: draining (the corpus keeps every committed row).");
+                    control.cancel();
+                    return;
+                }
+            }
+        }
+    });
+    let wait = running.wait();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            report = &mut wait => return report,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => tick(),
+        }
+    }
 }
 
 /// What a running job is told: run (or resume), pause, cancel.

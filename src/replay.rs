@@ -15,7 +15,7 @@ use proxytune_actors::tokenize::Tokenize;
 use proxytune_actors::world::{World, CLASSES};
 use proxytune_schemas::{Proxy, ReferenceImage};
 
-use crate::demo::{JobCommand, ProgressHandle};
+use crate::demo::{steer, JobCommand, ProgressHandle};
 use crate::subject::JobSubject;
 use crate::world_models::{
     device_name, evaluate, student, student_trainer_config, tokenize_config, EvalSpec,
@@ -123,7 +123,7 @@ pub(crate) async fn check(args: &ReplayArgs) -> anyhow::Result<(u64, String, usi
 /// Returns the exit code (0 done, 130 cancelled).
 pub async fn execute(
     args: &ReplayArgs,
-    mut commands: tokio::sync::watch::Receiver<JobCommand>,
+    commands: tokio::sync::watch::Receiver<JobCommand>,
     job_id: Option<&str>,
     progress: &ProgressHandle,
 ) -> anyhow::Result<i32> {
@@ -188,33 +188,13 @@ pub async fn execute(
         p.corpus_version = Some(version);
     }
     let running = p.start(&tokio::runtime::Handle::current())?;
-    let handle = running.handle();
-    tokio::spawn(async move {
-        while commands.changed().await.is_ok() {
-            let command = *commands.borrow_and_update();
-            match command {
-                JobCommand::Run => handle.control().resume(),
-                JobCommand::Pause => handle.control().pause(),
-                JobCommand::Cancel => {
-                    handle.control().cancel();
-                    return;
-                }
-            };
-        }
-    });
-    let wait = running.wait();
-    tokio::pin!(wait);
-    let report = loop {
-        tokio::select! {
-            report = &mut wait => break report,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
-                let s = stats.lock().expect("trainer stats").clone();
-                let mut p = progress.lock().expect("progress lock");
-                p.student_steps = s.steps;
-                p.student_rows = s.rows_received as u64;
-            }
-        }
-    };
+    let report = steer(running, commands, || {
+        let s = stats.lock().expect("trainer stats").clone();
+        let mut p = progress.lock().expect("progress lock");
+        p.student_steps = s.steps;
+        p.student_rows = s.rows_received as u64;
+    })
+    .await;
     let trained = stats.lock().expect("trainer stats").clone();
     {
         let mut p = progress.lock().expect("progress lock");

@@ -340,7 +340,12 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(evaluation["step"], 20, "{evaluation}");
-    assert!(evaluation["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite), "{evaluation}");
+    let models = evaluation["models"].as_array().unwrap();
+    let labels: Vec<&str> = models.iter().map(|m| m["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["supervisor (DreamBooth-LoRA)", "student checkpoint"], "side by side");
+    for m in models {
+        assert!(m["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite), "{evaluation}");
+    }
 
     wait_state(addr, &third, &["running"]);
     // Pause holds the pipeline: no proxy is generated while paused; resume lets it go on.

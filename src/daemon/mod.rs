@@ -284,9 +284,10 @@ pub enum EvaluateRefusal {
 }
 
 impl Shared {
-    /// Starts an evaluation of job `id`'s newest student checkpoint, beside the job on a blocking
-    /// thread: its scores on the subject's prompts go to `<job>/evaluations/<n>/evaluation.json`
-    /// (with a samples grid) and to `proxytune_eval_score{model="student_checkpoint"}`. Returns `n`.
+    /// Starts an evaluation of job `id`'s newest student checkpoint (side by side with the tuned
+    /// supervisor once its adapter is exported), beside the job on a blocking thread: the scores on
+    /// the subject's prompts go to `<job>/evaluations/<n>/evaluation.json` (with sample grids) and
+    /// to `proxytune_eval_score{model="student_checkpoint"|"supervisor"}`. Returns `n`.
     fn evaluate_now(self: &Arc<Self>, id: &str) -> Result<u64, EvaluateRefusal> {
         let Some(job) = self.store().get(id).cloned() else { return Err(EvaluateRefusal::NoJob) };
         let dir = self.store().dir(id);
@@ -302,10 +303,21 @@ impl Shared {
         let out = evaluations.join(format!("{n:03}"));
         // The trainer prunes old checkpoints: copy the one evaluated first.
         let copied = out.join("checkpoint");
-        let copy = || -> std::io::Result<()> {
+        let copy_checkpoint = || -> std::io::Result<()> {
             std::fs::create_dir_all(&copied)?;
             for file in ["adapter_model.safetensors", proxytune_models::lora::CONFIG_FILE, "state.json"] {
                 std::fs::copy(checkpoint.join(file), copied.join(file))?;
+            }
+            Ok(())
+        };
+        // The tuned supervisor too, side by side, once its adapter is exported.
+        let exported = dir.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
+        let supervisor = (matches!(job.spec, JobSpec::Tune(_)) && exported.is_file())
+            .then(|| copied.join(proxytune_models::diffusion::dreambooth::LORA_FILE));
+        let copy = || -> std::io::Result<()> {
+            copy_checkpoint()?;
+            if let Some(to) = &supervisor {
+                std::fs::copy(&exported, to)?;
             }
             Ok(())
         };
@@ -334,6 +346,7 @@ impl Shared {
                 &id,
                 &corpus,
                 &copied,
+                supervisor.as_deref(),
                 &out,
                 eval_images,
                 eval_prompts,
@@ -369,6 +382,7 @@ fn evaluate_checkpoint(
     id: &str,
     corpus: &Path,
     checkpoint: &Path,
+    supervisor: Option<&Path>,
     out: &Path,
     eval_images: usize,
     eval_prompts: Option<usize>,
@@ -390,24 +404,38 @@ fn evaluate_checkpoint(
         max_prompts: eval_prompts,
     };
     let adapter = checkpoint.join("adapter_model.safetensors");
-    let model = crate::world_models::student(world, Some(&adapter), &device)?;
-    let scores = crate::world_models::evaluate(&spec, &subject, vec![("student checkpoint".into(), model)])?;
+    let mut models: Vec<(String, Box<dyn proxytune_actors::dreambench::Generator>)> = Vec::new();
+    if let Some(lora) = supervisor {
+        let sampling = crate::world_models::supervisor_sampling();
+        let model = proxytune_actors::generators::SupervisorGenerator::load(
+            &world.join("supervisor"),
+            Some(lora),
+            &device,
+            sampling,
+        )?;
+        models.push(("supervisor (DreamBooth-LoRA)".into(), Box::new(model)));
+    }
+    models.push(("student checkpoint".into(), crate::world_models::student(world, Some(&adapter), &device)?));
+    let scores = crate::world_models::evaluate(&spec, &subject, models)?;
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;
     let metrics = proxytune_actors::runtime::Metrics::global().for_job(id);
-    for (_, s) in &scores {
-        crate::report::record_scores(&metrics, "student_checkpoint", s);
+    for (i, (label, s)) in scores.iter().enumerate() {
+        let model = if label.starts_with("supervisor") { "supervisor" } else { "student_checkpoint" };
+        crate::report::record_scores(&metrics, model, s);
         let mut samples: Vec<&proxytune_schemas::EvalSample> = s.images.iter().collect();
         samples.sort_by_key(|e| (e.prompt_index, e.sample_index));
         let images: Vec<_> = samples.iter().filter_map(|e| crate::report::decode(&e.image_png)).collect();
-        crate::report::save_grid(&images, eval_images * 5, &out.join("samples.png"))?;
+        let name =
+            if i + 1 == scores.len() { "samples.png".to_string() } else { format!("samples_{model}.png") };
+        crate::report::save_grid(&images, eval_images * 5, &out.join(name))?;
     }
     let report = serde_json::json!({
         "checkpoint": checkpoint.display().to_string(),
         "step": state["step"],
         "subject": subject.name,
         "seconds": t0.elapsed().as_secs_f64(),
-        "scores": scores.first().map(|(_, s)| s),
+        "models": scores.iter().map(|(label, s)| serde_json::json!({"label": label, "scores": s})).collect::<Vec<_>>(),
     });
     std::fs::write(out.join("evaluation.json"), serde_json::to_string_pretty(&report)?)?;
     tracing::info!(job = %id, checkpoint = %checkpoint.display(), "evaluation written");
