@@ -482,9 +482,10 @@ fn a_non_loopback_bind_needs_a_token_and_every_request_carries_it() {
 
 /// The daemon is killed (SIGKILL) while the job tunes its supervisor, while it generates proxies
 /// and while its student trains, then stopped gracefully (SIGTERM) while the student trains again;
-/// each restart resumes the job from its checkpoints and corpus.
+/// each restart resumes the job from its checkpoints and corpus, and the job ends exactly as an
+/// uninterrupted run of it does.
 #[test]
-fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing() {
+fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -609,4 +610,27 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_loses_nothing(
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     let student = &report["evaluation"]["models"][2];
     assert!(student["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite), "{student}");
+
+    // The same job run without interruption gives the same corpus decisions and, bit for bit, the
+    // same supervisor and student adapters.
+    let (status, body) = request(addr, "POST", "/jobs", &spec, None).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let j = wait_state(addr, "job-2", &["succeeded", "failed", "cancelled"]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let again_dir = dir.path().join("data/jobs/job-2");
+    let decisions = |dir: &Path| -> Vec<(u64, Option<bool>)> {
+        let rows: Vec<proxytune_schemas::Proxy> = rt.block_on(async {
+            let corpus = proxytune_actors::corpus::Corpus::open(dir.join("corpus")).unwrap();
+            corpus.table::<proxytune_schemas::Proxy>().await.unwrap().read_rows(None).await.unwrap()
+        });
+        let mut d: Vec<(u64, Option<bool>)> = rows.iter().map(|p| (p.seed, p.keep)).collect();
+        d.sort();
+        d
+    };
+    assert_eq!(decisions(&job_dir), decisions(&again_dir), "the Filter decided every proxy alike");
+    for adapter in ["student/adapter_model.safetensors", "supervisor/pytorch_lora_weights.safetensors"] {
+        let interrupted = std::fs::read(job_dir.join(adapter)).unwrap();
+        let uninterrupted = std::fs::read(again_dir.join(adapter)).unwrap();
+        assert!(interrupted == uninterrupted, "{adapter} differs from the uninterrupted run's");
+    }
 }
