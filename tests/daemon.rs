@@ -540,7 +540,8 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
             std::thread::sleep(Duration::from_millis(50));
         };
         if stage.ends_with("SIGTERM") {
-            let term = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+            let term =
+                Command::new("sh").args(["-c", &format!("kill -TERM {}", daemon.id())]).status().unwrap();
             assert!(term.success());
             let started = Instant::now();
             let status = loop {

@@ -149,7 +149,7 @@ fn job_record(shared: &Shared, id: &str) -> Option<super::jobs::Job> {
     store.get(id).cloned()
 }
 
-async fn submit(shared: &Shared, req: Request<Incoming>) -> Reply {
+async fn submit(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
     let limit = shared.config.max_body_bytes;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => b.to_bytes(),

@@ -167,41 +167,45 @@ impl Shared {
         anyhow::bail!("{what} `{}`: not found under the daemon's roots", path.display())
     }
 
+    /// A tune job's checks and queuing (see [`Shared::submit`]); it decodes and stores photos, so
+    /// it runs off the async workers.
+    fn submit_tune(&self, mut tune: jobs::TuneSpec) -> anyhow::Result<jobs::Job> {
+        tune.models = tune.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
+        anyhow::ensure!(
+            tune.images.is_empty() || tune.folder.is_none(),
+            "give the subject's photos as `images` or as a `folder`, not both"
+        );
+        let folder = tune.folder.as_deref().map(|f| self.confine("folder", f)).transpose()?;
+        let photos = decode_uploads(&tune.images, self.config.max_photo_bytes)?;
+        let world = self.config.world.clone();
+        let spec = JobSpec::Tune(tune.clone());
+        self.store().submit(spec, |dir| {
+            let input = if photos.is_empty() {
+                folder
+            } else {
+                let photo_dir = dir.join("photos");
+                std::fs::create_dir_all(&photo_dir)?;
+                for (k, (name, ext, bytes)) in photos.iter().enumerate() {
+                    let path = photo_dir.join(format!("{k:02}.{ext}"));
+                    std::fs::write(&path, bytes).with_context(|| format!("photo `{name}`"))?;
+                }
+                Some(photo_dir)
+            };
+            crate::demo::check_settings(&tune.demo_args(PathBuf::new(), input.clone(), world, "cpu".into()))?;
+            Ok(input)
+        })
+    }
+
     /// Validates a spec and queues it: a tune job's subject (world subject, uploaded photos or a
     /// folder under the roots), its class noun, identifier and budgets; a replay job's corpus,
     /// version (pinned now) and selection. Uploads are stored in the job's `photos/` folder.
-    async fn submit(&self, spec: JobSpec) -> anyhow::Result<jobs::Job> {
+    async fn submit(self: &Arc<Self>, spec: JobSpec) -> anyhow::Result<jobs::Job> {
         let job = match spec {
-            JobSpec::Tune(mut tune) => {
-                tune.models = tune.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
-                anyhow::ensure!(
-                    tune.images.is_empty() || tune.folder.is_none(),
-                    "give the subject's photos as `images` or as a `folder`, not both"
-                );
-                let folder = tune.folder.as_deref().map(|f| self.confine("folder", f)).transpose()?;
-                let photos = decode_uploads(&tune.images, self.config.max_photo_bytes)?;
-                let world = self.config.world.clone();
-                let spec = JobSpec::Tune(tune.clone());
-                self.store().submit(spec, |dir| {
-                    let input = if photos.is_empty() {
-                        folder
-                    } else {
-                        let photo_dir = dir.join("photos");
-                        std::fs::create_dir_all(&photo_dir)?;
-                        for (k, (name, ext, bytes)) in photos.iter().enumerate() {
-                            let path = photo_dir.join(format!("{k:02}.{ext}"));
-                            std::fs::write(&path, bytes).with_context(|| format!("photo `{name}`"))?;
-                        }
-                        Some(photo_dir)
-                    };
-                    crate::demo::check_settings(&tune.demo_args(
-                        PathBuf::new(),
-                        input.clone(),
-                        world,
-                        "cpu".into(),
-                    ))?;
-                    Ok(input)
-                })?
+            JobSpec::Tune(tune) => {
+                let shared = self.clone();
+                tokio::task::spawn_blocking(move || shared.submit_tune(tune))
+                    .await
+                    .context("the submission's thread panicked")??
             }
             JobSpec::Replay(mut replay) => {
                 replay.models = replay.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
