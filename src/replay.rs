@@ -132,6 +132,8 @@ pub async fn execute(
     let table = corpus.table::<Proxy>().await?.checkout(&VersionRef::Number(version)).await?;
     let sample: Vec<Proxy> = table.read_rows(Some(&filter)).await?;
     let subject_name = sample[0].subject.clone();
+    crate::subject::check_name(&subject_name)
+        .with_context(|| format!("{}: the subject", args.corpus.display()))?;
     anyhow::ensure!(
         sample.iter().all(|p| p.subject == subject_name),
         "{}: the selected proxies are of several subjects; a replay trains one",

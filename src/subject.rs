@@ -105,6 +105,8 @@ impl JobSubject {
     /// when the name is one of `world`'s subjects).
     pub fn stored(world: &World, rows: &[ReferenceImage]) -> anyhow::Result<Self> {
         let first = rows.first().context("the corpus holds no reference images")?;
+        // The name becomes a folder of the evaluation bench: it must be a plain name.
+        check_name(&first.subject).context("the corpus's subject")?;
         anyhow::ensure!(
             rows.iter().all(|r| r.subject == first.subject),
             "the corpus holds references of several subjects"

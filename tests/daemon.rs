@@ -154,6 +154,14 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     for (k, png) in photos(0, 4).iter().enumerate() {
         std::fs::write(teapot.join(format!("{k}.png")), png).unwrap();
     }
+    // A folder inside the roots whose photo is a link to a file outside them.
+    let linked = dir.path().join("roots/linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    for k in 0..3 {
+        std::fs::copy(teapot.join(format!("{k}.png")), linked.join(format!("{k}.png"))).unwrap();
+    }
+    std::fs::write(dir.path().join("outside.png"), &photos(0, 4)[3]).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("outside.png"), linked.join("3.png")).unwrap();
     let daemon = std::sync::Mutex::new(start(dir.path(), &format!("127.0.0.1:{port}"), ""));
     let _guard = scopeguard(&daemon);
     wait_up(addr, None);
@@ -170,17 +178,13 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         submit(format!(r#"{{"subject": "rex", "class_noun": "dog", "images": {dog}, {SMALL}}}"#));
     assert_eq!(status, 201, "{body}");
     let first = id_of(&body);
-    // A job whose photos vanish before it starts fails; the jobs after it still run.
-    let doomed = dir.path().join("roots/doomed");
-    std::fs::create_dir_all(&doomed).unwrap();
-    for (k, png) in photos(0, 4).iter().enumerate() {
-        std::fs::write(doomed.join(format!("{k}.png")), png).unwrap();
-    }
+    // A job whose photos vanish before it starts fails; the jobs after it still run. (A folder's
+    // photos are copied into the job's own folder at submission.)
     let (status, body) =
-        submit(format!(r#"{{"subject": "gone", "class_noun": "teapot", "folder": "doomed", {SMALL}}}"#));
+        submit(format!(r#"{{"subject": "gone", "class_noun": "teapot", "folder": "teapot", {SMALL}}}"#));
     assert_eq!(status, 201, "{body}");
     let failing = id_of(&body);
-    std::fs::remove_dir_all(&doomed).unwrap();
+    std::fs::remove_dir_all(dir.path().join(format!("data/jobs/{failing}/photos"))).unwrap();
     let (status, body) =
         submit(format!(r#"{{"subject": "pot", "class_noun": "teapot", "folder": "teapot", {SMALL}}}"#));
     assert_eq!(status, 201, "{body}");
@@ -252,6 +256,20 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         (
             "POST",
             "/jobs",
+            r#"{"subject": "rex", "class_noun": "dog", "folder": "linked"}"#.to_string(),
+            400,
+            "not a regular file",
+        ),
+        (
+            "POST",
+            "/jobs",
+            r#"{"subject": "rex", "folder": "teapot"}"#.to_string(),
+            400,
+            "`class_noun` is needed with `folder`",
+        ),
+        (
+            "POST",
+            "/jobs",
             r#"{"subject": "rex", "class_noun": "cow", "folder": "teapot"}"#.to_string(),
             400,
             "class_noun `cow`",
@@ -318,7 +336,7 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     }
     let j = wait_state(addr, &failing, &["failed", "succeeded"]);
     assert_eq!(j["state"], "failed", "{j}");
-    assert!(j["error"].as_str().unwrap().contains("doomed"), "the error names the folder: {j}");
+    assert!(j["error"].as_str().unwrap().contains("photos"), "the error names the folder: {j}");
     // Its report page and images are served.
     let (status, head, page) =
         request_raw(addr, "GET", &format!("/jobs/{first}/files/report/index.html"), "", None).unwrap();

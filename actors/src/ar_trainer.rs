@@ -180,10 +180,6 @@ impl ArTrainerActor {
     fn save_checkpoint(&self) -> Result<()> {
         let (student, trainer, _) = self.state.as_ref().expect("started");
         let path = trainer.save_checkpoint(student, &self.checkpoints_dir(), self.data_position())?;
-        if let Some(lora) = &student.lora {
-            // The checkpoint's adapter is then loadable on its own (an evaluation mid-run).
-            save_config(lora, &path)?;
-        }
         self.stats.lock().expect("trainer stats").checkpoints.push(path);
         Ok(())
     }
@@ -269,6 +265,15 @@ impl Operator for ArTrainerActor {
     }
 
     fn on_close(&mut self, ctx: &mut Context, _out: &mut Output) -> Result<()> {
+        if self.rows.len() < self.resumed_keys.len() && !ctx.stop_requested() {
+            return Err(Error::BadInput {
+                input: format!("the resumed run's input ({} rows)", self.rows.len()),
+                message: format!(
+                    "ended before repeating the {} rows the checkpoint had received",
+                    self.resumed_keys.len()
+                ),
+            });
+        }
         self.input_closed = true;
         while self.ready() && !ctx.stop_requested() {
             self.step()?;

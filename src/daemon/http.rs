@@ -1,5 +1,6 @@
-//! The daemon's HTTP/1.1 server (hyper) and its routes. Every answer is JSON except `/` (HTML)
-//! and `/metrics` (Prometheus text); errors are `{"error": "..."}` with a 4xx/5xx status.
+//! The daemon's HTTP/1.1 server (hyper) and its routes. Every answer is JSON except `/` (HTML),
+//! `/metrics` (Prometheus text) and a job's files (PNG, HTML, JSON); errors are
+//! `{"error": "..."}` with a 4xx/5xx status.
 
 use std::sync::Arc;
 
@@ -131,7 +132,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
                     format!("job `{id}` is {:?}; its report comes when it succeeds", job.state),
                 );
             }
-            match std::fs::read(shared.store().dir(id).join(job.spec.report_path())) {
+            let path = shared.store().dir(id).join(job.spec.report_path());
+            match std::fs::read(path) {
                 Ok(bytes) => reply(StatusCode::OK, "application/json", bytes),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("report of `{id}`: {e}")),
             }
@@ -188,7 +190,8 @@ fn file(shared: &Shared, id: &str, rest: &[&str]) -> Reply {
             )
         }
     };
-    match std::fs::read(shared.store().dir(id).join(&path)) {
+    let file = shared.store().dir(id).join(&path);
+    match std::fs::read(file) {
         Ok(bytes) => reply(StatusCode::OK, content_type, bytes),
         Err(_) => error(StatusCode::NOT_FOUND, format!("job `{id}` has no file `{path}`")),
     }

@@ -48,7 +48,8 @@ pub struct TuneSpec {
     /// they are stored in the job's `photos/` folder.
     #[serde(default, skip_serializing)]
     pub images: Vec<Upload>,
-    /// Or a folder of the subject's photos, under one of the daemon's `roots`.
+    /// Or a folder of the subject's photos, under one of the daemon's `roots` (copied into the
+    /// job's `photos/` folder at submission).
     #[serde(default)]
     pub folder: Option<PathBuf>,
     /// The class noun of the photos' subject (one of the world's classes).

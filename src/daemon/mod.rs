@@ -171,29 +171,50 @@ impl Shared {
     /// it runs off the async workers.
     fn submit_tune(&self, mut tune: jobs::TuneSpec) -> anyhow::Result<jobs::Job> {
         tune.models = tune.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
-        anyhow::ensure!(
-            tune.images.is_empty() || tune.folder.is_none(),
-            "give the subject's photos as `images` or as a `folder`, not both"
-        );
-        let folder = tune.folder.as_deref().map(|f| self.confine("folder", f)).transpose()?;
-        let photos = decode_uploads(&tune.images, self.config.max_photo_bytes)?;
-        let world = self.config.world.clone();
-        let spec = JobSpec::Tune(tune.clone());
-        self.store().submit(spec, |dir| {
-            let input = if photos.is_empty() {
-                folder
-            } else {
-                let photo_dir = dir.join("photos");
-                std::fs::create_dir_all(&photo_dir)?;
+        let uploads = std::mem::take(&mut tune.images); // kept in the job's folder, not its record
+        let max = self.config.max_photo_bytes;
+        let photos = match (uploads.is_empty(), &tune.folder) {
+            (true, None) => Vec::new(),
+            (false, None) => decode_uploads(&uploads, max)?,
+            (true, Some(folder)) => read_folder(&self.confine("folder", folder)?, max)?,
+            (false, Some(_)) => {
+                anyhow::bail!("give the subject's photos as `images` or as a `folder`, not both")
+            }
+        };
+        let source = if uploads.is_empty() { "folder" } else { "images" };
+        if tune.folder.is_some() || !uploads.is_empty() {
+            anyhow::ensure!(tune.class_noun.is_some(), "`class_noun` is needed with `{source}`");
+            crate::subject::check_photo_count(photos.len()).with_context(|| format!("`{source}`"))?;
+        }
+        // The photos are copied into a staging folder and checked there with every other setting,
+        // without the store's lock; queuing then moves the folder into the job's.
+        static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = self.config.data_dir.join("staging").join(format!("{}-{n}", std::process::id()));
+        let input = (!photos.is_empty()).then(|| staging.join("photos"));
+        let staged = || -> anyhow::Result<()> {
+            if let Some(dir) = &input {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
                 for (k, (name, ext, bytes)) in photos.iter().enumerate() {
-                    let path = photo_dir.join(format!("{k:02}.{ext}"));
-                    std::fs::write(&path, bytes).with_context(|| format!("photo `{name}`"))?;
+                    std::fs::write(dir.join(format!("{k:02}.{ext}")), bytes)
+                        .with_context(|| format!("photo `{name}`"))?;
                 }
-                Some(photo_dir)
-            };
-            crate::demo::check_settings(&tune.demo_args(PathBuf::new(), input.clone(), world, "cpu".into()))?;
-            Ok(input)
-        })
+            }
+            let args = tune.demo_args(PathBuf::new(), input.clone(), self.config.world.clone(), "cpu".into());
+            crate::demo::check_settings(&args)?;
+            Ok(())
+        };
+        let result = staged().and_then(|()| {
+            self.store().submit(JobSpec::Tune(tune.clone()), |dir| {
+                let Some(staged) = &input else { return Ok(None) };
+                let photos = dir.join("photos");
+                std::fs::rename(staged, &photos)
+                    .with_context(|| format!("cannot move the photos to {}", photos.display()))?;
+                Ok(Some(photos))
+            })
+        });
+        std::fs::remove_dir_all(&staging).ok();
+        result
     }
 
     /// Validates a spec and queues it: a tune job's subject (world subject, uploaded photos or a
@@ -254,6 +275,10 @@ impl Shared {
         let next = match (command, job.state) {
             (JobCommand::Cancel, JobState::Queued) => Some(JobState::Cancelled),
             (JobCommand::Cancel, JobState::Running | JobState::Paused) => {
+                // A client's cancel stays a cancel, even while the daemon shuts down.
+                if let Some(interrupted) = self.interrupted.lock().expect("interrupted lock").as_mut() {
+                    interrupted.remove(id);
+                }
                 send(JobCommand::Cancel);
                 None
             }
@@ -289,7 +314,8 @@ pub enum EvaluateRefusal {
 
 impl Shared {
     /// Starts an evaluation of job `id`'s newest student checkpoint (side by side with the tuned
-    /// supervisor once its adapter is exported), beside the job on a blocking thread: the scores on
+    /// supervisor once its adapter is exported): the adapters are copied first (the trainer prunes
+    /// old checkpoints), then the evaluation runs beside the job on a blocking thread. The scores on
     /// the subject's prompts go to `<job>/evaluations/<n>/evaluation.json` (with sample grids) and
     /// to `proxytune_eval_score{model="student_checkpoint"|"supervisor"}`. Returns `n`.
     fn evaluate_now(self: &Arc<Self>, id: &str) -> Result<u64, EvaluateRefusal> {
@@ -303,7 +329,7 @@ impl Shared {
             return Err(EvaluateRefusal::NotNow(format!("an evaluation of job `{id}` is running")));
         }
         let evaluations = dir.join("evaluations");
-        let n = std::fs::read_dir(&evaluations).map(|d| d.count() as u64).unwrap_or(0) + 1;
+        let n = evaluation_numbers(&evaluations).last().copied().unwrap_or(0) + 1;
         let out = evaluations.join(format!("{n:03}"));
         // The trainer prunes old checkpoints: copy the one evaluated first.
         let copied = out.join("checkpoint");
@@ -369,12 +395,19 @@ impl Shared {
     /// The newest evaluation of job `id` (`evaluations/<n>/evaluation.json`), if any.
     fn latest_evaluation(&self, id: &str) -> Option<serde_json::Value> {
         let dir = self.store().dir(id).join("evaluations");
-        let mut runs: Vec<PathBuf> =
-            std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        runs.sort();
-        let text = std::fs::read_to_string(runs.last()?.join("evaluation.json")).ok()?;
+        let n = *evaluation_numbers(&dir).last()?;
+        let text = std::fs::read_to_string(dir.join(format!("{n:03}")).join("evaluation.json")).ok()?;
         serde_json::from_str(&text).ok()
     }
+}
+
+/// The numbers of the evaluations under `dir` (`001`, `002`, …), ascending.
+fn evaluation_numbers(dir: &Path) -> Vec<u64> {
+    let mut numbers: Vec<u64> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    numbers.sort_unstable();
+    numbers
 }
 
 /// One evaluation of a student checkpoint on the subject stored in `corpus`.
@@ -449,18 +482,25 @@ fn evaluate_checkpoint(
 /// Starts queued jobs while slots are free; each job runs on its own task.
 async fn runner(shared: Arc<Shared>) {
     loop {
-        if shared.interrupted.lock().expect("interrupted lock").is_some() {
-            return; // shutting down: nothing new starts
-        }
-        let running = shared.controls.lock().expect("cancel lock").len();
-        let next =
-            (running < shared.config.concurrency).then(|| shared.store().next_queued().cloned()).flatten();
-        let Some(job) = next else {
+        let picked = {
+            // Under the controls' lock: a shutdown either sees this job's control or stops it here.
+            let mut controls = shared.controls.lock().expect("control lock");
+            if shared.interrupted.lock().expect("interrupted lock").is_some() {
+                return; // shutting down: nothing new starts
+            }
+            let next = (controls.len() < shared.config.concurrency)
+                .then(|| shared.store().next_queued().cloned())
+                .flatten();
+            next.map(|job| {
+                let (tx, rx) = tokio::sync::watch::channel(JobCommand::Run);
+                controls.insert(job.id.clone(), tx);
+                (job, rx)
+            })
+        };
+        let Some((job, rx)) = picked else {
             shared.wake.notified().await;
             continue;
         };
-        let (tx, rx) = tokio::sync::watch::channel(JobCommand::Run);
-        shared.controls.lock().expect("cancel lock").insert(job.id.clone(), tx);
         let started = shared.store().update(&job.id, |j| {
             j.state = JobState::Running;
             j.attempts += 1;
@@ -502,7 +542,7 @@ async fn runner(shared: Arc<Shared>) {
                 .is_some_and(|i| i.contains(&id));
             let (state, error) = match result {
                 Ok(0) => (JobState::Succeeded, None),
-                Ok(130) if interrupted => (JobState::Queued, None),
+                _ if interrupted => (JobState::Queued, None), // stopped by the shutdown: resumes
                 Ok(130) => (JobState::Cancelled, None),
                 Ok(code) => (JobState::Failed, Some(format!("ended with code {code}"))),
                 Err(e) => (JobState::Failed, Some(format!("{e:#}"))),
@@ -596,17 +636,29 @@ impl Shared {
     }
 }
 
-/// Decodes uploaded photos: base64 of at most `max_bytes` each, PNG or JPEG by content, with
-/// sides in the accepted range, 3 to 6 of them (or none). Returns (name, extension, bytes).
+/// A photo's checks: at most `max_bytes`, PNG or JPEG by content, sides in the accepted range
+/// (read from the header first), decodable. Returns its extension.
+fn check_photo(name: &str, bytes: &[u8], max_bytes: usize) -> anyhow::Result<&'static str> {
+    anyhow::ensure!(bytes.len() <= max_bytes, "photo `{name}`: larger than {max_bytes} bytes");
+    let ext = match image::guess_format(bytes) {
+        Ok(image::ImageFormat::Png) => "png",
+        Ok(image::ImageFormat::Jpeg) => "jpg",
+        _ => anyhow::bail!("photo `{name}`: not a PNG or JPEG file"),
+    };
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let (w, h) = reader.into_dimensions().with_context(|| format!("photo `{name}`: unreadable"))?;
+    crate::subject::check_photo_size(name, w, h)?;
+    image::load_from_memory(bytes).with_context(|| format!("photo `{name}`: cannot be decoded"))?;
+    Ok(ext)
+}
+
+/// Decodes uploaded photos: base64 of at most `max_bytes` each, checked by [`check_photo`].
+/// Returns (name, extension, bytes).
 fn decode_uploads(
     uploads: &[jobs::Upload],
     max_bytes: usize,
 ) -> anyhow::Result<Vec<(String, &'static str, Vec<u8>)>> {
     use base64::Engine;
-    if uploads.is_empty() {
-        return Ok(Vec::new());
-    }
-    crate::subject::check_photo_count(uploads.len())?;
     uploads
         .iter()
         .map(|u| {
@@ -624,17 +676,35 @@ fn decode_uploads(
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(u.data_base64.trim())
                 .with_context(|| format!("photo `{name}`: data_base64 is not base64"))?;
-            anyhow::ensure!(bytes.len() <= max_bytes, "photo `{name}`: larger than {max_bytes} bytes");
-            let ext = match image::guess_format(&bytes) {
-                Ok(image::ImageFormat::Png) => "png",
-                Ok(image::ImageFormat::Jpeg) => "jpg",
-                _ => anyhow::bail!("photo `{name}`: not a PNG or JPEG file"),
-            };
-            let reader = image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format()?;
-            let (w, h) = reader.into_dimensions().with_context(|| format!("photo `{name}`: unreadable"))?;
-            crate::subject::check_photo_size(name, w, h)?;
-            image::load_from_memory(&bytes).with_context(|| format!("photo `{name}`: cannot be decoded"))?;
+            let ext = check_photo(name, &bytes, max_bytes)?;
             Ok((name.clone(), ext, bytes))
+        })
+        .collect()
+}
+
+/// Reads the photos of a subject folder (already confined to the roots): its `.png`, `.jpg` and
+/// `.jpeg` files in name order, each a regular file (a symbolic link could lead outside the
+/// roots) checked by [`check_photo`]. Returns (name, extension, bytes).
+fn read_folder(dir: &Path, max_bytes: usize) -> anyhow::Result<Vec<(String, &'static str, Vec<u8>)>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("folder `{}`", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+            matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|path| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let meta = std::fs::symlink_metadata(path)?;
+            anyhow::ensure!(meta.is_file(), "folder `{}`: `{name}` is not a regular file", dir.display());
+            anyhow::ensure!(meta.len() <= max_bytes as u64, "photo `{name}`: larger than {max_bytes} bytes");
+            let bytes = std::fs::read(path).with_context(|| format!("photo `{name}`"))?;
+            let ext = check_photo(&name, &bytes, max_bytes)?;
+            Ok((name, ext, bytes))
         })
         .collect()
 }

@@ -340,7 +340,8 @@ impl ArTrainer {
     }
 
     /// Writes `checkpoint-<step>/` under `root` (with the LoRA in PEFT's key layout,
-    /// `adapter_model.safetensors`, when training adapters); `data` is the caller's data position.
+    /// `adapter_model.safetensors`, and its `lora_config.json`, when training adapters); `data` is
+    /// the caller's data position.
     pub fn save_checkpoint(
         &self,
         student: &ChameleonStudent,
@@ -363,12 +364,16 @@ impl ArTrainer {
             None,
             &state,
             |dir| match &student.lora {
-                Some(lora) => save_lora(
-                    &student.adapters,
-                    lora,
-                    "base_model.model",
-                    &dir.join("adapter_model.safetensors"),
-                ),
+                Some(lora) => {
+                    save_lora(
+                        &student.adapters,
+                        lora,
+                        "base_model.model",
+                        &dir.join("adapter_model.safetensors"),
+                    )?;
+                    // With its config beside it, the checkpoint's adapter loads on its own.
+                    crate::lora::save_config(lora, dir)
+                }
                 None => Ok(()),
             },
         )
