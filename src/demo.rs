@@ -162,15 +162,7 @@ pub(crate) fn check_settings(args: &DemoArgs) -> anyhow::Result<JobSubject> {
     if args.eval_prompts == Some(0) {
         anyhow::bail!("--eval-prompts is 0: a budget must be positive");
     }
-    for part in ["clip", "dino", "supervisor", "student"] {
-        let manifest = args.world.join(part).join("manifest.json");
-        anyhow::ensure!(
-            manifest.is_file(),
-            "{}: the pretrained world models are missing ({} not found; `tools/dev world` makes them)",
-            args.world.display(),
-            manifest.display()
-        );
-    }
+    crate::world_models::check_models(&args.world, &["clip", "dino", "supervisor", "student"])?;
     Ok(subject)
 }
 

@@ -94,15 +94,7 @@ pub(crate) async fn check(args: &ReplayArgs) -> anyhow::Result<(u64, String, usi
         "--student-steps and --eval-images must be positive"
     );
     anyhow::ensure!(args.eval_prompts != Some(0), "--eval-prompts is 0: a budget must be positive");
-    for part in ["clip", "dino", "student"] {
-        let manifest = args.world.join(part).join("manifest.json");
-        anyhow::ensure!(
-            manifest.is_file(),
-            "{}: the pretrained world models are missing ({} not found; `tools/dev world` makes them)",
-            args.world.display(),
-            manifest.display()
-        );
-    }
+    crate::world_models::check_models(&args.world, &["clip", "dino", "student"])?;
     let corpus = Corpus::open(&args.corpus)?;
     let version_ref: Option<VersionRef> = args.version.as_deref().map(|v| v.parse().expect("infallible"));
     let table = corpus.table::<Proxy>().await?;

@@ -30,6 +30,20 @@ use serde::Serialize;
 
 pub(crate) const SIZE: u32 = 32;
 
+/// Checks that `world_dir` holds the pretrained world models `parts` (their manifests).
+pub(crate) fn check_models(world_dir: &Path, parts: &[&str]) -> anyhow::Result<()> {
+    for part in parts {
+        let manifest = world_dir.join(part).join("manifest.json");
+        anyhow::ensure!(
+            manifest.is_file(),
+            "{}: the pretrained world models are missing ({} not found; `tools/dev world` makes them)",
+            world_dir.display(),
+            manifest.display()
+        );
+    }
+    Ok(())
+}
+
 /// The concrete device (`cpu`, `cuda:N`) that `auto` and friends resolve to.
 pub(crate) fn device_name(device: &str) -> anyhow::Result<String> {
     Ok(match proxytune_models::device::parse_device(device)? {
