@@ -31,7 +31,6 @@ use proxytune_actors::class_prior_sampler::{ClassPriorConfig, ClassPriorSampler}
 use proxytune_actors::corpus::Corpus;
 use proxytune_actors::dreambench::Generator;
 use proxytune_actors::filter::{Filter, FilterConfig, ImageMetric, PromptScorer};
-use proxytune_actors::generators::SupervisorGenerator;
 use proxytune_actors::intake::encode_png;
 use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig, WriterStats};
 use proxytune_actors::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGeneratorConfig};
@@ -49,8 +48,8 @@ use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supe
 use crate::report::{decode, html, record_scores, save_grid, throughput};
 use crate::subject::JobSubject;
 use crate::world_models::{
-    device_name, evaluate, scorers, student, student_trainer_config, supervisor_sampling, tokenize_config,
-    EvalSpec, SIZE,
+    device_name, evaluate, scorers, student, student_trainer_config, supervisor, supervisor_sampling,
+    tokenize_config, EvalSpec, SIZE,
 };
 
 /// Arguments of `proxytune demo`.
@@ -504,15 +503,9 @@ async fn pipeline(
 
 fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box<dyn Generator>)>> {
     let adapter = args.out.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
-    let supervisor = SupervisorGenerator::load(
-        &args.world.join("supervisor"),
-        Some(&adapter),
-        device,
-        supervisor_sampling(),
-    )?;
     Ok(vec![
         ("student (untuned)".into(), student(&args.world, None, device)?),
-        ("supervisor (DreamBooth-LoRA)".into(), Box::new(supervisor)),
+        ("supervisor (DreamBooth-LoRA)".into(), supervisor(&args.world, &adapter, device)?),
         (
             "student (Proxy-Tuned LoRA)".into(),
             student(&args.world, Some(&args.out.join("student/adapter_model.safetensors")), device)?,

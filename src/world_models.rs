@@ -13,7 +13,7 @@ use proxytune_actors::dreambench::{
     evaluate_generator, DreamBench, Generator, GeneratorReport, ProtocolConfig,
 };
 use proxytune_actors::filter::PromptScorer;
-use proxytune_actors::generators::{StudentGenerator, StudentSampling};
+use proxytune_actors::generators::{StudentGenerator, StudentSampling, SupervisorGenerator};
 use proxytune_actors::tokenize::TokenizeConfig;
 use proxytune_actors::world::{classify_context, EDITS, IDENTIFIER};
 
@@ -254,6 +254,20 @@ pub(crate) fn evaluate(
         out.push((label, score(subject, report, t0.elapsed().as_secs_f64())));
     }
     Ok(out)
+}
+
+/// The world supervisor (the SD folder of `world_dir`) with a DreamBooth-LoRA adapter.
+pub(crate) fn supervisor(
+    world_dir: &Path,
+    adapter: &Path,
+    device: &str,
+) -> anyhow::Result<Box<dyn Generator>> {
+    Ok(Box::new(SupervisorGenerator::load(
+        &world_dir.join("supervisor"),
+        Some(adapter),
+        device,
+        supervisor_sampling(),
+    )?))
 }
 
 /// The student of the world folder, with its adapter when given.

@@ -219,14 +219,10 @@ fn status_page(shared: &Shared) -> String {
                 })
                 .unwrap_or_default();
             // The latest samples: the newest evaluation's, else the report's student samples.
-            let mut evaluations: Vec<String> = std::fs::read_dir(dir.join("evaluations"))
-                .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
-                .unwrap_or_default();
-            evaluations.sort();
-            let samples = evaluations
+            let samples = super::evaluation_numbers(&dir.join("evaluations"))
                 .iter()
                 .rev()
-                .map(|n| format!("evaluations/{n}/samples.png"))
+                .map(|n| format!("evaluations/{n:03}/samples.png"))
                 .chain(["report/samples_2.png".to_string()])
                 .find(|f| dir.join(f).is_file());
             let samples = samples

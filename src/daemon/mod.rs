@@ -402,7 +402,7 @@ impl Shared {
 }
 
 /// The numbers of the evaluations under `dir` (`001`, `002`, …), ascending.
-fn evaluation_numbers(dir: &Path) -> Vec<u64> {
+pub(super) fn evaluation_numbers(dir: &Path) -> Vec<u64> {
     let mut numbers: Vec<u64> = std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default();
@@ -443,14 +443,8 @@ fn evaluate_checkpoint(
     let adapter = checkpoint.join("adapter_model.safetensors");
     let mut models: Vec<(String, Box<dyn proxytune_actors::dreambench::Generator>)> = Vec::new();
     if let Some(lora) = supervisor {
-        let sampling = crate::world_models::supervisor_sampling();
-        let model = proxytune_actors::generators::SupervisorGenerator::load(
-            &world.join("supervisor"),
-            Some(lora),
-            &device,
-            sampling,
-        )?;
-        models.push(("supervisor (DreamBooth-LoRA)".into(), Box::new(model)));
+        let model = crate::world_models::supervisor(world, lora, &device)?;
+        models.push(("supervisor (DreamBooth-LoRA)".into(), model));
     }
     models.push(("student checkpoint".into(), crate::world_models::student(world, Some(&adapter), &device)?));
     let scores = crate::world_models::evaluate(&spec, &subject, models)?;
