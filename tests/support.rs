@@ -9,9 +9,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The shared DreamBench copy beside the repository.
+/// The DreamBench copy vendored in the repository.
 pub fn dreambench() -> PathBuf {
-    let path = repo_root().join("../shared/dreambench");
+    let path = repo_root().join("actors/dreambench");
     assert!(path.join("subjects.tsv").is_file(), "{} is missing", path.display());
     path
 }

@@ -3,7 +3,7 @@
 //! DINO / CLIP-I / FEAT-I (mean pairwise cosine between generated and reference images) and CLIP-T
 //! (prompt–image cosine, identifier token removed from the prompt).
 //!
-//! A DreamBench folder (layout of `shared/dreambench`): `subjects.tsv`, `prompts.txt`
+//! A DreamBench folder (layout of the vendored copy in `actors/dreambench`): `subjects.tsv`, `prompts.txt`
 //! (`kind<TAB>template`, kinds `object` and `live`, `{0}` identifier, `{1}` class noun), and one
 //! folder of PNG/JPEG photos per subject.
 

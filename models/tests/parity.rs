@@ -127,7 +127,7 @@ fn clip_tokenizer_matches_transformers_on_dreambench_prompts() {
 #[test]
 fn image_processors_match_transformers_on_real_photos() {
     use proxytune_models::scorers::preprocess::{rgb8_to_tensor, ImageProcessor};
-    let dreambench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/dreambench");
+    let dreambench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../actors/dreambench");
     let fixture = read_safetensors(&fixture("image_processors_dreambench.safetensors")).unwrap();
     let images: Vec<Tensor> = ["dog/00.png", "teapot/00.png"]
         .iter()
