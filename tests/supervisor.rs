@@ -68,6 +68,7 @@ async fn run_job(corpus: &Corpus, out_dir: &std::path::Path) -> PipelineReport {
             class_noun: "dog".into(),
             class_prompt: "a dog".into(),
             model_dir: model_dir(),
+            variant: None,
             model_id: "sd_tiny".into(),
             device: "cpu".into(),
             num_images: 6,
@@ -82,6 +83,7 @@ async fn run_job(corpus: &Corpus, out_dir: &std::path::Path) -> PipelineReport {
             subject: "dog9".into(),
             class_noun: "dog".into(),
             model_dir: model_dir(),
+            variant: None,
             model_id: "sd_tiny".into(),
             device: "cpu".into(),
             lora: Some(LoraConfig::attention(4, 4.0)),
@@ -105,6 +107,7 @@ async fn run_job(corpus: &Corpus, out_dir: &std::path::Path) -> PipelineReport {
             job_id: "job".into(),
             subject: "dog9".into(),
             model_dir: model_dir(),
+            variant: None,
             device: "cpu".into(),
             plan: plan(),
             sampling: sampling(),
@@ -172,10 +175,10 @@ async fn class_priors_stream_into_dreambooth_and_the_tuned_supervisor_samples_th
     // differs, from base + adapter it is identical.
     let beach = proxies.iter().find(|p| p.prompt_index == 1).unwrap();
     let stored = image::load_from_memory(&beach.image_png).unwrap().to_rgb8();
-    let tuned = load_supervisor(&model_dir(), "cpu", Some(&adapter)).unwrap();
+    let tuned = load_supervisor(&model_dir(), None, "cpu", Some(&adapter)).unwrap();
     let again = &sample_images(&tuned, &[beach.prompt.as_str()], &[beach.seed], &sampling()).unwrap()[0];
     assert_eq!(&stored, again, "a proxy is reproducible from its key and the adapter");
-    let base = load_supervisor(&model_dir(), "cpu", None).unwrap();
+    let base = load_supervisor(&model_dir(), None, "cpu", None).unwrap();
     let untuned = &sample_images(&base, &[beach.prompt.as_str()], &[beach.seed], &sampling()).unwrap()[0];
     assert_ne!(&stored, untuned, "the adapter changes the samples");
 
@@ -231,7 +234,7 @@ fn prior_preservation_keeps_class_samples_near_the_base_model() {
     let fidelity = |images: &[image::RgbImage]| {
         embed(images).matmul(&reference_embeddings.tr()).mean(tch::Kind::Float).double_value(&[])
     };
-    let base = load_supervisor(&dir, "cpu", None).unwrap();
+    let base = load_supervisor(&dir, None, "cpu", None).unwrap();
     let class_prompt = format!("a {class}");
     let instance_prompt = format!("a sks {class}");
     let probe_seeds: Vec<u64> = (500..508).collect();

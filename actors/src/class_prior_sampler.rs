@@ -29,6 +29,9 @@ pub struct ClassPriorConfig {
     pub class_prompt: String,
     /// The base model folder (diffusers layout).
     pub model_dir: PathBuf,
+    /// Weight-file variant of the folder (`fp16`), when not the plain files.
+    #[serde(default)]
+    pub variant: Option<String>,
     /// Id of the base model, written into every row.
     pub model_id: String,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -66,7 +69,12 @@ impl ClassPriorSampler {
 
 impl Source for ClassPriorSampler {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
-        self.model = Some(load_supervisor(&self.config.model_dir, &self.config.device, None)?);
+        self.model = Some(load_supervisor(
+            &self.config.model_dir,
+            self.config.variant.as_deref(),
+            &self.config.device,
+            None,
+        )?);
         Ok(())
     }
 

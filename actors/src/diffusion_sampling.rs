@@ -45,13 +45,21 @@ impl Default for SamplingConfig {
     }
 }
 
-/// Loads the model folder `model_dir` on `device` (`cpu`, `cuda`, `cuda:N`), with the LoRA adapter
-/// at `adapter` when given (its config read from `lora_config.json` in the same folder).
-pub fn load_supervisor(model_dir: &Path, device: &str, adapter: Option<&Path>) -> Result<StableDiffusion> {
+/// Loads the model folder `model_dir` (its weight files of `variant`, e.g. `fp16`, when given) on
+/// `device` (`cpu`, `cuda`, `cuda:N`), with the LoRA adapter at `adapter` when given (its config
+/// read from `lora_config.json` in the same folder).
+pub fn load_supervisor(
+    model_dir: &Path,
+    variant: Option<&str>,
+    device: &str,
+    adapter: Option<&Path>,
+) -> Result<StableDiffusion> {
     let device = parse_device(device)?;
-    let Some(adapter) = adapter else { return Ok(StableDiffusion::load(model_dir, device)?) };
+    let Some(adapter) = adapter else {
+        return Ok(StableDiffusion::load_variant(model_dir, device, None, variant)?);
+    };
     let lora = read_config(adapter)?;
-    let mut sd = StableDiffusion::load_with_lora(model_dir, device, Some(&lora))?;
+    let mut sd = StableDiffusion::load_variant(model_dir, device, Some(&lora), variant)?;
     load_lora(&mut sd.stores.unet_lora, &lora, "unet", adapter)?;
     Ok(sd)
 }

@@ -28,9 +28,11 @@ pub struct SupervisorGenerator {
 }
 
 impl SupervisorGenerator {
-    /// Loads `model_dir` with the LoRA at `adapter` (its `lora_config.json` beside it).
+    /// Loads `model_dir` (its weight files of `variant` when given) with the LoRA at `adapter` (its
+    /// `lora_config.json` beside it).
     pub fn load(
         model_dir: &Path,
+        variant: Option<&str>,
         adapter: Option<&Path>,
         device: &str,
         sampling: SamplingConfig,
@@ -39,7 +41,11 @@ impl SupervisorGenerator {
             Some(a) => format!("{}+{}", model_dir.display(), a.display()),
             None => model_dir.display().to_string(),
         };
-        Ok(SupervisorGenerator { model: load_supervisor(model_dir, device, adapter)?, sampling, version })
+        Ok(SupervisorGenerator {
+            model: load_supervisor(model_dir, variant, device, adapter)?,
+            sampling,
+            version,
+        })
     }
 }
 
@@ -87,6 +93,18 @@ impl StudentGenerator {
     /// Loads `dir` (`config.json`, `model.safetensors`, `tokenizer.json`, `vq_decoder.safetensors`)
     /// with the PEFT-layout LoRA at `adapter` (its `lora_config.json` beside it).
     pub fn load(dir: &Path, adapter: Option<&Path>, device: &str, sampling: StudentSampling) -> Result<Self> {
+        Self::load_with_vq(dir, dir, adapter, device, sampling)
+    }
+
+    /// Like [`StudentGenerator::load`], with the VQ decoder (`vq_decoder.safetensors`) read from
+    /// `vq_dir`.
+    pub fn load_with_vq(
+        dir: &Path,
+        vq_dir: &Path,
+        adapter: Option<&Path>,
+        device: &str,
+        sampling: StudentSampling,
+    ) -> Result<Self> {
         let device = proxytune_models::device::parse_device(device)?;
         let lora = match adapter {
             Some(a) => Some(read_config(a)?),
@@ -99,7 +117,7 @@ impl StudentGenerator {
         student.base.freeze();
         let mut decoder_vs = tch::nn::VarStore::new(device);
         let decoder = ChameleonVqDecoder::new(decoder_vs.root(), student.model.vq.config())?;
-        load_safetensors(&mut decoder_vs, &dir.join("vq_decoder.safetensors"), Strictness::Strict)?;
+        load_safetensors(&mut decoder_vs, &vq_dir.join("vq_decoder.safetensors"), Strictness::Strict)?;
         let tokenizer = HfTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let version = match adapter {
             Some(a) => format!("{}+{}", dir.display(), a.display()),

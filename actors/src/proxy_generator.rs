@@ -117,6 +117,9 @@ pub struct ProxyGeneratorConfig {
     pub subject: String,
     /// The base model folder (diffusers layout) the adapters apply to.
     pub model_dir: PathBuf,
+    /// Weight-file variant of the folder (`fp16`), when not the plain files.
+    #[serde(default)]
+    pub variant: Option<String>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -169,9 +172,19 @@ impl ProxyGenerator {
             });
         }
         if adapter.file_name().is_some_and(|n| n == LORA_FILE) {
-            return load_supervisor(&self.config.model_dir, &self.config.device, Some(adapter));
+            return load_supervisor(
+                &self.config.model_dir,
+                self.config.variant.as_deref(),
+                &self.config.device,
+                Some(adapter),
+            );
         }
-        let mut sd = load_supervisor(&self.config.model_dir, &self.config.device, None)?;
+        let mut sd = load_supervisor(
+            &self.config.model_dir,
+            self.config.variant.as_deref(),
+            &self.config.device,
+            None,
+        )?;
         load_safetensors(&mut sd.stores.unet, adapter, Strictness::Strict)?;
         Ok(sd)
     }

@@ -46,6 +46,9 @@ pub struct SupervisorTunerConfig {
     pub class_noun: String,
     /// The base model folder (diffusers layout).
     pub model_dir: PathBuf,
+    /// Weight-file variant of the folder (`fp16`), when not the plain files.
+    #[serde(default)]
+    pub variant: Option<String>,
     /// Id of the base model (recorded in the supervisor row).
     pub model_id: String,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -189,7 +192,8 @@ impl Operator for SupervisorTuner {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let c = &self.config;
         let device = parse_device(&c.device)?;
-        let mut model = StableDiffusion::load_with_lora(&c.model_dir, device, c.lora.as_ref())?;
+        let mut model =
+            StableDiffusion::load_variant(&c.model_dir, device, c.lora.as_ref(), c.variant.as_deref())?;
         let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;
         trainer.set_instance_images(&model, &self.pixels(&self.references, device)?)?;
         if let Some(checkpoint) = latest_checkpoint(&self.checkpoints_dir())? {

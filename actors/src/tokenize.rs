@@ -9,7 +9,8 @@ use arrow_array::RecordBatch;
 use proxytune_models::ar::chameleon::ChameleonConfig;
 use proxytune_models::ar::chameleon_vq::ChameleonVqVae;
 use proxytune_models::device::parse_device;
-use proxytune_models::weights::{load_safetensors, Strictness};
+use proxytune_models::shapes::{read_header, weight_files};
+use proxytune_models::weights::{load_safetensors_files, Strictness};
 use proxytune_schemas::{now_us, Proxy, Table, VqTokens};
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +22,8 @@ use crate::runtime::{Context, Operator, Output};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeConfig {
-    /// The student checkpoint folder (`config.json`, `model.safetensors` with `model.vqmodel.*`).
+    /// The student checkpoint folder (`config.json`, `model.safetensors` or its shards, with
+    /// `model.vqmodel.*`).
     pub student_dir: PathBuf,
     /// Id (and version) of the tokenizer, written into every row.
     pub tokenizer_id: String,
@@ -69,11 +71,15 @@ impl Operator for Tokenize {
         let cfg = ChameleonConfig::from_json(&self.config.student_dir.join("config.json"))?;
         let mut vs = tch::nn::VarStore::new(parse_device(&self.config.device)?);
         let vq = ChameleonVqVae::new(vs.root() / "model" / "vqmodel", &cfg.vq_config)?;
-        load_safetensors(
-            &mut vs,
-            &self.config.student_dir.join("model.safetensors"),
-            Strictness::AllowUnexpected,
-        )?;
+        // Only the checkpoint files (shards) that hold the VQ's tensors are read.
+        let files = weight_files(&self.config.student_dir, &["model"], None)?;
+        let mut vq_files = Vec::new();
+        for f in files {
+            if read_header(&f)?.keys().any(|k| k.starts_with("model.vqmodel.")) {
+                vq_files.push(f);
+            }
+        }
+        load_safetensors_files(&mut vs, &vq_files, Strictness::AllowUnexpected)?;
         let f = vq.downsample_factor() as u32;
         if self.config.resolution == 0 || !self.config.resolution.is_multiple_of(f) {
             return Err(Error::BadInput {

@@ -9,6 +9,7 @@
 //! - [`checkpoint`]: training checkpoints (atomic folders, retention, restore).
 //! - [`device`]: choosing CPU/CUDA from config.
 //! - [`weights`]: loading and saving safetensors with errors that name the file, key and shape.
+//! - [`shapes`]: weight shapes from configs and from safetensors headers, without loading weights.
 //! - [`lora`]: LoRA adapters and their interchange with diffusers/PEFT files.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
 //! - [`optim`]: AdamW, clipping, warm-up and EMA with state that checkpoints can save.
@@ -30,6 +31,7 @@ pub mod nn;
 pub mod optim;
 pub mod rng;
 pub mod scorers;
+pub mod shapes;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

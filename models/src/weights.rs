@@ -59,7 +59,21 @@ pub fn safetensors_keys(path: &Path) -> Result<Vec<String>> {
 /// store is only written once the whole checkpoint has been checked, so a bad file changes nothing.
 /// Values are converted to each variable's dtype and device.
 pub fn load_safetensors(vs: &mut VarStore, path: &Path, strictness: Strictness) -> Result<()> {
-    let tensors = read_safetensors(path)?;
+    load_safetensors_files(vs, &[path.to_path_buf()], strictness)
+}
+
+/// [`load_safetensors`] over several files (a sharded checkpoint's shards, from
+/// [`crate::shapes::weight_files`]): their tensors together must satisfy the model.
+pub fn load_safetensors_files(
+    vs: &mut VarStore,
+    files: &[std::path::PathBuf],
+    strictness: Strictness,
+) -> Result<()> {
+    let mut tensors = HashMap::new();
+    for f in files {
+        tensors.extend(read_safetensors(f)?);
+    }
+    let path = files.first().map(|f| f.as_path()).unwrap_or(Path::new(""));
     let variables = vs.variables();
     check_all_present(&variables, &tensors, path, "")?;
     if strictness == Strictness::Strict {

@@ -21,7 +21,7 @@ use crate::error::{ModelError, Result};
 use crate::lora::{reset_lora, save_lora, LoraConfig, LoraSpec};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::{Draws, Stream};
-use crate::weights::{load_safetensors, Strictness};
+use crate::weights::{load_safetensors_files, Strictness};
 
 /// A Chameleon student with its variable stores.
 #[derive(Debug)]
@@ -48,7 +48,8 @@ impl ChameleonStudent {
         let spec = lora.map(|config| (adapters.root(), config));
         let model =
             Chameleon::new(base.root(), &cfg, spec.as_ref().map(|(root, config)| LoraSpec { root, config }))?;
-        load_safetensors(&mut base, &dir.join("model.safetensors"), Strictness::Strict)?;
+        let files = crate::shapes::weight_files(dir, &["model"], None)?;
+        load_safetensors_files(&mut base, &files, Strictness::Strict)?;
         Ok(ChameleonStudent { model, base, adapters, lora: lora.cloned(), tokens })
     }
 }

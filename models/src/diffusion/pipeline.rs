@@ -19,7 +19,7 @@ use crate::error::{ModelError, Result};
 use crate::lora::{LoraConfig, LoraSpec};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::transformer::clip::{ClipTextConfig, ClipTextModelWithProjection, ClipTextTransformer};
-use crate::weights::{load_safetensors, Strictness};
+use crate::weights::{load_safetensors_files, Strictness};
 
 /// Which sampler to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -141,22 +141,19 @@ fn read_text_config(path: &Path) -> Result<ClipTextConfig> {
 
 /// Whether a transformers text-encoder checkpoint prefixes its tower with `text_model.` (published
 /// SD checkpoints do; transformers 5 saves `CLIPTextModel` without it). Loading follows the file.
-fn text_model_prefixed(weights: &Path) -> Result<bool> {
-    Ok(crate::weights::safetensors_keys(weights)?.iter().any(|k| k.starts_with("text_model.")))
+fn text_model_prefixed(weights: &[PathBuf]) -> Result<bool> {
+    for w in weights {
+        if crate::weights::safetensors_keys(w)?.iter().any(|k| k.starts_with("text_model.")) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
-fn weights_file(dir: &Path) -> Result<PathBuf> {
-    ["diffusion_pytorch_model.safetensors", "model.safetensors"]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .ok_or_else(|| ModelError::Io {
-            path: dir.join("diffusion_pytorch_model.safetensors"),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no safetensors weights in this folder",
-            ),
-        })
+/// The weight files of a component folder: `diffusion_pytorch_model` or `model`, with the variant
+/// (`fp16` reads `*.fp16.safetensors`) when given, single or sharded.
+fn weights_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    crate::shapes::weight_files(dir, &["diffusion_pytorch_model", "model"], variant)
 }
 
 fn must_exist(path: PathBuf) -> Result<PathBuf> {
@@ -180,6 +177,18 @@ impl StableDiffusion {
     /// Like [`StableDiffusion::load`], with fresh LoRA adapters (B = 0) on the UNet layers that
     /// `lora` targets, in `stores.unet_lora`.
     pub fn load_with_lora(dir: &Path, device: Device, lora: Option<&LoraConfig>) -> Result<Self> {
+        Self::load_variant(dir, device, lora, None)
+    }
+
+    /// Like [`StableDiffusion::load_with_lora`], reading the weight files of `variant` (`fp16`:
+    /// `diffusion_pytorch_model.fp16.safetensors`, …) when given; sharded components load through
+    /// their index.
+    pub fn load_variant(
+        dir: &Path,
+        device: Device,
+        lora: Option<&LoraConfig>,
+        variant: Option<&str>,
+    ) -> Result<Self> {
         must_exist(dir.join("model_index.json"))?;
         let unet_cfg = UNetConfig::from_json(&must_exist(dir.join("unet/config.json"))?)?;
         let vae_cfg = VaeConfig::from_json(&must_exist(dir.join("vae/config.json"))?)?;
@@ -197,27 +206,31 @@ impl StableDiffusion {
             &unet_cfg,
             spec.as_ref().map(|(root, config)| LoraSpec { root, config }),
         )?;
-        load_safetensors(&mut unet_vs, &weights_file(&dir.join("unet"))?, Strictness::Strict)?;
+        load_safetensors_files(
+            &mut unet_vs,
+            &weights_files(&dir.join("unet"), variant)?,
+            Strictness::Strict,
+        )?;
         let mut vae_vs = nn::VarStore::new(device);
         let vae = AutoencoderKl::new(vae_vs.root(), &vae_cfg);
-        load_safetensors(&mut vae_vs, &weights_file(&dir.join("vae"))?, Strictness::Strict)?;
+        load_safetensors_files(&mut vae_vs, &weights_files(&dir.join("vae"), variant)?, Strictness::Strict)?;
         let text_cfg = read_text_config(&text_path)?;
         let mut text_vs = nn::VarStore::new(device);
-        let text_weights = weights_file(&dir.join("text_encoder"))?;
+        let text_weights = weights_files(&dir.join("text_encoder"), variant)?;
         let root =
             if text_model_prefixed(&text_weights)? { text_vs.root() / "text_model" } else { text_vs.root() };
         let text_encoder = ClipTextTransformer::new(root, &text_cfg)?;
         // The checkpoint may hold the `position_ids` buffer; it is not a parameter here.
-        load_safetensors(&mut text_vs, &text_weights, Strictness::AllowUnexpected)?;
+        load_safetensors_files(&mut text_vs, &text_weights, Strictness::AllowUnexpected)?;
 
         let mut text2_vs = nn::VarStore::new(device);
         let text_encoder_2 = if dir.join("text_encoder_2").is_dir() {
             let cfg = read_text_config(&must_exist(dir.join("text_encoder_2/config.json"))?)?;
-            let weights = weights_file(&dir.join("text_encoder_2"))?;
+            let weights = weights_files(&dir.join("text_encoder_2"), variant)?;
             let tower =
                 if text_model_prefixed(&weights)? { text2_vs.root() / "text_model" } else { text2_vs.root() };
             let model = ClipTextModelWithProjection::new(text2_vs.root(), tower, &cfg)?;
-            load_safetensors(&mut text2_vs, &weights, Strictness::AllowUnexpected)?;
+            load_safetensors_files(&mut text2_vs, &weights, Strictness::AllowUnexpected)?;
             let tokenizer = ClipTokenizer::from_folder(&must_exist(dir.join("tokenizer_2"))?)?;
             let pad_id = tokenizer_pad_id(&dir.join("tokenizer_2"), &tokenizer);
             Some(SecondTextEncoder {

@@ -24,7 +24,8 @@ pub enum PerBlock {
 }
 
 impl PerBlock {
-    fn get(&self, i: usize) -> i64 {
+    /// The value of block `i`.
+    pub fn get(&self, i: usize) -> i64 {
         match self {
             PerBlock::One(v) => *v,
             PerBlock::Each(v) => v[i.min(v.len() - 1)],
