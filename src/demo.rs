@@ -1,55 +1,34 @@
 //! `proxytune demo`: the whole mission on the toy world, end to end, with the pretrained world
-//! models in `models/world`.
+//! models in `models/world` — the job's world preset.
 //!
 //! It renders one world subject's references (or reads a folder of photos of an object of a world
-//! class, `--photos`), then runs the streaming pipeline:
-//!
-//! ```text
-//! class_prior_sampler ─┬─> class_prior_writer
-//!                      └─> supervisor_tuner ─┬─> supervisor_writer
-//!                                            └─> proxy_generator ─> filter ─> proxy_writer ─> tokenize ─┬─> vq_writer
-//!                                                                                                      └─> ar_trainer
-//! ```
-//!
-//! The supervisor is DreamBooth-LoRA-tuned while the untuned model's class priors stream in; the
-//! proxy generator samples its plan with the adapter batch by batch; the Filter scores every proxy
-//! (world DINO, world CLIP-I and CLIP-T) and records why it rejects one; the proxy writer commits
-//! every few rows to the Lance corpus and forwards only committed rows; the student's LoRA trains
-//! on their VQ tokens while generation goes on. Then the untuned student, the tuned supervisor and
-//! the tuned student are evaluated on the subject's 25 prompts with the same seeds, and
-//! `report/index.html` (with `report.json` and image grids) is written. `/metrics` is served while
+//! class, `--photos`), resolves the world's stage configs into a [`StagePlan`] and runs it as every
+//! job runs ([`crate::job::execute`]): the streaming pipeline, then the untuned student, the tuned
+//! supervisor and the tuned student evaluated on the subject's 25 world prompts with the same
+//! seeds, with the world's two exact checks, and `report/index.html`. `/metrics` is served while
 //! it runs.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use proxytune_actors::ar_trainer::{ArTrainerActor, ArTrainerStats};
-use proxytune_actors::class_prior_sampler::{ClassPriorConfig, ClassPriorSampler};
+use proxytune_actors::class_prior_sampler::ClassPriorConfig;
 use proxytune_actors::corpus::Corpus;
 use proxytune_actors::dreambench::Generator;
-use proxytune_actors::filter::{Filter, FilterConfig, ImageMetric, PromptScorer};
-use proxytune_actors::intake::encode_png;
-use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig, WriterStats};
-use proxytune_actors::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGeneratorConfig};
-use proxytune_actors::runtime::{
-    JobOutcome, Metrics, Pipeline, PipelineConfig, PipelineReport, RunningPipeline,
-};
-use proxytune_actors::supervisor_tuner::{SupervisorTuner, SupervisorTunerConfig};
-use proxytune_actors::tokenize::Tokenize;
+use proxytune_actors::filter::{FilterConfig, ImageMetric};
+use proxytune_actors::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
+use proxytune_actors::supervisor_tuner::SupervisorTunerConfig;
 use proxytune_actors::world::{World, CLASSES, IDENTIFIER};
 use proxytune_models::diffusion::dreambooth::DreamBoothConfig;
 use proxytune_models::lora::LoraConfig;
-use proxytune_models::scorers::ImageEmbedder;
-use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
 
-use crate::report::{decode, html, record_scores, save_grid, throughput};
+use crate::job::execute::Evaluator;
+use crate::job::pipeline::{JobCommand, ProgressHandle};
+use crate::job::plan::{device_name, EvalPlan, ScorerSource, StagePlan, SubjectPlan};
 use crate::subject::JobSubject;
 use crate::world_models::{
-    device_name, evaluate, scorers, student, student_trainer_config, supervisor, supervisor_sampling,
-    tokenize_config, EvalSpec, SIZE,
+    evaluate, student, student_sampling, student_trainer_config, supervisor, supervisor_sampling,
+    tokenize_config, EvalSpec, ModelScores,
 };
 
 /// Arguments of `proxytune demo`.
@@ -191,314 +170,132 @@ fn plan(subject: &JobSubject, class: &str, images_per_prompt: u32) -> PromptPlan
     }
 }
 
-/// Progress bars per stage, fed from the actors' shared statistics.
-struct Progress {
-    bars: Vec<(ProgressBar, Box<dyn Fn() -> u64 + Send>)>,
-}
-
-impl Progress {
-    fn bar(
-        multi: &MultiProgress,
-        name: &str,
-        total: u64,
-        read: Box<dyn Fn() -> u64 + Send>,
-    ) -> (ProgressBar, Box<dyn Fn() -> u64 + Send>) {
-        let bar = multi.add(ProgressBar::new(total));
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {elapsed:>4} {per_sec}")
-                .expect("template parses")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(name.to_string());
-        (bar, read)
-    }
-
-    fn tick(&self) {
-        for (bar, read) in &self.bars {
-            bar.set_position(read());
-        }
-    }
-
-    fn finish(&self) {
-        self.tick();
-        for (bar, _) in &self.bars {
-            bar.finish();
-        }
-    }
-}
-
-fn written(stats: &Arc<Mutex<WriterStats>>) -> Box<dyn Fn() -> u64 + Send> {
-    let stats = stats.clone();
-    Box::new(move || stats.lock().map(|s| s.received_rows).unwrap_or(0))
-}
-
-/// Where a job is, for its status: the stage and every stage's counts.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct JobProgress {
-    /// `starting`, `tuning supervisor`, `generating proxies`, `training student`, `evaluating`,
-    /// `reporting`, `done`, `cancelled`.
-    pub stage: String,
-    /// Class-prior images sampled (this run) and planned.
-    pub class_priors: u64,
-    pub class_priors_planned: u64,
-    /// Supervisor optimiser steps taken (restored ones included) and planned.
-    pub supervisor_steps: u64,
-    pub supervisor_steps_planned: u64,
-    /// Whether the tuned supervisor is ready (its adapter exported).
-    pub supervisor_ready: bool,
-    /// Proxies in the corpus (stored before this run plus written by it) and planned.
-    pub proxies_stored: u64,
-    pub proxies_planned: u64,
-    /// Kept proxies the student has received.
-    pub student_rows: u64,
-    /// Student optimiser steps taken (restored ones included) and planned.
-    pub student_steps: u64,
-    pub student_steps_planned: u64,
-    /// The proxies table's version.
-    pub corpus_version: Option<u64>,
-}
-
-/// A job's progress, shared with whoever watches it (the daemon's status routes).
-pub type ProgressHandle = Arc<Mutex<JobProgress>>;
-
-fn set_stage(progress: &ProgressHandle, stage: &str) {
-    progress.lock().expect("progress lock").stage = stage.to_string();
-}
-
-/// What the pipeline run left behind.
-struct Run {
-    outcome: JobOutcome,
-    seconds: f64,
-    trainer: ArTrainerStats,
-    proxies_version: Option<u64>,
-    vq_version: Option<u64>,
-    error: Option<String>,
-}
-
-async fn pipeline(
-    args: &DemoArgs,
-    subject: &JobSubject,
-    corpus: &Corpus,
-    metrics: Metrics,
-    commands: tokio::sync::watch::Receiver<JobCommand>,
-    job_progress: &ProgressHandle,
-) -> anyhow::Result<Run> {
+/// The world preset: each stage's config for the world's models (the world supervisor, DINO and
+/// CLIP, and Chameleon student at 32 px).
+pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Result<StagePlan> {
     let class = subject.class_noun();
     let model_dir = args.world.join("supervisor");
-    let device = proxytune_models::device::parse_device(&args.device)?;
-    let device_name = device_name(&args.device)?;
-    let references = subject.references.clone();
-    let reference_rows: Vec<ReferenceImage> = references
-        .iter()
-        .enumerate()
-        .map(|(i, img)| ReferenceImage {
-            job_id: JOB.into(),
-            subject: subject.name.clone(),
-            class_noun: class.into(),
-            image_index: i as u32,
-            source: subject.sources[i].clone(),
-            image_png: encode_png(img),
-            width: SIZE,
-            height: SIZE,
-            created_at_us: proxytune_schemas::now_us(),
-        })
-        .collect();
-    corpus.table::<ReferenceImage>().await?.append_rows(&reference_rows).await?;
-
+    let device = device_name(&args.device)?;
     let sampling = supervisor_sampling();
-    let priors = ClassPriorSampler::new(
-        ClassPriorConfig {
-            job_id: JOB.into(),
-            class_noun: class.into(),
+    let class_priors = ClassPriorConfig {
+        job_id: JOB.into(),
+        class_noun: class.into(),
+        class_prompt: format!("a {class}"),
+        model_dir: model_dir.clone(),
+        variant: None,
+        model_id: "world-sd".into(),
+        device: device.clone(),
+        num_images: args.class_priors,
+        first_seed: 0,
+        sampling: sampling.clone(),
+    };
+    let tuner = SupervisorTunerConfig {
+        job_id: JOB.into(),
+        subject: subject.name.clone(),
+        class_noun: class.into(),
+        model_dir: model_dir.clone(),
+        variant: None,
+        model_id: "world-sd".into(),
+        device: device.clone(),
+        lora: Some(LoraConfig::attention(8, 8.0)),
+        dreambooth: DreamBoothConfig {
+            instance_prompt: format!("a {IDENTIFIER} {class}"),
             class_prompt: format!("a {class}"),
-            model_dir: model_dir.clone(),
-            model_id: "world-sd".into(),
-            device: device_name.clone(),
-            num_images: args.class_priors,
-            first_seed: 0,
-            sampling: sampling.clone(),
+            learning_rate: 1e-3,
+            max_train_steps: args.supervisor_steps,
+            train_batch_size: 4,
+            num_class_images: args.class_priors,
+            lr_warmup_steps: 20,
+            checkpoint_every: args.checkpoint_every,
+            ..Default::default()
         },
-        &metrics,
-    );
-    let tuner = SupervisorTuner::new(
-        SupervisorTunerConfig {
-            job_id: JOB.into(),
-            subject: subject.name.clone(),
+        resolution: crate::world_models::SIZE,
+        output_dir: args.out.join("supervisor"),
+    };
+    let generator = ProxyGeneratorConfig {
+        job_id: JOB.into(),
+        subject: subject.name.clone(),
+        model_dir: model_dir.clone(),
+        variant: None,
+        device: device.clone(),
+        plan: plan(subject, class, args.proxies_per_prompt),
+        sampling: sampling.clone(),
+        stored_seeds: Default::default(),
+    };
+    let filter = FilterConfig {
+        min_fidelity: args.min_fidelity,
+        fidelity_metric: Some(ImageMetric::Dino),
+        min_prompt_adherence: None,
+        max_duplicate_cosine: Some(args.max_duplicate_cosine),
+        identifier: Some(IDENTIFIER.into()),
+    };
+    let trainer = student_trainer_config(
+        &args.world,
+        &device,
+        &args.out.join("student"),
+        args.student_steps,
+        args.student_min_rows,
+        None,
+        args.checkpoint_every,
+    )?;
+    Ok(StagePlan {
+        job_id: JOB.into(),
+        subject: SubjectPlan {
+            name: subject.name.clone(),
             class_noun: class.into(),
-            model_dir: model_dir.clone(),
-            model_id: "world-sd".into(),
-            device: device_name.clone(),
-            lora: Some(LoraConfig::attention(8, 8.0)),
-            dreambooth: DreamBoothConfig {
-                instance_prompt: format!("a {IDENTIFIER} {class}"),
-                class_prompt: format!("a {class}"),
-                learning_rate: 1e-3,
-                max_train_steps: args.supervisor_steps,
-                train_batch_size: 4,
-                num_class_images: args.class_priors,
-                lr_warmup_steps: 20,
-                checkpoint_every: args.checkpoint_every,
-                ..Default::default()
-            },
-            resolution: SIZE,
-            output_dir: args.out.join("supervisor"),
+            identifier: IDENTIFIER.into(),
+            live: matches!(class, "dog" | "cat"),
+            references: subject.references.clone(),
+            sources: subject.sources.clone(),
+            templates: subject.prompts.iter().map(|p| p.template().replacen("{0} {1}", "{}", 1)).collect(),
         },
-        references.clone(),
-        &metrics,
-    )?;
-    let tuner_steps = tuner.steps();
-    // A resumed job: the proxies stored already are not sampled again; the kept ones are what
-    // new proxies are checked for duplicates against, and the proxy writer passes them on first
-    // (in commit order), so the student sees the sequence of an uninterrupted run.
-    let stored: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
-    if !stored.is_empty() {
-        eprintln!("proxytune demo: resuming with {} proxies stored", stored.len());
-    }
-    let stored_kept: Vec<Proxy> = stored.iter().filter(|p| p.keep == Some(true)).cloned().collect();
-    let proxy_plan = plan(subject, class, args.proxies_per_prompt);
-    let planned = proxy_plan.items().len() as u64;
-    let generator = ProxyGenerator::new(
-        ProxyGeneratorConfig {
-            job_id: JOB.into(),
-            subject: subject.name.clone(),
-            model_dir: model_dir.clone(),
-            device: device_name.clone(),
-            plan: proxy_plan,
-            sampling,
-            stored_seeds: stored.iter().map(|p| p.seed).collect(),
-        },
-        &metrics,
-    )?;
-    let (dino, clip) = scorers(&args.world, device)?;
-    let (_, clip_t) = scorers(&args.world, device)?;
-    let embedders: Vec<(ImageMetric, Box<dyn ImageEmbedder + Send>)> =
-        vec![(ImageMetric::Dino, Box::new(dino)), (ImageMetric::ClipI, Box::new(clip))];
-    let mut filter = Filter::new(
-        FilterConfig {
-            min_fidelity: args.min_fidelity,
-            fidelity_metric: Some(ImageMetric::Dino),
-            min_prompt_adherence: None,
-            max_duplicate_cosine: Some(args.max_duplicate_cosine),
-            identifier: Some(IDENTIFIER.into()),
-        },
-        embedders,
-        Some(Box::new(clip_t) as Box<dyn PromptScorer>),
-        reference_rows,
-        device,
-        &metrics,
-    )?;
-    filter.remember_kept(&stored_kept)?;
-    let tokenize = Tokenize::new(tokenize_config(&args.world, &device_name, true));
-    let (trainer, trainer_stats) = ArTrainerActor::new(
-        student_trainer_config(
-            &args.world,
-            &device_name,
-            &args.out.join("student"),
-            args.student_steps,
-            args.student_min_rows,
-            None,
-            args.checkpoint_every,
-        )?,
-        &metrics,
-    )?;
-    let commit = |rows: usize, forward: bool| LanceWriterConfig {
-        commit_every_rows: rows,
-        forward_committed: forward,
-        replay_stored: forward,
-    };
-    let (prior_writer, prior_stats) =
-        LanceWriter::<ClassPriorImage>::new(corpus.clone(), commit(16, false), &metrics);
-    let (supervisor_writer, supervisor_stats) =
-        LanceWriter::<Supervisor>::new(corpus.clone(), commit(1, false), &metrics);
-    let (proxy_writer, proxy_stats) = LanceWriter::<Proxy>::new(corpus.clone(), commit(8, true), &metrics);
-    let (vq_writer, vq_stats) = LanceWriter::<VqTokens>::new(corpus.clone(), commit(32, false), &metrics);
-
-    let mut p = Pipeline::new(PipelineConfig::default(), metrics);
-    let priors = p.source("class_prior_sampler", priors);
-    let tuner = p.operator("supervisor_tuner", tuner);
-    let generator = p.operator("proxy_generator", generator);
-    let filter = p.operator("filter", filter);
-    let tokenize = p.operator("tokenize", tokenize);
-    let trainer = p.operator("ar_trainer", trainer);
-    let prior_sink = p.async_operator("class_prior_writer", prior_writer);
-    let supervisor_sink = p.async_operator("supervisor_writer", supervisor_writer);
-    let proxy_sink = p.async_operator("proxy_writer", proxy_writer);
-    let vq_sink = p.async_operator("vq_writer", vq_writer);
-    p.connect(priors, tuner).connect(priors, prior_sink);
-    p.connect(tuner, generator).connect(tuner, supervisor_sink);
-    p.connect(generator, filter).connect(filter, proxy_sink);
-    p.connect(proxy_sink, tokenize);
-    p.connect(tokenize, vq_sink).connect(tokenize, trainer);
-
-    let multi = MultiProgress::new();
-    let steps = trainer_stats.clone();
-    let progress = Progress {
-        bars: vec![
-            Progress::bar(&multi, "class priors", args.class_priors as u64, written(&prior_stats)),
-            Progress::bar(&multi, "supervisor ready", 1, written(&supervisor_stats)),
-            Progress::bar(&multi, "proxies filtered", planned, written(&proxy_stats)),
-            Progress::bar(&multi, "kept, tokenized", planned, written(&vq_stats)),
-            Progress::bar(
-                &multi,
-                "student steps",
-                args.student_steps,
-                Box::new(move || steps.lock().map(|s| s.steps).unwrap_or(0)),
-            ),
-        ],
-    };
-    let update = {
-        let (priors, supervisor, proxies) =
-            (prior_stats.clone(), supervisor_stats.clone(), proxy_stats.clone());
-        let student = trainer_stats.clone();
-        let job_progress = job_progress.clone();
-        let (priors_planned, supervisor_planned, student_planned) =
-            (args.class_priors as u64, args.supervisor_steps, args.student_steps);
-        move || {
-            let proxies = proxies.lock().expect("writer stats").clone();
-            let student = student.lock().expect("trainer stats").clone();
-            let mut p = job_progress.lock().expect("progress lock");
-            p.class_priors = priors.lock().expect("writer stats").received_rows;
-            p.class_priors_planned = priors_planned;
-            p.supervisor_steps = tuner_steps.load(std::sync::atomic::Ordering::Relaxed);
-            p.supervisor_steps_planned = supervisor_planned;
-            p.supervisor_ready = supervisor.lock().expect("writer stats").received_rows > 0;
-            p.proxies_stored = proxies.replayed_rows + proxies.written_rows;
-            p.proxies_planned = planned;
-            p.student_rows = student.rows_received as u64;
-            p.student_steps = student.steps;
-            p.student_steps_planned = student_planned;
-            p.corpus_version = proxies.version;
-            p.stage = if !p.supervisor_ready {
-                "tuning supervisor"
-            } else if p.proxies_stored < planned {
-                "generating proxies"
-            } else {
-                "training student"
-            }
-            .into();
-        }
-    };
-    let started = Instant::now();
-    let running = p.start(&tokio::runtime::Handle::current())?;
-    let report = steer(running, commands, || {
-        progress.tick();
-        update();
-    })
-    .await;
-    progress.finish();
-    update();
-    let error = report.tasks.iter().find_map(|t| t.error.clone().map(|e| format!("{}: {e}", t.name)));
-    let trainer = trainer_stats.lock().expect("trainer stats").clone();
-    let proxies_version = proxy_stats.lock().expect("writer stats").version;
-    let vq_version = vq_stats.lock().expect("writer stats").version;
-    Ok(Run {
-        outcome: report.outcome,
-        seconds: started.elapsed().as_secs_f64(),
+        class_priors,
+        tuner,
+        generator,
+        filter,
+        scorers: ScorerSource::World(args.world.clone()),
+        scorer_device: device.clone(),
+        tokenize: tokenize_config(&args.world, &device, true),
         trainer,
-        proxies_version,
-        vq_version,
-        error,
+        eval: EvalPlan {
+            supervisor_dir: model_dir,
+            supervisor_variant: None,
+            supervisor_sampling: sampling,
+            student_dir: args.world.join("student"),
+            vq_dir: args.world.join("student"),
+            student_sampling: student_sampling(&args.world)?,
+            images_per_prompt: args.eval_images,
+            max_prompts: args.eval_prompts,
+            skip: false,
+            device,
+        },
+        out: args.out.clone(),
     })
+}
+
+/// The world's evaluation: the world DINO and CLIP, and the renderer's exact checks.
+struct WorldEvaluator<'a> {
+    args: &'a DemoArgs,
+    subject: &'a JobSubject,
+}
+
+impl Evaluator for WorldEvaluator<'_> {
+    fn evaluate(&self, plan: &StagePlan) -> anyhow::Result<Vec<(String, ModelScores)>> {
+        let spec = EvalSpec {
+            world_dir: &self.args.world,
+            out_dir: &plan.out,
+            device: &plan.eval.device,
+            images_per_prompt: plan.eval.images_per_prompt,
+            max_prompts: plan.eval.max_prompts,
+        };
+        evaluate(&spec, self.subject, demo_models(self.args, &plan.eval.device)?)
+    }
+
+    fn note(&self) -> String {
+        "DINO, CLIP-I and CLIP-T use the world's own pretrained encoders (world DINO, world CLIP). The \
+         last two columns are the renderer's exact checks."
+            .into()
+    }
 }
 
 fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box<dyn Generator>)>> {
@@ -511,55 +308,6 @@ fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box
             student(&args.world, Some(&args.out.join("student/adapter_model.safetensors")), device)?,
         ),
     ])
-}
-
-/// Waits for a started pipeline while applying `commands` to it (pause, resume; a cancel drains
-/// it) and calling `tick` every 250 ms.
-pub(crate) async fn steer(
-    running: RunningPipeline,
-    mut commands: tokio::sync::watch::Receiver<JobCommand>,
-    mut tick: impl FnMut(),
-) -> PipelineReport {
-    let handle = running.handle();
-    tokio::spawn(async move {
-        while commands.changed().await.is_ok() {
-            let command = *commands.borrow_and_update();
-            let control = handle.control();
-            match command {
-                JobCommand::Run => {
-                    control.resume();
-                }
-                JobCommand::Pause => {
-                    tracing::info!("Paused: sources and actors hold between batches.");
-                    control.pause();
-                }
-                JobCommand::Cancel => {
-                    tracing::info!("Cancelled: draining (the corpus keeps every committed row).");
-                    control.cancel();
-                    return;
-                }
-            }
-        }
-    });
-    let wait = running.wait();
-    tokio::pin!(wait);
-    loop {
-        tokio::select! {
-            report = &mut wait => return report,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => tick(),
-        }
-    }
-}
-
-/// What a running job is told: run (or resume), pause, cancel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum JobCommand {
-    /// Run (resume after a pause).
-    Run,
-    /// Hold every actor between batches.
-    Pause,
-    /// Drain and stop.
-    Cancel,
 }
 
 /// Runs the demo from the command line (Ctrl-C cancels); returns the process exit code.
@@ -581,7 +329,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// One demo job: the pipeline, the evaluation and the report under `args.out`, with the global
+/// One demo job: the world preset run as every job runs, under `args.out`, with the global
 /// metrics recorder (with `job_id` on every series when given), steered by `commands` (pause,
 /// resume, cancel: a cancel drains it). Returns the exit code (0 done, 130 cancelled).
 pub async fn execute(
@@ -590,127 +338,8 @@ pub async fn execute(
     job_id: Option<&str>,
     progress: &ProgressHandle,
 ) -> anyhow::Result<i32> {
-    let args = args.clone();
-    let subject = check(&args)?;
-    let class = subject.class_noun();
-    let metrics = match job_id {
-        Some(id) => Metrics::global().for_job(id),
-        None => Metrics::global(),
-    };
-    metrics.describe_all();
-    let corpus = Corpus::open_or_create(args.out.join("corpus"))?;
-    let report_dir = args.out.join("report");
-    std::fs::create_dir_all(&report_dir)?;
-    eprintln!("proxytune demo: subject {} (a {class}), output {}", subject.name, args.out.display());
-    let t0 = Instant::now();
-    set_stage(progress, "starting");
-    let run = pipeline(&args, &subject, &corpus, metrics.clone(), commands, progress).await?;
-    if run.outcome == JobOutcome::Cancelled {
-        set_stage(progress, "cancelled");
-        eprintln!(
-            "proxytune demo: cancelled; the corpus at {} keeps every committed row (`proxytune corpus info`)",
-            corpus.root().display()
-        );
-        return Ok(run.outcome.exit_code());
-    }
-    if run.outcome != JobOutcome::Succeeded {
-        anyhow::bail!(
-            "the pipeline ended {:?}{}; the corpus at {} keeps every committed row",
-            run.outcome,
-            run.error.map(|e| format!(" ({e})")).unwrap_or_default(),
-            corpus.root().display()
-        );
-    }
-
-    // What the corpus holds now.
-    let proxies: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
-    let priors: Vec<ClassPriorImage> = corpus.table::<ClassPriorImage>().await?.read_rows(None).await?;
-    let vq_rows: Vec<VqTokens> = corpus.table::<VqTokens>().await?.read_rows(None).await?;
-    let supervisors: Vec<Supervisor> = corpus.table::<Supervisor>().await?.read_rows(None).await?;
-    let kept: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(true)).collect();
-    let rejected: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(false)).collect();
-    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
-    for p in &rejected {
-        *reasons.entry(p.reject_reason.map(|r| r.as_str().to_string()).unwrap_or_default()).or_default() += 1;
-    }
-    let first_proxy_us = proxies.iter().map(|p| p.generated_at_us).min().unwrap_or(0);
-    let last_proxy_us = proxies.iter().map(|p| p.generated_at_us).max().unwrap_or(0);
-    let first_step_us = run.trainer.step_started_us.first().copied();
-    let last_step_us = run.trainer.step_started_us.last().copied();
-    let steps_before_last_proxy = run.trainer.step_started_us.iter().filter(|&&t| t < last_proxy_us).count();
-
-    set_stage(progress, "evaluating");
-    let t_eval = Instant::now();
-    let device = device_name(&args.device)?;
-    let spec = EvalSpec {
-        world_dir: &args.world,
-        out_dir: &args.out,
-        device: &device,
-        images_per_prompt: args.eval_images,
-        max_prompts: args.eval_prompts,
-    };
-    let scores = evaluate(&spec, &subject, demo_models(&args, &device)?)?;
-    let eval_seconds = t_eval.elapsed().as_secs_f64();
-
-    set_stage(progress, "reporting");
-    // Grids.
-    save_grid(&subject.references, subject.references.len(), &report_dir.join("references.png"))?;
-    let kept_imgs: Vec<_> = kept.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
-    let rejected_imgs: Vec<_> = rejected.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
-    let has_kept = save_grid(&kept_imgs, 12, &report_dir.join("proxies_kept.png"))?;
-    let has_rejected = save_grid(&rejected_imgs, 12, &report_dir.join("proxies_rejected.png"))?;
-    for (i, (_, s)) in scores.iter().enumerate() {
-        let mut samples: Vec<&EvalSample> = s.images.iter().collect();
-        samples.sort_by_key(|e| (e.prompt_index, e.sample_index));
-        let imgs: Vec<_> = samples.iter().filter_map(|e| decode(&e.image_png)).collect();
-        save_grid(&imgs, args.eval_images * 5, &report_dir.join(format!("samples_{i}.png")))?;
-    }
-
-    let seconds = |a: i64, b: i64| (b - a) as f64 / 1e6;
-    let generation_seconds = seconds(first_proxy_us, last_proxy_us).max(1e-9);
-    let report = serde_json::json!({
-        "subject": subject.name, "class": class, "identifier": IDENTIFIER,
-        "world_models": args.world.display().to_string(),
-        "outcome": format!("{:?}", run.outcome),
-        "stages": {
-            "class_priors": throughput(priors.iter().map(|r| r.created_at_us)),
-            "supervisor": {
-                "steps": supervisors.first().map(|s| s.train_steps),
-                "ready_at_us": supervisors.first().map(|s| s.created_at_us),
-                "final_loss": supervisors.first().and_then(|s| s.final_loss),
-                "steps_per_second": supervisors.first().map(|s| s.train_steps as f64
-                    / seconds(priors.iter().map(|r| r.created_at_us).min().unwrap_or(s.created_at_us), s.created_at_us).max(1e-9)),
-            },
-            "filter": throughput(proxies.iter().filter_map(|p| p.filtered_at_us)),
-            "proxies": { "rows": proxies.len(), "kept": kept.len(), "rejected": rejected.len(),
-                         "reject_reasons": reasons,
-                         "first_generated_at_us": first_proxy_us, "last_generated_at_us": last_proxy_us,
-                         "per_second": proxies.len() as f64 / generation_seconds },
-            "vq_tokens": throughput(vq_rows.iter().map(|r| r.created_at_us)),
-            "student": { "steps": run.trainer.steps, "rows_received": run.trainer.rows_received,
-                         "first_step_at_us": first_step_us, "last_step_at_us": last_step_us,
-                         "steps_before_last_proxy": steps_before_last_proxy,
-                         "losses": run.trainer.losses,
-                         "steps_per_second": run.trainer.step_started_us.len() as f64
-                             / seconds(first_step_us.unwrap_or(0), last_step_us.unwrap_or(0)).max(1e-9) },
-        },
-        "corpus": { "path": corpus.root().display().to_string(), "proxies_version": run.proxies_version,
-                    "vq_tokens_version": run.vq_version, "rows_trained_on": run.trainer.rows_received },
-        "pipeline_seconds": run.seconds,
-        "evaluation_seconds": eval_seconds,
-        "total_seconds": t0.elapsed().as_secs_f64(),
-        "evaluation": { "images_per_prompt": args.eval_images,
-                        "prompts": args.eval_prompts.unwrap_or(25).min(25),
-                        "models": scores.iter().map(|(label, s)| serde_json::json!({"label": label, "scores": s})).collect::<Vec<_>>() },
-    });
-    std::fs::write(report_dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-    std::fs::write(report_dir.join("index.html"), html(&report, &scores, has_kept, has_rejected))?;
-    for (i, (_, s)) in scores.iter().enumerate() {
-        let model = ["student_untuned", "supervisor", "student"].get(i).copied().unwrap_or("model");
-        record_scores(&metrics, model, s);
-    }
-    set_stage(progress, "done");
-    eprintln!("report: {}", report_dir.join("index.html").display());
-    println!("{}", serde_json::to_string_pretty(&report["evaluation"])?);
-    Ok(0)
+    let subject = check(args)?;
+    let plan = world_plan(args, &subject)?;
+    let evaluator = WorldEvaluator { args, subject: &subject };
+    crate::job::execute::execute(&plan, &evaluator, commands, job_id, progress).await
 }

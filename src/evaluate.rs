@@ -320,6 +320,7 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
         let sampling = read_json(args.supervisor_sampling.as_deref())?;
         models.push(Box::new(SupervisorGenerator::load(
             dir,
+            None,
             args.supervisor_adapter.as_deref(),
             &device_name,
             sampling,

@@ -1,11 +1,12 @@
-//! The `proxytune` command line: CLI parsing and the commands that exist so far.
+//! The `proxytune` command line.
 //!
 //! Component map:
+//! - [`job`]: the product's job: spec, check, stage plan, pipeline, evaluation (`proxytune run`).
 //! - [`daemon`]: the long-running service: jobs over an HTTP API, persistence, `/metrics`.
 //! - [`demo`]: the embedded demo — the whole mission on the toy world, end to end.
 //! - [`replay`]: a fresh student from a stored corpus version (no generation), evaluated.
-//! - [`smoke`]: the smoke job of what exists (DreamBench references into a Lance corpus, an
-//!   idempotent re-import, a filtered streaming scan, a few tch training steps).
+//! - [`smoke`]: a development check (hidden): DreamBench references into a Lance corpus, an
+//!   idempotent re-import, a filtered streaming scan, a few tch training steps.
 //! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`).
 //! - [`evaluate`]: DreamBench evaluation (the real-images row; supervisor and student).
 //! - [`grafana_cmd`]: the Grafana dashboards as code, rendered to `grafana/dashboards`.
@@ -23,6 +24,7 @@ mod daemon;
 mod demo;
 mod evaluate;
 mod grafana_cmd;
+mod job;
 mod loadgen;
 mod metrics_server;
 mod pretrain;
@@ -51,17 +53,24 @@ enum Command {
     /// DreamBooth with streamed priors, proxies, Filter, Lance, student training while proxies
     /// arrive), then supervisor vs student evaluation and report/index.html.
     Demo(Box<demo::DemoArgs>),
-    /// Run as a daemon: world-subject jobs over a JSON HTTP API, queued and persisted, with
+    /// Run a job from its spec (TOML: your photos, a diffusers supervisor folder, a Chameleon /
+    /// Lumina-mGPT student folder, every stage's settings): the streaming pipeline, the evaluation
+    /// and report/index.html; `--check` checks the spec without loading a weight.
+    Run(job::RunArgs),
+    /// Run as a long-lived service: tune and replay jobs (world subjects, uploaded photos or
+    /// folders under configured roots) over a JSON HTTP API, queued, persisted and resumed, with
     /// /metrics and a status page.
     Daemon(daemon::DaemonArgs),
     /// Train a fresh student from a stored corpus version (optionally re-filtered), no
     /// generation, and evaluate it.
     Replay(Box<replay::ReplayArgs>),
-    /// Smoke job of what exists: imports DreamBench references into a Lance corpus (twice, to show
+    /// Development check of the corpus and libtorch: imports DreamBench references into a Lance corpus (twice, to show
     /// the second import writes nothing), scans it, and trains a tiny tch network a few steps.
+    #[command(hide = true)]
     Smoke(smoke::SmokeArgs),
-    /// Run a synthetic pipeline into a Lance corpus until done or Ctrl-C (drains, then exits
-    /// 0 done, 130 cancelled, 1 failed, 124 shutdown deadline exceeded).
+    /// Load generator for the streaming runtime: a synthetic pipeline into a Lance corpus until
+    /// done or Ctrl-C (drains, then exits 0 done, 130 cancelled, 1 failed, 124 deadline).
+    #[command(hide = true)]
     Loadgen(loadgen::LoadgenArgs),
     /// Benchmarks (figures measured side by side in one run).
     Bench {
@@ -108,6 +117,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let code = match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(*args)),
+        Command::Run(args) => runtime.block_on(job::run(args)),
         Command::Daemon(args) => runtime.block_on(daemon::run(args)),
         Command::Replay(args) => runtime.block_on(replay::run(*args)),
         Command::Smoke(args) => runtime.block_on(smoke::run(args)).map(|()| 0),
@@ -127,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     std::process::exit(code)
 }
 
-/// The repository's default location of the shared DreamBench copy.
+/// The DreamBench copy vendored in the repository (`actors/dreambench`).
 fn default_dreambench() -> PathBuf {
-    PathBuf::from("../shared/dreambench")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("actors/dreambench")
 }

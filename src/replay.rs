@@ -15,11 +15,10 @@ use proxytune_actors::tokenize::Tokenize;
 use proxytune_actors::world::{World, CLASSES};
 use proxytune_schemas::{Proxy, ReferenceImage};
 
-use crate::demo::{steer, JobCommand, ProgressHandle};
+use crate::job::pipeline::{steer, JobCommand, ProgressHandle};
+use crate::job::plan::device_name;
 use crate::subject::JobSubject;
-use crate::world_models::{
-    device_name, evaluate, student, student_trainer_config, tokenize_config, EvalSpec,
-};
+use crate::world_models::{evaluate, student, student_trainer_config, tokenize_config, EvalSpec};
 
 /// Arguments of `proxytune replay`.
 #[derive(Clone, Debug, clap::Args)]

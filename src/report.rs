@@ -1,4 +1,4 @@
-//! The demo's report: image grids, per-stage throughput from corpus timestamps, and
+//! A job's report: image grids, per-stage throughput from corpus timestamps, and
 //! `report/index.html`.
 
 use std::path::Path;
@@ -27,11 +27,12 @@ pub(crate) fn grid(images: &[image::RgbImage], cols: usize) -> Option<image::Rgb
 pub(crate) fn save_grid(images: &[image::RgbImage], cols: usize, path: &Path) -> anyhow::Result<bool> {
     match grid(images, cols) {
         Some(g) => {
-            // Scaled up 3x so 32-pixel images are visible on a page.
+            // Small images scaled up (32-pixel ones 3×) so they are visible on a page.
+            let scale = (96 / images[0].width().max(1)).max(1);
             let big = image::imageops::resize(
                 &g,
-                g.width() * 3,
-                g.height() * 3,
+                g.width() * scale,
+                g.height() * scale,
                 image::imageops::FilterType::Nearest,
             );
             big.save(path).with_context(|| path.display().to_string())?;
@@ -39,6 +40,25 @@ pub(crate) fn save_grid(images: &[image::RgbImage], cols: usize, path: &Path) ->
         }
         None => Ok(false),
     }
+}
+
+/// `images` as centred squares of one side (the smallest image's shorter side, at most `max_side`),
+/// for a grid of photos of different sizes.
+pub(crate) fn squares(images: &[image::RgbImage], max_side: u32) -> Vec<image::RgbImage> {
+    let side = images.iter().map(|i| i.width().min(i.height())).min().unwrap_or(1).min(max_side).max(1);
+    images
+        .iter()
+        .map(|img| {
+            let s = img.width().min(img.height());
+            let crop = image::imageops::crop_imm(img, (img.width() - s) / 2, (img.height() - s) / 2, s, s)
+                .to_image();
+            if s == side {
+                crop
+            } else {
+                image::imageops::resize(&crop, side, side, image::imageops::FilterType::Triangle)
+            }
+        })
+        .collect()
 }
 
 pub(crate) fn decode(png: &[u8]) -> Option<image::RgbImage> {
@@ -76,22 +96,31 @@ pub(crate) fn html(
     has_kept: bool,
     has_rejected: bool,
 ) -> String {
-    let metric_names = ["DINO", "CLIP-I", "CLIP-T"];
+    // The metrics any model has, in the protocol's order; the world's exact checks when measured.
+    let metric_names: Vec<&str> = ["DINO", "CLIP-I", "CLIP-T", "FEAT-I"]
+        .into_iter()
+        .filter(|m| scores.iter().any(|(_, s)| s.metrics.contains_key(*m)))
+        .collect();
+    let world_checks = scores.iter().any(|(_, s)| s.context_accuracy.is_some());
+    let fmt = |v: Option<f64>, digits: usize| v.map(|v| format!("{v:.digits$}")).unwrap_or("–".into());
     let mut rows = String::new();
     for (label, s) in scores {
-        let cells: String = metric_names
-            .iter()
-            .map(|m| {
-                format!("<td>{}</td>", s.metrics.get(*m).map(|v| format!("{v:.3}")).unwrap_or("–".into()))
-            })
-            .collect();
-        rows.push_str(&format!(
-            "<tr><td>{label}</td>{cells}<td>{:.2}</td><td>{}</td><td>{}</td></tr>\n",
-            s.context_accuracy,
-            s.subject_colour_present.map(|v| format!("{v:.2}")).unwrap_or("–".into()),
-            s.samples
-        ));
+        let mut cells: String =
+            metric_names.iter().map(|m| format!("<td>{}</td>", fmt(s.metrics.get(*m).copied(), 3))).collect();
+        if world_checks {
+            cells.push_str(&format!(
+                "<td>{}</td><td>{}</td>",
+                fmt(s.context_accuracy, 2),
+                fmt(s.subject_colour_present, 2)
+            ));
+        }
+        rows.push_str(&format!("<tr><td>{}</td>{cells}<td>{}</td></tr>\n", escape(label), s.samples));
     }
+    let mut header: String = metric_names.iter().map(|m| format!("<th>{m}</th>")).collect();
+    if world_checks {
+        header.push_str("<th>context drawn as asked</th><th>subject colour present</th>");
+    }
+    let note = escape(report["evaluation"]["note"].as_str().unwrap_or_default());
     let stages = &report["stages"];
     let corpus = &report["corpus"];
     let img = |file: &str, caption: &str| {
@@ -107,19 +136,22 @@ pub(crate) fn html(
     for (i, (label, _)) in scores.iter().enumerate() {
         grids.push_str(&img(
             &format!("samples_{i}.png"),
-            &format!("{label}: one row per prompt pair (prompts in order, images per prompt side by side)"),
+            &format!(
+                "{}: one row per prompt pair (prompts in order, images per prompt side by side)",
+                escape(label)
+            ),
         ));
     }
     format!(
         r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>proxytune demo: {subject}</title>
+<html><head><meta charset="utf-8"><title>proxytune: {subject}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}</style></head>
 <body>
-<h1>proxytune demo — {subject} (a {class}, identifier <code>{identifier}</code>)</h1>
+<h1>proxytune — {subject} (a {class}, identifier <code>{identifier}</code>)</h1>
 <h2>Scores on the subject's prompts (same seeds for every model)</h2>
-<table><tr><th>model</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>context drawn as asked</th><th>subject colour present</th><th>samples</th></tr>
+<table><tr><th>model</th>{header}<th>samples</th></tr>
 {rows}</table>
-<p>DINO, CLIP-I and CLIP-T use the world's own pretrained encoders (world DINO, world CLIP). The last two columns are the renderer's exact checks.</p>
+<p>{note}</p>
 <h2>Pipeline</h2>
 <table>
 <tr><td>class priors</td><td>{priors} rows, {priors_ps:.2}/s</td></tr>
@@ -135,9 +167,9 @@ pub(crate) fn html(
 {grids}
 </body></html>
 "#,
-        subject = report["subject"].as_str().unwrap_or_default(),
-        class = report["class"].as_str().unwrap_or_default(),
-        identifier = report["identifier"].as_str().unwrap_or_default(),
+        subject = escape(report["subject"].as_str().unwrap_or_default()),
+        class = escape(report["class"].as_str().unwrap_or_default()),
+        identifier = escape(report["identifier"].as_str().unwrap_or_default()),
         priors = stages["class_priors"]["rows"],
         priors_ps = stages["class_priors"]["per_second"].as_f64().unwrap_or(0.0),
         sup_steps = stages["supervisor"]["steps"],
@@ -154,7 +186,7 @@ pub(crate) fn html(
         steps = stages["student"]["steps"],
         before = stages["student"]["steps_before_last_proxy"],
         sps = stages["student"]["steps_per_second"].as_f64().unwrap_or(0.0),
-        path = corpus["path"].as_str().unwrap_or_default(),
+        path = escape(corpus["path"].as_str().unwrap_or_default()),
         pv = corpus["proxies_version"],
         trained = corpus["rows_trained_on"],
         pipe = report["pipeline_seconds"].as_f64().unwrap_or(0.0),
@@ -170,7 +202,9 @@ pub(crate) fn record_scores(
     scores: &crate::world_models::ModelScores,
 ) {
     let mut values: Vec<(&str, f64)> = scores.metrics.iter().map(|(k, v)| (metric_label(k), *v)).collect();
-    values.push(("context_accuracy", scores.context_accuracy));
+    if let Some(v) = scores.context_accuracy {
+        values.push(("context_accuracy", v));
+    }
     if let Some(v) = scores.subject_colour_present {
         values.push(("subject_colour_present", v));
     }
@@ -182,4 +216,9 @@ pub(crate) fn record_scores(
             )
             .set(value);
     }
+}
+
+/// `text` with HTML's special characters escaped.
+pub(crate) fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

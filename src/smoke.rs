@@ -1,4 +1,4 @@
-//! `proxytune smoke`: the smoke job of what exists, end to end on real data.
+//! `proxytune smoke` (hidden; development): DreamBench references into a Lance corpus and a few libtorch steps, end to end on real data.
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -4,27 +4,22 @@
 //! subject's main colour there).
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Context;
 use proxytune_actors::ar_trainer::ArTrainerConfig;
 use proxytune_actors::diffusion_sampling::SamplingConfig;
-use proxytune_actors::dreambench::{
-    evaluate_generator, DreamBench, Generator, GeneratorReport, ProtocolConfig,
-};
-use proxytune_actors::filter::PromptScorer;
+use proxytune_actors::dreambench::{Generator, GeneratorReport, ProtocolConfig};
 use proxytune_actors::generators::{StudentGenerator, StudentSampling, SupervisorGenerator};
 use proxytune_actors::tokenize::TokenizeConfig;
 use proxytune_actors::world::{classify_context, EDITS, IDENTIFIER};
 
+use crate::job::evaluate::{evaluate_models, Protocol};
+use crate::job::plan::ScorerSource;
 use crate::subject::JobSubject;
 use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
 use proxytune_models::ar::train::ArTrainConfig;
 use proxytune_models::diffusion::pipeline::SamplerKind;
 use proxytune_models::lora::LoraConfig;
-use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
-use proxytune_models::scorers::ImageEmbedder;
-use proxytune_models::tokenizer::clip::ClipTokenizer;
 use proxytune_schemas::EvalSample;
 use serde::Serialize;
 
@@ -42,22 +37,6 @@ pub(crate) fn check_models(world_dir: &Path, parts: &[&str]) -> anyhow::Result<(
         );
     }
     Ok(())
-}
-
-/// The concrete device (`cpu`, `cuda:N`) that `auto` and friends resolve to.
-pub(crate) fn device_name(device: &str) -> anyhow::Result<String> {
-    Ok(match proxytune_models::device::parse_device(device)? {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    })
-}
-
-/// The world's scorers: DINO (instances), CLIP (CLIP-I and CLIP-T).
-pub(crate) fn scorers(world_dir: &Path, device: tch::Device) -> anyhow::Result<(Dino, ClipScorer)> {
-    let dino = Dino::load(&world_dir.join("dino"), device)?;
-    let clip_dir = world_dir.join("clip");
-    let clip = ClipScorer::load(&clip_dir, ClipTokenizer::from_folder(&clip_dir)?, device)?;
-    Ok((dino, clip))
 }
 
 pub(crate) fn supervisor_sampling() -> SamplingConfig {
@@ -144,8 +123,8 @@ pub(crate) struct ModelScores {
     pub version: String,
     /// DINO, CLIP-I, CLIP-T, FEAT-I means over the subject's samples.
     pub metrics: std::collections::BTreeMap<String, f64>,
-    /// Fraction of samples whose drawn context is the asked-for one.
-    pub context_accuracy: f64,
+    /// Fraction of samples whose drawn context is the asked-for one (world subjects).
+    pub context_accuracy: Option<f64>,
     /// Fraction of samples (prompts that keep the colour) showing the subject's main colour, when
     /// the subject's colour is known (world subjects).
     pub subject_colour_present: Option<f64>,
@@ -201,7 +180,7 @@ pub(crate) fn score(subject: &JobSubject, report: GeneratorReport, seconds: f64)
         role: report.role.as_str().to_string(),
         version: report.version,
         metrics,
-        context_accuracy,
+        context_accuracy: Some(context_accuracy),
         subject_colour_present,
         samples: report.samples.len(),
         seconds,
@@ -225,35 +204,21 @@ pub(crate) fn evaluate(
     subject: &JobSubject,
     models: Vec<(String, Box<dyn Generator>)>,
 ) -> anyhow::Result<Vec<(String, ModelScores)>> {
-    let device = proxytune_models::device::parse_device(spec.device)?;
     let bench_dir = spec.out_dir.join("world_bench");
     subject.write_bench(&bench_dir)?;
-    let bench = DreamBench::open(&bench_dir)?;
-    let entries: Vec<_> = bench.subjects.iter().filter(|s| s.subject == subject.name).cloned().collect();
-    let (dino, clip) = scorers(spec.world_dir, device)?;
-    let embedders: Vec<&dyn ImageEmbedder> = vec![&dino, &clip];
-    let protocol = ProtocolConfig {
-        identifier: IDENTIFIER.into(),
-        images_per_prompt: spec.images_per_prompt,
-        seed_base: 0,
-        max_prompts: spec.max_prompts,
+    let protocol = Protocol {
+        bench_dir: &bench_dir,
+        subject: &subject.name,
+        scorers: &ScorerSource::World(spec.world_dir.to_path_buf()),
+        device: spec.device,
+        config: ProtocolConfig {
+            identifier: IDENTIFIER.into(),
+            images_per_prompt: spec.images_per_prompt,
+            seed_base: 0,
+            max_prompts: spec.max_prompts,
+        },
     };
-    let mut out = Vec::new();
-    for (label, mut model) in models {
-        let t0 = Instant::now();
-        let report = evaluate_generator(
-            &bench,
-            &entries,
-            model.as_mut(),
-            &embedders,
-            Some(&clip as &dyn PromptScorer),
-            &protocol,
-            device,
-        )?;
-        tracing::info!(model = %label, seconds = t0.elapsed().as_secs_f64(), "evaluated");
-        out.push((label, score(subject, report, t0.elapsed().as_secs_f64())));
-    }
-    Ok(out)
+    evaluate_models(&protocol, models, &|report, seconds| score(subject, report, seconds))
 }
 
 /// The world supervisor (the SD folder of `world_dir`) with a DreamBooth-LoRA adapter.
@@ -264,6 +229,7 @@ pub(crate) fn supervisor(
 ) -> anyhow::Result<Box<dyn Generator>> {
     Ok(Box::new(SupervisorGenerator::load(
         &world_dir.join("supervisor"),
+        None,
         Some(adapter),
         device,
         supervisor_sampling(),

@@ -386,7 +386,12 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     let (status, body) = request(addr, "POST", &format!("/jobs/{third}/pause"), "", None).unwrap();
     assert_eq!(status, 202, "{body}");
     assert_eq!(job(addr, &third)["state"], "paused");
-    std::thread::sleep(Duration::from_secs(2)); // a batch in flight finishes
+    // The batch in flight finishes; then the job reports itself parked.
+    let started = Instant::now();
+    while job_status(addr, &third)["progress"]["parked"] != true {
+        assert!(started.elapsed() < Duration::from_secs(300), "the paused job never parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let held = proxies_generated();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(proxies_generated(), held, "nothing is generated while paused");
@@ -652,4 +657,68 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
         let uninterrupted = std::fs::read(again_dir.join(adapter)).unwrap();
         assert!(interrupted == uninterrupted, "{adapter} differs from the uninterrupted run's");
     }
+}
+
+/// A spec job (`kind: run`): the user's own reference-layout models under the roots (a tiny SD 1.x
+/// folder and a tiny Chameleon), the photos uploaded; it runs to its report. A spec naming a
+/// folder outside the roots, or with a problem `run --check` finds, is refused with a message
+/// naming it.
+#[test]
+fn a_spec_job_with_uploaded_photos_and_reference_layout_models_runs_to_its_report() {
+    use crate::job::{fixture, tiny_student, walk};
+    let dir = tempfile::tempdir().unwrap();
+    let roots = dir.path().join("roots");
+    for entry in walk(&fixture("sd_tiny")) {
+        let dest = roots.join("sd_tiny").join(entry.strip_prefix(fixture("sd_tiny")).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, dest).unwrap();
+    }
+    tiny_student("zwx", &roots);
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let _daemon = KillOnDrop(start(dir.path(), &format!("127.0.0.1:{port}"), ""));
+    wait_up(addr, None);
+    let body = |student_path: &str, student_resolution: u32| {
+        format!(
+            r#"{{"kind": "run", "images": {images}, "spec": {{
+                "subject": {{"name": "rex", "class_noun": "robot toy", "identifier": "zwx"}},
+                "supervisor": {{"family": "sd1", "path": "sd_tiny", "resolution": 48, "steps": 3, "batch": 2,
+                                "dreambooth": {{"steps": 4, "class_images": 2}}}},
+                "proxies": {{"per_prompt": 1}},
+                "student": {{"family": "chameleon", "path": "{student_path}", "resolution": {student_resolution},
+                             "steps": 4, "batch": 2, "rows_to_start": 2, "sampling": {{"top_k": 16}},
+                             "structure_tokens": {{"bos": 1, "separator": 2, "begin_image": 5, "end_image": 6,
+                                                   "new_line": 7, "size_base": 8}}}},
+                "evaluation": {{"images_per_prompt": 1, "prompts": 1}},
+                "devices": {{"supervisor": "cpu", "student": "cpu", "scorers": "cpu"}}}}}}"#,
+            images = uploads(&photos(7, 3)),
+        )
+    };
+    // Refused: a model folder outside the roots; a resolution the check finds wrong.
+    let (status, answer) = request(addr, "POST", "/jobs", &body("/etc", 64), None).unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("spec.student.path") && answer.contains("outside the daemon's roots"),
+        "{answer}"
+    );
+    let (status, answer) = request(addr, "POST", "/jobs", &body("chameleon", 40), None).unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("student.resolution: 40 px"), "{answer}");
+
+    let (status, answer) = request(addr, "POST", "/jobs", &body("chameleon", 64), None).unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let id = serde_json::from_str::<serde_json::Value>(&answer).unwrap()["id"].as_str().unwrap().to_string();
+    let done = wait_state(addr, &id, &["succeeded", "failed"]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (status, report) =
+        request(addr, "GET", &format!("/jobs/{id}/files/report/report.json"), "", None).unwrap();
+    assert_eq!(status, 200, "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["subject"], "rex");
+    assert_eq!(report["stages"]["proxies"]["rows"], 26, "the subject prompt and 25 DreamBench templates");
+    assert_eq!(report["stages"]["student"]["steps"], 4);
+    assert_eq!(report["evaluation"]["models"].as_array().unwrap().len(), 3);
+    // The record keeps the spec, not the uploads.
+    let record = std::fs::read_to_string(dir.path().join(format!("data/jobs/{id}/job.json"))).unwrap();
+    assert!(record.contains("\"kind\": \"run\"") && !record.contains("data_base64"), "{record}");
 }

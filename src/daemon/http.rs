@@ -11,7 +11,8 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::jobs::{JobSpec, JobState};
 use super::{EvaluateRefusal, Shared};
-use crate::demo::JobCommand;
+use crate::job::pipeline::JobCommand;
+use crate::report::escape;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -253,9 +254,4 @@ fn status_page(shared: &Shared) -> String {
          <h1>proxytune daemon</h1><table border=\"1\"><tr><th>job</th><th>subject</th><th>state</th><th>stage</th><th>progress</th><th>latest samples</th><th>error</th></tr>\n{rows}</table>\
          <p><a href=\"/metrics\">/metrics</a> · <a href=\"/jobs\">/jobs</a></p></body></html>"
     )
-}
-
-/// `text` safe inside HTML.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

@@ -1,5 +1,6 @@
-//! Jobs and their store. A job is a **tune** job (a subject, world or photos, taught end to end:
-//! the demo's typed settings) or a **replay** job (a fresh student trained on a stored corpus
+//! Jobs and their store. A job is a **tune** job (a subject, world or photos, taught end to end
+//! on the world models: the demo's typed settings), a **run** job (a job spec over the user's own
+//! models, as `proxytune run` takes it) or a **replay** job (a fresh student trained on a stored corpus
 //! version, no generation). Its spec and state live in the data directory as `jobs/<id>/job.json`,
 //! written atomically (temp file + rename) on every transition, beside the job's own corpus,
 //! checkpoints, uploaded photos and report. A plain-file store: one small JSON document per job,
@@ -25,6 +26,23 @@ pub enum JobSpec {
     Tune(TuneSpec),
     /// Train a fresh student on a stored corpus version and evaluate it.
     Replay(ReplaySpec),
+    /// A job from a job spec (the structure of `proxytune run`'s TOML, as JSON): the user's own
+    /// supervisor and student folders under the daemon's roots.
+    Run(RunSpec),
+}
+
+/// A spec job: the spec, with the subject's photos uploaded or in a folder under the roots.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// The job spec. Its `output` is the job's folder (leave it out); its `subject.photos` is a
+    /// folder under the roots unless `images` are uploaded; every model folder must lie under the
+    /// roots.
+    pub spec: crate::job::spec::JobSpec,
+    /// The subject's photos (3–6 PNG or JPEG), uploaded in the request. Not kept in `job.json`:
+    /// they are stored in the job's `photos/` folder.
+    #[serde(default, skip_serializing)]
+    pub images: Vec<Upload>,
 }
 
 /// A photo in a request.
@@ -175,7 +193,7 @@ impl JobSpec {
     /// Where the job's report is, under its folder.
     pub fn report_path(&self) -> &'static str {
         match self {
-            JobSpec::Tune(_) => "report/report.json",
+            JobSpec::Tune(_) | JobSpec::Run(_) => "report/report.json",
             JobSpec::Replay(_) => "report.json",
         }
     }
@@ -184,6 +202,7 @@ impl JobSpec {
     pub fn label(&self) -> String {
         match self {
             JobSpec::Tune(t) => t.subject.clone(),
+            JobSpec::Run(r) => r.spec.subject.name.clone(),
             JobSpec::Replay(r) => match (&r.source_job, &r.corpus) {
                 (Some(job), _) => format!("replay of {job}"),
                 (None, Some(c)) => format!("replay of {}", c.display()),

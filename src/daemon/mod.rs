@@ -31,7 +31,7 @@ use serde::Deserialize;
 
 use jobs::{JobSpec, JobState, JobStore};
 
-use crate::demo::{JobCommand, JobProgress, ProgressHandle};
+use crate::job::pipeline::{JobCommand, JobProgress, ProgressHandle};
 
 /// Arguments of `proxytune daemon`.
 #[derive(Debug, clap::Args)]
@@ -217,6 +217,82 @@ impl Shared {
         result
     }
 
+    /// A spec job's checks and queuing: every path confined to the roots, the photos (uploaded
+    /// or from a folder) staged and checked, then the whole spec checked as `proxytune run
+    /// --check` does (every problem named in one answer).
+    fn submit_run(&self, mut run: jobs::RunSpec) -> anyhow::Result<jobs::Job> {
+        use crate::job::spec::PromptSource;
+        let spec = &mut run.spec;
+        anyhow::ensure!(
+            spec.output.as_os_str().is_empty(),
+            "spec.output: the daemon writes a job into its own folder; leave `output` out"
+        );
+        spec.supervisor.path = self.confine("spec.supervisor.path", &spec.supervisor.path)?;
+        spec.student.path = self.confine("spec.student.path", &spec.student.path)?;
+        if let Some(p) = &spec.student.vq_path {
+            spec.student.vq_path = Some(self.confine("spec.student.vq_path", p)?);
+        }
+        for (what, path) in [
+            ("spec.evaluation.dino", &mut spec.evaluation.dino),
+            ("spec.evaluation.clip", &mut spec.evaluation.clip),
+        ] {
+            if let Some(p) = path {
+                *p = self.confine(what, p)?;
+            }
+        }
+        if let PromptSource::File(f) = &spec.subject.prompts {
+            spec.subject.prompts = PromptSource::File(self.confine("spec.subject.prompts", f)?);
+        }
+        let uploads = std::mem::take(&mut run.images); // kept in the job's folder, not its record
+        let max = self.config.max_photo_bytes;
+        let photos = match (uploads.is_empty(), spec.subject.photos.as_os_str().is_empty()) {
+            (false, true) => decode_uploads(&uploads, max)?,
+            (true, false) => read_folder(&self.confine("spec.subject.photos", &spec.subject.photos)?, max)?,
+            (false, false) => {
+                anyhow::bail!("give the subject's photos as `images` or as `spec.subject.photos`, not both")
+            }
+            (true, true) => anyhow::bail!(
+                "the subject's photos are missing: upload `images` or name `spec.subject.photos`"
+            ),
+        };
+        crate::subject::check_photo_count(photos.len()).context("the subject's photos")?;
+        static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = self.config.data_dir.join("staging").join(format!("{}-run-{n}", std::process::id()));
+        let staged_photos = staging.join("photos");
+        let staged = || -> anyhow::Result<()> {
+            std::fs::create_dir_all(&staged_photos)
+                .with_context(|| format!("cannot create {}", staged_photos.display()))?;
+            for (k, (name, ext, bytes)) in photos.iter().enumerate() {
+                std::fs::write(staged_photos.join(format!("{k:02}.{ext}")), bytes)
+                    .with_context(|| format!("photo `{name}`"))?;
+            }
+            let mut checked = run.spec.clone();
+            checked.subject.photos = staged_photos.clone();
+            checked.output = staging.join("out");
+            let report = crate::job::check::check(&checked);
+            anyhow::ensure!(
+                report.problems.is_empty(),
+                "the spec has {} problem(s): {}",
+                report.problems.len(),
+                report.problems.join("; ")
+            );
+            Ok(())
+        };
+        let result = staged().and_then(|()| {
+            let mut record = run.clone();
+            record.spec.subject.photos = PathBuf::new(); // the job's own photos/, set when it runs
+            self.store().submit(JobSpec::Run(record), |dir| {
+                let photos = dir.join("photos");
+                std::fs::rename(&staged_photos, &photos)
+                    .with_context(|| format!("cannot move the photos to {}", photos.display()))?;
+                Ok(Some(photos))
+            })
+        });
+        std::fs::remove_dir_all(&staging).ok();
+        result
+    }
+
     /// Validates a spec and queues it: a tune job's subject (world subject, uploaded photos or a
     /// folder under the roots), its class noun, identifier and budgets; a replay job's corpus,
     /// version (pinned now) and selection. Uploads are stored in the job's `photos/` folder.
@@ -225,6 +301,12 @@ impl Shared {
             JobSpec::Tune(tune) => {
                 let shared = self.clone();
                 tokio::task::spawn_blocking(move || shared.submit_tune(tune))
+                    .await
+                    .context("the submission's thread panicked")??
+            }
+            JobSpec::Run(run) => {
+                let shared = self.clone();
+                tokio::task::spawn_blocking(move || shared.submit_run(run))
                     .await
                     .context("the submission's thread panicked")??
             }
@@ -320,6 +402,11 @@ impl Shared {
     /// to `proxytune_eval_score{model="student_checkpoint"|"supervisor"}`. Returns `n`.
     fn evaluate_now(self: &Arc<Self>, id: &str) -> Result<u64, EvaluateRefusal> {
         let Some(job) = self.store().get(id).cloned() else { return Err(EvaluateRefusal::NoJob) };
+        if matches!(job.spec, JobSpec::Run(_)) {
+            return Err(EvaluateRefusal::NotNow(format!(
+                "job `{id}` is a spec job: evaluate-now serves jobs on the world models; a spec job is evaluated when it ends"
+            )));
+        }
         let dir = self.store().dir(id);
         let checkpoint = proxytune_models::checkpoint::latest(&dir.join("student/checkpoints"))
             .ok()
@@ -357,12 +444,13 @@ impl Shared {
             return Err(EvaluateRefusal::NotNow(format!("cannot copy {}: {e}", checkpoint.display())));
         }
         let corpus = match &job.spec {
-            JobSpec::Tune(_) => dir.join("corpus"),
+            JobSpec::Tune(_) | JobSpec::Run(_) => dir.join("corpus"),
             JobSpec::Replay(_) => job.input.clone().unwrap_or_default(),
         };
         let (eval_images, eval_prompts, models) = match &job.spec {
             JobSpec::Tune(t) => (t.eval_images, t.eval_prompts, t.models.clone()),
             JobSpec::Replay(r) => (r.eval_images, r.eval_prompts, r.models.clone()),
+            JobSpec::Run(_) => unreachable!("refused above"),
         };
         let world = models.unwrap_or_else(|| self.config.world.clone());
         let shared = self.clone();
@@ -431,7 +519,7 @@ fn evaluate_checkpoint(
         anyhow::Ok(corpus.table::<proxytune_schemas::ReferenceImage>().await?.read_rows(None).await?)
     })?;
     let subject = crate::subject::JobSubject::stored(&World::new(7, CLASSES.len()), &references)?;
-    let device = crate::world_models::device_name(device)?;
+    let device = crate::job::plan::device_name(device)?;
     std::fs::create_dir_all(out)?;
     let spec = crate::world_models::EvalSpec {
         world_dir: world,
@@ -519,6 +607,20 @@ async fn runner(shared: Arc<Shared>) {
                 JobSpec::Tune(tune) => {
                     let args = tune.demo_args(out, job.input.clone(), world, device);
                     handle.block_on(crate::demo::execute(&args, rx, Some(&job_id), &progress))
+                }
+                JobSpec::Run(run) => {
+                    let mut spec = run.spec.clone();
+                    spec.output = out;
+                    spec.subject.photos = job.input.clone().unwrap_or_default();
+                    let plan = crate::job::plan::resolve(&spec, &job_id)?;
+                    let evaluator = crate::job::evaluate::SpecEvaluator;
+                    handle.block_on(crate::job::execute::execute(
+                        &plan,
+                        &evaluator,
+                        rx,
+                        Some(&job_id),
+                        &progress,
+                    ))
                 }
                 JobSpec::Replay(replay) => {
                     let corpus = job.input.clone().unwrap_or_default();

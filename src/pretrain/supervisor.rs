@@ -119,7 +119,25 @@ fn text_encoder(clip: &Path, out: &Path) -> anyhow::Result<i64> {
         std::fs::copy(clip.join(file), out.join("tokenizer").join(file))
             .with_context(|| format!("{} lacks {file}", clip.display()))?;
     }
+    write_json(&out.join("tokenizer/tokenizer_config.json"), &tokenizer_config(&text)?)?;
     Ok(width)
+}
+
+/// The `tokenizer_config.json` transformers' `CLIPTokenizer` needs to load the folder as the
+/// reference pipeline does: its class, special tokens and maximum length (the text tower's
+/// positions; without it the tokenizer pads to no length and the pipeline fails).
+fn tokenizer_config(text_config: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let positions =
+        text_config["max_position_embeddings"].as_i64().context("text_config.max_position_embeddings")?;
+    Ok(serde_json::json!({
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": positions,
+        "do_lower_case": true,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }))
 }
 
 fn scenes(world: &World, from: u64, n: usize) -> Vec<Scene> {

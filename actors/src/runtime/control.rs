@@ -1,7 +1,7 @@
 //! The job's run state, shared by every actor of a pipeline: running, paused, draining (cancelled:
 //! sources stop, everything downstream finishes its input) and aborting (everyone stops now).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ impl RunState {
 
 struct Shared {
     state: AtomicU8,
+    /// Self-driven work units (a source's batch, an operator's own pending work) in progress.
+    units: AtomicUsize,
     lock: Mutex<()>,
     changed: Condvar,
     changed_async: tokio::sync::Notify,
@@ -58,6 +60,7 @@ impl Control {
     pub fn new() -> Self {
         Control(Arc::new(Shared {
             state: AtomicU8::new(0),
+            units: AtomicUsize::new(0),
             lock: Mutex::new(()),
             changed: Condvar::new(),
             changed_async: tokio::sync::Notify::new(),
@@ -111,6 +114,23 @@ impl Control {
         self.state() == RunState::Aborting
     }
 
+    /// Starts a self-driven unit of work (a source's batch, a generator's pending work) when the
+    /// job runs; `None` when a pause (or a stop) came first, so the caller waits again. While the
+    /// guard lives the job is not [`parked`](Self::parked).
+    pub fn begin_unit(&self) -> Option<UnitGuard> {
+        self.0.units.fetch_add(1, Ordering::SeqCst);
+        let guard = UnitGuard(self.0.clone());
+        // Checked after counting the unit: a pause that lands first is seen here, so a `parked`
+        // answer can never precede a unit that then runs.
+        (self.state() == RunState::Running).then_some(guard)
+    }
+
+    /// True once the job is paused and no self-driven unit of work is in progress: nothing is
+    /// being generated until it resumes (downstream may still finish what is queued).
+    pub fn parked(&self) -> bool {
+        self.state() == RunState::Paused && self.0.units.load(Ordering::SeqCst) == 0
+    }
+
     /// Blocks the calling thread while paused; returns the state that ended the wait.
     pub fn wait_while_paused_blocking(&self) -> RunState {
         let mut guard = self.0.lock.lock().expect("control lock");
@@ -144,5 +164,33 @@ impl Control {
             }
             notified.await;
         }
+    }
+}
+
+/// A unit of self-driven work in progress (see [`Control::begin_unit`]).
+pub struct UnitGuard(Arc<Shared>);
+
+impl Drop for UnitGuard {
+    fn drop(&mut self) {
+        self.0.units.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parked_means_paused_with_no_unit_in_progress() {
+        let c = Control::new();
+        let unit = c.begin_unit().expect("running");
+        assert!(c.pause());
+        assert!(!c.parked(), "a unit started before the pause still runs");
+        drop(unit);
+        assert!(c.parked());
+        assert!(c.begin_unit().is_none(), "no unit starts while paused");
+        assert!(c.parked(), "a refused unit does not count");
+        assert!(c.resume());
+        assert!(!c.parked());
     }
 }

@@ -288,6 +288,7 @@ pub fn run_source<S: Source>(mut source: S, wiring: Wiring, mut ctx: Context) ->
         if control.wait_while_paused_blocking() != super::control::RunState::Running {
             break;
         }
+        let Some(_unit) = control.begin_unit() else { continue };
         let started = Instant::now();
         let produced = match source.produce(&mut ctx, &mut out) {
             Ok(p) => p,
@@ -330,6 +331,7 @@ pub fn run_operator<O: Operator>(mut op: O, wiring: Wiring, mut ctx: Context) ->
             if control.wait_while_paused_blocking() != super::control::RunState::Running {
                 break;
             }
+            let Some(_unit) = control.begin_unit() else { continue };
             let started = Instant::now();
             step!(ctx, "batch", op.do_pending_work(&mut ctx, &mut out));
             ctx.metrics.batch_seconds.record(started.elapsed().as_secs_f64());
@@ -387,6 +389,7 @@ pub async fn run_async_source<S: AsyncSource>(
         if control.wait_while_paused().await != super::control::RunState::Running {
             break;
         }
+        let Some(_unit) = control.begin_unit() else { continue };
         let started = Instant::now();
         let produced = match source.produce(&mut ctx, &mut out).await {
             Ok(p) => p,

@@ -1,0 +1,159 @@
+//! One job from its [`StagePlan`]: the streaming pipeline into the corpus under `plan.out`, the
+//! evaluation of the untuned student, the tuned supervisor and the tuned student with the same
+//! seeds, and `report/index.html` with `report.json` and the grids. The demo (the world preset),
+//! `proxytune run` and the daemon all run their jobs through here.
+
+use std::time::Instant;
+
+use proxytune_actors::corpus::Corpus;
+use proxytune_actors::runtime::{JobOutcome, Metrics};
+use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, Supervisor, VqTokens};
+
+use super::pipeline::{pipeline, set_stage, JobCommand, ProgressHandle};
+use super::plan::StagePlan;
+use crate::report::{decode, html, record_scores, save_grid, squares, throughput};
+use crate::world_models::ModelScores;
+
+/// Evaluates a finished job's models.
+pub(crate) trait Evaluator {
+    /// The scored models, in the order untuned student, supervisor, tuned student.
+    fn evaluate(&self, plan: &StagePlan) -> anyhow::Result<Vec<(String, ModelScores)>>;
+    /// What the report says the scores were measured with.
+    fn note(&self) -> String;
+}
+
+/// Runs `plan` with the global metrics recorder (with `job_id` on every series when given),
+/// steered by `commands` (pause, resume, cancel: a cancel drains it), then evaluates with
+/// `evaluator` and writes the report. Returns the exit code (0 done, 130 cancelled).
+pub(crate) async fn execute(
+    plan: &StagePlan,
+    evaluator: &dyn Evaluator,
+    commands: tokio::sync::watch::Receiver<JobCommand>,
+    job_id: Option<&str>,
+    progress: &ProgressHandle,
+) -> anyhow::Result<i32> {
+    let subject = &plan.subject;
+    let metrics = match job_id {
+        Some(id) => Metrics::global().for_job(id),
+        None => Metrics::global(),
+    };
+    metrics.describe_all();
+    let corpus = Corpus::open_or_create(plan.out.join("corpus"))?;
+    let report_dir = plan.out.join("report");
+    std::fs::create_dir_all(&report_dir)?;
+    eprintln!(
+        "proxytune: subject {} (a {}), output {}",
+        subject.name,
+        subject.class_noun,
+        plan.out.display()
+    );
+    let t0 = Instant::now();
+    set_stage(progress, "starting");
+    let run = pipeline(plan, &corpus, metrics.clone(), commands, progress).await?;
+    if run.outcome == JobOutcome::Cancelled {
+        set_stage(progress, "cancelled");
+        eprintln!(
+            "proxytune: cancelled; the corpus at {} keeps every committed row (`proxytune corpus info`)",
+            corpus.root().display()
+        );
+        return Ok(run.outcome.exit_code());
+    }
+    if run.outcome != JobOutcome::Succeeded {
+        anyhow::bail!(
+            "the pipeline ended {:?}{}; the corpus at {} keeps every committed row",
+            run.outcome,
+            run.error.map(|e| format!(" ({e})")).unwrap_or_default(),
+            corpus.root().display()
+        );
+    }
+
+    // What the corpus holds now.
+    let proxies: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
+    let priors: Vec<ClassPriorImage> = corpus.table::<ClassPriorImage>().await?.read_rows(None).await?;
+    let vq_rows: Vec<VqTokens> = corpus.table::<VqTokens>().await?.read_rows(None).await?;
+    let supervisors: Vec<Supervisor> = corpus.table::<Supervisor>().await?.read_rows(None).await?;
+    let kept: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(true)).collect();
+    let rejected: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(false)).collect();
+    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+    for p in &rejected {
+        *reasons.entry(p.reject_reason.map(|r| r.as_str().to_string()).unwrap_or_default()).or_default() += 1;
+    }
+    let first_proxy_us = proxies.iter().map(|p| p.generated_at_us).min().unwrap_or(0);
+    let last_proxy_us = proxies.iter().map(|p| p.generated_at_us).max().unwrap_or(0);
+    let first_step_us = run.trainer.step_started_us.first().copied();
+    let last_step_us = run.trainer.step_started_us.last().copied();
+    let steps_before_last_proxy = run.trainer.step_started_us.iter().filter(|&&t| t < last_proxy_us).count();
+
+    set_stage(progress, "evaluating");
+    let t_eval = Instant::now();
+    let scores = if plan.eval.skip { Vec::new() } else { evaluator.evaluate(plan)? };
+    let eval_seconds = t_eval.elapsed().as_secs_f64();
+
+    set_stage(progress, "reporting");
+    // Grids.
+    let references = squares(&subject.references, 128);
+    save_grid(&references, references.len(), &report_dir.join("references.png"))?;
+    let kept_imgs: Vec<_> = kept.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
+    let rejected_imgs: Vec<_> = rejected.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
+    let has_kept = save_grid(&kept_imgs, 12, &report_dir.join("proxies_kept.png"))?;
+    let has_rejected = save_grid(&rejected_imgs, 12, &report_dir.join("proxies_rejected.png"))?;
+    for (i, (_, s)) in scores.iter().enumerate() {
+        let mut samples: Vec<&EvalSample> = s.images.iter().collect();
+        samples.sort_by_key(|e| (e.prompt_index, e.sample_index));
+        let imgs: Vec<_> = samples.iter().filter_map(|e| decode(&e.image_png)).collect();
+        save_grid(&imgs, plan.eval.images_per_prompt * 5, &report_dir.join(format!("samples_{i}.png")))?;
+    }
+
+    let seconds = |a: i64, b: i64| (b - a) as f64 / 1e6;
+    let generation_seconds = seconds(first_proxy_us, last_proxy_us).max(1e-9);
+    let report = serde_json::json!({
+        "subject": subject.name, "class": subject.class_noun, "identifier": subject.identifier,
+        "models": { "supervisor": plan.tuner.model_id, "student": plan.trainer.tokenizer_id,
+                    "supervisor_dir": plan.tuner.model_dir.display().to_string(),
+                    "student_dir": plan.trainer.student_dir.display().to_string() },
+        "outcome": format!("{:?}", run.outcome),
+        "stages": {
+            "class_priors": throughput(priors.iter().map(|r| r.created_at_us)),
+            "supervisor": {
+                "steps": supervisors.first().map(|s| s.train_steps),
+                "ready_at_us": supervisors.first().map(|s| s.created_at_us),
+                "final_loss": supervisors.first().and_then(|s| s.final_loss),
+                "steps_per_second": supervisors.first().map(|s| s.train_steps as f64
+                    / seconds(priors.iter().map(|r| r.created_at_us).min().unwrap_or(s.created_at_us), s.created_at_us).max(1e-9)),
+            },
+            "filter": throughput(proxies.iter().filter_map(|p| p.filtered_at_us)),
+            "proxies": { "rows": proxies.len(), "kept": kept.len(), "rejected": rejected.len(),
+                         "reject_reasons": reasons,
+                         "width": proxies.first().map(|p| p.width), "height": proxies.first().map(|p| p.height),
+                         "first_generated_at_us": first_proxy_us, "last_generated_at_us": last_proxy_us,
+                         "per_second": proxies.len() as f64 / generation_seconds },
+            "vq_tokens": throughput(vq_rows.iter().map(|r| r.created_at_us)),
+            "student": { "steps": run.trainer.steps, "rows_received": run.trainer.rows_received,
+                         "first_step_at_us": first_step_us, "last_step_at_us": last_step_us,
+                         "steps_before_last_proxy": steps_before_last_proxy,
+                         "losses": run.trainer.losses,
+                         "steps_per_second": run.trainer.step_started_us.len() as f64
+                             / seconds(first_step_us.unwrap_or(0), last_step_us.unwrap_or(0)).max(1e-9) },
+        },
+        "corpus": { "path": corpus.root().display().to_string(), "proxies_version": run.proxies_version,
+                    "vq_tokens_version": run.vq_version, "rows_trained_on": run.trainer.rows_received },
+        "pipeline_seconds": run.seconds,
+        "evaluation_seconds": eval_seconds,
+        "total_seconds": t0.elapsed().as_secs_f64(),
+        "evaluation": { "images_per_prompt": plan.eval.images_per_prompt,
+                        "prompts": plan.eval.max_prompts.unwrap_or(subject.templates.len()).min(subject.templates.len()),
+                        "skipped": plan.eval.skip,
+                        "note": evaluator.note(),
+                        "models": scores.iter().map(|(label, s)| serde_json::json!({"label": label, "scores": s})).collect::<Vec<_>>() },
+    });
+    std::fs::write(report_dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(report_dir.join("index.html"), html(&report, &scores, has_kept, has_rejected))?;
+    for (i, (_, s)) in scores.iter().enumerate() {
+        let model = ["student_untuned", "supervisor", "student"].get(i).copied().unwrap_or("model");
+        record_scores(&metrics, model, s);
+    }
+    set_stage(progress, "done");
+    eprintln!("report: {}", report_dir.join("index.html").display());
+    println!("{}", serde_json::to_string_pretty(&report["evaluation"])?);
+    Ok(0)
+}

@@ -1,0 +1,468 @@
+//! A job resolved once into each stage's own config (as Vector builds its component configs once):
+//! the [`StagePlan`] the pipeline is built from. [`resolve`] makes it from a user's spec; the world
+//! preset (`demo.rs`) makes it from the world's models. Nothing downstream reads the spec again.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use proxytune_actors::ar_trainer::ArTrainerConfig;
+use proxytune_actors::class_prior_sampler::ClassPriorConfig;
+use proxytune_actors::diffusion_sampling::SamplingConfig;
+use proxytune_actors::filter::{FilterConfig, ImageMetric, PromptScorer};
+use proxytune_actors::generators::StudentSampling;
+use proxytune_actors::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
+use proxytune_actors::supervisor_tuner::SupervisorTunerConfig;
+use proxytune_actors::tokenize::TokenizeConfig;
+use proxytune_models::ar::chameleon::ChameleonConfig;
+use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
+use proxytune_models::ar::train::ArTrainConfig;
+use proxytune_models::diffusion::dreambooth::{DreamBoothConfig, Precision as TrainPrecision};
+use proxytune_models::diffusion::pipeline::SamplerKind;
+use proxytune_models::lora::LoraConfig;
+use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
+use proxytune_models::scorers::feat_i::{FeatI, WEIGHTS_FILE};
+use proxytune_models::scorers::ImageEmbedder;
+use proxytune_models::tokenizer::clip::ClipTokenizer;
+use sha2::Digest;
+
+use super::spec::{JobSpec, Precision, PromptSource, SchedulerChoice};
+
+/// The longest side a stored reference keeps (each stage resizes for its model).
+pub const REFERENCE_MAX_SIDE: u32 = 1024;
+
+/// The subject as the pipeline and the evaluation see it.
+#[derive(Clone, Debug)]
+pub struct SubjectPlan {
+    /// Name (the corpus's `subject` column).
+    pub name: String,
+    /// Class noun.
+    pub class_noun: String,
+    /// The identifier token.
+    pub identifier: String,
+    /// Live subject (DreamBench's live prompt list) or object.
+    pub live: bool,
+    /// The reference photos as stored.
+    pub references: Vec<image::RgbImage>,
+    /// Where each reference came from.
+    pub sources: Vec<String>,
+    /// The evaluation's prompt templates (`{}` for the subject).
+    pub templates: Vec<String>,
+}
+
+/// Where the Filter's (and the evaluation's) encoders come from.
+#[derive(Clone, Debug)]
+pub enum ScorerSource {
+    /// The toy world's DINO and CLIP (`models/world/{dino,clip}`).
+    World(PathBuf),
+    /// FEAT-I (EfficientNet-Lite0 from the assets folder), and DINO and CLIP folders when given.
+    Real {
+        /// The assets folder (`efficientnet_lite0.safetensors`, CLIP's BPE).
+        assets: PathBuf,
+        /// A DINO folder.
+        dino: Option<PathBuf>,
+        /// A CLIP folder.
+        clip: Option<PathBuf>,
+    },
+}
+
+/// Image encoders with their metric, and a CLIP-T scorer when there is one.
+pub type LoadedScorers = (Vec<(ImageMetric, Box<dyn ImageEmbedder + Send>)>, Option<Box<dyn PromptScorer>>);
+
+impl ScorerSource {
+    /// The metric fidelity is judged by: DINO when there is one, else FEAT-I.
+    pub fn fidelity_metric(&self) -> ImageMetric {
+        match self {
+            ScorerSource::World(_) | ScorerSource::Real { dino: Some(_), .. } => ImageMetric::Dino,
+            ScorerSource::Real { dino: None, .. } => ImageMetric::FeatI,
+        }
+    }
+
+    /// Loads the encoders on `device`.
+    pub fn load(&self, device: tch::Device) -> anyhow::Result<LoadedScorers> {
+        match self {
+            ScorerSource::World(dir) => {
+                let dino = Dino::load(&dir.join("dino"), device)?;
+                let clip_dir = dir.join("clip");
+                let clip = ClipScorer::load(&clip_dir, ClipTokenizer::from_folder(&clip_dir)?, device)?;
+                let clip_t = ClipScorer::load(&clip_dir, ClipTokenizer::from_folder(&clip_dir)?, device)?;
+                Ok((
+                    vec![(ImageMetric::Dino, Box::new(dino)), (ImageMetric::ClipI, Box::new(clip))],
+                    Some(Box::new(clip_t)),
+                ))
+            }
+            ScorerSource::Real { assets, dino, clip } => {
+                let feat = FeatI::load(&assets.join(WEIGHTS_FILE), device).with_context(|| {
+                    format!("FEAT-I weights in {} (`tools/dev setup` fetches them)", assets.display())
+                })?;
+                let mut embedders: Vec<(ImageMetric, Box<dyn ImageEmbedder + Send>)> =
+                    vec![(ImageMetric::FeatI, Box::new(feat))];
+                if let Some(d) = dino {
+                    embedders.push((ImageMetric::Dino, Box::new(Dino::load(d, device)?)));
+                }
+                let mut clip_t: Option<Box<dyn PromptScorer>> = None;
+                if let Some(c) = clip {
+                    embedders.push((
+                        ImageMetric::ClipI,
+                        Box::new(ClipScorer::load(c, clip_tokenizer(c, assets)?, device)?),
+                    ));
+                    clip_t = Some(Box::new(ClipScorer::load(c, clip_tokenizer(c, assets)?, device)?));
+                }
+                Ok((embedders, clip_t))
+            }
+        }
+    }
+}
+
+/// A CLIP folder's own vocabulary when it has one, else OpenAI's BPE from the assets.
+pub fn clip_tokenizer(dir: &Path, assets: &Path) -> anyhow::Result<ClipTokenizer> {
+    let own = dir.join("vocab.json").is_file() || dir.join("tokenizer.json").is_file();
+    Ok(if own {
+        ClipTokenizer::from_folder(dir)?
+    } else {
+        ClipTokenizer::from_openai_bpe(&assets.join("bpe_simple_vocab_16e6.txt.gz"))?
+    })
+}
+
+/// The assets folder: `$PROXYTUNE_ASSETS`, else `~/.cache/proxytune/assets` (where `tools/dev
+/// setup` puts them).
+pub fn assets_dir() -> PathBuf {
+    if let Some(a) = std::env::var_os("PROXYTUNE_ASSETS") {
+        return PathBuf::from(a);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache/proxytune/assets")
+}
+
+/// How the evaluation loads the two tuned models.
+#[derive(Clone, Debug)]
+pub struct EvalPlan {
+    /// The supervisor folder and its weight variant.
+    pub supervisor_dir: PathBuf,
+    /// Weight variant of the supervisor folder.
+    pub supervisor_variant: Option<String>,
+    /// The supervisor's sampling.
+    pub supervisor_sampling: SamplingConfig,
+    /// The student folder.
+    pub student_dir: PathBuf,
+    /// The folder of the student's VQ decoder.
+    pub vq_dir: PathBuf,
+    /// The student's sampling.
+    pub student_sampling: StudentSampling,
+    /// Images per prompt.
+    pub images_per_prompt: usize,
+    /// Only the first this many prompts.
+    pub max_prompts: Option<usize>,
+    /// No evaluation.
+    pub skip: bool,
+    /// The scorers' device.
+    pub device: String,
+}
+
+/// Each stage's own config.
+#[derive(Clone, Debug)]
+pub struct StagePlan {
+    /// Job id written into every row.
+    pub job_id: String,
+    /// The subject.
+    pub subject: SubjectPlan,
+    /// Class priors (the untuned supervisor).
+    pub class_priors: ClassPriorConfig,
+    /// DreamBooth.
+    pub tuner: SupervisorTunerConfig,
+    /// Proxy generation (its `stored_seeds` are filled when the pipeline is built).
+    pub generator: ProxyGeneratorConfig,
+    /// The Filter's thresholds.
+    pub filter: FilterConfig,
+    /// The Filter's and the evaluation's encoders.
+    pub scorers: ScorerSource,
+    /// Their device.
+    pub scorer_device: String,
+    /// VQ tokenization.
+    pub tokenize: TokenizeConfig,
+    /// The student's training.
+    pub trainer: ArTrainerConfig,
+    /// The evaluation.
+    pub eval: EvalPlan,
+    /// The output folder.
+    pub out: PathBuf,
+}
+
+/// The sampler of a diffusers folder's own scheduler (`scheduler/scheduler_config.json`'s class).
+pub fn folder_sampler(dir: &Path) -> Result<SamplerKind, String> {
+    let path = dir.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    match json.get("_class_name").and_then(|c| c.as_str()) {
+        Some("DDIMScheduler") => Ok(SamplerKind::Ddim),
+        Some("EulerDiscreteScheduler") => Ok(SamplerKind::Euler),
+        other => Err(format!(
+            "the folder's scheduler {} is not one proxytune samples with; set supervisor.scheduler to `ddim` or `euler`",
+            other.unwrap_or("(no _class_name)")
+        )),
+    }
+}
+
+/// A model's identity in the corpus: family, folder and a content hash of its configs.
+pub fn model_identity(family: &str, dir: &Path, configs: &[&str]) -> String {
+    let mut hash = sha2::Sha256::new();
+    for c in configs {
+        if let Ok(bytes) = std::fs::read(dir.join(c)) {
+            hash.update(c.as_bytes());
+            hash.update(&bytes);
+        }
+    }
+    let digest = hash.finalize();
+    let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{family}:{}#{short}", dir.display())
+}
+
+/// The concrete device (`cpu`, `cuda:N`) that `auto` and friends resolve to.
+pub fn device_name(device: &str) -> anyhow::Result<String> {
+    Ok(match proxytune_models::device::parse_device(device)? {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    })
+}
+
+fn train_precision(p: Precision) -> TrainPrecision {
+    match p {
+        Precision::Bf16 => TrainPrecision::Bf16,
+        _ => TrainPrecision::F32,
+    }
+}
+
+/// The references of a photos folder: decoded (EXIF orientation applied), RGB, and no longer than
+/// [`REFERENCE_MAX_SIDE`] on their long side.
+pub fn read_photos(dir: &Path) -> anyhow::Result<(Vec<image::RgbImage>, Vec<String>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("subject.photos {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+            p.is_file() && matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    let mut images = Vec::new();
+    let mut names = Vec::new();
+    for f in &files {
+        let mut decoder = image::ImageReader::open(f)
+            .and_then(|r| r.with_guessed_format())
+            .with_context(|| f.display().to_string())?
+            .into_decoder()
+            .with_context(|| format!("{}: not a readable image", f.display()))?;
+        let orientation = image::ImageDecoder::orientation(&mut decoder)
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let mut img = image::DynamicImage::from_decoder(decoder)
+            .with_context(|| format!("{}: cannot decode", f.display()))?;
+        img.apply_orientation(orientation);
+        let (w, h) = (img.width(), img.height());
+        if w.max(h) > REFERENCE_MAX_SIDE {
+            img = img.resize(REFERENCE_MAX_SIDE, REFERENCE_MAX_SIDE, image::imageops::FilterType::Lanczos3);
+        }
+        images.push(img.to_rgb8());
+        names.push(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    }
+    Ok((images, names))
+}
+
+/// The spec resolved into each stage's config (the spec must have passed its check).
+pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
+    let s = &spec.subject;
+    let (references, sources) = read_photos(&s.photos)?;
+    let templates = match &s.prompts {
+        PromptSource::DreamBench => super::prompts::dreambench_templates(s.live),
+        PromptSource::File(f) => super::prompts::read_template_file(f).map_err(anyhow::Error::msg)?,
+    };
+    let subject = SubjectPlan {
+        name: s.name.clone(),
+        class_noun: s.class_noun.clone(),
+        identifier: s.identifier.clone(),
+        live: s.live,
+        references,
+        sources,
+        templates: templates.clone(),
+    };
+    let sup = &spec.supervisor;
+    let sup_device = device_name(&spec.devices.supervisor)?;
+    let student_device = device_name(&spec.devices.student)?;
+    let scorer_device = device_name(&spec.devices.scorers)?;
+    let sampler = match sup.scheduler {
+        SchedulerChoice::Ddim => SamplerKind::Ddim,
+        SchedulerChoice::Euler => SamplerKind::Euler,
+        SchedulerChoice::Folder => folder_sampler(&sup.path).map_err(anyhow::Error::msg)?,
+    };
+    let sampling = SamplingConfig {
+        num_inference_steps: sup.steps as i64,
+        guidance_scale: sup.guidance,
+        sampler,
+        resolution: sup.resolution(),
+        negative_prompt: sup.negative_prompt.clone(),
+        batch_images: sup.batch,
+    };
+    let model_id = model_identity(
+        &format!("{:?}", sup.family).to_lowercase(),
+        &sup.path,
+        &["model_index.json", "unet/config.json", "text_encoder/config.json", "vae/config.json"],
+    );
+    let class_prompt = format!("a {}", s.class_noun);
+    let instance_prompt = format!("a {} {}", s.identifier, s.class_noun);
+    let d = &sup.dreambooth;
+    let class_priors = ClassPriorConfig {
+        job_id: job_id.into(),
+        class_noun: s.class_noun.clone(),
+        class_prompt: class_prompt.clone(),
+        model_dir: sup.path.clone(),
+        variant: sup.variant.clone(),
+        model_id: model_id.clone(),
+        device: sup_device.clone(),
+        num_images: if d.prior_loss_weight > 0.0 { d.class_images } else { 0 },
+        first_seed: 0,
+        sampling: sampling.clone(),
+    };
+    let tuner = SupervisorTunerConfig {
+        job_id: job_id.into(),
+        subject: s.name.clone(),
+        class_noun: s.class_noun.clone(),
+        model_dir: sup.path.clone(),
+        variant: sup.variant.clone(),
+        model_id,
+        device: sup_device.clone(),
+        lora: (!d.full).then(|| LoraConfig {
+            rank: d.lora_rank,
+            alpha: d.lora_alpha.unwrap_or(d.lora_rank as f64),
+            target_modules: d.target_modules.clone(),
+        }),
+        dreambooth: DreamBoothConfig {
+            instance_prompt: instance_prompt.clone(),
+            class_prompt,
+            learning_rate: d.learning_rate,
+            max_train_steps: d.steps,
+            train_batch_size: d.batch,
+            gradient_accumulation_steps: d.gradient_accumulation,
+            lr_warmup_steps: d.warmup_steps,
+            prior_loss_weight: d.prior_loss_weight,
+            num_class_images: if d.prior_loss_weight > 0.0 { d.class_images } else { 0 },
+            precision: train_precision(d.precision),
+            checkpoint_every: d.checkpoint_every,
+            ..Default::default()
+        },
+        resolution: sup.resolution(),
+        output_dir: spec.output.join("supervisor"),
+    };
+    let plan = PromptPlan {
+        subject_prompts: vec![instance_prompt],
+        context_prompts: templates
+            .iter()
+            .map(|t| super::prompts::fill(t, &s.identifier, &s.class_noun))
+            .collect(),
+        images_per_prompt: spec.proxies.per_prompt,
+        first_seed: spec.proxies.first_seed,
+    };
+    let generator = ProxyGeneratorConfig {
+        job_id: job_id.into(),
+        subject: s.name.clone(),
+        model_dir: sup.path.clone(),
+        variant: sup.variant.clone(),
+        device: sup_device,
+        plan,
+        sampling: sampling.clone(),
+        stored_seeds: Default::default(),
+    };
+    let scorers = ScorerSource::Real {
+        assets: assets_dir(),
+        dino: spec.evaluation.dino.clone(),
+        clip: spec.evaluation.clip.clone(),
+    };
+    let filter = FilterConfig {
+        min_fidelity: spec.filter.min_fidelity,
+        fidelity_metric: Some(scorers.fidelity_metric()),
+        min_prompt_adherence: spec.filter.min_prompt_adherence,
+        max_duplicate_cosine: spec.filter.max_duplicate_cosine,
+        identifier: Some(s.identifier.clone()),
+    };
+    let st = &spec.student;
+    let cfg = ChameleonConfig::from_json(&st.path.join("config.json"))?;
+    let factor = 1u32 << (cfg.vq_config.channel_multiplier.len().max(1) - 1);
+    let t = super::check::structure_tokens(spec, &cfg).map_err(anyhow::Error::msg)?;
+    let tokens = LuminaTokens {
+        bos: t.bos,
+        separator: t.separator,
+        begin_image: t.begin_image,
+        end_image: t.end_image,
+        new_line: t.new_line,
+        size_base: t.size_base,
+        // Lumina-mGPT's size tokens count 32-pixel units.
+        codes_per_unit: (32 / factor).max(1) as i64,
+    };
+    let tokenizer_id =
+        model_identity(&format!("{:?}-vq", st.family).to_lowercase(), &st.path, &["config.json"]);
+    let tokenize = TokenizeConfig {
+        student_dir: st.path.clone(),
+        tokenizer_id: tokenizer_id.clone(),
+        resolution: st.resolution,
+        device: student_device.clone(),
+        only_kept: true,
+    };
+    let trainer = ArTrainerConfig {
+        student_dir: st.path.clone(),
+        device: student_device,
+        lora: (!st.full).then(|| LoraConfig {
+            rank: st.lora_rank,
+            alpha: st.lora_alpha.unwrap_or(st.lora_rank as f64),
+            target_modules: st.target_modules.clone(),
+        }),
+        train: ArTrainConfig {
+            learning_rate: st.learning_rate,
+            lr_warmup_steps: st.warmup_steps,
+            max_train_steps: st.steps,
+            batch_size: st.batch,
+            gradient_accumulation_steps: st.gradient_accumulation,
+            precision: train_precision(st.precision),
+            ..Default::default()
+        },
+        tokens: tokens.clone(),
+        tokenizer_id,
+        min_rows_to_start: st.rows_to_start,
+        rows_per_step: 1,
+        output_dir: spec.output.join("student"),
+        corpus_version: None,
+        checkpoint_every: st.checkpoint_every,
+    };
+    let eval = EvalPlan {
+        supervisor_dir: sup.path.clone(),
+        supervisor_variant: sup.variant.clone(),
+        supervisor_sampling: sampling,
+        student_dir: st.path.clone(),
+        vq_dir: spec.vq_dir().to_path_buf(),
+        student_sampling: StudentSampling {
+            grid: (st.resolution / factor) as i64,
+            image: ImageSampling {
+                guidance_scale: st.sampling.guidance,
+                image_top_k: (st.sampling.top_k > 0).then_some(st.sampling.top_k),
+                top_p: st.sampling.top_p,
+                temperature: st.sampling.temperature,
+            },
+            tokens,
+        },
+        images_per_prompt: spec.evaluation.images_per_prompt,
+        max_prompts: spec.evaluation.prompts,
+        skip: spec.evaluation.skip,
+        device: scorer_device.clone(),
+    };
+    Ok(StagePlan {
+        job_id: job_id.into(),
+        subject,
+        class_priors,
+        tuner,
+        generator,
+        filter,
+        scorers,
+        scorer_device,
+        tokenize,
+        trainer,
+        eval,
+        out: spec.output.clone(),
+    })
+}

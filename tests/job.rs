@@ -1,0 +1,316 @@
+//! `proxytune run` through the binary: specs over the tiny reference-layout folders (SD 1.x, SDXL,
+//! Chameleon) check clean at resolutions other than the world's and run end to end on DreamBench
+//! photos with an identifier other than `sks` and a class noun the world does not have; a spec
+//! with five planted mistakes gets all five named by `--check`, and nothing else.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use proxytune_actors::corpus::Corpus;
+use proxytune_schemas::{ClassPriorImage, Proxy, ReferenceImage, Supervisor, VqTokens};
+
+use crate::support::{dreambench, repo_root};
+
+pub(crate) fn fixture(name: &str) -> PathBuf {
+    repo_root().join("models/tests/fixtures").join(name)
+}
+
+/// Runs `proxytune run --check` on `spec` (written to `dir/job.toml`); returns (code, stdout).
+fn check(dir: &Path, spec: &str) -> (i32, String) {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, spec).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_proxytune")).args(["run", "--check"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+fn problems(output: &str) -> Vec<&str> {
+    output.lines().filter_map(|l| l.strip_prefix("  - ")).collect()
+}
+
+fn spec(
+    photos: &Path,
+    supervisor: (&str, &Path, u32),
+    student: (&Path, u32, &str),
+    identifier: &str,
+) -> String {
+    format!(
+        r#"
+output = "out"
+[subject]
+name = "backpack"
+photos = "{photos}"
+class_noun = "rucksack"
+identifier = "{identifier}"
+[supervisor]
+family = "{family}"
+path = "{sup}"
+resolution = {sup_res}
+[student]
+family = "chameleon"
+path = "{stu}"
+resolution = {stu_res}
+{extra}
+"#,
+        photos = photos.display(),
+        family = supervisor.0,
+        sup = supervisor.1.display(),
+        sup_res = supervisor.2,
+        stu = student.0.display(),
+        stu_res = student.1,
+        extra = student.2,
+    )
+}
+
+/// The tiny Chameleon's vocabulary names no Lumina structure tokens; these are ids inside it.
+pub(crate) const TINY_TOKENS: &str = "structure_tokens = { bos = 1, separator = 2, begin_image = 5, end_image = 6, new_line = 7, size_base = 8 }";
+
+#[test]
+fn specs_over_the_tiny_reference_folders_check_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = dreambench().join("backpack");
+    let student = tiny_student("zwx", tmp.path());
+    for (family, folder) in [("sd1", "sd_tiny"), ("sdxl", "sdxl_tiny")] {
+        let text = spec(&photos, (family, &fixture(folder), 48), (&student, 64, TINY_TOKENS), "zwx");
+        let (code, out) = check(tmp.path(), &text);
+        assert_eq!(code, 0, "{family}: {out}");
+        assert!(out.contains("no problems found"), "{out}");
+        assert!(out.contains("6 photos"), "{out}");
+        assert!(out.contains("UNet") && out.contains("parameters"), "{out}");
+        assert!(out.contains("32×32 codes"), "the grid follows from the VQ's factor 2: {out}");
+        if family == "sdxl" {
+            assert!(out.contains("text_encoder_2"), "{out}");
+        }
+    }
+}
+
+#[test]
+fn a_spec_with_five_planted_mistakes_gets_all_five_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = repo_root().join("models/world");
+    let copy = |from: &Path, to: &Path| {
+        for entry in walk(from) {
+            let dest = to.join(entry.strip_prefix(from).unwrap());
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &dest).unwrap();
+        }
+    };
+    let (sup, stu) = (tmp.path().join("supervisor"), tmp.path().join("student"));
+    copy(&world.join("supervisor"), &sup);
+    copy(&world.join("student"), &stu);
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["00.png", "01.png"] {
+        std::fs::copy(dreambench().join("dog").join(f), photos.join(f)).unwrap();
+    }
+    // The clean spec first (with two more photos): the world models as a spec check clean.
+    let extra = ["03.png", "04.png"];
+    for f in extra {
+        std::fs::copy(dreambench().join("dog").join(f), photos.join(f)).unwrap();
+    }
+    let clean = spec(&photos, ("sd1", &sup, 32), (&stu, 32, ""), "sks");
+    let (code, out) = check(tmp.path(), &clean);
+    assert_eq!((code, problems(&out)), (0, vec![]), "{out}");
+
+    // 1. two photos; 2. a missing weight file; 3. a config whose shapes disagree with the weights;
+    // 4. an identifier the student's tokenizer cannot encode; 5. a resolution the VQ grid does not
+    // divide.
+    for f in extra {
+        std::fs::remove_file(photos.join(f)).unwrap();
+    }
+    std::fs::remove_file(stu.join("vq_decoder.safetensors")).unwrap();
+    let unet_config = sup.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&unet_config).unwrap()).unwrap();
+    let width = cfg["cross_attention_dim"].as_i64().unwrap();
+    cfg["cross_attention_dim"] = (width + 8).into();
+    std::fs::write(&unet_config, cfg.to_string()).unwrap();
+    let bad = spec(&photos, ("sd1", &sup, 32), (&stu, 30, ""), "zwx");
+    let (code, out) = check(tmp.path(), &bad);
+    assert_eq!(code, 1, "{out}");
+    let found = problems(&out);
+    assert_eq!(found.len(), 5, "exactly the five planted: {out}");
+    let has = |key: &str, text: &str| found.iter().any(|p| p.starts_with(key) && p.contains(text));
+    assert!(has("subject.photos", "holds 2 photo(s); a subject needs 3 to 6"), "{out}");
+    assert!(has("student.path", "vq_decoder.safetensors is missing"), "{out}");
+    let mismatch = found.iter().find(|p| p.starts_with("supervisor.path: unet: ")).expect("the UNet named");
+    assert!(
+        mismatch.contains("shape mismatches: ") && mismatch.contains("attn2.to_k.weight: the config makes ["),
+        "{out}"
+    );
+    assert!(mismatch.contains(&format!(", {}], ", width + 8)), "the configured width is named: {out}");
+    assert!(has("subject.identifier", "`zwx`: the student's tokenizer cannot encode it"), "{out}");
+    assert!(has("student.resolution", "30 is not a multiple of the VQ's downsampling factor 4"), "{out}");
+}
+
+#[test]
+fn a_spec_with_an_unknown_key_is_refused_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = spec(
+        &dreambench().join("dog"),
+        ("sd1", &fixture("sd_tiny"), 48),
+        (&fixture("chameleon_tiny"), 32, "lora_rnak = 4"),
+        "sks",
+    );
+    let (code, out) = check(tmp.path(), &text);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("job.toml") && out.contains("lora_rnak"), "{out}");
+}
+
+pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A copy of the tiny Chameleon whose word-level tokenizer also knows `word` (at the one unused id
+/// below the image tokens), so a job can use an identifier other than `sks`, and with rotary
+/// positions for 2048 tokens (no weight depends on it), so a 64-pixel image (32×32 codes of its
+/// 2× VQ, in Lumina-mGPT's 32-pixel size units) fits.
+pub(crate) fn tiny_student(word: &str, dir: &Path) -> PathBuf {
+    let out = dir.join("chameleon");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in walk(&fixture("chameleon_tiny")) {
+        std::fs::copy(&entry, out.join(entry.file_name().unwrap())).unwrap();
+    }
+    let edit = |file: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let path = out.join(file);
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    edit("tokenizer.json", &|tok| {
+        let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+        assert!(!vocab.values().any(|v| v == 63), "id 63 is free in the fixture");
+        vocab.insert(word.into(), 63.into());
+    });
+    edit("config.json", &|cfg| cfg["max_position_embeddings"] = 2048.into());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn specs_over_the_tiny_reference_folders_run_every_stage_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_student("zwx", tmp.path());
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "# three templates\na {} on the beach\na {} in the snow\na red {}\n").unwrap();
+    // SD 1.x as a weight variant: every component's weights renamed `*.fp16.safetensors`.
+    let variant_dir = tmp.path().join("sd_variant");
+    for entry in walk(&fixture("sd_tiny")) {
+        let rel = entry.strip_prefix(fixture("sd_tiny")).unwrap();
+        let name = rel.to_string_lossy().replace("model.safetensors", "model.fp16.safetensors");
+        let dest = variant_dir.join(name);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, dest).unwrap();
+    }
+    for (family, folder, variant, skip_eval) in
+        [("sd1", variant_dir.clone(), Some("fp16"), false), ("sdxl", fixture("sdxl_tiny"), None, true)]
+    {
+        let variant = variant.map(|v| format!("variant = \"{v}\"")).unwrap_or_default();
+        let out = tmp.path().join(family);
+        let text = format!(
+            r#"
+output = "{out}"
+[subject]
+name = "backpack"
+photos = "{photos}"
+class_noun = "rucksack"
+identifier = "zwx"
+prompts = "{prompts}"
+[supervisor]
+family = "{family}"
+path = "{sup}"
+{variant}
+resolution = 48
+steps = 3
+batch = 2
+[supervisor.dreambooth]
+steps = 4
+class_images = 2
+checkpoint_every = 2
+[proxies]
+per_prompt = 2
+[student]
+family = "chameleon"
+path = "{student}"
+resolution = 64
+steps = 6
+batch = 2
+rows_to_start = 2
+checkpoint_every = 3
+sampling = {{ top_k = 16 }}
+{TINY_TOKENS}
+[evaluation]
+images_per_prompt = 1
+prompts = 2
+skip = {skip_eval}
+[devices]
+supervisor = "cpu"
+student = "cpu"
+scorers = "cpu"
+"#,
+            out = out.display(),
+            photos = dreambench().join("backpack").display(),
+            prompts = prompts.display(),
+            sup = folder.display(),
+            student = student.display(),
+        );
+        let path = tmp.path().join(format!("{family}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let run = Command::new(env!("CARGO_BIN_EXE_proxytune")).arg("run").arg(&path).output().unwrap();
+        let log = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{family}: {log}");
+
+        // Every stage wrote rows; the references keep their own size, the proxies have the spec's.
+        let corpus = Corpus::open(out.join("corpus")).unwrap();
+        let references: Vec<ReferenceImage> =
+            corpus.table::<ReferenceImage>().await.unwrap().read_rows(None).await.unwrap();
+        assert_eq!(references.len(), 6);
+        assert!(references.iter().all(|r| (r.width, r.height) == (128, 128)), "stored at their own size");
+        let priors: Vec<ClassPriorImage> =
+            corpus.table::<ClassPriorImage>().await.unwrap().read_rows(None).await.unwrap();
+        assert_eq!(priors.len(), 2);
+        assert!(priors
+            .iter()
+            .all(|p| p.prompt == "a rucksack" && p.model_id.starts_with(&format!("{family}:"))));
+        let supervisors: Vec<Supervisor> =
+            corpus.table::<Supervisor>().await.unwrap().read_rows(None).await.unwrap();
+        assert_eq!(supervisors.len(), 1);
+        let proxies: Vec<Proxy> = corpus.table::<Proxy>().await.unwrap().read_rows(None).await.unwrap();
+        assert_eq!(proxies.len(), 4 * 2, "the subject prompt and 3 templates, 2 each");
+        assert!(proxies.iter().all(|p| (p.width, p.height) == (48, 48)), "{family}: the spec's resolution");
+        assert!(proxies.iter().all(|p| p.prompt.contains("zwx rucksack")), "the identifier and class noun");
+        assert!(proxies.iter().all(|p| p.score_feat_i.is_some()), "FEAT-I scores every proxy");
+        let vq: Vec<VqTokens> = corpus.table::<VqTokens>().await.unwrap().read_rows(None).await.unwrap();
+        assert_eq!(vq.len(), proxies.iter().filter(|p| p.keep == Some(true)).count());
+        assert!(vq.iter().all(|r| (r.grid_height, r.grid_width) == (32, 32) && r.tokenizer_id.contains('#')));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report/report.json")).unwrap()).unwrap();
+        assert_eq!(report["stages"]["student"]["steps"], 6);
+        assert_eq!(report["identifier"], "zwx");
+        assert!(out.join("report/index.html").is_file());
+        assert!(out.join("student/adapter_model.safetensors").is_file());
+        let models = report["evaluation"]["models"].as_array().unwrap();
+        if skip_eval {
+            assert!(models.is_empty());
+        } else {
+            assert_eq!(models.len(), 3, "untuned student, supervisor, tuned student");
+            for m in models {
+                assert_eq!(m["scores"]["samples"], 2, "2 prompts x 1 image: {m}");
+                assert!(m["scores"]["metrics"]["FEAT-I"].as_f64().is_some_and(|v| v.is_finite()), "{m}");
+                assert!(m["scores"]["context_accuracy"].is_null(), "no world checks for a real subject");
+            }
+            assert!(out.join("report/samples_2.png").is_file());
+        }
+    }
+}
