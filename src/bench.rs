@@ -18,12 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
+use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
+use proxytune_actors::runtime::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_actors::runtime::{
     Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, Produced, Source,
 };
-use proxytune_actors::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use serde::Serialize;
 
 /// Benchmarks.

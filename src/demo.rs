@@ -12,12 +12,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use proxytune_actors::class_prior_sampler::ClassPriorConfig;
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::dreambench::Generator;
-use proxytune_actors::filter::{FilterConfig, ImageMetric};
-use proxytune_actors::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
-use proxytune_actors::supervisor_tuner::SupervisorTunerConfig;
+use proxytune_actors::evaluation::dreambench::Generator;
+use proxytune_actors::stages::class_prior_sampler::ClassPriorConfig;
+use proxytune_actors::stages::filter::{FilterConfig, ImageMetric};
+use proxytune_actors::stages::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
+use proxytune_actors::stages::supervisor_tuner::SupervisorTunerConfig;
 use proxytune_actors::world::{World, CLASSES, IDENTIFIER};
 use proxytune_models::diffusion::dreambooth::DreamBoothConfig;
 use proxytune_models::lora::LoraConfig;

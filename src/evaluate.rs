@@ -12,7 +12,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use proxytune_actors::dreambench::{real_images_row, DreamBench, MetricTable, ProtocolConfig, SUBSET_9};
+use proxytune_actors::evaluation::dreambench::{
+    real_images_row, DreamBench, MetricTable, ProtocolConfig, SUBSET_9,
+};
 use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
 use proxytune_models::scorers::feat_i::{FeatI, WEIGHTS_FILE};
 use proxytune_models::scorers::ImageEmbedder;
@@ -191,7 +193,7 @@ fn markdown(tables: &std::collections::BTreeMap<String, MetricTable>) -> String 
 /// Writes a one-row grid of a subject's photos.
 fn grid(
     bench: &DreamBench,
-    subject: &proxytune_actors::intake::SubjectEntry,
+    subject: &proxytune_actors::stages::intake::SubjectEntry,
     out: &Path,
 ) -> anyhow::Result<()> {
     let images = bench.references(subject, tch::Device::Cpu)?; // [N, 3, S, S]
@@ -230,7 +232,7 @@ fn sample_grid(samples: &[&proxytune_schemas::EvalSample], path: &Path) -> anyho
 }
 
 fn side_by_side(
-    reports: &[proxytune_actors::dreambench::GeneratorReport],
+    reports: &[proxytune_actors::evaluation::dreambench::GeneratorReport],
     protocol: &ProtocolConfig,
 ) -> String {
     let fmt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
@@ -286,8 +288,8 @@ fn side_by_side(
 }
 
 fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
-    use proxytune_actors::dreambench::{evaluate_generator, Generator};
-    use proxytune_actors::generators::{StudentGenerator, SupervisorGenerator};
+    use proxytune_actors::evaluation::dreambench::{evaluate_generator, Generator};
+    use proxytune_actors::evaluation::generators::{StudentGenerator, SupervisorGenerator};
     anyhow::ensure!(
         args.supervisor.is_some() || args.student.is_some(),
         "give --supervisor and/or --student"
@@ -295,7 +297,7 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
     let scorers = Scorers::load(&args.scorers)?;
     let (device, embedders) = (scorers.device, scorers.embedders());
     let bench = DreamBench::open(&args.scorers.dreambench)?;
-    let subjects: Vec<proxytune_actors::intake::SubjectEntry> = match args.subjects.as_str() {
+    let subjects: Vec<proxytune_actors::stages::intake::SubjectEntry> = match args.subjects.as_str() {
         "all" => bench.subjects.clone(),
         "subset9" => {
             bench.subjects.iter().filter(|s| SUBSET_9.contains(&s.subject.as_str())).cloned().collect()
@@ -328,12 +330,12 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.student {
         let path = args.student_sampling.as_deref();
-        let sampling: proxytune_actors::generators::StudentSampling = match path {
+        let sampling: proxytune_actors::evaluation::generators::StudentSampling = match path {
             Some(p) => {
                 serde_json::from_str(&std::fs::read_to_string(p).with_context(|| p.display().to_string())?)
                     .with_context(|| format!("{}: not a valid student sampling config", p.display()))?
             }
-            None => proxytune_actors::generators::StudentSampling {
+            None => proxytune_actors::evaluation::generators::StudentSampling {
                 grid: 32,
                 image: Default::default(),
                 tokens: Default::default(),
@@ -348,7 +350,7 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
     }
     let mut reports = Vec::new();
     for model in &mut models {
-        let clip_t = scorers.clip.as_ref().map(|c| c as &dyn proxytune_actors::filter::PromptScorer);
+        let clip_t = scorers.clip.as_ref().map(|c| c as &dyn proxytune_actors::stages::filter::PromptScorer);
         let report =
             evaluate_generator(&bench, &subjects, model.as_mut(), &embedders, clip_t, &protocol, device)?;
         let role = report.role.as_str().to_string();

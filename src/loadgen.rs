@@ -9,10 +9,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
+use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
+use proxytune_actors::runtime::synthetic::{PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_actors::runtime::{Metrics, Pipeline, PipelineConfig};
-use proxytune_actors::synthetic::{PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_schemas::Proxy;
 use serde::Serialize;
 

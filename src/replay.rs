@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use proxytune_actors::ar_trainer::ArTrainerActor;
+use proxytune_actors::corpus::reader::{CorpusReader, CorpusReaderConfig};
 use proxytune_actors::corpus::{Corpus, VersionRef};
-use proxytune_actors::corpus_reader::{CorpusReader, CorpusReaderConfig};
 use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
-use proxytune_actors::tokenize::Tokenize;
+use proxytune_actors::stages::ar_trainer::ArTrainerActor;
+use proxytune_actors::stages::tokenize::Tokenize;
 use proxytune_actors::world::{World, CLASSES};
 use proxytune_schemas::{Proxy, ReferenceImage};
 

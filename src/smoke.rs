@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use futures::TryStreamExt;
 use proxytune_actors::corpus::{Corpus, Scan};
-use proxytune_actors::intake::{load_subject_folder, read_subjects_tsv, IntakeRules};
+use proxytune_actors::stages::intake::{load_subject_folder, read_subjects_tsv, IntakeRules};
 use proxytune_models::nn::{Mlp, MlpConfig};
 use proxytune_schemas::ReferenceImage;
 use serde::Serialize;

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use proxytune_actors::intake::{load_subject_images, IntakeRules};
+use proxytune_actors::stages::intake::{load_subject_images, IntakeRules};
 use proxytune_actors::world::{Scene, World, CLASSES, COLOURS, IDENTIFIER};
 use proxytune_schemas::ReferenceImage;
 

@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use anyhow::Context;
-use proxytune_actors::ar_trainer::ArTrainerConfig;
-use proxytune_actors::diffusion_sampling::SamplingConfig;
-use proxytune_actors::dreambench::{Generator, GeneratorReport, ProtocolConfig};
-use proxytune_actors::generators::{StudentGenerator, StudentSampling, SupervisorGenerator};
-use proxytune_actors::tokenize::TokenizeConfig;
+use proxytune_actors::evaluation::dreambench::{Generator, GeneratorReport, ProtocolConfig};
+use proxytune_actors::evaluation::generators::{StudentGenerator, StudentSampling, SupervisorGenerator};
+use proxytune_actors::stages::ar_trainer::ArTrainerConfig;
+use proxytune_actors::stages::diffusion_sampling::SamplingConfig;
+use proxytune_actors::stages::tokenize::TokenizeConfig;
 use proxytune_actors::world::{classify_context, EDITS, IDENTIFIER};
 
 use crate::job::evaluate::{evaluate_models, Protocol};

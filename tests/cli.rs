@@ -23,7 +23,9 @@ fn help_lists_what_users_use_and_hides_development_scaffolding() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    for c in ["demo", "run", "daemon", "replay", "bench", "evaluate", "corpus", "pretrain", "grafana", "world"] {
+    for c in
+        ["demo", "run", "daemon", "replay", "bench", "evaluate", "corpus", "pretrain", "grafana", "world"]
+    {
         assert!(commands.contains(&c), "{c} is listed: {text}");
     }
     for hidden in ["smoke", "loadgen"] {

@@ -2,9 +2,9 @@
 //! off-subject photos (other DreamBench subjects) are rejected with the right reason; with the
 //! defaults everything is kept and scored.
 
-use proxytune_actors::filter::{Filter, FilterConfig, ImageMetric};
-use proxytune_actors::intake::{load_subject_folder, IntakeRules};
 use proxytune_actors::runtime::Metrics;
+use proxytune_actors::stages::filter::{Filter, FilterConfig, ImageMetric};
+use proxytune_actors::stages::intake::{load_subject_folder, IntakeRules};
 use proxytune_models::scorers::feat_i::FeatI;
 use proxytune_models::scorers::ImageEmbedder;
 use proxytune_schemas::{Proxy, ReferenceImage, RejectReason};

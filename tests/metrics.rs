@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
+use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
+use proxytune_actors::runtime::synthetic::PassThrough;
 use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline};
-use proxytune_actors::synthetic::PassThrough;
 use proxytune_schemas::metrics::DURATION_BUCKETS_SECONDS;
 use proxytune_schemas::{MetricName, Proxy};
 

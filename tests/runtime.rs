@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
+use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::runtime::supervisor::{Cancel, GetStatus, JobSupervisor, Pause, Resume, WaitDone};
+use proxytune_actors::runtime::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_actors::runtime::{
     Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, PipelineHandle, RunState,
     Signal,
 };
-use proxytune_actors::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_actors::Error;
 use proxytune_schemas::{Proxy, Table};
 
@@ -509,8 +509,8 @@ impl Operator for Collect {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_corpus_version_replays_through_the_pipeline() {
+    use proxytune_actors::corpus::reader::{CorpusReader, CorpusReaderConfig};
     use proxytune_actors::corpus::VersionRef;
-    use proxytune_actors::corpus_reader::{CorpusReader, CorpusReaderConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let source = Corpus::open_or_create(dir.path().join("a")).unwrap();

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use proxytune_actors::intake::read_subjects_tsv;
+use proxytune_actors::stages::intake::read_subjects_tsv;
 use proxytune_models::scorers::feat_i::{FeatI, WEIGHTS_FILE};
 use proxytune_models::scorers::preprocess::rgb8_to_tensor;
 use proxytune_models::scorers::similarity::mean_distinct_pair_cosine;
@@ -136,9 +136,9 @@ fn imagenet_labels_of_real_photos_are_right() {
 }
 
 /// Returns the subject's own reference photos (cycled): a perfect-fidelity generator.
-struct Echo(proxytune_actors::dreambench::DreamBench);
+struct Echo(proxytune_actors::evaluation::dreambench::DreamBench);
 
-impl proxytune_actors::dreambench::Generator for Echo {
+impl proxytune_actors::evaluation::dreambench::Generator for Echo {
     fn role(&self) -> proxytune_schemas::ModelRole {
         proxytune_schemas::ModelRole::Supervisor
     }
@@ -147,7 +147,7 @@ impl proxytune_actors::dreambench::Generator for Echo {
     }
     fn generate(
         &mut self,
-        subject: &proxytune_actors::intake::SubjectEntry,
+        subject: &proxytune_actors::stages::intake::SubjectEntry,
         _: &str,
         seeds: &[u64],
     ) -> proxytune_actors::Result<Tensor> {
@@ -161,7 +161,7 @@ impl proxytune_actors::dreambench::Generator for Echo {
 /// Uniform noise images: a no-fidelity generator.
 struct Noise(Vec<u64>);
 
-impl proxytune_actors::dreambench::Generator for Noise {
+impl proxytune_actors::evaluation::dreambench::Generator for Noise {
     fn role(&self) -> proxytune_schemas::ModelRole {
         proxytune_schemas::ModelRole::Student
     }
@@ -170,7 +170,7 @@ impl proxytune_actors::dreambench::Generator for Noise {
     }
     fn generate(
         &mut self,
-        _: &proxytune_actors::intake::SubjectEntry,
+        _: &proxytune_actors::stages::intake::SubjectEntry,
         _: &str,
         seeds: &[u64],
     ) -> proxytune_actors::Result<Tensor> {
@@ -182,7 +182,7 @@ impl proxytune_actors::dreambench::Generator for Noise {
 
 #[test]
 fn the_dreambench_protocol_scores_generators_with_shared_seeds() {
-    use proxytune_actors::dreambench::{evaluate_generator, DreamBench, ProtocolConfig};
+    use proxytune_actors::evaluation::dreambench::{evaluate_generator, DreamBench, ProtocolConfig};
     let bench = DreamBench::open(&dreambench()).unwrap();
     let feat = FeatI::load(&weights(), Device::Cpu).unwrap();
     let subjects: Vec<_> =
@@ -197,7 +197,7 @@ fn the_dreambench_protocol_scores_generators_with_shared_seeds() {
         evaluate_generator(&bench, &subjects, &mut noise_gen, &metrics, None, &cfg, Device::Cpu).unwrap();
     assert_eq!(echo.samples.len(), 2 * 5 * 4, "subjects x prompts x images");
     assert_eq!(noise.samples.len(), 40);
-    let seeds = |r: &proxytune_actors::dreambench::GeneratorReport| {
+    let seeds = |r: &proxytune_actors::evaluation::dreambench::GeneratorReport| {
         r.samples.iter().map(|s| s.seed).collect::<Vec<_>>()
     };
     assert_eq!(seeds(&echo), seeds(&noise), "every model gets the same seeds");

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxytune_actors::ar_trainer::{ArTrainerActor, ArTrainerConfig};
-use proxytune_actors::intake::encode_png;
 use proxytune_actors::runtime::{
     Context, JobOutcome, Metrics, Operator, Output, Pipeline, Produced, Signal, Source,
 };
-use proxytune_actors::tokenize::{Tokenize, TokenizeConfig};
+use proxytune_actors::stages::ar_trainer::{ArTrainerActor, ArTrainerConfig};
+use proxytune_actors::stages::intake::encode_png;
+use proxytune_actors::stages::tokenize::{Tokenize, TokenizeConfig};
 use proxytune_models::ar::lumina::LuminaTokens;
 use proxytune_models::ar::train::ArTrainConfig;
 use proxytune_models::lora::LoraConfig;

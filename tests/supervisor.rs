@@ -6,13 +6,13 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use proxytune_actors::class_prior_sampler::{ClassPriorConfig, ClassPriorSampler};
+use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
-use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig};
-use proxytune_actors::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGeneratorConfig};
 use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineReport};
-use proxytune_actors::supervisor_tuner::{SupervisorTuner, SupervisorTunerConfig};
+use proxytune_actors::stages::class_prior_sampler::{ClassPriorConfig, ClassPriorSampler};
+use proxytune_actors::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
+use proxytune_actors::stages::proxy_generator::{PromptPlan, ProxyGenerator, ProxyGeneratorConfig};
+use proxytune_actors::stages::supervisor_tuner::{SupervisorTuner, SupervisorTunerConfig};
 use proxytune_models::diffusion::dreambooth::DreamBoothConfig;
 use proxytune_models::diffusion::pipeline::SamplerKind;
 use proxytune_models::lora::LoraConfig;
@@ -223,7 +223,7 @@ fn prior_preservation_keeps_class_samples_near_the_base_model() {
     let sampling =
         SamplingConfig { resolution: 32, num_inference_steps: 20, guidance_scale: 5.0, ..sampling() };
     let batch01 = |images: &[image::RgbImage]| {
-        proxytune_actors::intake::images_to_batch(images, tch::Device::Cpu).unwrap()
+        proxytune_actors::stages::intake::images_to_batch(images, tch::Device::Cpu).unwrap()
     };
     let references: Vec<image::RgbImage> = subject.references.iter().map(|s| s.render(32)).collect();
     let embed = |images: &[image::RgbImage]| {

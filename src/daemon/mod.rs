@@ -529,7 +529,7 @@ fn evaluate_checkpoint(
         max_prompts: eval_prompts,
     };
     let adapter = checkpoint.join("adapter_model.safetensors");
-    let mut models: Vec<(String, Box<dyn proxytune_actors::dreambench::Generator>)> = Vec::new();
+    let mut models: Vec<(String, Box<dyn proxytune_actors::evaluation::dreambench::Generator>)> = Vec::new();
     if let Some(lora) = supervisor {
         let model = crate::world_models::supervisor(world, lora, &device)?;
         models.push(("supervisor (DreamBooth-LoRA)".into(), model));

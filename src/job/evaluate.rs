@@ -9,10 +9,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use proxytune_actors::dreambench::{
+use proxytune_actors::evaluation::dreambench::{
     evaluate_generator, DreamBench, Generator, GeneratorReport, ProtocolConfig,
 };
-use proxytune_actors::generators::{StudentGenerator, SupervisorGenerator};
+use proxytune_actors::evaluation::generators::{StudentGenerator, SupervisorGenerator};
 use proxytune_models::scorers::ImageEmbedder;
 
 use super::execute::Evaluator;

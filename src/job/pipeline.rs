@@ -18,18 +18,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use proxytune_actors::ar_trainer::{ArTrainerActor, ArTrainerStats};
-use proxytune_actors::class_prior_sampler::ClassPriorSampler;
+use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig, WriterStats};
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::filter::Filter;
-use proxytune_actors::intake::encode_png;
-use proxytune_actors::lance_writer::{LanceWriter, LanceWriterConfig, WriterStats};
-use proxytune_actors::proxy_generator::ProxyGenerator;
 use proxytune_actors::runtime::{
     JobOutcome, Metrics, Pipeline, PipelineConfig, PipelineReport, RunningPipeline,
 };
-use proxytune_actors::supervisor_tuner::SupervisorTuner;
-use proxytune_actors::tokenize::Tokenize;
+use proxytune_actors::stages::ar_trainer::{ArTrainerActor, ArTrainerStats};
+use proxytune_actors::stages::class_prior_sampler::ClassPriorSampler;
+use proxytune_actors::stages::filter::Filter;
+use proxytune_actors::stages::intake::encode_png;
+use proxytune_actors::stages::proxy_generator::ProxyGenerator;
+use proxytune_actors::stages::supervisor_tuner::SupervisorTuner;
+use proxytune_actors::stages::tokenize::Tokenize;
 use proxytune_schemas::{ClassPriorImage, Proxy, ReferenceImage, Supervisor, VqTokens};
 
 use super::plan::StagePlan;

@@ -5,14 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use proxytune_actors::ar_trainer::ArTrainerConfig;
-use proxytune_actors::class_prior_sampler::ClassPriorConfig;
-use proxytune_actors::diffusion_sampling::SamplingConfig;
-use proxytune_actors::filter::{FilterConfig, ImageMetric, PromptScorer};
-use proxytune_actors::generators::StudentSampling;
-use proxytune_actors::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
-use proxytune_actors::supervisor_tuner::SupervisorTunerConfig;
-use proxytune_actors::tokenize::TokenizeConfig;
+use proxytune_actors::evaluation::generators::StudentSampling;
+use proxytune_actors::stages::ar_trainer::ArTrainerConfig;
+use proxytune_actors::stages::class_prior_sampler::ClassPriorConfig;
+use proxytune_actors::stages::diffusion_sampling::SamplingConfig;
+use proxytune_actors::stages::filter::{FilterConfig, ImageMetric, PromptScorer};
+use proxytune_actors::stages::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
+use proxytune_actors::stages::supervisor_tuner::SupervisorTunerConfig;
+use proxytune_actors::stages::tokenize::TokenizeConfig;
 use proxytune_models::ar::chameleon::ChameleonConfig;
 use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
 use proxytune_models::ar::train::ArTrainConfig;

@@ -357,7 +357,7 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
         let codes = student.model.image_vocab.tokens_to_codes(&ids)?;
         let codes = Tensor::from_slice(&codes).view([1, grid, grid]).to_device(device);
         let pixels = tch::no_grad(|| decoder.decode(&codes))?;
-        images.push(proxytune_actors::intake::tensor_to_rgb(&((pixels.get(0) + 1.0) / 2.0))?);
+        images.push(proxytune_actors::stages::intake::tensor_to_rgb(&((pixels.get(0) + 1.0) / 2.0))?);
     }
     let adherence = context_accuracy(&images, probe);
     let params = student

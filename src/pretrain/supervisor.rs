@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use proxytune_actors::diffusion_sampling::{sample_images, SamplingConfig};
+use proxytune_actors::stages::diffusion_sampling::{sample_images, SamplingConfig};
 use proxytune_actors::world::{Scene, World};
 use proxytune_models::diffusion::pipeline::{SamplerKind, StableDiffusion};
 use proxytune_models::diffusion::scheduler::NoiseSchedule;

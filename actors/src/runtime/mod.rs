@@ -20,6 +20,7 @@ pub mod operator;
 pub mod pipeline;
 pub mod runner;
 pub mod supervisor;
+pub mod synthetic;
 
 pub use control::{Control, RunState};
 pub use edge::{EdgeReceiver, EdgeSender, EdgeStats};

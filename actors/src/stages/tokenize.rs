@@ -15,8 +15,8 @@ use proxytune_schemas::{now_us, Proxy, Table, VqTokens};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::intake::images_to_square_batch;
 use crate::runtime::{Context, Operator, Output};
+use crate::stages::intake::images_to_square_batch;
 
 /// Configuration of a [`Tokenize`] step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

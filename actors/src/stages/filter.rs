@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::intake::images_to_batch;
 use crate::runtime::{Context, Metrics, Operator, Output};
+use crate::stages::intake::images_to_batch;
 
 /// The image metrics a filter can compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -338,7 +338,7 @@ mod tests {
     }
 
     fn png(rgb: [u8; 3]) -> Vec<u8> {
-        crate::intake::encode_png(&image::RgbImage::from_pixel(8, 8, image::Rgb(rgb)))
+        crate::stages::intake::encode_png(&image::RgbImage::from_pixel(8, 8, image::Rgb(rgb)))
     }
 
     fn proxy(seed: u64, rgb: [u8; 3]) -> Proxy {

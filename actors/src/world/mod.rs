@@ -605,7 +605,7 @@ mod export_tests {
         let dir = tempfile::tempdir().unwrap();
         let world = World::new(3, 8);
         world.export_dreambench(dir.path(), 3, 4, 32).unwrap();
-        let bench = crate::dreambench::DreamBench::open(dir.path()).unwrap();
+        let bench = crate::evaluation::dreambench::DreamBench::open(dir.path()).unwrap();
         assert_eq!(bench.subjects.len(), 3);
         assert!(bench.subjects[2].live, "subject 2 is a dog");
         assert_eq!(bench.prompts.prompts(&bench.subjects[0], "sks").len(), 25);

@@ -16,7 +16,7 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::intake::{read_subjects_tsv, SubjectEntry};
+use crate::stages::intake::{read_subjects_tsv, SubjectEntry};
 
 /// The 9-subject subset (4 live, 5 objects) reported next to all 30, for comparison with
 /// Proxy-Tuning's own numbers. The paper does not name its 9 subjects; this is proxytune's fixed
@@ -110,13 +110,13 @@ impl DreamBench {
     /// The reference photos of `subject` as `[N, 3, H, W]` in `[0, 1]` (resized to the first
     /// photo's size when they differ). Errors name the folder or file.
     pub fn references(&self, subject: &SubjectEntry, device: Device) -> Result<Tensor> {
-        let rules = crate::intake::IntakeRules { min_side: 16, max_images: 64 };
+        let rules = crate::stages::intake::IntakeRules { min_side: 16, max_images: 64 };
         let images: Vec<image::RgbImage> =
-            crate::intake::load_subject_images(&self.root.join(&subject.subject), &rules)?
+            crate::stages::intake::load_subject_images(&self.root.join(&subject.subject), &rules)?
                 .into_iter()
                 .map(|(_, rgb)| rgb)
                 .collect();
-        crate::intake::images_to_batch(&images, device)
+        crate::stages::intake::images_to_batch(&images, device)
     }
 }
 
@@ -255,7 +255,7 @@ pub fn evaluate_generator(
     subjects: &[SubjectEntry],
     generator: &mut dyn Generator,
     image_metrics: &[&dyn ImageEmbedder],
-    clip_t: Option<&dyn crate::filter::PromptScorer>,
+    clip_t: Option<&dyn crate::stages::filter::PromptScorer>,
     cfg: &ProtocolConfig,
     device: Device,
 ) -> Result<GeneratorReport> {
@@ -308,7 +308,7 @@ pub fn evaluate_generator(
                 scores.insert(e.metric_name().to_string(), fidelity(&emb, refs));
             }
             if let Some(scorer) = clip_t {
-                let text = crate::filter::strip_identifier(prompt, Some(&cfg.identifier));
+                let text = crate::stages::filter::strip_identifier(prompt, Some(&cfg.identifier));
                 let t = scorer.score(&vec![text; seeds.len()], &images)?;
                 for (k, v) in t.iter().enumerate() {
                     per_image[k].insert("CLIP-T".into(), *v);
@@ -321,7 +321,7 @@ pub fn evaluate_generator(
             for (k, seed) in seeds.iter().enumerate() {
                 let img = images.get(k as i64);
                 let (h, w) = (img.size()[1], img.size()[2]);
-                let rgb = crate::intake::tensor_to_rgb(&img)?;
+                let rgb = crate::stages::intake::tensor_to_rgb(&img)?;
                 samples.push(proxytune_schemas::EvalSample {
                     job_id: String::new(),
                     model_role: role,
@@ -331,7 +331,7 @@ pub fn evaluate_generator(
                     prompt: prompt.clone(),
                     sample_index: k as u32,
                     seed: *seed,
-                    image_png: crate::intake::encode_png(&rgb),
+                    image_png: crate::stages::intake::encode_png(&rgb),
                     width: w as u32,
                     height: h as u32,
                     score_dino: per_image[k].get("DINO").copied(),

@@ -12,8 +12,8 @@ use proxytune_schemas::{Proxy, Table};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::intake::encode_png;
 use crate::runtime::{Context, Operator, Output, Produced, Signal, Source};
+use crate::stages::intake::encode_png;
 
 /// Configuration of a [`SyntheticProxies`] source.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

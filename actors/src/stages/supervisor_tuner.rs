@@ -1,11 +1,11 @@
 //! `supervisor_tuner`: stage 1 of Proxy-Tuning. DreamBooth-tunes the supervisor (LoRA, or the full
 //! UNet) on the subject's reference photos while the class prior images stream in on its input
-//! (from a [`ClassPriorSampler`](crate::class_prior_sampler::ClassPriorSampler) or a corpus replay);
+//! (from a [`ClassPriorSampler`](crate::stages::class_prior_sampler::ClassPriorSampler) or a corpus replay);
 //! a step runs as soon as the class images it needs have arrived. When the input ends it trains the
 //! remaining steps, exports the adapter (a LoRA in diffusers' layout, `pytorch_lora_weights.safetensors`
 //! beside `lora_config.json`, or the full UNet's weights) and emits one `supervisors` row: the
 //! "supervisor ready" message that starts the
-//! [`ProxyGenerator`](crate::proxy_generator::ProxyGenerator).
+//! [`ProxyGenerator`](crate::stages::proxy_generator::ProxyGenerator).
 //!
 //! Checkpoints go to `<output_dir>/checkpoints/` every `dreambooth.checkpoint_every` steps and when
 //! the job is cancelled; a restarted job resumes from the newest one, bit-identically. Validation
@@ -30,9 +30,9 @@ use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Supervisor, Table};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::intake::{encode_png, images_to_square_batch, tensor_to_rgb};
 use crate::runtime::metrics::TrainMeters;
 use crate::runtime::{Context, Metrics, Operator, Output};
+use crate::stages::intake::{encode_png, images_to_square_batch, tensor_to_rgb};
 
 /// Configuration of a [`SupervisorTuner`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -15,10 +15,10 @@ use proxytune_models::weights::{load_safetensors, Strictness};
 use proxytune_schemas::ModelRole;
 use tch::{Device, Tensor};
 
-use crate::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
-use crate::dreambench::Generator;
 use crate::error::Result;
-use crate::intake::{images_to_square_batch, SubjectEntry};
+use crate::evaluation::dreambench::Generator;
+use crate::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
+use crate::stages::intake::{images_to_square_batch, SubjectEntry};
 
 /// The supervisor: Stable Diffusion with its subject adapter.
 pub struct SupervisorGenerator {

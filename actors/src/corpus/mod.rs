@@ -1,4 +1,6 @@
-//! The corpus store: every stored row of a deployment, in real Lance datasets on disk.
+//! The corpus store: every stored row of a deployment, in real Lance datasets on disk, and the
+//! actors that write it ([`writer`]: idempotent appends, commits on barriers and close) and stream
+//! it ([`reader`]: a pinned version, filtered).
 //!
 //! A corpus is a directory holding a `corpus.json` marker and one Lance dataset per table,
 //! `<root>/<table>.lance` (see [`proxytune_schemas::rows`] for the tables):
@@ -15,6 +17,9 @@
 //!   checked out read-only (the replay source) and compacted without losing old versions.
 //!
 //! One writer per table at a time (the corpus writer actor); any number of readers.
+
+pub mod reader;
+pub mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::marker::PhantomData;

@@ -88,5 +88,5 @@ pub fn sample_images(
         config.guidance_scale,
         config.sampler,
     )?;
-    (0..prompts.len() as i64).map(|i| crate::intake::tensor_to_rgb(&images.get(i))).collect()
+    (0..prompts.len() as i64).map(|i| crate::stages::intake::tensor_to_rgb(&images.get(i))).collect()
 }

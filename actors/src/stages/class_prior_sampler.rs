@@ -1,7 +1,7 @@
 //! `class_prior_sampler`: the source of DreamBooth's prior-preservation images. The *untuned*
 //! supervisor samples `num_images` images of the bare class prompt (`a dog`), seeds
 //! `first_seed, first_seed + 1, …`, and emits them as `class_priors` rows batch by batch, so the
-//! [`SupervisorTuner`](crate::supervisor_tuner::SupervisorTuner) trains on the first ones while
+//! [`SupervisorTuner`](crate::stages::supervisor_tuner::SupervisorTuner) trains on the first ones while
 //! the rest are being sampled (no blocking pre-step). Rows are keyed by seed and model, so a
 //! restarted job writes each image once.
 
@@ -12,10 +12,10 @@ use proxytune_models::diffusion::pipeline::StableDiffusion;
 use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Table};
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
 use crate::error::Result;
-use crate::intake::encode_png;
 use crate::runtime::{Context, Metrics, Output, Produced, Source};
+use crate::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
+use crate::stages::intake::encode_png;
 
 /// Configuration of a [`ClassPriorSampler`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

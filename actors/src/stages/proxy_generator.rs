@@ -1,5 +1,5 @@
 //! `proxy_generator`: stage 2 of Proxy-Tuning. On each "supervisor ready" row (`supervisors`
-//! schema, from the [`SupervisorTuner`](crate::supervisor_tuner::SupervisorTuner)) it loads the
+//! schema, from the [`SupervisorTuner`](crate::stages::supervisor_tuner::SupervisorTuner)) it loads the
 //! base model with that adapter and samples its [`PromptPlan`]: every prompt `images_per_prompt`
 //! times with its own seed. It emits a `proxies` batch as soon as each sampler call returns
 //! (through the runtime's pending-work loop, so the Filter and the AR trainer start on the first
@@ -20,10 +20,10 @@ use proxytune_models::weights::{load_safetensors, Strictness};
 use proxytune_schemas::{now_us, MetricName, Proxy, Supervisor, Table};
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
 use crate::error::{Error, Result};
-use crate::intake::encode_png;
 use crate::runtime::{Context, Metrics, Operator, Output};
+use crate::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
+use crate::stages::intake::encode_png;
 
 /// What to sample: the subject alone and in contexts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
