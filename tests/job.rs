@@ -314,3 +314,185 @@ scorers = "cpu"
         }
     }
 }
+
+/// A safetensors file with `shapes` in its header and no data: what `--check` reads of a
+/// checkpoint (it never reads past the header).
+fn header_only(path: &Path, shapes: &proxytune_models::shapes::Shapes) {
+    let mut offset = 0u64;
+    let mut header = serde_json::Map::new();
+    for (key, shape) in shapes {
+        let bytes = shape.iter().product::<i64>() as u64 * 2;
+        header.insert(
+            key.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let text = serde_json::Value::Object(header).to_string();
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend(text.as_bytes());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, file).unwrap();
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+    v
+}
+
+/// `run --check` on the published SDXL and Chameleon-7B configurations, their checkpoints given as
+/// headers alone (no weight exists, so none can be loaded): it names the real parameter counts
+/// (SDXL's UNet 2.57 B, the Chameleon-7B decoder 7.01 B) and finds nothing wrong, and the same
+/// folders with one shard's tensor reshaped get that tensor named.
+#[test]
+fn run_check_reads_real_size_sdxl_and_chameleon_7b_from_their_headers_alone() {
+    use proxytune_models::ar::chameleon::ChameleonConfig;
+    use proxytune_models::diffusion::unet::UNetConfig;
+    use proxytune_models::diffusion::vae::{AutoencoderKl, VaeConfig};
+    use proxytune_models::shapes;
+    use proxytune_models::transformer::clip::ClipTextConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    // SDXL base 1.0's published configuration, over the tiny SDXL folder's tokenizers.
+    let sdxl = tmp.path().join("sdxl");
+    for entry in walk(&fixture("sdxl_tiny")) {
+        let dest = sdxl.join(entry.strip_prefix(fixture("sdxl_tiny")).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        if !entry.to_string_lossy().ends_with(".safetensors") {
+            std::fs::copy(&entry, dest).unwrap();
+        }
+    }
+    let unet = edit_json(&sdxl.join("unet/config.json"), |c| {
+        c["block_out_channels"] = serde_json::json!([320, 640, 1280]);
+        c["attention_head_dim"] = serde_json::json!([5, 10, 20]);
+        c["transformer_layers_per_block"] = serde_json::json!([1, 2, 10]);
+        c["layers_per_block"] = 2.into();
+        c["cross_attention_dim"] = 2048.into();
+        c["norm_num_groups"] = 32.into();
+        c["addition_time_embed_dim"] = 256.into();
+        c["projection_class_embeddings_input_dim"] = 2816.into();
+        c["down_block_types"] =
+            serde_json::json!(["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]);
+        c["up_block_types"] = serde_json::json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]);
+    });
+    let unet: UNetConfig = serde_json::from_value(unet).unwrap();
+    // Sharded, as diffusers saves it.
+    let inventory = shapes::unet(&unet);
+    let (a, b): (shapes::Shapes, shapes::Shapes) =
+        inventory.clone().into_iter().partition(|(k, _)| k.starts_with("down_blocks"));
+    header_only(&sdxl.join("unet/diffusion_pytorch_model-00001-of-00002.safetensors"), &a);
+    header_only(&sdxl.join("unet/diffusion_pytorch_model-00002-of-00002.safetensors"), &b);
+    let weight_map: serde_json::Map<String, serde_json::Value> = inventory
+        .keys()
+        .map(|k| {
+            let shard = if a.contains_key(k) { "00001" } else { "00002" };
+            (k.clone(), format!("diffusion_pytorch_model-{shard}-of-00002.safetensors").into())
+        })
+        .collect();
+    std::fs::write(
+        sdxl.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+        serde_json::json!({"weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let vae = edit_json(&sdxl.join("vae/config.json"), |c| {
+        c["block_out_channels"] = serde_json::json!([128, 256, 512, 512]);
+        c["down_block_types"] = serde_json::json!(vec!["DownEncoderBlock2D"; 4]);
+        c["up_block_types"] = serde_json::json!(vec!["UpDecoderBlock2D"; 4]);
+        c["layers_per_block"] = 2.into();
+        c["norm_num_groups"] = 32.into();
+    });
+    let vae_vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _vae = AutoencoderKl::new(vae_vs.root(), &serde_json::from_value::<VaeConfig>(vae).unwrap());
+    header_only(&sdxl.join("vae/diffusion_pytorch_model.safetensors"), &shapes::of_store(&vae_vs));
+    drop(vae_vs);
+    for (encoder, hidden, inter, layers, heads, projection) in
+        [("text_encoder", 768, 3072, 12, 12, false), ("text_encoder_2", 1280, 5120, 32, 20, true)]
+    {
+        let cfg = edit_json(&sdxl.join(encoder).join("config.json"), |c| {
+            c["hidden_size"] = hidden.into();
+            c["intermediate_size"] = inter.into();
+            c["num_hidden_layers"] = layers.into();
+            c["num_attention_heads"] = heads.into();
+            c["vocab_size"] = 49408.into();
+            c["projection_dim"] = 1280.into();
+        });
+        let cfg: ClipTextConfig = serde_json::from_value(cfg).unwrap();
+        header_only(
+            &sdxl.join(encoder).join("model.safetensors"),
+            &shapes::clip_text(&cfg, "text_model.", projection),
+        );
+    }
+    // Chameleon-7B's published configuration (its VQ-GAN's too), over the tiny student's tokenizer.
+    let student = tiny_student("zwx", tmp.path());
+    let cfg = edit_json(&student.join("config.json"), |c| {
+        c["hidden_size"] = 4096.into();
+        c["intermediate_size"] = 11008.into();
+        c["num_hidden_layers"] = 32.into();
+        c["num_attention_heads"] = 32.into();
+        c["num_key_value_heads"] = 32.into();
+        c["vocab_size"] = 65536.into();
+        c["max_position_embeddings"] = 4096.into();
+        c["vq_config"] = serde_json::json!({
+            "embed_dim": 256, "num_embeddings": 8192, "double_latent": false, "latent_channels": 256,
+            "resolution": 512, "in_channels": 3, "base_channels": 128, "channel_multiplier": [1, 1, 2, 2, 4],
+            "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0, "attn_type": "vanilla",
+        });
+    });
+    let cfg: ChameleonConfig = serde_json::from_value(cfg).unwrap();
+    let vq_vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    proxytune_models::ar::chameleon_vq::ChameleonVqVae::new(vq_vs.root(), &cfg.vq_config).unwrap();
+    let vq: shapes::Shapes =
+        shapes::of_store(&vq_vs).into_iter().map(|(k, v)| (format!("model.vqmodel.{k}"), v)).collect();
+    let decoder = shapes::chameleon_decoder(&cfg);
+    let (first, rest): (shapes::Shapes, shapes::Shapes) = decoder
+        .into_iter()
+        .partition(|(k, _)| k.starts_with("model.layers.1") || k.starts_with("model.embed"));
+    std::fs::remove_file(student.join("model.safetensors")).unwrap();
+    header_only(&student.join("model-00001-of-00002.safetensors"), &first);
+    header_only(&student.join("model-00002-of-00002.safetensors"), &rest.into_iter().chain(vq).collect());
+    let files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+    let map: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .flat_map(|f| {
+            proxytune_models::shapes::read_header(&student.join(f))
+                .unwrap()
+                .into_keys()
+                .map(move |k| (k, serde_json::Value::from(*f)))
+        })
+        .collect();
+    std::fs::write(
+        student.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let decoder_vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    proxytune_models::ar::chameleon_vq::ChameleonVqDecoder::new(decoder_vs.root(), &cfg.vq_config).unwrap();
+    header_only(&student.join("vq_decoder.safetensors"), &shapes::of_store(&decoder_vs));
+
+    let text =
+        spec(&dreambench().join("backpack"), ("sdxl", &sdxl, 1024), (&student, 768, TINY_TOKENS), "zwx");
+    let (code, out) = check(tmp.path(), &text);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("UNet 2.57 B parameters") && out.contains("from 2 file(s)"), "SDXL's UNet: {out}");
+    assert!(out.contains("decoder 7.01 B parameters"), "Chameleon-7B: {out}");
+    assert!(out.contains("48×48 codes, 2355 image tokens"), "{out}");
+    assert!(out.contains("1024 px, latents of 128×128"), "{out}");
+
+    // One tensor of the second shard reshaped: named, with both shapes.
+    let mut broken = shapes::read_header(&student.join(files[1])).unwrap();
+    let (key, entry) = broken.iter_mut().find(|(k, _)| k.ends_with("mlp.down_proj.weight")).unwrap();
+    let key = key.clone();
+    entry.shape = vec![4096, 11000];
+    let reshaped: shapes::Shapes = broken.into_iter().map(|(k, e)| (k, e.shape)).collect();
+    header_only(&student.join(files[1]), &reshaped);
+    let (code, out) = check(tmp.path(), &text);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        problems(&out)
+            .iter()
+            .any(|p| p.contains(&format!("{key}: the config makes [4096, 11008]"))
+                && p.contains("[4096, 11000]")),
+        "{out}"
+    );
+}
