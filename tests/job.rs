@@ -379,6 +379,9 @@ fn run_check_reads_real_size_sdxl_and_chameleon_7b_from_their_headers_alone() {
     let unet: UNetConfig = serde_json::from_value(unet).unwrap();
     // Sharded, as diffusers saves it.
     let inventory = shapes::unet(&unet);
+    // diffusers 0.42.1's UNet2DConditionModel at this config, built on the meta device, counts
+    // 2,567,463,684 parameters.
+    assert_eq!(shapes::parameters(&inventory), 2_567_463_684);
     let (a, b): (shapes::Shapes, shapes::Shapes) =
         inventory.clone().into_iter().partition(|(k, _)| k.starts_with("down_blocks"));
     header_only(&sdxl.join("unet/diffusion_pytorch_model-00001-of-00002.safetensors"), &a);
@@ -445,6 +448,10 @@ fn run_check_reads_real_size_sdxl_and_chameleon_7b_from_their_headers_alone() {
     let vq: shapes::Shapes =
         shapes::of_store(&vq_vs).into_iter().map(|(k, v)| (format!("model.vqmodel.{k}"), v)).collect();
     let decoder = shapes::chameleon_decoder(&cfg);
+    // transformers 5.24's ChameleonForConditionalGeneration at this config, on the meta device:
+    // 7,043,090,432 parameters, 29,423,616 of them in `model.vqmodel`.
+    assert_eq!(shapes::parameters(&decoder), 7_043_090_432 - 29_423_616);
+    assert_eq!(shapes::parameters(&vq), 29_423_616);
     let (first, rest): (shapes::Shapes, shapes::Shapes) = decoder
         .into_iter()
         .partition(|(k, _)| k.starts_with("model.layers.1") || k.starts_with("model.embed"));
