@@ -30,6 +30,8 @@ pub struct HeaderEntry {
     pub shape: Vec<i64>,
     /// The file it is in.
     pub file: PathBuf,
+    /// Where its bytes are in the file: `[start, end)`, absolute offsets.
+    pub data: (u64, u64),
 }
 
 impl HeaderEntry {
@@ -79,7 +81,16 @@ pub fn read_header(path: &Path) -> Result<Header> {
             .and_then(|s| s.as_array())
             .map(|dims| dims.iter().filter_map(|d| d.as_i64()).collect())
             .ok_or_else(|| bad(format!("tensor `{key}` has no shape")))?;
-        out.insert(key, HeaderEntry { dtype, shape, file: path.to_path_buf() });
+        let offsets: Vec<u64> = value
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .map(|o| o.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        let [start, end] = offsets[..] else {
+            return Err(bad(format!("tensor `{key}` has no data_offsets")));
+        };
+        let data = (8 + len + start, 8 + len + end);
+        out.insert(key, HeaderEntry { dtype, shape, file: path.to_path_buf(), data });
     }
     Ok(out)
 }

@@ -63,21 +63,22 @@ pub fn load_safetensors(vs: &mut VarStore, path: &Path, strictness: Strictness) 
 }
 
 /// [`load_safetensors`] over several files (a sharded checkpoint's shards, from
-/// [`crate::shapes::weight_files`]): their tensors together must satisfy the model.
+/// [`crate::shapes::weight_files`]): their tensors together must satisfy the model. Everything is
+/// checked from the headers before a byte of data is read; then the tensors are read one at a
+/// time, each straight from its file offset, converted to its variable's dtype and device and
+/// copied in, so host memory holds one tensor beside the model, never a whole file. Tensors the
+/// model does not have are never read.
 pub fn load_safetensors_files(
     vs: &mut VarStore,
     files: &[std::path::PathBuf],
     strictness: Strictness,
 ) -> Result<()> {
-    let mut tensors = HashMap::new();
-    for f in files {
-        tensors.extend(read_safetensors(f)?);
-    }
+    let header = crate::shapes::read_headers(files)?;
     let path = files.first().map(|f| f.as_path()).unwrap_or(Path::new(""));
     let variables = vs.variables();
-    check_all_present(&variables, &tensors, path, "")?;
+    check_shapes(&variables, |k| header.get(k).map(|e| e.shape.clone()), path, "")?;
     if strictness == Strictness::Strict {
-        let extra: BTreeSet<&String> = tensors.keys().filter(|k| !variables.contains_key(*k)).collect();
+        let extra: BTreeSet<&String> = header.keys().filter(|k| !variables.contains_key(*k)).collect();
         if !extra.is_empty() {
             return Err(ModelError::UnexpectedTensors {
                 path: path.to_path_buf(),
@@ -85,7 +86,57 @@ pub fn load_safetensors_files(
             });
         }
     }
-    copy_into(variables, &tensors)
+    let mut open: HashMap<std::path::PathBuf, std::fs::File> = HashMap::new();
+    tch::no_grad(|| {
+        for (name, mut var) in variables {
+            let entry = &header[&name];
+            let file = match open.entry(entry.file.clone()) {
+                std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    std::fs::File::open(&entry.file)
+                        .map_err(|source| ModelError::Io { path: entry.file.clone(), source })?,
+                ),
+            };
+            let src = read_tensor(file, &name, entry)?;
+            var.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+        }
+        Ok::<(), ModelError>(())
+    })
+}
+
+/// One tensor's bytes from its file, as a CPU tensor of its stored dtype.
+fn read_tensor(file: &std::fs::File, name: &str, entry: &crate::shapes::HeaderEntry) -> Result<Tensor> {
+    use std::os::unix::fs::FileExt;
+    let bad = |m: String| ModelError::Io {
+        path: entry.file.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("tensor `{name}`: {m}")),
+    };
+    let kind = match entry.dtype.as_str() {
+        "F32" => tch::Kind::Float,
+        "F16" => tch::Kind::Half,
+        "BF16" => tch::Kind::BFloat16,
+        "F64" => tch::Kind::Double,
+        "I64" => tch::Kind::Int64,
+        "I32" => tch::Kind::Int,
+        "I16" => tch::Kind::Int16,
+        "I8" => tch::Kind::Int8,
+        "U8" => tch::Kind::Uint8,
+        "BOOL" => tch::Kind::Bool,
+        other => return Err(bad(format!("unsupported dtype {other}"))),
+    };
+    let (start, end) = entry.data;
+    let expected = entry.numel() * entry.element_bytes();
+    if end < start || end - start != expected {
+        return Err(bad(format!(
+            "{} bytes for {:?} of {}",
+            end.saturating_sub(start),
+            entry.shape,
+            entry.dtype
+        )));
+    }
+    let mut bytes = vec![0u8; expected as usize];
+    file.read_exact_at(&mut bytes, start).map_err(|e| bad(format!("cannot read its bytes: {e}")))?;
+    Ok(Tensor::f_from_data_size(&bytes, &entry.shape, kind)?)
 }
 
 /// Checks that every variable has a same-shaped tensor in `tensors` (in sorted order, so the first
@@ -96,24 +147,34 @@ pub(crate) fn check_all_present(
     path: &Path,
     key_prefix: &str,
 ) -> Result<()> {
+    check_shapes(variables, |k| tensors.get(k).map(|t| t.size()), path, key_prefix)
+}
+
+/// [`check_all_present`] against any source of shapes by key.
+fn check_shapes(
+    variables: &HashMap<String, Tensor>,
+    shape_of: impl Fn(&str) -> Option<Vec<i64>>,
+    path: &Path,
+    key_prefix: &str,
+) -> Result<()> {
     let mut names: Vec<&String> = variables.keys().collect();
     names.sort();
     for name in names {
         let var = &variables[name];
         let key = || format!("{key_prefix}{name}");
-        let Some(src) = tensors.get(name) else {
+        let Some(found) = shape_of(name) else {
             return Err(ModelError::MissingTensor {
                 path: path.to_path_buf(),
                 key: key(),
                 expected: var.size(),
             });
         };
-        if src.size() != var.size() {
+        if found != var.size() {
             return Err(ModelError::ShapeMismatch {
                 path: path.to_path_buf(),
                 key: key(),
                 expected: var.size(),
-                found: src.size(),
+                found,
             });
         }
     }

@@ -28,7 +28,7 @@ pub enum JobSpec {
     Replay(ReplaySpec),
     /// A job from a job spec (the structure of `proxytune run`'s TOML, as JSON): the user's own
     /// supervisor and student folders under the daemon's roots.
-    Run(RunSpec),
+    Run(Box<RunSpec>),
 }
 
 /// A spec job: the spec, with the subject's photos uploaded or in a folder under the roots.

@@ -282,7 +282,7 @@ impl Shared {
         let result = staged().and_then(|()| {
             let mut record = run.clone();
             record.spec.subject.photos = PathBuf::new(); // the job's own photos/, set when it runs
-            self.store().submit(JobSpec::Run(record), |dir| {
+            self.store().submit(JobSpec::Run(Box::new(record)), |dir| {
                 let photos = dir.join("photos");
                 std::fs::rename(&staged_photos, &photos)
                     .with_context(|| format!("cannot move the photos to {}", photos.display()))?;
@@ -306,7 +306,7 @@ impl Shared {
             }
             JobSpec::Run(run) => {
                 let shared = self.clone();
-                tokio::task::spawn_blocking(move || shared.submit_run(run))
+                tokio::task::spawn_blocking(move || shared.submit_run(*run))
                     .await
                     .context("the submission's thread panicked")??
             }

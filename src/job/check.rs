@@ -372,7 +372,7 @@ fn check_supervisor(spec: &JobSpec, r: &mut CheckReport) {
     let res = s.resolution();
     if let (Some(f), Some(levels)) = (vae_factor, unet_levels) {
         let unit = f * (1 << (levels - 1));
-        if res == 0 || res % unit != 0 {
+        if res == 0 || !res.is_multiple_of(unit) {
             r.problem(
                 "supervisor.resolution",
                 format!(
@@ -565,12 +565,12 @@ fn check_student(spec: &JobSpec, r: &mut CheckReport) {
     // Resolution: whole VQ codes, and the sequence fits the positions.
     if let Ok(vq) = &vq {
         let f = vq.downsample_factor() as u32;
-        if s.resolution == 0 || s.resolution % f != 0 {
+        if s.resolution == 0 || !s.resolution.is_multiple_of(f) {
             r.problem(
                 "student.resolution",
                 format!("{} is not a multiple of the VQ's downsampling factor {f}", s.resolution),
             );
-        } else if s.resolution % 32 != 0 || 32 % f != 0 {
+        } else if !s.resolution.is_multiple_of(32) || !32u32.is_multiple_of(f) {
             r.problem(
                 "student.resolution",
                 format!(
