@@ -37,6 +37,9 @@ pub enum BenchCommand {
     /// A ~50 M-parameter Chameleon student: KV-cached generation (tokens/s) and train step here vs
     /// transformers (PyTorch) on the same weights, machine and libtorch, in one run.
     Ar(CompareArgs),
+    /// Loading a sharded bfloat16 checkpoint: proxytune's tensor-by-tensor loader against reading
+    /// whole shards, peak memory and time, each in its own process.
+    Load(crate::bench_load::LoadArgs),
 }
 
 /// Arguments of `proxytune bench unet` and `proxytune bench ar`.

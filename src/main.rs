@@ -7,7 +7,8 @@
 //! - [`replay`]: a fresh student from a stored corpus version (no generation), evaluated.
 //! - [`smoke`]: a development check (hidden): DreamBench references into a Lance corpus, an
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps.
-//! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`).
+//! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`, `load` in
+//!   [`bench_load`]).
 //! - [`evaluate`]: DreamBench evaluation (the real-images row; supervisor and student).
 //! - [`grafana_cmd`]: the Grafana dashboards as code, rendered to `grafana/dashboards`.
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
@@ -19,6 +20,7 @@
 //! - [`world_cmd`]: the toy world (export subjects as a DreamBench-layout folder).
 
 mod bench;
+mod bench_load;
 mod corpus_cmd;
 mod daemon;
 mod demo;
@@ -124,6 +126,7 @@ fn main() -> anyhow::Result<()> {
         Command::Corpus { command } => runtime.block_on(corpus_cmd::run(command)).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Unet(args) } => bench::unet(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Ar(args) } => bench::ar(args).map(|()| 0),
+        Command::Bench { command: bench::BenchCommand::Load(args) } => bench_load::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Runtime(args) } => {
             runtime.block_on(bench::runtime(args)).map(|()| 0)
         }

@@ -394,3 +394,21 @@ fn pretraining_the_world_dino_learns_instances_across_contexts() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn bench_load_compares_the_streaming_loader_with_whole_file_reads() {
+    let out = proxytune()
+        .args(["bench", "load", "--hidden", "64", "--layers", "2", "--vocab", "512", "--shards", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let runs = summary["runs"].as_array().unwrap();
+    let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["streaming", "whole-file"], "{text}");
+    assert!(
+        runs.iter().all(|r| r["peak_kib"].as_u64().unwrap() >= r["built_kib"].as_u64().unwrap()),
+        "{text}"
+    );
+}
