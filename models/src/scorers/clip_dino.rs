@@ -21,6 +21,7 @@ use crate::weights::{load_safetensors, Strictness};
 pub struct Dino {
     model: Vit,
     processor: ImageProcessor,
+    device: Device,
     _vs: nn::VarStore,
 }
 
@@ -35,7 +36,7 @@ impl Dino {
         vs.freeze();
         let mut processor = ImageProcessor::dino();
         processor.resize = super::preprocess::Resize::Exact(cfg.image_size, cfg.image_size);
-        Ok(Dino { model, processor, _vs: vs })
+        Ok(Dino { model, processor, device, _vs: vs })
     }
 }
 
@@ -45,7 +46,9 @@ impl ImageEmbedder for Dino {
     }
 
     fn embed(&self, images01: &Tensor) -> Tensor {
-        tch::no_grad(|| l2_normalize(&self.model.cls_embedding(&self.processor.process(images01))))
+        // Images cross actor boundaries on the CPU; the model moves them to its own device.
+        let images = images01.to_device(self.device);
+        tch::no_grad(|| l2_normalize(&self.model.cls_embedding(&self.processor.process(&images))))
     }
 }
 
