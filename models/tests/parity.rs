@@ -409,7 +409,9 @@ fn lora_files_from_diffusers_load_and_ours_round_trip() {
     // Fresh adapters (B = 0) change nothing.
     let (base, mut adapters, unet) = tiny_unet_with_lora(&lora_cfg);
     assert_eq!(adapters.variables().len(), 96, "q/k/v/out of 12 attention layers, A and B each");
-    assert!(max_abs(&run(&unet), &io["out"]) < 1e-6);
+    // float32 on CPU: libtorch picks its kernels per CPU, so the last bits differ between CPU
+    // models; 1e-5, as every other UNet parity bound here.
+    assert!(max_abs(&run(&unet), &io["out"]) < 1e-5);
 
     // diffusers' LoRA file: the output with it matches diffusers' UNet with the adapter active.
     let before: Vec<(String, Tensor)> = base.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
