@@ -47,6 +47,7 @@ pub(crate) fn supervisor_sampling() -> SamplingConfig {
         resolution: SIZE,
         negative_prompt: String::new(),
         batch_images: 8,
+        bf16_unet: false,
     }
 }
 

@@ -217,6 +217,8 @@ async fn specs_over_the_tiny_reference_folders_run_every_stage_end_to_end() {
         [("sd1", variant_dir.clone(), Some("fp16"), false), ("sdxl", fixture("sdxl_tiny"), None, true)]
     {
         let variant = variant.map(|v| format!("variant = \"{v}\"")).unwrap_or_default();
+        // SDXL samples with its UNet in bfloat16.
+        let precision = if family == "sdxl" { "precision = \"bf16\"" } else { "" };
         let out = tmp.path().join(family);
         let text = format!(
             r#"
@@ -231,6 +233,7 @@ prompts = "{prompts}"
 family = "{family}"
 path = "{sup}"
 {variant}
+{precision}
 resolution = 48
 steps = 3
 batch = 2

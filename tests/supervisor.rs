@@ -33,6 +33,7 @@ fn sampling() -> SamplingConfig {
         resolution: 16,
         negative_prompt: String::new(),
         batch_images: 2,
+        bf16_unet: false,
     }
 }
 

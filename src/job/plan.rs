@@ -300,6 +300,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         resolution: sup.resolution(),
         negative_prompt: sup.negative_prompt.clone(),
         batch_images: sup.batch,
+        bf16_unet: sup.precision == Precision::Bf16,
     };
     let model_id = model_identity(
         &format!("{:?}", sup.family).to_lowercase(),

@@ -30,6 +30,9 @@ pub struct SamplingConfig {
     pub negative_prompt: String,
     /// Images per sampler call (and per emitted batch).
     pub batch_images: usize,
+    /// Sample with the UNet in bfloat16 (the text encoders and the VAE stay float32).
+    #[serde(default)]
+    pub bf16_unet: bool,
 }
 
 impl Default for SamplingConfig {
@@ -41,6 +44,7 @@ impl Default for SamplingConfig {
             resolution: 512,
             negative_prompt: String::new(),
             batch_images: 4,
+            bf16_unet: false,
         }
     }
 }
@@ -62,6 +66,15 @@ pub fn load_supervisor(
     let mut sd = StableDiffusion::load_variant(model_dir, device, Some(&lora), variant)?;
     load_lora(&mut sd.stores.unet_lora, &lora, "unet", adapter)?;
     Ok(sd)
+}
+
+/// Puts a loaded supervisor in the precision `config` samples at (its UNet in bfloat16 when asked;
+/// the adapters stay float32).
+pub fn prepare_for_sampling(mut sd: StableDiffusion, config: &SamplingConfig) -> StableDiffusion {
+    if config.bf16_unet {
+        sd.stores.unet.bfloat16();
+    }
+    sd
 }
 
 /// Samples one image per `(prompt, seed)` pair, in one sampler call.

@@ -590,7 +590,7 @@ impl Chameleon {
         device: Device,
     ) -> Option<Tensor> {
         let s = past + t;
-        let neg = f64::from(f32::MIN);
+        let neg = crate::transformer::mask_min(kind);
         let causal =
             (t > 1).then(|| Tensor::full([t, s], neg, (kind, device)).triu(past + 1).view([1, 1, t, s]));
         let pad = attention_mask.map(|m| ((m.ones_like() - m).to_kind(kind) * neg).view([b, 1, 1, s]));

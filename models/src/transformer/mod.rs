@@ -190,8 +190,19 @@ pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, mask
     out.transpose(1, 2).reshape([b, t, c]) // [B, T, C]
 }
 
+/// The most negative finite value of a float kind (`torch.finfo(kind).min`): what additive masks
+/// fill with, so a bfloat16 or float16 mask does not overflow.
+pub fn mask_min(kind: Kind) -> f64 {
+    match kind {
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Half => -65504.0,
+        Kind::Double => f64::MIN,
+        _ => f64::from(f32::MIN),
+    }
+}
+
 /// An additive causal mask `[1, 1, T, T]` (0 on and below the diagonal, a large negative above).
 pub fn causal_mask(t: i64, kind: Kind, device: tch::Device) -> Tensor {
-    let full = Tensor::full([t, t], f64::from(f32::MIN), (kind, device));
+    let full = Tensor::full([t, t], mask_min(kind), (kind, device));
     full.triu(1).view([1, 1, t, t])
 }
