@@ -276,17 +276,28 @@ fn vae_matches_diffusers_autoencoderkl() {
     assert!(err.contains("UpFancyBlock2D"), "{err}");
 }
 
+/// A UNet fixture folder loaded: its store, the model, and the reference's inputs and outputs.
+fn fixture_unet(
+    name: &str,
+) -> (
+    nn::VarStore,
+    proxytune_models::diffusion::unet::UNet2DConditionModel,
+    std::collections::HashMap<String, Tensor>,
+) {
+    use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
+    let dir = fixture(name);
+    let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
+    load_safetensors(&mut vs, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict).unwrap();
+    (vs, unet, read_safetensors(&dir.join("io.safetensors")).unwrap())
+}
+
 #[test]
 fn unet_matches_diffusers_for_sd_and_sdxl_configs() {
-    use proxytune_models::diffusion::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
+    use proxytune_models::diffusion::unet::AddedCond;
     for name in ["unet_sd_tiny", "unet_sdxl_tiny"] {
-        let dir = fixture(name);
-        let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
-        load_safetensors(&mut vs, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
-            .unwrap();
-        let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+        let (_vs, unet, io) = fixture_unet(name);
         let added = io.get("text_embeds").map(|t| AddedCond { text_embeds: t, time_ids: &io["time_ids"] });
         let out =
             tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"], added)).unwrap();
@@ -721,17 +732,11 @@ fn llamagen_vq16_encodes_and_decodes_like_the_reference() {
 /// reference), relative to the output's largest magnitude.
 #[test]
 fn bf16_unet_and_chameleon_stay_near_their_float32_outputs() {
-    use proxytune_models::diffusion::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
+    use proxytune_models::diffusion::unet::AddedCond;
     use tch::Kind;
     for name in ["unet_sd_tiny", "unet_sdxl_tiny"] {
-        let dir = fixture(name);
-        let cfg = UNetConfig::from_json(&dir.join("config.json")).unwrap();
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
-        load_safetensors(&mut vs, &dir.join("diffusion_pytorch_model.safetensors"), Strictness::Strict)
-            .unwrap();
+        let (mut vs, unet, io) = fixture_unet(name);
         vs.bfloat16();
-        let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
         let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
         let (embeds, time_ids) = (io.get("text_embeds").map(bf), io.get("time_ids").map(bf));
         let added =

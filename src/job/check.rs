@@ -197,15 +197,7 @@ type PhotoSize = Result<(u32, u32), String>;
 
 /// The image files of `dir` (PNG/JPEG by extension) with their sizes from the headers.
 fn photo_sizes(dir: &Path) -> Result<Vec<(String, PhotoSize)>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
-            p.is_file() && matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    files.sort();
+    let files = super::plan::photo_files(dir)?;
     Ok(files
         .iter()
         .map(|p| {

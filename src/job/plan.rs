@@ -232,11 +232,10 @@ fn train_precision(p: Precision) -> TrainPrecision {
     }
 }
 
-/// The references of a photos folder: decoded (EXIF orientation applied), RGB, and no longer than
-/// [`REFERENCE_MAX_SIDE`] on their long side.
-pub fn read_photos(dir: &Path) -> anyhow::Result<(Vec<image::RgbImage>, Vec<String>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("subject.photos {}", dir.display()))?
+/// The photo files of a folder (`.png`, `.jpg`, `.jpeg`, any case), in name order.
+pub fn photo_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
@@ -244,6 +243,13 @@ pub fn read_photos(dir: &Path) -> anyhow::Result<(Vec<image::RgbImage>, Vec<Stri
         })
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// The references of a photos folder: decoded (EXIF orientation applied), RGB, and no longer than
+/// [`REFERENCE_MAX_SIDE`] on their long side.
+pub fn read_photos(dir: &Path) -> anyhow::Result<(Vec<image::RgbImage>, Vec<String>)> {
+    let files = photo_files(dir).map_err(anyhow::Error::msg)?;
     let mut images = Vec::new();
     let mut names = Vec::new();
     for f in &files {
