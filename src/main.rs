@@ -51,55 +51,55 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The embedded demo: one world subject through the whole streaming pipeline (supervisor
-    /// DreamBooth with streamed priors, proxies, Filter, Lance, student training while proxies
-    /// arrive), then supervisor vs student evaluation and report/index.html.
+    /// See the whole method work with no downloads: the world preset of a job (one toy-world
+    /// subject, the committed world models) through the streaming pipeline, the evaluation of
+    /// supervisor and student, and report/index.html.
     Demo(Box<demo::DemoArgs>),
     /// Run a job from its spec (TOML: your photos, a diffusers supervisor folder, a Chameleon /
     /// Lumina-mGPT student folder, every stage's settings): the streaming pipeline, the evaluation
     /// and report/index.html; `--check` checks the spec without loading a weight.
     Run(job::RunArgs),
-    /// Run as a long-lived service: tune and replay jobs (world subjects, uploaded photos or
-    /// folders under configured roots) over a JSON HTTP API, queued, persisted and resumed, with
-    /// /metrics and a status page.
+    /// Run as a long-lived service: jobs from specs (run), on the world models (tune) and from
+    /// stored corpora (replay) over a JSON HTTP API, queued, persisted and resumed, with /metrics
+    /// and a status page.
     Daemon(daemon::DaemonArgs),
     /// Train a fresh student from a stored corpus version (optionally re-filtered), no
     /// generation, and evaluate it.
     Replay(Box<replay::ReplayArgs>),
-    /// Development check of the corpus and libtorch: imports DreamBench references into a Lance corpus (twice, to show
-    /// the second import writes nothing), scans it, and trains a tiny tch network a few steps.
+    /// Development check of the corpus and libtorch: imports DreamBench references into a Lance
+    /// corpus (twice: the second writes nothing), scans it, trains a tiny network a few steps.
     #[command(hide = true)]
     Smoke(smoke::SmokeArgs),
     /// Load generator for the streaming runtime: a synthetic pipeline into a Lance corpus until
     /// done or Ctrl-C (drains, then exits 0 done, 130 cancelled, 1 failed, 124 deadline).
     #[command(hide = true)]
     Loadgen(loadgen::LoadgenArgs),
-    /// Benchmarks (figures measured side by side in one run).
+    /// Measure speed and memory side by side in one run (runtime, UNet, AR student, loading).
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
-    /// DreamBench evaluation.
+    /// Score models on DreamBench: the real-images row, or supervisor and student side by side.
     Evaluate {
         #[command(subcommand)]
         command: evaluate::EvaluateCommand,
     },
-    /// Inspect a corpus.
+    /// Inspect a stored corpus: tables, rows, versions, fragments, tags.
     Corpus {
         #[command(subcommand)]
         command: corpus_cmd::CorpusCommand,
     },
-    /// Pretrain the toy world's models.
+    /// Pretrain the toy world's models (CLIP, DINO, supervisor, student) from scratch.
     Pretrain {
         #[command(subcommand)]
         command: pretrain::PretrainCommand,
     },
-    /// Grafana dashboards (as code in grafana/src).
+    /// Render or check the Grafana dashboards (as code in grafana/src).
     Grafana {
         #[command(subcommand)]
         command: grafana_cmd::GrafanaCommand,
     },
-    /// The toy world.
+    /// Export toy-world subjects as a DreamBench-layout folder.
     World {
         #[command(subcommand)]
         command: world_cmd::WorldCommand,
