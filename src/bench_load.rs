@@ -1,7 +1,9 @@
 //! `proxytune bench load`: loading a sharded bfloat16 checkpoint, two ways side by side, each in a
 //! fresh child process so its peak memory is its own. The checkpoint is a Chameleon decoder of the
 //! chosen width and depth, written once by the bench in the transformers layout (shards and their
-//! `model.safetensors.index.json`); the model loads in float32 on the CPU.
+//! `model.safetensors.index.json`); the model is built and loads on the CPU in float32, or directly
+//! in bfloat16 (`--into bf16`). Each mode runs `--repeats` times, alternating; the table gives the
+//! median load time and the largest peak.
 //!
 //! - `streaming`: proxytune's loader (headers checked first, then one tensor at a time from its
 //!   file offset);
@@ -33,9 +35,15 @@ pub struct LoadArgs {
     /// Shards the checkpoint is written in.
     #[arg(long, default_value_t = 4)]
     shards: usize,
+    /// The kind the model is built and loaded in: `fp32` or `bf16` (built directly in bfloat16).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    into: String,
     /// Where the checkpoint is written (a temporary folder when absent).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Runs of each mode (alternating); the median time and the largest peak are reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
     /// Internal: load `--dir` this way and print one JSON line.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -71,6 +79,7 @@ fn child(args: &LoadArgs, mode: &str) -> anyhow::Result<()> {
     let before = status_kib("VmRSS:");
     let cfg = ChameleonConfig::from_json(&dir.join("config.json"))?;
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    vs.set_kind(if args.into == "bf16" { tch::Kind::BFloat16 } else { tch::Kind::Float });
     let _model = Chameleon::new(vs.root(), &cfg, None)?;
     let built = status_kib("VmRSS:");
     let files = proxytune_models::shapes::weight_files(dir, &["model"], None)?;
@@ -151,33 +160,43 @@ fn measure(args: &LoadArgs, dir: &Path) -> anyhow::Result<()> {
     let largest = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).max().unwrap_or(0);
     let mib = |kib: f64| kib / 1024.0;
     println!(
-        "checkpoint: {parameters} parameters, {} shards of bfloat16, largest {:.0} MiB; the model loads in float32 ({:.0} MiB)",
+        "checkpoint: {parameters} parameters, {} shards of bfloat16, largest {:.0} MiB; the model is built and loads in {} ({:.0} MiB)",
         files.len(),
         largest as f64 / (1 << 20) as f64,
-        parameters as f64 * 4.0 / (1 << 20) as f64
+        args.into,
+        parameters as f64 * if args.into == "bf16" { 2.0 } else { 4.0 } / (1 << 20) as f64
     );
-    println!("{:>11} {:>9} {:>22} {:>20}", "mode", "load s", "peak above model MiB", "÷ largest shard");
+    println!("{:>11} {:>9} {:>22} {:>20}", "mode", "median s", "peak above model MiB", "÷ largest shard");
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
-    for mode in ["streaming", "whole-file"] {
-        let out = std::process::Command::new(&exe)
-            .args(["bench", "load", "--child", mode, "--dir"])
-            .arg(dir)
-            .output()?;
-        anyhow::ensure!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
-        let r: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
-        let above = r["peak_kib"].as_f64().unwrap_or(0.0) - r["built_kib"].as_f64().unwrap_or(0.0);
+    let modes = ["streaming", "whole-file"];
+    let mut measured: Vec<(Vec<f64>, f64)> = vec![(Vec::new(), 0.0); modes.len()];
+    for _ in 0..args.repeats.max(1) {
+        for (i, mode) in modes.iter().enumerate() {
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "load", "--child", mode, "--into", &args.into, "--dir"])
+                .arg(dir)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+            let r: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+            let above = r["peak_kib"].as_f64().unwrap_or(0.0) - r["built_kib"].as_f64().unwrap_or(0.0);
+            measured[i].0.push(r["seconds"].as_f64().unwrap_or(0.0));
+            measured[i].1 = measured[i].1.max(above);
+            rows.push(r);
+        }
+    }
+    for (mode, (mut seconds, above)) in modes.iter().zip(measured) {
+        seconds.sort_by(f64::total_cmp);
         println!(
             "{mode:>11} {:>9.2} {:>22.0} {:>20.2}",
-            r["seconds"].as_f64().unwrap_or(0.0),
+            seconds[seconds.len() / 2],
             mib(above),
             above * 1024.0 / largest.max(1) as f64
         );
-        rows.push(r);
     }
     println!(
         "{}",
-        serde_json::json!({"parameters": parameters, "largest_shard_bytes": largest, "runs": rows})
+        serde_json::json!({"parameters": parameters, "largest_shard_bytes": largest, "into": args.into, "runs": rows})
     );
     Ok(())
 }

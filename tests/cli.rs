@@ -398,7 +398,20 @@ fn pretraining_the_world_dino_learns_instances_across_contexts() {
 #[test]
 fn bench_load_compares_the_streaming_loader_with_whole_file_reads() {
     let out = proxytune()
-        .args(["bench", "load", "--hidden", "64", "--layers", "2", "--vocab", "512", "--shards", "2"])
+        .args([
+            "bench",
+            "load",
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--vocab",
+            "512",
+            "--shards",
+            "2",
+            "--repeats",
+            "1",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -176,10 +176,10 @@ async fn class_priors_stream_into_dreambooth_and_the_tuned_supervisor_samples_th
     // differs, from base + adapter it is identical.
     let beach = proxies.iter().find(|p| p.prompt_index == 1).unwrap();
     let stored = image::load_from_memory(&beach.image_png).unwrap().to_rgb8();
-    let tuned = load_supervisor(&model_dir(), None, "cpu", Some(&adapter)).unwrap();
+    let tuned = load_supervisor(&model_dir(), None, "cpu", Some(&adapter), &sampling()).unwrap();
     let again = &sample_images(&tuned, &[beach.prompt.as_str()], &[beach.seed], &sampling()).unwrap()[0];
     assert_eq!(&stored, again, "a proxy is reproducible from its key and the adapter");
-    let base = load_supervisor(&model_dir(), None, "cpu", None).unwrap();
+    let base = load_supervisor(&model_dir(), None, "cpu", None, &sampling()).unwrap();
     let untuned = &sample_images(&base, &[beach.prompt.as_str()], &[beach.seed], &sampling()).unwrap()[0];
     assert_ne!(&stored, untuned, "the adapter changes the samples");
 
@@ -235,7 +235,7 @@ fn prior_preservation_keeps_class_samples_near_the_base_model() {
     let fidelity = |images: &[image::RgbImage]| {
         embed(images).matmul(&reference_embeddings.tr()).mean(tch::Kind::Float).double_value(&[])
     };
-    let base = load_supervisor(&dir, None, "cpu", None).unwrap();
+    let base = load_supervisor(&dir, None, "cpu", None, &sampling).unwrap();
     let class_prompt = format!("a {class}");
     let instance_prompt = format!("a sks {class}");
     let probe_seeds: Vec<u64> = (500..508).collect();

@@ -134,9 +134,18 @@ fn read_tensor(file: &std::fs::File, name: &str, entry: &crate::shapes::HeaderEn
             entry.dtype
         )));
     }
-    let mut bytes = vec![0u8; expected as usize];
-    file.read_exact_at(&mut bytes, start).map_err(|e| bad(format!("cannot read its bytes: {e}")))?;
-    Ok(Tensor::f_from_data_size(&bytes, &entry.shape, kind)?)
+    // Read straight into the storage of a fresh CPU tensor of the stored dtype: no zeroed buffer,
+    // no second copy.
+    let tensor = Tensor::f_empty(&entry.shape, (kind, tch::Device::Cpu))?;
+    if expected > 0 {
+        // SAFETY: `tensor` is a new, contiguous CPU tensor that owns exactly `expected` bytes
+        // (numel × element size of its dtype, checked against the header above), nothing else
+        // refers to it yet, and the slice does not outlive this block.
+        let storage =
+            unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, expected as usize) };
+        file.read_exact_at(storage, start).map_err(|e| bad(format!("cannot read its bytes: {e}")))?;
+    }
+    Ok(tensor)
 }
 
 /// Checks that every variable has a same-shaped tensor in `tensors` (in sorted order, so the first

@@ -764,3 +764,34 @@ fn bf16_unet_and_chameleon_stay_near_their_float32_outputs() {
 /// 2-vCPU AMD EPYC machine: 1.5e-2 (SD UNet), 1.2e-2 (SDXL UNet), 9.7e-3 (Chameleon logits) of
 /// the output's scale. The bound is 5e-2.
 const BF16_REL: f64 = 5e-2;
+
+/// Built directly in bfloat16, the supervisor's UNet and the student's base hold exactly the
+/// weights a float32 load converted afterwards holds, and no float32 copy is ever made.
+#[test]
+fn models_built_in_bf16_hold_the_converted_float32_weights() {
+    use proxytune_models::ar::lumina::LuminaTokens;
+    use proxytune_models::ar::train::ChameleonStudent;
+    use proxytune_models::diffusion::pipeline::{LoadOptions, StableDiffusion};
+    use tch::Kind;
+    let same = |a: &nn::VarStore, b: &nn::VarStore| {
+        let (a, b) = (a.variables(), b.variables());
+        assert_eq!(a.len(), b.len());
+        for (k, v) in &a {
+            assert_eq!(b[k].kind(), Kind::BFloat16, "{k}");
+            assert!(v.equal(&b[k]), "{k} differs");
+        }
+    };
+    let dir = fixture("sd_tiny");
+    let mut converted = StableDiffusion::load(&dir, Device::Cpu).unwrap();
+    converted.stores.unet.bfloat16();
+    let options = LoadOptions { unet_kind: Kind::BFloat16, ..Default::default() };
+    let direct = StableDiffusion::load_with(&dir, Device::Cpu, &options).unwrap();
+    assert_eq!(direct.unet_kind(), Kind::BFloat16);
+    same(&converted.stores.unet, &direct.stores.unet);
+    let dir = fixture("chameleon_tiny");
+    let mut converted = ChameleonStudent::load(&dir, Device::Cpu, None, LuminaTokens::default()).unwrap();
+    converted.base.bfloat16();
+    let direct =
+        ChameleonStudent::load_in(&dir, Device::Cpu, None, LuminaTokens::default(), Kind::BFloat16).unwrap();
+    same(&converted.base, &direct.base);
+}

@@ -17,9 +17,7 @@ use tch::{Device, Tensor};
 
 use crate::error::Result;
 use crate::evaluation::dreambench::Generator;
-use crate::stages::diffusion_sampling::{
-    load_supervisor, prepare_for_sampling, sample_images, SamplingConfig,
-};
+use crate::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
 use crate::stages::intake::{images_to_square_batch, SubjectEntry};
 
 /// The supervisor: Stable Diffusion with its subject adapter.
@@ -44,7 +42,7 @@ impl SupervisorGenerator {
             None => model_dir.display().to_string(),
         };
         Ok(SupervisorGenerator {
-            model: prepare_for_sampling(load_supervisor(model_dir, variant, device, adapter)?, &sampling),
+            model: load_supervisor(model_dir, variant, device, adapter, &sampling)?,
             sampling,
             version,
         })

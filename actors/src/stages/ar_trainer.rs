@@ -189,7 +189,13 @@ impl Operator for ArTrainerActor {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let c = &self.config;
         let device = parse_device(&c.device)?;
-        let mut student = ChameleonStudent::load(&c.student_dir, device, c.lora.as_ref(), c.tokens.clone())?;
+        // A bf16 run's frozen base is built in bfloat16, never in float32.
+        let kind = match c.train.precision {
+            proxytune_models::diffusion::dreambooth::Precision::Bf16 => tch::Kind::BFloat16,
+            proxytune_models::diffusion::dreambooth::Precision::F32 => tch::Kind::Float,
+        };
+        let mut student =
+            ChameleonStudent::load_in(&c.student_dir, device, c.lora.as_ref(), c.tokens.clone(), kind)?;
         let mut trainer = ArTrainer::new(&mut student, c.train.clone())?;
         let tokenizer = HfTokenizer::from_file(&c.student_dir.join("tokenizer.json"))?;
         if let Some(ckpt) = checkpoint::latest(&self.checkpoints_dir())? {

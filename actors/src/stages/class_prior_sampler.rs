@@ -14,9 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::runtime::{Context, Metrics, Output, Produced, Source};
-use crate::stages::diffusion_sampling::{
-    load_supervisor, prepare_for_sampling, sample_images, SamplingConfig,
-};
+use crate::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
 use crate::stages::intake::encode_png;
 
 /// Configuration of a [`ClassPriorSampler`].
@@ -71,15 +69,8 @@ impl ClassPriorSampler {
 
 impl Source for ClassPriorSampler {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
-        self.model = Some(prepare_for_sampling(
-            load_supervisor(
-                &self.config.model_dir,
-                self.config.variant.as_deref(),
-                &self.config.device,
-                None,
-            )?,
-            &self.config.sampling,
-        ));
+        let c = &self.config;
+        self.model = Some(load_supervisor(&c.model_dir, c.variant.as_deref(), &c.device, None, &c.sampling)?);
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use proxytune_models::device::parse_device;
-use proxytune_models::diffusion::pipeline::{SamplerKind, StableDiffusion};
+use proxytune_models::diffusion::pipeline::{LoadOptions, SamplerKind, StableDiffusion};
 use proxytune_models::lora::{load_lora, read_config};
 use proxytune_models::rng::sample_noise;
 use serde::{Deserialize, Serialize};
@@ -50,31 +50,27 @@ impl Default for SamplingConfig {
 }
 
 /// Loads the model folder `model_dir` (its weight files of `variant`, e.g. `fp16`, when given) on
-/// `device` (`cpu`, `cuda`, `cuda:N`), with the LoRA adapter at `adapter` when given (its config
-/// read from `lora_config.json` in the same folder).
+/// `device` (`cpu`, `cuda`, `cuda:N`) to sample as `sampling` says (its UNet built in bfloat16 when
+/// asked), with the LoRA adapter at `adapter` when given (its config read from
+/// `lora_config.json` in the same folder).
 pub fn load_supervisor(
     model_dir: &Path,
     variant: Option<&str>,
     device: &str,
     adapter: Option<&Path>,
+    sampling: &SamplingConfig,
 ) -> Result<StableDiffusion> {
     let device = parse_device(device)?;
+    let unet_kind = if sampling.bf16_unet { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    let options = LoadOptions { lora: None, variant, unet_kind };
     let Some(adapter) = adapter else {
-        return Ok(StableDiffusion::load_variant(model_dir, device, None, variant)?);
+        return Ok(StableDiffusion::load_with(model_dir, device, &options)?);
     };
     let lora = read_config(adapter)?;
-    let mut sd = StableDiffusion::load_variant(model_dir, device, Some(&lora), variant)?;
+    let mut sd =
+        StableDiffusion::load_with(model_dir, device, &LoadOptions { lora: Some(&lora), ..options })?;
     load_lora(&mut sd.stores.unet_lora, &lora, "unet", adapter)?;
     Ok(sd)
-}
-
-/// Puts a loaded supervisor in the precision `config` samples at (its UNet in bfloat16 when asked;
-/// the adapters stay float32).
-pub fn prepare_for_sampling(mut sd: StableDiffusion, config: &SamplingConfig) -> StableDiffusion {
-    if config.bf16_unet {
-        sd.stores.unet.bfloat16();
-    }
-    sd
 }
 
 /// Samples one image per `(prompt, seed)` pair, in one sampler call.

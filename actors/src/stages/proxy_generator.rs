@@ -22,9 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::runtime::{Context, Metrics, Operator, Output};
-use crate::stages::diffusion_sampling::{
-    load_supervisor, prepare_for_sampling, sample_images, SamplingConfig,
-};
+use crate::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
 use crate::stages::intake::encode_png;
 
 /// What to sample: the subject alone and in contexts.
@@ -174,22 +172,23 @@ impl ProxyGenerator {
             });
         }
         if adapter.file_name().is_some_and(|n| n == LORA_FILE) {
-            let sd = load_supervisor(
+            return load_supervisor(
                 &self.config.model_dir,
                 self.config.variant.as_deref(),
                 &self.config.device,
                 Some(adapter),
-            )?;
-            return Ok(prepare_for_sampling(sd, &self.config.sampling));
+                &self.config.sampling,
+            );
         }
         let mut sd = load_supervisor(
             &self.config.model_dir,
             self.config.variant.as_deref(),
             &self.config.device,
             None,
+            &self.config.sampling,
         )?;
         load_safetensors(&mut sd.stores.unet, adapter, Strictness::Strict)?;
-        Ok(prepare_for_sampling(sd, &self.config.sampling))
+        Ok(sd)
     }
 }
 

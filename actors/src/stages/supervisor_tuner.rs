@@ -21,9 +21,9 @@ use arrow_array::RecordBatch;
 use metrics::Counter;
 use proxytune_models::device::parse_device;
 use proxytune_models::diffusion::dreambooth::{
-    latest_checkpoint, DreamBoothConfig, DreamBoothTrainer, LORA_FILE,
+    latest_checkpoint, DreamBoothConfig, DreamBoothTrainer, Precision, LORA_FILE,
 };
-use proxytune_models::diffusion::pipeline::StableDiffusion;
+use proxytune_models::diffusion::pipeline::{LoadOptions, StableDiffusion};
 use proxytune_models::lora::LoraConfig;
 use proxytune_models::weights::save_safetensors;
 use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Supervisor, Table};
@@ -192,8 +192,19 @@ impl Operator for SupervisorTuner {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let c = &self.config;
         let device = parse_device(&c.device)?;
-        let mut model =
-            StableDiffusion::load_variant(&c.model_dir, device, c.lora.as_ref(), c.variant.as_deref())?;
+        let mut model = StableDiffusion::load_with(
+            &c.model_dir,
+            device,
+            &LoadOptions {
+                lora: c.lora.as_ref(),
+                variant: c.variant.as_deref(),
+                // A bf16 run's frozen UNet is built in bfloat16, never in float32.
+                unet_kind: match c.dreambooth.precision {
+                    Precision::Bf16 => tch::Kind::BFloat16,
+                    Precision::F32 => tch::Kind::Float,
+                },
+            },
+        )?;
         let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;
         trainer.set_instance_images(&model, &self.pixels(&self.references, device)?)?;
         if let Some(checkpoint) = latest_checkpoint(&self.checkpoints_dir())? {

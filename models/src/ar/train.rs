@@ -42,8 +42,21 @@ impl ChameleonStudent {
     /// Loads `config.json` + `model.safetensors` from `dir` (transformers layout), with fresh LoRA
     /// adapters when `lora` is given.
     pub fn load(dir: &Path, device: Device, lora: Option<&LoraConfig>, tokens: LuminaTokens) -> Result<Self> {
+        Self::load_in(dir, device, lora, tokens, Kind::Float)
+    }
+
+    /// Like [`ChameleonStudent::load`], the frozen base built directly in `kind` (bfloat16 for a
+    /// bf16 LoRA run: never materialised in float32); the adapters stay float32.
+    pub fn load_in(
+        dir: &Path,
+        device: Device,
+        lora: Option<&LoraConfig>,
+        tokens: LuminaTokens,
+        kind: Kind,
+    ) -> Result<Self> {
         let cfg = ChameleonConfig::from_json(&dir.join("config.json"))?;
         let mut base = nn::VarStore::new(device);
+        base.set_kind(kind); // new variables are made in this kind
         let adapters = nn::VarStore::new(device);
         let spec = lora.map(|config| (adapters.root(), config));
         let model =

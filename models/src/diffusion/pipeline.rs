@@ -31,6 +31,23 @@ pub enum SamplerKind {
     Euler,
 }
 
+/// How [`StableDiffusion::load_with`] loads a folder.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions<'a> {
+    /// Fresh LoRA adapters (B = 0) on the UNet layers it targets, in `stores.unet_lora`.
+    pub lora: Option<&'a LoraConfig>,
+    /// The weight files' variant (`fp16`), when not the plain files.
+    pub variant: Option<&'a str>,
+    /// The UNet's weight kind (float32 or bfloat16); the text encoders and the VAE stay float32.
+    pub unet_kind: Kind,
+}
+
+impl Default for LoadOptions<'_> {
+    fn default() -> Self {
+        LoadOptions { lora: None, variant: None, unet_kind: Kind::Float }
+    }
+}
+
 /// A loaded Stable Diffusion model.
 #[derive(Debug)]
 pub struct StableDiffusion {
@@ -177,18 +194,15 @@ impl StableDiffusion {
     /// Like [`StableDiffusion::load`], with fresh LoRA adapters (B = 0) on the UNet layers that
     /// `lora` targets, in `stores.unet_lora`.
     pub fn load_with_lora(dir: &Path, device: Device, lora: Option<&LoraConfig>) -> Result<Self> {
-        Self::load_variant(dir, device, lora, None)
+        Self::load_with(dir, device, &LoadOptions { lora, ..Default::default() })
     }
 
-    /// Like [`StableDiffusion::load_with_lora`], reading the weight files of `variant` (`fp16`:
-    /// `diffusion_pytorch_model.fp16.safetensors`, …) when given; sharded components load through
-    /// their index.
-    pub fn load_variant(
-        dir: &Path,
-        device: Device,
-        lora: Option<&LoraConfig>,
-        variant: Option<&str>,
-    ) -> Result<Self> {
+    /// Loads a diffusers model folder onto `device` as `options` say: fresh LoRA adapters, the
+    /// weight files of a variant (`fp16`: `diffusion_pytorch_model.fp16.safetensors`, …; sharded
+    /// components load through their index), and the UNet built directly in its kind (bfloat16
+    /// halves its memory and is never materialised in float32).
+    pub fn load_with(dir: &Path, device: Device, options: &LoadOptions) -> Result<Self> {
+        let (lora, variant) = (options.lora, options.variant);
         must_exist(dir.join("model_index.json"))?;
         let unet_cfg = UNetConfig::from_json(&must_exist(dir.join("unet/config.json"))?)?;
         let vae_cfg = VaeConfig::from_json(&must_exist(dir.join("vae/config.json"))?)?;
@@ -199,6 +213,7 @@ impl StableDiffusion {
         let pad_id = tokenizer_pad_id(&dir.join("tokenizer"), &tokenizer);
 
         let mut unet_vs = nn::VarStore::new(device);
+        unet_vs.set_kind(options.unet_kind); // new variables are made in this kind
         let unet_lora = nn::VarStore::new(device);
         let spec = lora.map(|config| (unet_lora.root(), config));
         let unet = UNet2DConditionModel::with_lora(
