@@ -694,6 +694,28 @@ fn a_spec_job_with_uploaded_photos_and_reference_layout_models_runs_to_its_repor
             images = uploads(&photos(7, 3)),
         )
     };
+    // Refused before anything is planned: budgets over the daemon's limits (a tune job of 2^32 - 1
+    // proxies per prompt used to be accepted, and the daemon died planning it at every restart).
+    let huge = r#"{"subject": "dog_2", "proxies_per_prompt": 4294967295}"#;
+    let (status, answer) = request(addr, "POST", "/jobs", huge, None).unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("proxies 68719476720") && answer.contains("limits.max_images (100000)"),
+        "{answer}"
+    );
+    let steps = body("chameleon", 64).replace(
+        r#""steps": 4, "batch": 2, "rows_to_start""#,
+        r#""steps": 1000000000, "batch": 2, "rows_to_start""#,
+    );
+    let (status, answer) = request(addr, "POST", "/jobs", &steps, None).unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("spec.student.steps is 1000000000, over the daemon's limits.max_steps (100000)"),
+        "{answer}"
+    );
+    let (_, list) = request(addr, "GET", "/jobs", "", None).unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&list).unwrap()["jobs"], serde_json::json!([]));
+
     // Refused: a model folder outside the roots; a resolution the check finds wrong.
     let (status, answer) = request(addr, "POST", "/jobs", &body("/etc", 64), None).unwrap();
     assert_eq!(status, 400, "{answer}");

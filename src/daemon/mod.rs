@@ -71,6 +71,49 @@ pub struct DaemonConfig {
     /// Largest photo accepted in an upload, in bytes (decoded).
     #[serde(default = "default_max_photo")]
     pub max_photo_bytes: usize,
+    /// Upper bounds on what one job may ask for, checked at submission.
+    #[serde(default)]
+    pub limits: JobLimits,
+}
+
+/// Upper bounds on one job's budgets: a submission over one is refused (400) with the limit
+/// named, before anything is planned or stored.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobLimits {
+    /// Images one job may generate: proxies, class priors and evaluation samples together.
+    pub max_images: u64,
+    /// Optimiser steps of either trainer, and denoising steps of one sample.
+    pub max_steps: u64,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        JobLimits { max_images: 100_000, max_steps: 100_000 }
+    }
+}
+
+impl JobLimits {
+    /// Checks `images` (what, count) and `steps` (what, count) against the limits.
+    fn check(&self, images: &[(&str, u128)], steps: &[(&str, u64)]) -> anyhow::Result<()> {
+        let total: u128 = images.iter().map(|(_, n)| *n).sum();
+        if total > u128::from(self.max_images) {
+            let parts: Vec<String> = images.iter().map(|(what, n)| format!("{what} {n}")).collect();
+            anyhow::bail!(
+                "the job would generate {total} images ({}), over the daemon's limits.max_images ({})",
+                parts.join(", "),
+                self.max_images
+            );
+        }
+        for (what, n) in steps {
+            anyhow::ensure!(
+                *n <= self.max_steps,
+                "{what} is {n}, over the daemon's limits.max_steps ({})",
+                self.max_steps
+            );
+        }
+        Ok(())
+    }
 }
 
 fn default_bind() -> SocketAddr {
@@ -170,6 +213,16 @@ impl Shared {
     /// A tune job's checks and queuing (see [`Shared::submit`]); it decodes and stores photos, so
     /// it runs off the async workers.
     fn submit_tune(&self, mut tune: jobs::TuneSpec) -> anyhow::Result<jobs::Job> {
+        // The world plan has 16 prompts; the evaluation samples 3 models on 25 prompts.
+        let prompts = tune.eval_prompts.unwrap_or(25).min(25) as u128;
+        self.config.limits.check(
+            &[
+                ("proxies", 16 * u128::from(tune.proxies_per_prompt)),
+                ("class priors", tune.class_priors as u128),
+                ("evaluation samples", 3 * prompts * tune.eval_images as u128),
+            ],
+            &[("supervisor_steps", tune.supervisor_steps), ("student_steps", tune.student_steps)],
+        )?;
         tune.models = tune.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
         let uploads = std::mem::take(&mut tune.images); // kept in the job's folder, not its record
         let max = self.config.max_photo_bytes;
@@ -223,6 +276,28 @@ impl Shared {
     fn submit_run(&self, mut run: jobs::RunSpec) -> anyhow::Result<jobs::Job> {
         use crate::job::spec::PromptSource;
         let spec = &mut run.spec;
+        // DreamBench has 25 templates; a template file is counted once it is confined and read.
+        let templates = match &spec.subject.prompts {
+            PromptSource::DreamBench => 25,
+            PromptSource::File(f) => {
+                crate::job::prompts::read_template_file(&self.confine("spec.subject.prompts", f)?)
+                    .map_err(anyhow::Error::msg)?
+                    .len() as u128
+            }
+        };
+        let eval_prompts = spec.evaluation.prompts.map_or(templates, |p| (p as u128).min(templates));
+        self.config.limits.check(
+            &[
+                ("proxies", (templates + 1) * u128::from(spec.proxies.per_prompt)),
+                ("class images", spec.supervisor.dreambooth.class_images as u128),
+                ("evaluation samples", 3 * eval_prompts * spec.evaluation.images_per_prompt as u128),
+            ],
+            &[
+                ("spec.supervisor.dreambooth.steps", spec.supervisor.dreambooth.steps),
+                ("spec.student.steps", spec.student.steps),
+                ("spec.supervisor.steps", u64::from(spec.supervisor.steps)),
+            ],
+        )?;
         anyhow::ensure!(
             spec.output.as_os_str().is_empty(),
             "spec.output: the daemon writes a job into its own folder; leave `output` out"
@@ -311,6 +386,11 @@ impl Shared {
                     .context("the submission's thread panicked")??
             }
             JobSpec::Replay(mut replay) => {
+                let prompts = replay.eval_prompts.unwrap_or(25).min(25) as u128;
+                self.config.limits.check(
+                    &[("evaluation samples", prompts * replay.eval_images as u128)],
+                    &[("student_steps", replay.student_steps)],
+                )?;
                 replay.models = replay.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
                 let corpus = match (&replay.source_job, &replay.corpus) {
                     (Some(source), None) => {
