@@ -1,6 +1,7 @@
-//! The world's model folders load in their reference libraries as they are (diffusers'
-//! `StableDiffusionPipeline`, transformers' Chameleon, CLIP and ViT) and run, with output shapes
-//! that follow the folders' own configs.
+//! The world's model folders are what their manifests say (every file's size and SHA-256), and
+//! they load in their reference libraries as they are (diffusers' `StableDiffusionPipeline`,
+//! transformers' Chameleon, CLIP and ViT) and run, with output shapes that follow the folders' own
+//! configs.
 
 use std::process::Command;
 
@@ -34,4 +35,34 @@ fn the_world_folders_load_and_run_in_diffusers_and_transformers() {
     let (side, patch) = (dino["image_size"].as_i64().unwrap(), dino["patch_size"].as_i64().unwrap());
     let tokens = (side / patch) * (side / patch) + 1;
     assert_eq!(r["dino"]["shape"], serde_json::json!([1, tokens, dino["hidden_size"].as_i64().unwrap()]));
+}
+
+/// Every committed file of `models/world` is listed in its folder's `manifest.json` with its size
+/// and SHA-256, and matches them; nothing unlisted sits beside it.
+#[test]
+fn every_world_model_file_matches_its_manifest() {
+    use sha2::Digest;
+    for part in ["clip", "dino", "supervisor", "student"] {
+        let dir = repo_root().join("models/world").join(part);
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        let listed = manifest["files"].as_object().unwrap();
+        let mut present = Vec::new();
+        for file in crate::job::walk(&dir) {
+            let rel = file.strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
+            if rel != "manifest.json" {
+                present.push(rel);
+            }
+        }
+        present.sort();
+        let mut names: Vec<String> = listed.keys().cloned().collect();
+        names.sort();
+        assert_eq!(present, names, "{part}: files on disk against the manifest");
+        for (name, entry) in listed {
+            let bytes = std::fs::read(dir.join(name)).unwrap();
+            assert_eq!(entry["bytes"].as_u64(), Some(bytes.len() as u64), "{part}/{name}: size");
+            let sha: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(entry["sha256"].as_str(), Some(sha.as_str()), "{part}/{name}: SHA-256");
+        }
+    }
 }
