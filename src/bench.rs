@@ -278,10 +278,14 @@ impl Operator for TimedWork {
 
 /// Peak resident set size of this process so far, in bytes (Linux `VmHWM`).
 fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// A `kB` field of this process's `/proc/self/status` (`VmRSS:`, `VmHWM:`), Linux only.
+pub(crate) fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Streams `batches` freshly generated batches through source -> pass -> sink.

@@ -50,15 +50,7 @@ pub struct LoadArgs {
 }
 
 fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    crate::bench::status_kib(field).unwrap_or(0)
 }
 
 fn config(args: &LoadArgs) -> anyhow::Result<(serde_json::Value, ChameleonConfig)> {

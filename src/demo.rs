@@ -24,7 +24,7 @@ use proxytune_models::lora::LoraConfig;
 
 use crate::job::execute::Evaluator;
 use crate::job::pipeline::{JobCommand, ProgressHandle};
-use crate::job::plan::{device_name, EvalPlan, ScorerSource, StagePlan, SubjectPlan};
+use crate::job::plan::{device_name, EvalPlan, ScorerSource, StagePlan};
 use crate::subject::JobSubject;
 use crate::world_models::{
     evaluate, student, student_sampling, student_trainer_config, supervisor, supervisor_sampling,
@@ -240,15 +240,7 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
     )?;
     Ok(StagePlan {
         job_id: JOB.into(),
-        subject: SubjectPlan {
-            name: subject.name.clone(),
-            class_noun: class.into(),
-            identifier: IDENTIFIER.into(),
-            live: matches!(class, "dog" | "cat"),
-            references: subject.references.clone(),
-            sources: subject.sources.clone(),
-            templates: subject.prompts.iter().map(|p| p.template().replacen("{0} {1}", "{}", 1)).collect(),
-        },
+        subject: subject.subject_plan(),
         class_priors,
         tuner,
         generator,

@@ -18,7 +18,6 @@ use proxytune_actors::evaluation::dreambench::{
 use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
 use proxytune_models::scorers::feat_i::{FeatI, WEIGHTS_FILE};
 use proxytune_models::scorers::ImageEmbedder;
-use proxytune_models::tokenizer::clip::ClipTokenizer;
 
 /// Evaluation subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -116,15 +115,7 @@ impl Scorers {
         let dino = args.dino.as_deref().map(|d| Dino::load(d, device)).transpose()?;
         let clip = match &args.clip {
             Some(dir) => {
-                // The checkpoint's own vocabulary when the folder has one (the world CLIP does),
-                // else OpenAI's BPE.
-                let own = dir.join("vocab.json").is_file() || dir.join("tokenizer.json").is_file();
-                let tok = if own {
-                    ClipTokenizer::from_folder(dir)?
-                } else {
-                    ClipTokenizer::from_openai_bpe(&args.assets.join("bpe_simple_vocab_16e6.txt.gz"))?
-                };
-                Some(ClipScorer::load(dir, tok, device)?)
+                Some(ClipScorer::load(dir, crate::job::plan::clip_tokenizer(dir, &args.assets)?, device)?)
             }
             None => None,
         };

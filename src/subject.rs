@@ -132,35 +132,24 @@ impl JobSubject {
         })
     }
 
+    /// The subject as a job sees it: the world identifier, `live` for dogs and cats, its scenes'
+    /// templates.
+    pub fn subject_plan(&self) -> crate::job::plan::SubjectPlan {
+        let class = self.class_noun();
+        crate::job::plan::SubjectPlan {
+            name: self.name.clone(),
+            class_noun: class.into(),
+            identifier: IDENTIFIER.into(),
+            live: matches!(class, "dog" | "cat"),
+            references: self.references.clone(),
+            sources: self.sources.clone(),
+            templates: self.prompts.iter().map(|p| p.template().replacen("{0} {1}", "{}", 1)).collect(),
+        }
+    }
+
     /// Writes a one-subject DreamBench folder (`subjects.tsv`, `prompts.txt`, the references).
     pub fn write_bench(&self, dir: &Path) -> anyhow::Result<()> {
-        let folder = dir.join(&self.name);
-        std::fs::create_dir_all(&folder).with_context(|| folder.display().to_string())?;
-        for old in std::fs::read_dir(&folder)? {
-            std::fs::remove_file(old?.path())?;
-        }
-        for (k, img) in self.references.iter().enumerate() {
-            let path = folder.join(format!("{k:02}.png"));
-            img.save(&path).with_context(|| path.display().to_string())?;
-        }
-        let class = self.class_noun();
-        let live = matches!(class, "dog" | "cat");
-        std::fs::write(
-            dir.join("subjects.tsv"),
-            format!(
-                "subject\tclass\tlive\tn_images\n{}\t{class}\t{live}\t{}\n",
-                self.name,
-                self.references.len()
-            ),
-        )?;
-        let mut prompts = String::from("# kind<TAB>template; {0} = identifier, {1} = class noun\n");
-        for kind in ["object", "live"] {
-            for scene in &self.prompts {
-                prompts.push_str(&format!("{kind}\t{}\n", scene.template()));
-            }
-        }
-        std::fs::write(dir.join("prompts.txt"), prompts)?;
-        Ok(())
+        crate::job::evaluate::write_bench(dir, &self.subject_plan())
     }
 }
 

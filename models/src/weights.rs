@@ -36,23 +36,7 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// The tensor names of a safetensors file, read from its header only.
 pub fn safetensors_keys(path: &Path) -> Result<Vec<String>> {
-    use std::io::Read;
-    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(io)?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "implausible safetensors header size",
-        )));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(io)?;
-    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
-    Ok(json.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
+    Ok(crate::shapes::read_header(path)?.into_keys().collect())
 }
 
 /// Loads a safetensors checkpoint into `vs` by variable path, checking every shape first; the

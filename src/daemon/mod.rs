@@ -239,8 +239,24 @@ impl Shared {
             anyhow::ensure!(tune.class_noun.is_some(), "`class_noun` is needed with `{source}`");
             crate::subject::check_photo_count(photos.len()).with_context(|| format!("`{source}`"))?;
         }
-        // The photos are copied into a staging folder and checked there with every other setting,
-        // without the store's lock; queuing then moves the folder into the job's.
+        let world = self.config.world.clone();
+        let record = JobSpec::Tune(tune.clone());
+        self.stage_and_submit(&photos, record, |staged, _| {
+            let args = tune.demo_args(PathBuf::new(), staged.map(Path::to_path_buf), world, "cpu".into());
+            crate::demo::check_settings(&args).map(drop)
+        })
+    }
+
+    /// Writes `photos` (when any) into a staging folder, runs `check` on it (given the staged
+    /// photos folder and a scratch folder) with every other setting, without the store's lock,
+    /// then queues `record`, moving the photos into the job's `photos/` (its `input`). The staging
+    /// folder is removed either way.
+    fn stage_and_submit(
+        &self,
+        photos: &[(String, &'static str, Vec<u8>)],
+        record: JobSpec,
+        check: impl FnOnce(Option<&Path>, &Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<jobs::Job> {
         static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging = self.config.data_dir.join("staging").join(format!("{}-{n}", std::process::id()));
@@ -253,12 +269,10 @@ impl Shared {
                         .with_context(|| format!("photo `{name}`"))?;
                 }
             }
-            let args = tune.demo_args(PathBuf::new(), input.clone(), self.config.world.clone(), "cpu".into());
-            crate::demo::check_settings(&args)?;
-            Ok(())
+            check(input.as_deref(), &staging.join("scratch"))
         };
         let result = staged().and_then(|()| {
-            self.store().submit(JobSpec::Tune(tune.clone()), |dir| {
+            self.store().submit(record, |dir| {
                 let Some(staged) = &input else { return Ok(None) };
                 let photos = dir.join("photos");
                 std::fs::rename(staged, &photos)
@@ -276,13 +290,14 @@ impl Shared {
     fn submit_run(&self, mut run: jobs::RunSpec) -> anyhow::Result<jobs::Job> {
         use crate::job::spec::PromptSource;
         let spec = &mut run.spec;
+        if let PromptSource::File(f) = &spec.subject.prompts {
+            spec.subject.prompts = PromptSource::File(self.confine("spec.subject.prompts", f)?);
+        }
         // DreamBench has 25 templates; a template file is counted once it is confined and read.
         let templates = match &spec.subject.prompts {
             PromptSource::DreamBench => 25,
             PromptSource::File(f) => {
-                crate::job::prompts::read_template_file(&self.confine("spec.subject.prompts", f)?)
-                    .map_err(anyhow::Error::msg)?
-                    .len() as u128
+                crate::job::prompts::read_template_file(f).map_err(anyhow::Error::msg)?.len() as u128
             }
         };
         let eval_prompts = spec.evaluation.prompts.map_or(templates, |p| (p as u128).min(templates));
@@ -315,9 +330,6 @@ impl Shared {
                 *p = self.confine(what, p)?;
             }
         }
-        if let PromptSource::File(f) = &spec.subject.prompts {
-            spec.subject.prompts = PromptSource::File(self.confine("spec.subject.prompts", f)?);
-        }
         let uploads = std::mem::take(&mut run.images); // kept in the job's folder, not its record
         let max = self.config.max_photo_bytes;
         let photos = match (uploads.is_empty(), spec.subject.photos.as_os_str().is_empty()) {
@@ -331,20 +343,12 @@ impl Shared {
             ),
         };
         crate::subject::check_photo_count(photos.len()).context("the subject's photos")?;
-        static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let staging = self.config.data_dir.join("staging").join(format!("{}-run-{n}", std::process::id()));
-        let staged_photos = staging.join("photos");
-        let staged = || -> anyhow::Result<()> {
-            std::fs::create_dir_all(&staged_photos)
-                .with_context(|| format!("cannot create {}", staged_photos.display()))?;
-            for (k, (name, ext, bytes)) in photos.iter().enumerate() {
-                std::fs::write(staged_photos.join(format!("{k:02}.{ext}")), bytes)
-                    .with_context(|| format!("photo `{name}`"))?;
-            }
+        let mut record = run.clone();
+        record.spec.subject.photos = PathBuf::new(); // the job's own photos/, set when it runs
+        self.stage_and_submit(&photos, JobSpec::Run(Box::new(record)), |staged, scratch| {
             let mut checked = run.spec.clone();
-            checked.subject.photos = staged_photos.clone();
-            checked.output = staging.join("out");
+            checked.subject.photos = staged.map(Path::to_path_buf).unwrap_or_default();
+            checked.output = scratch.to_path_buf();
             let report = crate::job::check::check(&checked);
             anyhow::ensure!(
                 report.problems.is_empty(),
@@ -353,19 +357,7 @@ impl Shared {
                 report.problems.join("; ")
             );
             Ok(())
-        };
-        let result = staged().and_then(|()| {
-            let mut record = run.clone();
-            record.spec.subject.photos = PathBuf::new(); // the job's own photos/, set when it runs
-            self.store().submit(JobSpec::Run(Box::new(record)), |dir| {
-                let photos = dir.join("photos");
-                std::fs::rename(&staged_photos, &photos)
-                    .with_context(|| format!("cannot move the photos to {}", photos.display()))?;
-                Ok(Some(photos))
-            })
-        });
-        std::fs::remove_dir_all(&staging).ok();
-        result
+        })
     }
 
     /// Validates a spec and queues it: a tune job's subject (world subject, uploaded photos or a

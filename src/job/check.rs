@@ -17,7 +17,7 @@ use proxytune_models::tokenizer::clip::ClipTokenizer;
 use proxytune_models::tokenizer::hf::HfTokenizer;
 use proxytune_models::transformer::clip::ClipTextConfig;
 
-use super::spec::{JobSpec, Precision, PromptSource, StructureTokens};
+use super::spec::{JobSpec, Precision, PromptSource};
 
 /// Fewest and most reference photos of a subject.
 pub const PHOTOS: std::ops::RangeInclusive<usize> = 3..=6;
@@ -197,7 +197,7 @@ type PhotoSize = Result<(u32, u32), String>;
 
 /// The image files of `dir` (PNG/JPEG by extension) with their sizes from the headers.
 fn photo_sizes(dir: &Path) -> Result<Vec<(String, PhotoSize)>, String> {
-    let files = super::plan::photo_files(dir)?;
+    let files = proxytune_actors::stages::intake::image_files(dir).map_err(|e| e.to_string())?;
     Ok(files
         .iter()
         .map(|p| {
@@ -269,7 +269,7 @@ fn check_supervisor(spec: &JobSpec, r: &mut CheckReport) {
     match VaeConfig::from_json(&dir.join("vae/config.json")) {
         Err(e) => r.problem("supervisor.path", e),
         Ok(cfg) => {
-            vae_factor = Some(1u32 << (cfg.block_out_channels.len().max(1) - 1));
+            vae_factor = Some(cfg.scale_factor() as u32);
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
             let _vae = AutoencoderKl::new(vs.root(), &cfg);
             let expected = of_store(&vs);
@@ -393,57 +393,6 @@ fn check_supervisor(spec: &JobSpec, r: &mut CheckReport) {
     }
 }
 
-/// The structure tokens of the student: the spec's, the folder's `lumina_tokens.json`, or those
-/// its vocabulary names.
-pub fn structure_tokens(spec: &JobSpec, cfg: &ChameleonConfig) -> Result<StructureTokens, String> {
-    if let Some(t) = spec.student.structure_tokens {
-        return Ok(t);
-    }
-    let file = spec.student.path.join("lumina_tokens.json");
-    if file.is_file() {
-        let v: serde_json::Value = read_json(&file)?;
-        let get = |k: &str| v.get(k).and_then(|x| x.as_i64()).ok_or(format!("{}: no `{k}`", file.display()));
-        return Ok(StructureTokens {
-            bos: get("bos")?,
-            separator: get("separator")?,
-            begin_image: get("begin_image")?,
-            end_image: get("end_image")?,
-            new_line: get("new_line")?,
-            size_base: get("size_base")?,
-        });
-    }
-    let names = [
-        ("<s>", "bos"),
-        ("<reserved08706>", "separator"),
-        ("<racm3:break>", "begin_image"),
-        ("<eoss>", "end_image"),
-        ("<reserved08799>", "new_line"),
-        ("<reserved08800>", "size_base"),
-    ];
-    let mut ids = Vec::new();
-    let mut missing = Vec::new();
-    for (name, _) in names {
-        match cfg.vocabulary_map.get(name) {
-            Some(&id) => ids.push(id),
-            None => missing.push(name),
-        }
-    }
-    if !missing.is_empty() {
-        return Err(format!(
-            "the vocabulary names none of {} (Lumina-mGPT's structure tokens); give them as student.structure_tokens",
-            missing.join(", ")
-        ));
-    }
-    Ok(StructureTokens {
-        bos: ids[0],
-        separator: ids[1],
-        begin_image: ids[2],
-        end_image: ids[3],
-        new_line: ids[4],
-        size_base: ids[5],
-    })
-}
-
 fn check_student(spec: &JobSpec, r: &mut CheckReport) {
     let s = &spec.student;
     let dir = &s.path;
@@ -536,7 +485,7 @@ fn check_student(spec: &JobSpec, r: &mut CheckReport) {
             }
         },
     }
-    match structure_tokens(spec, &cfg) {
+    match super::plan::structure_tokens(spec, &cfg) {
         Err(e) => r.problem("student.structure_tokens", e),
         Ok(t) => {
             let all = [t.bos, t.separator, t.begin_image, t.end_image, t.new_line, t.size_base];

@@ -43,7 +43,13 @@ pub struct RunArgs {
 /// the exit code (0 done, 1 problems found, 130 cancelled).
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let spec = spec::JobSpec::read(&args.spec)?;
-    let report = check::check(&spec);
+    // The check builds the small models and the plan decodes photos: torch and file work, kept off
+    // the async runtime.
+    let (spec, report) = tokio::task::spawn_blocking(move || {
+        let report = check::check(&spec);
+        (spec, report)
+    })
+    .await?;
     print!("{}", report.render());
     if !report.problems.is_empty() {
         return Ok(1);
@@ -53,9 +59,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     std::fs::create_dir_all(&spec.output)
         .map_err(|e| anyhow::anyhow!("output {}: cannot create it: {e}", spec.output.display()))?;
-    let plan = plan::resolve(&spec, "run")?;
-    if spec.metrics_port != 0 {
-        crate::metrics_server::install(spec.metrics_port)?;
+    let metrics_port = spec.metrics_port;
+    let plan = tokio::task::spawn_blocking(move || plan::resolve(&spec, "run")).await??;
+    if metrics_port != 0 {
+        crate::metrics_server::install(metrics_port)?;
     }
     let (cancel, commands) = tokio::sync::watch::channel(JobCommand::Run);
     tokio::spawn(async move {

@@ -203,6 +203,47 @@ pub fn folder_sampler(dir: &Path) -> Result<SamplerKind, String> {
     }
 }
 
+/// The student's Lumina structure tokens: the folder's `lumina_tokens.json` when it has one, else
+/// the spec's `student.structure_tokens`, else the ids its vocabulary gives Lumina-mGPT's names;
+/// the size tokens count 32-pixel units of the VQ's codes.
+pub fn structure_tokens(spec: &JobSpec, cfg: &ChameleonConfig) -> Result<LuminaTokens, String> {
+    let file = spec.student.path.join("lumina_tokens.json");
+    if spec.student.structure_tokens.is_none() && file.is_file() {
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        return serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()));
+    }
+    let codes_per_unit = (32 / cfg.vq_config.downsample_factor()).max(1);
+    if let Some(t) = spec.student.structure_tokens {
+        return Ok(LuminaTokens {
+            bos: t.bos,
+            separator: t.separator,
+            begin_image: t.begin_image,
+            end_image: t.end_image,
+            new_line: t.new_line,
+            size_base: t.size_base,
+            codes_per_unit,
+        });
+    }
+    let names = ["<s>", "<reserved08706>", "<racm3:break>", "<eoss>", "<reserved08799>", "<reserved08800>"];
+    let missing: Vec<&str> = names.iter().copied().filter(|n| !cfg.vocabulary_map.contains_key(*n)).collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the vocabulary names none of {} (Lumina-mGPT's structure tokens); give them as student.structure_tokens",
+            missing.join(", ")
+        ));
+    }
+    let id = |n: &str| cfg.vocabulary_map[n];
+    Ok(LuminaTokens {
+        bos: id(names[0]),
+        separator: id(names[1]),
+        begin_image: id(names[2]),
+        end_image: id(names[3]),
+        new_line: id(names[4]),
+        size_base: id(names[5]),
+        codes_per_unit,
+    })
+}
+
 /// A model's identity in the corpus: family, folder and a content hash of its configs.
 pub fn model_identity(family: &str, dir: &Path, configs: &[&str]) -> String {
     let mut hash = sha2::Sha256::new();
@@ -232,24 +273,10 @@ fn train_precision(p: Precision) -> TrainPrecision {
     }
 }
 
-/// The photo files of a folder (`.png`, `.jpg`, `.jpeg`, any case), in name order.
-pub fn photo_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
-            p.is_file() && matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
 /// The references of a photos folder: decoded (EXIF orientation applied), RGB, and no longer than
 /// [`REFERENCE_MAX_SIDE`] on their long side.
 pub fn read_photos(dir: &Path) -> anyhow::Result<(Vec<image::RgbImage>, Vec<String>)> {
-    let files = photo_files(dir).map_err(anyhow::Error::msg)?;
+    let files = proxytune_actors::stages::intake::image_files(dir)?;
     let mut images = Vec::new();
     let mut names = Vec::new();
     for f in &files {
@@ -391,18 +418,8 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
     };
     let st = &spec.student;
     let cfg = ChameleonConfig::from_json(&st.path.join("config.json"))?;
-    let factor = 1u32 << (cfg.vq_config.channel_multiplier.len().max(1) - 1);
-    let t = super::check::structure_tokens(spec, &cfg).map_err(anyhow::Error::msg)?;
-    let tokens = LuminaTokens {
-        bos: t.bos,
-        separator: t.separator,
-        begin_image: t.begin_image,
-        end_image: t.end_image,
-        new_line: t.new_line,
-        size_base: t.size_base,
-        // Lumina-mGPT's size tokens count 32-pixel units.
-        codes_per_unit: (32 / factor).max(1) as i64,
-    };
+    let factor = cfg.vq_config.downsample_factor() as u32;
+    let tokens = structure_tokens(spec, &cfg).map_err(anyhow::Error::msg)?;
     let tokenizer_id =
         model_identity(&format!("{:?}-vq", st.family).to_lowercase(), &st.path, &["config.json"]);
     let tokenize = TokenizeConfig {

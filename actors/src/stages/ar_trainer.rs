@@ -190,10 +190,7 @@ impl Operator for ArTrainerActor {
         let c = &self.config;
         let device = parse_device(&c.device)?;
         // A bf16 run's frozen base is built in bfloat16, never in float32.
-        let kind = match c.train.precision {
-            proxytune_models::diffusion::dreambooth::Precision::Bf16 => tch::Kind::BFloat16,
-            proxytune_models::diffusion::dreambooth::Precision::F32 => tch::Kind::Float,
-        };
+        let kind = c.train.precision.kind();
         let mut student =
             ChameleonStudent::load_in(&c.student_dir, device, c.lora.as_ref(), c.tokens.clone(), kind)?;
         let mut trainer = ArTrainer::new(&mut student, c.train.clone())?;

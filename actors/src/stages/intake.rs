@@ -54,13 +54,7 @@ pub fn load_subject_folder(
 
 /// The decoded, validated RGB photos of a subject folder with their file names, in name order.
 pub fn load_subject_images(dir: &Path, rules: &IntakeRules) -> Result<Vec<(String, image::RgbImage)>> {
-    let io = |source| Error::Io { path: dir.to_path_buf(), source };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io)?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && is_image_file(p))
-        .collect();
-    files.sort();
+    let files = image_files(dir)?;
     if files.is_empty() {
         return Err(Error::BadInput {
             input: dir.display().to_string(),
@@ -80,6 +74,18 @@ pub fn load_subject_images(dir: &Path, rules: &IntakeRules) -> Result<Vec<(Strin
             Ok((name, read_image(path, rules)?))
         })
         .collect()
+}
+
+/// The image files of a folder (`.png`, `.jpg`, `.jpeg`, any case), in name order.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_image_file(p))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 fn is_image_file(path: &Path) -> bool {

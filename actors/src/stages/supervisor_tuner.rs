@@ -21,7 +21,7 @@ use arrow_array::RecordBatch;
 use metrics::Counter;
 use proxytune_models::device::parse_device;
 use proxytune_models::diffusion::dreambooth::{
-    latest_checkpoint, DreamBoothConfig, DreamBoothTrainer, Precision, LORA_FILE,
+    latest_checkpoint, DreamBoothConfig, DreamBoothTrainer, LORA_FILE,
 };
 use proxytune_models::diffusion::pipeline::{LoadOptions, StableDiffusion};
 use proxytune_models::lora::LoraConfig;
@@ -199,10 +199,7 @@ impl Operator for SupervisorTuner {
                 lora: c.lora.as_ref(),
                 variant: c.variant.as_deref(),
                 // A bf16 run's frozen UNet is built in bfloat16, never in float32.
-                unet_kind: match c.dreambooth.precision {
-                    Precision::Bf16 => tch::Kind::BFloat16,
-                    Precision::F32 => tch::Kind::Float,
-                },
+                unet_kind: c.dreambooth.precision.kind(),
             },
         )?;
         let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;

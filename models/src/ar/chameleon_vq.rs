@@ -111,6 +111,13 @@ pub(crate) fn check_codes(codes: &Tensor, codebook: i64) -> Result<()> {
     Ok(())
 }
 
+impl ChameleonVqConfig {
+    /// Pixels per code along each side: one halving per level after the first.
+    pub fn downsample_factor(&self) -> i64 {
+        1 << (self.channel_multiplier.len().max(1) - 1)
+    }
+}
+
 fn check(cfg: &ChameleonVqConfig) -> Result<()> {
     let bad = |message: String| Err(ModelError::Config { what: "vq_config".into(), message });
     if cfg.channel_multiplier.is_empty() || cfg.num_res_blocks < 1 {
@@ -252,7 +259,7 @@ impl ChameleonVqVae {
 
     /// Pixels per code along each side.
     pub fn downsample_factor(&self) -> i64 {
-        1 << (self.config.channel_multiplier.len() - 1)
+        self.config.downsample_factor()
     }
 
     /// The encoder's continuous output `[B, D, R/f, R/f]` (after `quant_conv`, before the codebook)

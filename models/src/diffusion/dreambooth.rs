@@ -46,6 +46,16 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The element kind of the frozen weights.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Precision::F32 => tch::Kind::Float,
+            Precision::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
 /// Validation sampling during training.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

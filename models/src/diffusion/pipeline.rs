@@ -291,7 +291,7 @@ impl StableDiffusion {
             text_encoder_2,
             force_zeros_for_empty_prompt,
             lora: lora.cloned(),
-            vae_scale_factor: 1 << (vae_cfg.block_out_channels.len().max(1) - 1),
+            vae_scale_factor: vae_cfg.scale_factor(),
             latent_channels: unet_cfg.in_channels,
             device,
         })

@@ -58,6 +58,11 @@ pub struct VaeConfig {
 }
 
 impl VaeConfig {
+    /// Pixels per latent along each side: one halving per level after the first.
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.block_out_channels.len().max(1) - 1)
+    }
+
     /// Reads a `config.json`, rejecting block types this implementation does not have.
     pub fn from_json(path: &std::path::Path) -> Result<Self> {
         let text =
