@@ -88,9 +88,13 @@ pub struct DemoArgs {
     /// Reject a proxy whose DINO cosine to an already-kept one is above this.
     #[arg(long, default_value_t = 0.995)]
     pub max_duplicate_cosine: f32,
-    /// Serve Prometheus `/metrics` on this loopback port while it runs (0: do not serve).
+    /// Serve Prometheus `/metrics` on this loopback port while it runs (0: a free port; the
+    /// address is logged).
     #[arg(long, default_value_t = 9464)]
     pub metrics_port: u16,
+    /// Do not serve `/metrics`.
+    #[arg(long)]
+    pub no_metrics: bool,
     /// Keep serving `/metrics` this many seconds after the report is written (for a last scrape).
     #[arg(long, default_value_t = 0)]
     pub linger_seconds: u64,
@@ -305,8 +309,8 @@ fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box
 /// Runs the demo from the command line (Ctrl-C cancels); returns the process exit code.
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     check_settings(&args)?; // the folders are checked by `execute`, still before any work
-    if args.metrics_port != 0 {
-        crate::metrics_server::install(args.metrics_port)?;
+    if !args.no_metrics {
+        crate::metrics_server::install(args.metrics_port).await?;
     }
     let (cancel, commands) = tokio::sync::watch::channel(JobCommand::Run);
     tokio::spawn(async move {
@@ -315,7 +319,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         }
     });
     let code = execute(&args, commands, None, &ProgressHandle::default()).await?;
-    if code == 0 && args.metrics_port != 0 && args.linger_seconds > 0 {
+    if code == 0 && !args.no_metrics && args.linger_seconds > 0 {
         tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
     }
     Ok(code)

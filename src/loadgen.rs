@@ -46,7 +46,7 @@ pub struct LoadgenArgs {
     /// Pipeline config (TOML: edge capacities, shutdown limit); defaults when absent.
     #[arg(long)]
     pipeline_config: Option<PathBuf>,
-    /// Serve Prometheus `/metrics` on this loopback port.
+    /// Serve Prometheus `/metrics` on this loopback port (0: a free port, logged).
     #[arg(long)]
     metrics_port: Option<u16>,
 }
@@ -73,7 +73,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<i32> {
         None => PipelineConfig::default(),
     };
     if let Some(port) = args.metrics_port {
-        crate::metrics_server::install(port)?;
+        crate::metrics_server::install(port).await?;
     }
     let metrics = Metrics::global();
     let corpus = Corpus::open_or_create(&args.corpus)?;

@@ -68,12 +68,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
             reply(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render())
         }
         (Method::GET, ["jobs"]) => {
-            let jobs: Vec<serde_json::Value> = shared
-                .store()
-                .list()
-                .into_iter()
-                .map(|j| serde_json::to_value(j).expect("job serialises"))
-                .collect();
+            let records: Vec<super::jobs::Job> = shared.store().list().into_iter().cloned().collect();
+            let jobs: Vec<serde_json::Value> = records.iter().map(|j| job_view(&shared, j)).collect();
             json(StatusCode::OK, serde_json::json!({ "jobs": jobs }))
         }
         (Method::POST, ["jobs"]) => submit(&shared, req).await,
@@ -88,7 +84,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
                 let latest = shared.latest_evaluation(id);
                 json(
                     StatusCode::OK,
-                    serde_json::json!({ "job": job, "progress": progress, "report": summary, "latest_evaluation": latest }),
+                    serde_json::json!({ "job": job_view(&shared, &job), "progress": progress, "report": summary, "latest_evaluation": latest }),
                 )
             }
             None => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
@@ -150,6 +146,27 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
 fn job_record(shared: &Shared, id: &str) -> Option<super::jobs::Job> {
     let store = shared.store();
     store.get(id).cloned()
+}
+
+/// The state a client sees: a paused job reads `pausing` until its pipeline has parked (the batch
+/// in flight has finished and nothing more is generated until it resumes).
+fn reported_state(shared: &Shared, job: &super::jobs::Job) -> &'static str {
+    match job.state {
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Paused if shared.progress(&job.id).is_some_and(|p| !p.parked) => "pausing",
+        JobState::Paused => "paused",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// A job's record as the API shows it, with its [`reported_state`].
+fn job_view(shared: &Shared, job: &super::jobs::Job) -> serde_json::Value {
+    let mut view = serde_json::to_value(job).expect("job serialises");
+    view["state"] = reported_state(shared, job).into();
+    view
 }
 
 async fn submit(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
@@ -237,10 +254,7 @@ fn status_page(shared: &Shared) -> String {
             format!(
                 "<tr><td><a href=\"/jobs/{id}\">{id}</a>{report}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{samples}</td><td>{}</td></tr>\n",
                 escape(&j.spec.label()),
-                serde_json::to_value(j.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
+                reported_state(shared, j),
                 escape(&stage),
                 counts,
                 escape(j.error.as_deref().unwrap_or("")),

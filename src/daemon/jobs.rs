@@ -240,6 +240,7 @@ impl TuneSpec {
             min_fidelity: self.min_fidelity,
             max_duplicate_cosine: 0.995,
             metrics_port: 0,
+            no_metrics: true, // the daemon serves its own /metrics
             linger_seconds: 0,
             device,
             checkpoint_every: self.checkpoint_every,

@@ -45,7 +45,7 @@ pub struct DaemonArgs {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
-    /// Address to serve on (loopback by default).
+    /// Address to serve on (loopback by default; port 0 picks a free port, which is logged).
     #[serde(default = "default_bind")]
     pub bind: SocketAddr,
     /// Where jobs, corpora and reports live.
@@ -740,7 +740,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
-    tracing::info!(bind = %config.bind, data_dir = %config.data_dir.display(), "proxytune daemon serving");
+    // The address bound (port 0 in the config picks a free one): clients and tests read it here.
+    let addr = listener.local_addr().context("cannot read the listening address")?;
+    tracing::info!("proxytune daemon listening on http://{addr} (data in {})", config.data_dir.display());
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),

@@ -61,8 +61,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         .map_err(|e| anyhow::anyhow!("output {}: cannot create it: {e}", spec.output.display()))?;
     let metrics_port = spec.metrics_port;
     let plan = tokio::task::spawn_blocking(move || plan::resolve(&spec, "run")).await??;
-    if metrics_port != 0 {
-        crate::metrics_server::install(metrics_port)?;
+    if let Some(port) = metrics_port {
+        crate::metrics_server::install(port).await?;
     }
     let (cancel, commands) = tokio::sync::watch::channel(JobCommand::Run);
     tokio::spawn(async move {

@@ -20,9 +20,10 @@ pub struct JobSpec {
     /// are resolved against the spec file's folder. (The daemon sets it to the job's folder.)
     #[serde(default)]
     pub output: PathBuf,
-    /// Serve Prometheus `/metrics` on this loopback port while the job runs (0: do not serve).
+    /// Serve Prometheus `/metrics` on this loopback port while the job runs (absent: do not
+    /// serve; 0: a free port, logged).
     #[serde(default)]
-    pub metrics_port: u16,
+    pub metrics_port: Option<u16>,
     /// The subject to teach.
     pub subject: SubjectSpec,
     /// The diffusion supervisor and its DreamBooth tuning.
