@@ -182,6 +182,10 @@ async fn a_reader_scans_consistent_snapshots_while_a_writer_appends() {
     let mut writer = corpus.table::<Proxy>().await.unwrap();
     writer.append_rows(&proxies("j", 0..25)).await.unwrap();
 
+    // The reader scans without pause and tells the version it saw; the writer appends the next
+    // version once the reader has seen the current one, so every version is seen, whatever the
+    // machine's speed, while appends run beside the scans.
+    let (saw, seen_version) = tokio::sync::watch::channel(0u64);
     let reader_corpus = corpus.clone();
     let reader = tokio::spawn(async move {
         let mut table = reader_corpus.table::<Proxy>().await.unwrap();
@@ -200,18 +204,23 @@ async fn a_reader_scans_consistent_snapshots_while_a_writer_appends() {
             assert_eq!(rows as u64, 25 * version, "version {version} holds {rows} rows");
             if seen.last() != Some(&(version, rows)) {
                 seen.push((version, rows));
+                saw.send_replace(version);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::task::yield_now().await;
         }
         seen
     });
+    let mut seen_version = seen_version;
     for v in 1..8u64 {
+        tokio::time::timeout(Duration::from_secs(120), seen_version.wait_for(|&seen| seen >= v))
+            .await
+            .expect("the reader saw the version")
+            .unwrap();
         writer.append_rows(&proxies("j", v * 25..v * 25 + 25)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let seen = tokio::time::timeout(Duration::from_secs(60), reader).await.unwrap().unwrap();
-    assert!(seen.len() >= 2, "the reader saw the table grow: {seen:?}");
-    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "versions only move forward: {seen:?}");
+    let seen = tokio::time::timeout(Duration::from_secs(120), reader).await.unwrap().unwrap();
+    let expected: Vec<(u64, usize)> = (1..=8).map(|v| (v, 25 * v as usize)).collect();
+    assert_eq!(seen, expected, "the reader saw every version, in order, each whole");
 }
 
 #[tokio::test]

@@ -12,8 +12,8 @@ use proxytune_actors::corpus::Corpus;
 use proxytune_actors::runtime::supervisor::{Cancel, GetStatus, JobSupervisor, Pause, Resume, WaitDone};
 use proxytune_actors::runtime::synthetic::{Discard, PassThrough, SyntheticConfig, SyntheticProxies};
 use proxytune_actors::runtime::{
-    Context, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, PipelineHandle, RunState,
-    Signal,
+    Context, EdgeStats, JobOutcome, Metrics, Operator, Output, Pipeline, PipelineConfig, PipelineHandle,
+    RunState, Signal,
 };
 use proxytune_actors::Error;
 use proxytune_schemas::{Proxy, Table};
@@ -137,16 +137,17 @@ pub async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Waits until the edges stop moving for 200 ms.
-async fn settled(handle: &PipelineHandle) {
-    let mut last = handle.status().edges;
+/// Waits until every edge is full with its sender blocked on it (nothing can move until the sink
+/// is released) and returns the edges then; panics with the edges after `secs`.
+async fn blocked_full(handle: &PipelineHandle, secs: u64) -> Vec<EdgeStats> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = handle.status().edges;
-        if now == last {
-            return;
+        let edges = handle.status().edges;
+        if edges.iter().all(|e| e.queued_rows == e.capacity_rows && e.blocked_senders == 1) {
+            return edges;
         }
-        last = now;
+        assert!(Instant::now() < deadline, "the pipeline never filled and blocked: {edges:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -168,10 +169,8 @@ async fn backpressure_bounds_what_the_source_pulls() {
         let running = p.start(&tokio::runtime::Handle::current()).unwrap();
         let handle = running.handle();
         let waiter = tokio::spawn(running.wait());
-        eventually(20, "the sink reaches its quota", || taken.load(Ordering::SeqCst) > 2048).await;
-        settled(&handle).await;
-
-        let edges = handle.status().edges;
+        eventually(60, "the sink reaches its quota", || taken.load(Ordering::SeqCst) > 2048).await;
+        let edges = blocked_full(&handle, 60).await;
         let sink_took: u64 = edges.iter().find(|e| e.name.ends_with("->sink")).unwrap().received_rows;
         let capacities: u64 = edges.iter().map(|e| e.capacity_rows as u64).sum();
         // The middle stage holds one batch it cannot send.
@@ -190,7 +189,7 @@ async fn backpressure_bounds_what_the_source_pulls() {
 
         handle.control().cancel();
         drop(release);
-        let report = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(120), waiter).await.unwrap().unwrap();
         assert_eq!(report.outcome, JobOutcome::Cancelled);
         assert_eq!(report.undelivered_rows(), 0);
         for e in &report.edges {
@@ -206,26 +205,47 @@ async fn backpressure_bounds_what_the_source_pulls() {
     }
 }
 
+/// Notes, for every batch it takes, how many rows the source had produced by then.
+struct Watching {
+    produced: Arc<AtomicU64>,
+    seen_at: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Operator for Watching {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &mut Context,
+        out: &mut Output,
+    ) -> proxytune_actors::Result<()> {
+        self.seen_at.lock().unwrap().push(self.produced.load(Ordering::SeqCst));
+        out.emit(batch);
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_starts_before_the_producer_ends() {
-    let (source, _) = synthetic(8, Some(10), 30);
-    let log = Log::default();
-    let mut p = Pipeline::new(config(64), Metrics::noop());
+    // 10 batches of 8 rows through an edge of 16 rows: the source cannot get ahead of the
+    // consumer by more than the edge and the batch in its hand, however the threads are scheduled.
+    let (source, produced) = synthetic(8, Some(10), 0);
+    let seen_at = Arc::new(Mutex::new(Vec::new()));
+    let mut p = Pipeline::new(config(16), Metrics::noop());
     let src = p.source("gen", source);
-    let rec = p.operator("consumer", Recording::new(log.clone()));
+    let watch = p.operator("consumer", Watching { produced: produced.clone(), seen_at: seen_at.clone() });
     let sink = p.operator("sink", Discard);
-    p.connect(src, rec).connect(rec, sink);
-    let started = Instant::now();
+    p.connect(src, watch).connect(watch, sink);
     let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
     assert_eq!(report.outcome, JobOutcome::Succeeded);
-    let entries = log.entries();
-    let data: Vec<&(Instant, String)> = entries.iter().filter(|(_, s)| s.starts_with("data")).collect();
-    assert_eq!(data.len(), 10);
-    let first = data[0].0.duration_since(started);
-    let last = data[9].0.duration_since(started);
-    // The producer needs ~300 ms for 10 batches; the consumer's first batch comes after ~30 ms.
-    assert!(first < last / 3, "first consumed at {first:?}, last at {last:?}");
-    assert_eq!(entries.last().unwrap().1, "close");
+    let seen_at = seen_at.lock().unwrap().clone();
+    assert_eq!(seen_at.len(), 10);
+    // Batch k (0-based) is taken when the source has produced at most k + 1 batches plus the
+    // edge's two: the first when at most 4 of the 10 exist.
+    for (k, &rows) in seen_at.iter().enumerate() {
+        assert!(rows <= 8 * (k as u64 + 4), "batch {k} taken when {rows} rows were produced: {seen_at:?}");
+    }
+    assert!(seen_at[0] < 80, "the consumer started before the producer ended: {seen_at:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +287,7 @@ async fn a_failing_stage_fails_the_job_by_name_and_stops_the_rest() {
         let sink = p.operator("sink", Recording::sink(log.clone()));
         p.connect(src, mid).connect(mid, sink);
         let report = tokio::time::timeout(
-            Duration::from_secs(20),
+            Duration::from_secs(120),
             p.start(&tokio::runtime::Handle::current()).unwrap().wait(),
         )
         .await
@@ -311,9 +331,9 @@ async fn cancel_drains_every_row_into_lance() {
     let running = p.start(&tokio::runtime::Handle::current()).unwrap();
     let handle = running.handle();
     let waiter = tokio::spawn(running.wait());
-    eventually(20, "a few commits", || stats.lock().unwrap().commits >= 2).await;
+    eventually(120, "a few commits", || stats.lock().unwrap().commits >= 2).await;
     handle.control().cancel();
-    let report = tokio::time::timeout(Duration::from_secs(30), waiter).await.unwrap().unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(120), waiter).await.unwrap().unwrap();
     assert_eq!(report.outcome, JobOutcome::Cancelled);
     assert_eq!(report.outcome.exit_code(), 130);
 
@@ -355,13 +375,14 @@ async fn a_cancel_that_cannot_drain_hits_the_deadline() {
     let running = p.start(&tokio::runtime::Handle::current()).unwrap();
     let handle = running.handle();
     let waiter = tokio::spawn(running.wait());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(60, "the stuck stage takes a batch", || handle.status().edges[0].received_rows > 0).await;
     let cancelled = Instant::now();
     handle.control().cancel();
-    let report = tokio::time::timeout(Duration::from_secs(20), waiter).await.unwrap().unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(120), waiter).await.unwrap().unwrap();
     assert_eq!(report.outcome, JobOutcome::DeadlineExceeded);
     assert_eq!(report.outcome.exit_code(), 124);
-    assert!(cancelled.elapsed() < Duration::from_secs(8), "aborted soon after the deadline");
+    // Draining would take the 8 queued batches x 2.5 s = 20 s; the 1 s deadline aborts long before.
+    assert!(cancelled.elapsed() < Duration::from_secs(15), "aborted soon after the deadline");
     assert!(report.undelivered_rows() > 0, "queued rows are reported, not lost silently");
 }
 
@@ -455,19 +476,27 @@ fn the_actix_supervisor_pauses_resumes_reports_and_cancels() {
         p.connect(src, sink);
         let supervisor = actix::Actor::start(JobSupervisor::new("job-1", p));
 
-        eventually(10, "some rows", || produced.load(Ordering::SeqCst) > 40).await;
+        eventually(120, "some rows", || produced.load(Ordering::SeqCst) > 40).await;
         assert!(supervisor.send(Pause).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The batch in flight finishes, then the pipeline is parked.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !supervisor.send(GetStatus).await.unwrap().pipeline.parked {
+            assert!(Instant::now() < deadline, "the paused pipeline never parked");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Parked, the source produces nothing over a window (a slow machine only makes the window
+        // less searching, never the check wrong).
         let at_pause = produced.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(produced.load(Ordering::SeqCst), at_pause, "a paused source produces nothing");
         let status = supervisor.send(GetStatus).await.unwrap();
         assert_eq!(status.job_id, "job-1");
         assert_eq!(status.pipeline.state, RunState::Paused);
+        assert!(status.pipeline.parked);
         assert!(status.outcome.is_none());
 
         assert!(supervisor.send(Resume).await.unwrap());
-        eventually(10, "production resumes", || produced.load(Ordering::SeqCst) > at_pause).await;
+        eventually(120, "production resumes", || produced.load(Ordering::SeqCst) > at_pause).await;
         assert!(supervisor.send(Cancel).await.unwrap());
         let report = supervisor.send(WaitDone).await.unwrap().unwrap();
         assert_eq!(report.outcome, JobOutcome::Cancelled);
@@ -587,7 +616,7 @@ impl Operator for Expander {
 
     fn do_pending_work(&mut self, _: &mut Context, out: &mut Output) -> proxytune_actors::Result<()> {
         if self.pending < self.units {
-            self.acks.recv_timeout(Duration::from_secs(10)).map_err(|_| Error::Operator {
+            self.acks.recv_timeout(Duration::from_secs(120)).map_err(|_| Error::Operator {
                 message: "the previous unit's batch never reached the sink".into(),
             })?;
         }

@@ -24,17 +24,27 @@ fn student_dir() -> std::path::PathBuf {
     repo_root().join("models/tests/fixtures/chameleon_tiny")
 }
 
-/// Token rows of 4x4 grids, a batch of 2 every `interval`, with a barrier after batch 3.
+/// Until this holds, the source holds back its second half.
+type Gate = Box<dyn Fn() -> bool + Send>;
+
+/// Token rows of 4x4 grids, batches of 2, with a barrier after batch 3; with a gate, the second
+/// half waits until the gate opens (the trainer has stepped).
 struct SlowTokens {
     batches: u64,
     sent: u64,
-    interval: Duration,
+    gate: Option<Gate>,
     produced: Arc<AtomicU64>,
 }
 
 impl Source for SlowTokens {
     fn produce(&mut self, _ctx: &mut Context, out: &mut Output) -> proxytune_actors::Result<Produced> {
-        std::thread::sleep(self.interval);
+        if let Some(gate) = self.gate.as_ref().filter(|_| self.sent == self.batches / 2) {
+            let started = std::time::Instant::now();
+            while !gate() {
+                assert!(started.elapsed() < Duration::from_secs(300), "the gate never opened");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let rows: Vec<VqTokens> = (0..2u64)
             .map(|j| {
                 let i = self.sent * 2 + j;
@@ -100,9 +110,12 @@ fn trainer_config(out: &std::path::Path, steps: u64) -> ArTrainerConfig {
 async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let produced = Arc::new(AtomicU64::new(0));
-    let source =
-        SlowTokens { batches: 8, sent: 0, interval: Duration::from_millis(40), produced: produced.clone() };
     let (trainer, stats) = ArTrainerActor::new(trainer_config(dir.path(), 12), &Metrics::noop()).unwrap();
+    // The second half of the stream waits for the trainer's first step: that the trainer starts
+    // on a partial stream is then a fact of the run, whatever the machine's speed.
+    let stepped = stats.clone();
+    let gate: Gate = Box::new(move || stepped.lock().unwrap().steps >= 1);
+    let source = SlowTokens { batches: 8, sent: 0, gate: Some(gate), produced: produced.clone() };
     let mut p = Pipeline::new(config(8), Metrics::noop());
     let src = p.source("tokens", source);
     let sink = p.operator("ar_trainer", trainer);
@@ -124,7 +137,7 @@ async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
     assert_eq!(run["data"]["row_keys"][0], "proxy=proxy-0/tokenizer=chameleon_tiny@1");
 
     // The same job with a larger budget resumes at step 12 and trains 4 more.
-    let source = SlowTokens { batches: 8, sent: 0, interval: Duration::ZERO, produced };
+    let source = SlowTokens { batches: 8, sent: 0, gate: None, produced };
     let (trainer, stats) = ArTrainerActor::new(trainer_config(dir.path(), 16), &Metrics::noop()).unwrap();
     let mut p = Pipeline::new(config(8), Metrics::noop());
     let src = p.source("tokens", source);

@@ -25,6 +25,8 @@ pub struct EdgeClosed(pub Msg);
 struct State {
     queued_rows: usize,
     receiver_alive: bool,
+    /// Senders waiting for room now.
+    waiting_senders: usize,
 }
 
 #[derive(Debug, Default)]
@@ -63,8 +65,10 @@ pub struct EdgeStats {
     pub received_rows: u64,
     /// Rows queued when the receiver went away.
     pub undelivered_rows: u64,
-    /// Nanoseconds senders spent blocked.
+    /// Nanoseconds senders spent blocked (counted when each wait ends).
     pub blocked_ns: u64,
+    /// Senders waiting for room now.
+    pub blocked_senders: usize,
 }
 
 /// Creates an edge named `name` holding at most `capacity_rows` rows.
@@ -78,7 +82,7 @@ pub fn edge(
     let shared = Arc::new(Shared {
         name: name.into(),
         capacity_rows: capacity_rows.max(1),
-        state: Mutex::new(State { queued_rows: 0, receiver_alive: true }),
+        state: Mutex::new(State { queued_rows: 0, receiver_alive: true, waiting_senders: 0 }),
         space: Condvar::new(),
         space_async: tokio::sync::Notify::new(),
         counters: Counters::default(),
@@ -95,7 +99,10 @@ impl EdgeProbe {
     /// The current accounting.
     pub fn stats(&self) -> EdgeStats {
         let s = &self.0;
-        let queued = s.state.lock().expect("edge lock").queued_rows;
+        let (queued, waiting) = {
+            let state = s.state.lock().expect("edge lock");
+            (state.queued_rows, state.waiting_senders)
+        };
         EdgeStats {
             name: s.name.clone(),
             capacity_rows: s.capacity_rows,
@@ -105,6 +112,7 @@ impl EdgeProbe {
             received_rows: s.counters.received_rows.load(Ordering::Relaxed),
             undelivered_rows: s.counters.undelivered_rows.load(Ordering::Relaxed),
             blocked_ns: s.counters.blocked_ns.load(Ordering::Relaxed),
+            blocked_senders: waiting,
         }
     }
 }
@@ -168,9 +176,11 @@ impl EdgeSender {
         let mut state = s.state.lock().expect("edge lock");
         if !s.fits(&state, rows) && state.receiver_alive {
             let started = Instant::now();
+            state.waiting_senders += 1;
             while !s.fits(&state, rows) && state.receiver_alive {
                 state = s.space.wait(state).expect("edge lock");
             }
+            state.waiting_senders -= 1;
             s.blocked(started.elapsed());
         }
         if !state.receiver_alive {
@@ -190,7 +200,7 @@ impl EdgeSender {
     pub async fn send_async(&self, msg: Msg) -> Result<(), EdgeClosed> {
         let rows = msg.rows();
         let s = &self.shared;
-        let mut started = None;
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let notified = s.space_async.notified();
             tokio::pin!(notified);
@@ -205,18 +215,33 @@ impl EdgeSender {
                     s.admit(&mut state, rows);
                     break;
                 }
+                if waiting.is_none() {
+                    state.waiting_senders += 1;
+                    waiting = Some(Waiting { shared: s, started: Instant::now() });
+                }
             }
-            started.get_or_insert_with(Instant::now);
             notified.await;
         }
-        if let Some(started) = started {
-            s.blocked(started.elapsed());
-        }
+        drop(waiting);
         self.tx.send_async(msg).await.map_err(|e| {
             s.unsend(rows);
             s.refused(rows);
             EdgeClosed(e.into_inner())
         })
+    }
+}
+
+/// An async sender's wait for room: counted in `waiting_senders` while it lives, its time booked
+/// when it ends (also when the sending future is dropped mid-wait).
+struct Waiting<'a> {
+    shared: &'a Shared,
+    started: Instant,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.shared.state.lock().expect("edge lock").waiting_senders -= 1;
+        self.shared.blocked(self.started.elapsed());
     }
 }
 
@@ -315,17 +340,32 @@ mod tests {
         let probe = tx.probe();
         assert_eq!(probe.stats().queued_rows, 10);
         // A 1-row batch does not fit now: the sender blocks until the receiver takes rows.
+        let spawned = Instant::now();
         let sender = std::thread::spawn(move || {
             tx.send_blocking(batch(1)).unwrap();
             tx
         });
-        std::thread::sleep(Duration::from_millis(50));
+        while probe.stats().blocked_senders == 0 {
+            assert!(spawned.elapsed() < Duration::from_secs(60), "the sender never blocked");
+            std::thread::yield_now();
+        }
+        // Blocked from before `seen` until after the receive below.
+        let seen = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
         assert!(!sender.is_finished(), "a full edge blocks the sender");
+        assert_eq!(probe.stats().sent_rows, 10, "nothing more entered the full edge");
         assert_eq!(rx.recv_blocking().unwrap().rows(), 4);
+        let at_least = seen.elapsed();
         let tx = sender.join().unwrap();
+        let at_most = spawned.elapsed();
         let stats = probe.stats();
         assert_eq!((stats.queued_rows, stats.sent_rows, stats.received_rows), (7, 11, 4));
-        assert!(stats.blocked_ns >= 40_000_000, "blocked time is measured: {stats:?}");
+        assert_eq!(stats.blocked_senders, 0);
+        let blocked = Duration::from_nanos(stats.blocked_ns);
+        assert!(
+            at_least <= blocked && blocked <= at_most,
+            "blocked {blocked:?}, within [{at_least:?}, {at_most:?}]"
+        );
         // A batch bigger than the capacity moves alone once the edge is empty.
         drop(tx);
         for _ in 0..3 {

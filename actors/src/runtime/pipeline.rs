@@ -294,6 +294,8 @@ pub struct TaskReport {
 pub struct PipelineStatus {
     /// Run state.
     pub state: RunState,
+    /// Paused, and no source or generator is mid-unit: nothing is produced until it resumes.
+    pub parked: bool,
     /// Every actor.
     pub tasks: Vec<TaskReport>,
     /// Every edge's accounting.
@@ -346,6 +348,7 @@ impl PipelineHandle {
             .collect();
         PipelineStatus {
             state: self.control.state(),
+            parked: self.control.parked(),
             tasks,
             edges: self.probes.iter().map(EdgeProbe::stats).collect(),
         }

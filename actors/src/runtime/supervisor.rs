@@ -126,7 +126,12 @@ impl Handler<GetStatus> for JobSupervisor {
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> JobStatus {
         let pipeline = match &self.handle {
             Some(handle) => handle.status(),
-            None => PipelineStatus { state: RunState::Aborting, tasks: Vec::new(), edges: Vec::new() },
+            None => PipelineStatus {
+                state: RunState::Aborting,
+                parked: false,
+                tasks: Vec::new(),
+                edges: Vec::new(),
+            },
         };
         JobStatus {
             job_id: self.job_id.clone(),
