@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Tensor};
 
 use crate::error::Result;
-use crate::rng::{Draws, Stream};
+use crate::rng::{name_key, Draws, Stream};
 use crate::weights::{check_all_present, copy_into, read_safetensors};
 
 /// Which layers get adapters, and their size.
@@ -149,11 +149,6 @@ pub fn reset_lora(vs: &nn::VarStore, seed: u64) -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// A stable 64-bit key of a variable name (FNV-1a).
-fn name_key(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Loads adapter weights saved by [`save_lora`], diffusers or PEFT into `vs` (the adapters of a

@@ -32,6 +32,41 @@ pub enum Stream {
     LoraInit = 4,
     /// Token draws of autoregressive sampling, per step.
     TokenSample = 5,
+    /// Initial values of a freshly built model's variables, keyed by variable name
+    /// ([`redraw_initial_values`]).
+    Init = 6,
+}
+
+/// A stable 64-bit key of a variable name (FNV-1a), for draws keyed by name.
+pub fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Makes a freshly built model's random initial values a function of `seed` and each variable's
+/// name instead of libtorch's global generator (which any thread building a model moves): every
+/// floating-point variable built with spread is re-drawn LeCun-normal, `N(0, 1/fan_in)` with
+/// `fan_in` the product of its dimensions after the first (a vector: `N(0, 0.02²)`); constants
+/// (norm scales of one, zero biases) stay as built.
+pub fn redraw_initial_values(vs: &tch::nn::VarStore, seed: u64) {
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if !t.is_floating_point() || t.numel() < 2 {
+                continue;
+            }
+            let constant = t.to_kind(tch::Kind::Double).std(true).double_value(&[]) == 0.0;
+            if constant {
+                continue;
+            }
+            let size = t.size();
+            let std = match size.as_slice() {
+                [_] => 0.02,
+                [_, rest @ ..] => 1.0 / (rest.iter().product::<i64>().max(1) as f64).sqrt(),
+                [] => continue,
+            };
+            let values = Draws::new(seed, Stream::Init, name_key(&name)).normal(&size, Device::Cpu) * std;
+            t.copy_(&values.to_kind(t.kind()).to_device(t.device()));
+        }
+    });
 }
 
 /// A generator for one `(seed, stream, counter)`.
@@ -111,5 +146,32 @@ mod tests {
         p.sort();
         assert_eq!(p, (0..10).collect::<Vec<_>>());
         assert!(Draws::new(1, Stream::Train, 0).below(5, 100).iter().all(|&t| (0..5).contains(&t)));
+    }
+
+    #[test]
+    fn redrawn_initial_values_depend_on_the_seed_alone_and_follow_the_fan_in() {
+        use crate::nn::{Mlp, MlpConfig};
+        let build = |global: i64| {
+            tch::manual_seed(global); // whatever the global generator holds
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let cfg = MlpConfig { in_features: 64, hidden_features: 128, out_features: 2 };
+            let _ = Mlp::new(vs.root() / "head", &cfg);
+            vs
+        };
+        let (a, b) = (build(1), build(2));
+        redraw_initial_values(&a, 5);
+        redraw_initial_values(&b, 5);
+        let (va, vb) = (a.variables(), b.variables());
+        assert!(va.iter().all(|(k, t)| t.equal(&vb[k])), "same seed, same values");
+        let std = va["head.fc1.weight"].std(true).double_value(&[]); // [128, 64]: 1/8
+        assert!((std - 0.125).abs() < 0.01, "fan-in spread {std}");
+        let std = va["head.fc1.bias"].std(true).double_value(&[]);
+        assert!((std - 0.02).abs() < 0.005, "vector spread {std}");
+        let c = build(1);
+        redraw_initial_values(&c, 6);
+        assert!(
+            !c.variables()["head.fc1.weight"].equal(&va["head.fc1.weight"]),
+            "another seed, other values"
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use proxytune_models::rng::{name_key, redraw_initial_values, Draws, Stream};
 use proxytune_models::transformer::clip::{Clip, ClipConfig};
 use proxytune_models::transformer::vit::{Vit, VitConfig};
 use proxytune_models::weights::{load_safetensors, read_safetensors, Strictness};
@@ -157,7 +158,7 @@ fn dino_and_clip_scorers_load_checkpoint_folders_and_score() {
     use proxytune_models::scorers::clip_dino::{ClipScorer, Dino};
     use proxytune_models::scorers::ImageEmbedder;
     use proxytune_models::tokenizer::clip::ClipTokenizer;
-    let images = Tensor::rand([2, 3, 40, 40], (tch::Kind::Float, Device::Cpu));
+    let images = Draws::new(0, Stream::SampleNoise, 0).uniform(&[2, 3, 40, 40], 0.0, 1.0);
     let dino = Dino::load(&fixture("vit_tiny"), Device::Cpu).unwrap();
     let e = dino.embed(&images);
     assert_eq!(e.size(), vec![2, 32]);
@@ -471,12 +472,13 @@ fn diffusers_reads_our_lora_files_the_same_way() {
     let dir = fixture("unet_sd_tiny");
     let lora_cfg = LoraConfig::attention(4, 8.0); // α ≠ r: the file must carry the scale
     let (_base, adapters, unet) = tiny_unet_with_lora(&lora_cfg);
-    // Stand-in for trained adapters: small random B (A is already random).
-    tch::manual_seed(7);
+    // Stand-in for trained adapters: small random B (A is already random), drawn by name.
     tch::no_grad(|| {
         for (name, mut v) in adapters.variables() {
             if name.ends_with("lora_B.weight") {
-                v.copy_(&(Tensor::randn(v.size(), (tch::Kind::Float, Device::Cpu)) * 0.05));
+                v.copy_(
+                    &(Draws::new(7, Stream::Init, name_key(&name)).normal(&v.size(), Device::Cpu) * 0.05),
+                );
             }
         }
     });
@@ -648,7 +650,6 @@ fn llamagen_xl_has_the_reference_checkpoint_keys_and_shapes() {
 fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
     use proxytune_models::ar::chameleon::KvCache;
     use proxytune_models::ar::llamagen::{rope_2d, LlamaGen, LlamaGenConfig};
-    tch::manual_seed(3);
     let cfg = LlamaGenConfig {
         dim: 32,
         n_layer: 2,
@@ -667,12 +668,15 @@ fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
+    redraw_initial_values(&vs, 3);
     // The reference zero-initialises the output layer; give it values so the logits say something.
     tch::no_grad(|| {
-        let _ = vs.variables()["output.weight"].shallow_clone().normal_(0.0, 0.5);
+        let mut output = vs.variables()["output.weight"].shallow_clone();
+        output.copy_(&(Draws::new(3, Stream::Init, 0).normal(&output.size(), Device::Cpu) * 0.5));
     });
-    let caption =
-        model.embed_caption(&Tensor::randn([1, 4, 12], (tch::Kind::Float, Device::Cpu)), &[false]).unwrap();
+    let caption = model
+        .embed_caption(&Draws::new(3, Stream::Train, 0).normal(&[1, 4, 12], Device::Cpu), &[false])
+        .unwrap();
     let codes = Tensor::from_slice(&[5i64, 9, 33, 2, 60, 7, 1, 0]).view([1, 8]);
     tch::no_grad(|| {
         let full = model.forward(Some(&caption), &codes, None).unwrap(); // [1, 12, 64]
@@ -699,6 +703,86 @@ fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
     let too_long = Tensor::zeros([1, 10], (tch::Kind::Int64, Device::Cpu));
     let err = model.forward(Some(&caption), &too_long, None).unwrap_err().to_string();
     assert!(err.contains("14 positions exceed the 13"), "{err}");
+}
+
+/// `tools/convert_llamagen.py` on a checkpoint written as LlamaGen's training script writes one
+/// (`torch.save({"model": state_dict, "optimizer": ..., "steps": ...})` of a `torch.compile`d GPT:
+/// `_orig_mod.` prefixes, KV-cache buffers, `freqs_cis`): the converted file loads strictly into our
+/// GPT and gives bit-identical logits to the model it was written from. (No package on the
+/// registries carries LlamaGen's GPT code — PyPI's `llamagen` 0.0.1.dev0 is an empty placeholder —
+/// so this proves the conversion and our key layout, not the reference's arithmetic.)
+#[test]
+fn a_checkpoint_in_llamagen_training_format_converts_and_loads_bit_identically() {
+    use proxytune_models::ar::llamagen::{LlamaGen, LlamaGenConfig};
+    use proxytune_models::weights::save_safetensors;
+    let python = std::env::var_os("PROXYTUNE_PYTHON")
+        .expect("PROXYTUNE_PYTHON is not set: run the tests through `make test` (tools/dev test)");
+    let cfg = LlamaGenConfig {
+        dim: 32,
+        n_layer: 2,
+        n_head: 2,
+        n_kv_head: None,
+        multiple_of: 16,
+        ffn_dim_multiplier: None,
+        rope_base: 10000.0,
+        norm_eps: 1e-5,
+        vocab_size: 64,
+        cls_token_num: 4,
+        caption_dim: 12,
+        grid_size: 3,
+        class_dropout_prob: 0.1,
+        init: Default::default(),
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
+    redraw_initial_values(&vs, 21);
+    tch::no_grad(|| {
+        let mut output = vs.variables()["output.weight"].shallow_clone();
+        output.copy_(&(Draws::new(21, Stream::Init, 0).normal(&output.size(), Device::Cpu) * 0.5));
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = tmp.path().join("ours.safetensors");
+    save_safetensors(&vs, &ours).unwrap();
+    // The reference's training-checkpoint layout, written with torch.
+    let checkpoint = tmp.path().join("0001000.pt");
+    let write = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(
+            "import sys, torch\n\
+             from safetensors.torch import load_file\n\
+             state = {'_orig_mod.' + k: v for k, v in load_file(sys.argv[1]).items()}\n\
+             state['_orig_mod.layers.0.attention.kv_cache.k_cache'] = torch.zeros(1, 2, 13, 16)\n\
+             state['_orig_mod.layers.0.attention.kv_cache.v_cache'] = torch.zeros(1, 2, 13, 16)\n\
+             state['_orig_mod.freqs_cis'] = torch.zeros(13, 8, 2)\n\
+             torch.save({'model': state, 'optimizer': {'state': {}}, 'steps': 1000, 'args': None}, sys.argv[2])\n",
+        )
+        .arg(&ours)
+        .arg(&checkpoint)
+        .output()
+        .unwrap();
+    assert!(write.status.success(), "{}", String::from_utf8_lossy(&write.stderr));
+    let converted = tmp.path().join("model.safetensors");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/convert_llamagen.py");
+    let run =
+        std::process::Command::new(&python).arg(script).arg(&checkpoint).arg(&converted).output().unwrap();
+    assert!(run.status.success(), "convert_llamagen.py failed: {}", String::from_utf8_lossy(&run.stderr));
+    let mut keys: Vec<String> = read_safetensors(&converted).unwrap().into_keys().collect();
+    keys.sort();
+    let mut expected: Vec<String> = vs.variables().into_keys().collect();
+    expected.sort();
+    assert_eq!(keys, expected, "prefixes stripped, caches and freqs_cis dropped, nothing else");
+
+    let mut loaded_vs = nn::VarStore::new(Device::Cpu);
+    let loaded = LlamaGen::new(loaded_vs.root(), &cfg, None).unwrap();
+    load_safetensors(&mut loaded_vs, &converted, Strictness::Strict).unwrap();
+    let caption = Draws::new(21, Stream::Train, 0).normal(&[1, 4, 12], Device::Cpu);
+    let codes = Tensor::from_slice(&[5i64, 9, 33, 2, 60, 7, 1, 0]).view([1, 8]);
+    tch::no_grad(|| {
+        let a = model.forward(Some(&model.embed_caption(&caption, &[false]).unwrap()), &codes, None).unwrap();
+        let b =
+            loaded.forward(Some(&loaded.embed_caption(&caption, &[false]).unwrap()), &codes, None).unwrap();
+        assert!(a.equal(&b), "converted weights give other logits");
+    });
 }
 
 #[test]

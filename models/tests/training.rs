@@ -185,7 +185,8 @@ fn dreambooth_lora_learns_the_subject_from_streamed_priors_and_leaves_the_base_a
     // `a dog` samples move about as much as `a sks dog` ones here: the random tiny text encoder
     // barely tells the two prompts apart, so prior preservation is measured on the toy world's
     // pretrained models instead. What holds here: the prior term is trained on.
-    assert!(sks_moved > 0.0 && dog_moved > 0.0);
+    // Measured 10.5 and 9.3 (latent MSE); untrained adapters would leave both at 0.
+    assert!(sks_moved > 1.0 && dog_moved > 1.0, "{sks_moved} / {dog_moved}");
     let base_after = sd.stores.unet.variables();
     assert!(base_before.iter().all(|(k, v)| v.equal(&base_after[k])), "base UNet bit-identical");
 }
@@ -286,6 +287,10 @@ fn a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     assert_eq!(latest_checkpoint(tmp.path()).unwrap().unwrap(), good);
 }
 
+/// The subject loss after 30 bf16 steps, as a share of the loss before, at most (measured 0.87 on
+/// the AMD EPYC CPU: 1.124 -> 0.974).
+const BF16_SUBJECT_LOSS_RATIO: f64 = 0.95;
+
 #[test]
 fn bf16_mixed_precision_trains_float32_adapters_over_a_bfloat16_unet() {
     let mut sd = tiny_sd(false);
@@ -303,11 +308,24 @@ fn bf16_mixed_precision_trains_float32_adapters_over_a_bfloat16_unet() {
     let base = snapshot(&sd.stores.unet.variables().into_iter().collect::<Vec<_>>());
     trainer.set_instance_images(&sd, &subject_photos()).unwrap();
     trainer.add_class_images(&sd, &(sample(&sd, CLASS, &[1, 2, 3, 4]) * 2.0 - 1.0)).unwrap();
+    // The subject's loss at fixed timesteps and noise, before and after: the training signal.
+    let t = [100i64, 300, 500, 700];
+    let eval = |sd: &StableDiffusion, trainer: &DreamBoothTrainer| {
+        DreamBoothTrainer::eval_loss(sd, trainer.schedule(), &subject_photos(), INSTANCE, &t, 1).unwrap()
+    };
+    let loss_before = eval(&sd, &trainer);
     let losses = train(&sd, &mut trainer, 30);
+    let loss_after = eval(&sd, &trainer);
     let (first, last) = (losses[..5].iter().sum::<f64>() / 5.0, losses[25..].iter().sum::<f64>() / 5.0);
-    eprintln!("bf16 LoRA: mean loss of steps 1-5 {first:.4}, of steps 26-30 {last:.4}");
+    eprintln!(
+        "bf16 LoRA: mean loss of steps 1-5 {first:.4}, of steps 26-30 {last:.4}; subject loss at fixed \
+         timesteps {loss_before:.4} -> {loss_after:.4}"
+    );
     assert!(losses.iter().all(|l| l.is_finite()));
-    assert!(last < first, "bf16 training does not learn: {first} -> {last}");
+    assert!(
+        loss_after < loss_before * BF16_SUBJECT_LOSS_RATIO,
+        "bf16 training does not learn: {loss_before} -> {loss_after}"
+    );
     let after = sd.stores.unet.variables();
     assert!(base.iter().all(|(k, v)| v.equal(&after[k])), "the bf16 base stays frozen");
     assert!(sample(&sd, INSTANCE, &[5]).isfinite().all().int64_value(&[]) == 1, "bf16 sampling works");
@@ -562,7 +580,7 @@ mod llamagen {
 
     #[test]
     fn llamagen_lora_learns_captioned_grids_and_guided_sampling_is_seeded() {
-        tch::manual_seed(11);
+        use proxytune_models::rng::{redraw_initial_values, Draws, Stream};
         let mut base = tch::nn::VarStore::new(Device::Cpu);
         let adapters = tch::nn::VarStore::new(Device::Cpu);
         let targets = ["wqkv", "wo", "w1", "w2", "w3"];
@@ -570,9 +588,11 @@ mod llamagen {
         let model =
             LlamaGen::new(base.root(), &tiny(), Some(LoraSpec { root: &adapters.root(), config: &lora }))
                 .unwrap();
+        redraw_initial_values(&base, 11);
         // A pretrained output layer (the reference zero-initialises it before training).
         tch::no_grad(|| {
-            let _ = base.variables()["output.weight"].shallow_clone().normal_(0.0, 0.5);
+            let mut output = base.variables()["output.weight"].shallow_clone();
+            output.copy_(&(Draws::new(11, Stream::Init, 0).normal(&output.size(), Device::Cpu) * 0.5));
         });
         let before = snapshot(&base.variables().into_iter().collect::<Vec<_>>());
         let cfg = ArTrainConfig {
@@ -583,7 +603,7 @@ mod llamagen {
             ..Default::default()
         };
         let mut trainer = ArTrainer::for_stores(&mut base, &adapters, true, cfg).unwrap();
-        let captions = Tensor::randn([2, 4, 12], (Kind::Float, Device::Cpu));
+        let captions = Draws::new(11, Stream::Train, 0).normal(&[2, 4, 12], Device::Cpu);
         let codes = Tensor::from_slice(&[3i64, 14, 15, 9, 26, 5, 35, 8, 9, 60, 2, 7, 1, 8, 28, 18, 28, 4])
             .view([2, 9]);
         let mut first = None;

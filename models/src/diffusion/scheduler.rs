@@ -368,9 +368,9 @@ mod tests {
         let mut cfg = SchedulerConfig::stable_diffusion();
         cfg.prediction_type = "v_prediction".into();
         let schedule = NoiseSchedule::new(&cfg).unwrap();
-        tch::manual_seed(1);
-        let x0 = Tensor::randn([2, 4, 3, 3], (Kind::Float, Device::Cpu));
-        let noise = Tensor::randn([2, 4, 3, 3], (Kind::Float, Device::Cpu));
+        let x0 = crate::rng::Draws::new(1, crate::rng::Stream::Train, 0).normal(&[2, 4, 3, 3], Device::Cpu);
+        let noise =
+            crate::rng::Draws::new(1, crate::rng::Stream::Train, 1).normal(&[2, 4, 3, 3], Device::Cpu);
         let t = [10i64, 900];
         let xt = schedule.add_noise(&x0, &noise, &t);
         let v = schedule.target(&x0, &noise, &t);

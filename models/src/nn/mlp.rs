@@ -50,11 +50,12 @@ mod tests {
     /// The tch smoke test: a small network learns a fixed regression on CPU.
     #[test]
     fn trains_on_cpu_and_loss_drops() {
-        tch::manual_seed(0);
+        use crate::rng::{redraw_initial_values, Draws, Stream};
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = MlpConfig { in_features: 4, hidden_features: 32, out_features: 1 };
         let mlp = Mlp::new(vs.root(), &cfg);
-        let xs = Tensor::randn([64, 4], (Kind::Float, Device::Cpu));
+        redraw_initial_values(&vs, 0);
+        let xs = Draws::new(0, Stream::Train, 0).normal(&[64, 4], Device::Cpu);
         let ys = (xs.sin() * 2.0).sum_dim_intlist(1, true, Kind::Float); // [64, 1]
         let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
         let loss_at = |mlp: &Mlp| mlp.forward(&xs).mse_loss(&ys, tch::Reduction::Mean);
