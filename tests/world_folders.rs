@@ -66,3 +66,56 @@ fn every_world_model_file_matches_its_manifest() {
         }
     }
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// `proxytune pretrain verify` re-measures each world model's held-out figures (CLIP and DINO
+/// retrieval, VAE and VQ reconstruction, UNet denoising loss, student cross-entropy) and finds the
+/// manifests' figures within their tolerances (2/128 for retrieval, 1 % for losses); a manifest
+/// that claims more than its model does is named.
+#[test]
+fn the_world_models_held_out_figures_re_measure_as_their_manifests_say() {
+    let verify = |world: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_proxytune"))
+            .args(["pretrain", "verify", "--device", "cpu", "--world"])
+            .arg(world)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&repo_root().join("models/world"));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{table}");
+    assert_eq!(table.lines().filter(|l| l.ends_with("| ok |")).count(), 6, "{table}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("world");
+    copy_dir(&repo_root().join("models/world"), &copy);
+    let path = copy.join("dino/manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["instance_retrieval_top1_after"] = serde_json::json!(0.9);
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let out = verify(&copy);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("dino/manifest.json `instance_retrieval_top1_after`: 0.9 re-measured as 0.68"),
+        "{err}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.ends_with("| OUTSIDE |")).count(),
+        1
+    );
+}

@@ -9,6 +9,7 @@
 
 mod student;
 mod supervisor;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,6 +33,9 @@ pub enum PretrainCommand {
     Supervisor(supervisor::SupervisorArgs),
     /// The student: a Chameleon / Lumina-mGPT folder (VQ tokenizer, decoder, transformer).
     Student(student::StudentArgs),
+    /// Re-measure every pretrained world model's held-out figures and compare them with its
+    /// manifest (exit 1 naming each figure outside its tolerance).
+    Verify(verify::VerifyArgs),
 }
 
 /// Arguments of `proxytune pretrain clip`.
@@ -139,6 +143,7 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
         PretrainCommand::Dino(args) => return dino(args),
         PretrainCommand::Supervisor(args) => return supervisor::run(args),
         PretrainCommand::Student(args) => return student::run(args),
+        PretrainCommand::Verify(args) => return verify::run(args),
     };
     check(&args)?;
     let device = proxytune_models::device::parse_device(&args.common.device)?;
@@ -155,11 +160,8 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
     let vs = tch::nn::VarStore::new(device);
     let clip = Clip::new(vs.root(), &cfg)?;
     let mut trainer = ContrastiveTrainer::new(&vs, args.common.learning_rate, args.steps / 20, 0.1);
-    // Held-out pairs: scene indices far from the training ones.
-    let held_out = batch(&world, &tokenizer, (0..128).map(|i| 1_000_000_000 + i), args.common.size, device)?;
-    let eval = |clip: &Clip| {
-        tch::no_grad(|| retrieval_top1(&similarity(clip, &held_out.0, &held_out.1, &held_out.2)))
-    };
+    let held_out = clip_held_out(&world, &tokenizer, args.common.size, device)?;
+    let eval = |clip: &Clip| clip_retrieval(clip, &held_out);
     let before = eval(&clip);
     let started = Instant::now();
     let mut last = f64::NAN;
@@ -191,6 +193,36 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
     finish(&args.out, &manifest)
 }
 
+/// The CLIP's held-out pairs: 128 scenes whose indices are far from the training ones.
+fn clip_held_out(
+    world: &World,
+    tokenizer: &ClipTokenizer,
+    size: u32,
+    device: Device,
+) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+    batch(world, tokenizer, (0..128).map(|i| 1_000_000_000 + i), size, device)
+}
+
+/// Text-to-image retrieval top-1 over the held-out pairs.
+fn clip_retrieval(clip: &Clip, held: &(Tensor, Tensor, Tensor)) -> f64 {
+    tch::no_grad(|| retrieval_top1(&similarity(clip, &held.0, &held.1, &held.2)))
+}
+
+/// The DINO's held-out instances: two views each of 128 scenes far from the training ones.
+fn dino_held_out(world: &World, size: u32, device: Device) -> anyhow::Result<(Tensor, Tensor)> {
+    let held: Vec<_> = (0..128).map(|i| views(world, 1_000_000_000 + i)).collect();
+    Ok((
+        pixels(&held.iter().map(|v| v.0).collect::<Vec<_>>(), size, device)?,
+        pixels(&held.iter().map(|v| v.1).collect::<Vec<_>>(), size, device)?,
+    ))
+}
+
+/// Instance retrieval top-1 across the two views of the held-out instances.
+fn dino_retrieval(vit: &proxytune_models::transformer::vit::Vit, held: &(Tensor, Tensor)) -> f64 {
+    use proxytune_models::contrastive::cosine_matrix;
+    tch::no_grad(|| retrieval_top1(&cosine_matrix(&vit.cls_embedding(&held.0), &vit.cls_embedding(&held.1))))
+}
+
 const DINO_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const DINO_STD: [f64; 3] = [0.229, 0.224, 0.225];
 
@@ -220,7 +252,6 @@ fn pixels(scenes: &[proxytune_actors::world::Scene], size: u32, device: Device) 
 }
 
 fn dino(args: ClipArgs) -> anyhow::Result<()> {
-    use proxytune_models::contrastive::cosine_matrix;
     use proxytune_models::transformer::vit::{Vit, VitConfig};
     check(&args)?;
     let device = proxytune_models::device::parse_device(&args.common.device)?;
@@ -236,14 +267,8 @@ fn dino(args: ClipArgs) -> anyhow::Result<()> {
     let vs = tch::nn::VarStore::new(device);
     let vit = Vit::new(vs.root(), &cfg)?;
     let mut trainer = ContrastiveTrainer::new(&vs, args.common.learning_rate, args.steps / 20, 0.05);
-    let held: Vec<_> = (0..128).map(|i| views(&world, 1_000_000_000 + i)).collect();
-    let held_a = pixels(&held.iter().map(|v| v.0).collect::<Vec<_>>(), args.common.size, device)?;
-    let held_b = pixels(&held.iter().map(|v| v.1).collect::<Vec<_>>(), args.common.size, device)?;
-    let eval = |vit: &Vit| {
-        tch::no_grad(|| {
-            retrieval_top1(&cosine_matrix(&vit.cls_embedding(&held_a), &vit.cls_embedding(&held_b)))
-        })
-    };
+    let held = dino_held_out(&world, args.common.size, device)?;
+    let eval = |vit: &Vit| dino_retrieval(vit, &held);
     let before = eval(&vit);
     let started = Instant::now();
     let mut last = f64::NAN;

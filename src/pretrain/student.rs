@@ -214,17 +214,35 @@ fn train_vq(
         }
     });
     let held = signed_pixels(&held_out_scenes(world, 128), args.common.size, device)?;
-    let (mse, used) = tch::no_grad(|| -> anyhow::Result<(f64, f64)> {
-        let codes = vq.encode(&held)?;
-        let mse = decoder.decode(&codes)?.mse_loss(&held, tch::Reduction::Mean).double_value(&[]);
-        let distinct: HashSet<i64> = Vec::<i64>::try_from(codes.flatten(0, -1))?.into_iter().collect();
-        Ok((mse, distinct.len() as f64 / CODES as f64))
-    })?;
+    let (mse, used) = vq_held_out(vq, decoder, &held)?;
     Ok((mse, used, started.elapsed().as_secs_f64()))
 }
 
+/// The VQ's held-out reconstruction MSE (encode to codes, decode) over `held` (`[-1, 1]`) and the
+/// share of the codebook its codes use.
+pub(super) fn vq_held_out(
+    vq: &ChameleonVqVae,
+    decoder: &ChameleonVqDecoder,
+    held: &Tensor,
+) -> anyhow::Result<(f64, f64)> {
+    tch::no_grad(|| -> anyhow::Result<(f64, f64)> {
+        let codes = vq.encode(held)?;
+        let mse = decoder.decode(&codes)?.mse_loss(held, tch::Reduction::Mean).double_value(&[]);
+        let distinct: HashSet<i64> = Vec::<i64>::try_from(codes.flatten(0, -1))?.into_iter().collect();
+        Ok((mse, distinct.len() as f64 / CODES as f64))
+    })
+}
+
+/// The transformer's mean cross-entropy over `held` examples, without condition dropout.
+pub(super) fn held_out_cross_entropy(student: &ChameleonStudent, held: &[ArExample]) -> anyhow::Result<f64> {
+    tch::no_grad(|| {
+        let (ids, labels) = ArTrainer::batch(student, held, &vec![false; held.len()])?;
+        Ok(ArTrainer::losses(student, &ids, &labels)?.0.double_value(&[]))
+    })
+}
+
 /// Training examples of `scenes`: their captions' instruction ids and their VQ image tokens.
-fn to_examples(
+pub(super) fn to_examples(
     student: &ChameleonStudent,
     tokenizer: &HfTokenizer,
     scenes: &[Scene],
@@ -295,12 +313,7 @@ pub fn run(args: StudentArgs) -> anyhow::Result<()> {
     };
     let held = held_out_scenes(&world, 64);
     let held_examples = examples(&student, &held)?;
-    let held_loss = |student: &ChameleonStudent| -> anyhow::Result<f64> {
-        tch::no_grad(|| {
-            let (ids, labels) = ArTrainer::batch(student, &held_examples, &vec![false; held_examples.len()])?;
-            Ok(ArTrainer::losses(student, &ids, &labels)?.0.double_value(&[]))
-        })
-    };
+    let held_loss = |student: &ChameleonStudent| held_out_cross_entropy(student, &held_examples);
     let loss_before = held_loss(&student)?;
     let config = ArTrainConfig {
         learning_rate: args.common.learning_rate,

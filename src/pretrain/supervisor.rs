@@ -156,7 +156,7 @@ fn train_vae(args: &SupervisorArgs, world: &World, device: Device) -> anyhow::Re
         vs.variables().into_iter().collect(),
         AdamWConfig { weight_decay: 0.0, ..Default::default() },
     );
-    let held = signed_pixels(&held_out_scenes(world, 128), args.common.size, device)?;
+    let held = vae_held_out(world, args.common.size, device)?;
     let mut last = f64::NAN;
     for step in 0..args.vae_steps {
         let x =
@@ -176,22 +176,37 @@ fn train_vae(args: &SupervisorArgs, world: &World, device: Device) -> anyhow::Re
             tracing::info!(step = step + 1, reconstruction = last, "pretrain supervisor: vae");
         }
     }
-    let (mse, std) = tch::no_grad(|| {
-        let (mean, _) = vae.encode(&held);
-        (
-            vae.decode(&mean).mse_loss(&held, tch::Reduction::Mean).double_value(&[]),
-            mean.std(true).double_value(&[]),
-        )
-    });
+    let mse = vae_reconstruction_mse(&vae, &held);
+    let std = tch::no_grad(|| vae.encode(&held).0.std(true).double_value(&[]));
     let scaling = 1.0 / std.max(1e-6);
     write_json(&dir.join("config.json"), &vae_config(args.common.size, scaling))?;
     save_safetensors(&vs, &dir.join("diffusion_pytorch_model.safetensors"))?;
     Ok((mse, scaling, last))
 }
 
+/// The VAE's held-out images: 128 scenes far from the training ones, in `[-1, 1]`.
+pub(super) fn vae_held_out(world: &World, size: u32, device: Device) -> anyhow::Result<Tensor> {
+    signed_pixels(&held_out_scenes(world, 128), size, device)
+}
+
+/// Mean squared error of decoding the encoded means of `held`.
+pub(super) fn vae_reconstruction_mse(vae: &AutoencoderKl, held: &Tensor) -> f64 {
+    tch::no_grad(|| vae.decode(&vae.encode(held).0).mse_loss(held, tch::Reduction::Mean).double_value(&[]))
+}
+
+/// The UNet's held-out images and captions: 64 scenes far from the training ones.
+pub(super) fn unet_held_out(
+    world: &World,
+    size: u32,
+    device: Device,
+) -> anyhow::Result<(Tensor, Vec<String>)> {
+    let held = held_out_scenes(world, 64);
+    Ok((signed_pixels(&held, size, device)?, held.iter().map(|s| s.caption(None)).collect()))
+}
+
 /// The mean denoising loss over `scenes` at fixed timesteps and noise (seeded): comparable
 /// before and after training.
-fn held_out_loss(
+pub(super) fn held_out_loss(
     sd: &StableDiffusion,
     schedule: &NoiseSchedule,
     x: &Tensor,
@@ -250,9 +265,8 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
     sd.stores.vae.freeze();
     sd.stores.text_encoder.freeze();
     let schedule = NoiseSchedule::new(&sd.scheduler)?;
-    let held = held_out_scenes(&world, 64);
-    let held_x = signed_pixels(&held, args.common.size, device)?;
-    let held_captions: Vec<String> = held.iter().map(|s| s.caption(None)).collect();
+    let held = held_out_scenes(&world, 64); // also the prompt-adherence probe below
+    let (held_x, held_captions) = unet_held_out(&world, args.common.size, device)?;
     let held_refs: Vec<&str> = held_captions.iter().map(String::as_str).collect();
     let loss_before = held_out_loss(&sd, &schedule, &held_x, &held_refs)?;
     let params: Vec<(String, Tensor)> = sd.stores.unet.variables().into_iter().collect();
