@@ -52,6 +52,11 @@ fn request(
 /// Spawns the daemon on `bind` with the test config plus `extra` TOML lines; its log is appended
 /// to `dir/daemon.log`.
 fn spawn(dir: &Path, bind: &str, extra: &str) -> std::process::Child {
+    spawn_limited(dir, bind, extra, None)
+}
+
+/// [`spawn`], with at most `fd_limit` open files when given (`ulimit -n`).
+fn spawn_limited(dir: &Path, bind: &str, extra: &str, fd_limit: Option<u32>) -> std::process::Child {
     let config = dir.join("daemon.toml");
     let roots = dir.join("roots");
     std::fs::create_dir_all(&roots).unwrap();
@@ -67,7 +72,15 @@ fn spawn(dir: &Path, bind: &str, extra: &str) -> std::process::Child {
     .unwrap();
     // The log is appended across restarts (a test reads it; a pipe nobody drains would block).
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_proxytune"))
+    let mut command = match fd_limit {
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_proxytune")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_proxytune")),
+    };
+    command
         .args(["daemon", "--config"])
         .arg(&config)
         .env_remove("PROXYTUNE_TOKEN")
@@ -81,9 +94,14 @@ fn spawn(dir: &Path, bind: &str, extra: &str) -> std::process::Child {
 /// Starts the daemon on a free loopback port with the test config plus `extra` TOML lines and
 /// returns it once it listens, with the address it logged.
 fn start(dir: &Path, extra: &str) -> (std::process::Child, SocketAddr) {
+    start_limited(dir, extra, None)
+}
+
+/// [`start`], with at most `fd_limit` open files when given.
+fn start_limited(dir: &Path, extra: &str, fd_limit: Option<u32>) -> (std::process::Child, SocketAddr) {
     let log = dir.join("daemon.log");
     let before = std::fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
-    let mut child = spawn(dir, "127.0.0.1:0", extra);
+    let mut child = spawn_limited(dir, "127.0.0.1:0", extra, fd_limit);
     let started = Instant::now();
     loop {
         let text = std::fs::read(&log).unwrap_or_default();
@@ -760,4 +778,186 @@ fn a_spec_job_with_uploaded_photos_and_reference_layout_models_runs_to_its_repor
     // The record keeps the spec, not the uploads.
     let record = std::fs::read_to_string(dir.path().join(format!("data/jobs/{id}/job.json"))).unwrap();
     assert!(record.contains("\"kind\": \"run\"") && !record.contains("data_base64"), "{record}");
+}
+
+/// Raw bytes to the daemon and whatever comes back before it closes or `wait` passes.
+fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What a web page in the user's browser, a DNS-rebinding page, a slow or greedy client could do,
+/// each refused with its status while the daemon serves on; a second daemon on the same data
+/// directory and an empty token are refused at start; a record that cannot be read is set aside
+/// and a folder without a record is never reused.
+#[test]
+fn browser_attacks_foreign_hosts_slow_and_excess_connections_are_refused_and_the_daemon_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // A job folder whose record is corrupt, and one whose record is missing: both kept.
+    let jobs = dir.path().join("data/jobs");
+    std::fs::create_dir_all(jobs.join("job-1/corpus")).unwrap();
+    std::fs::write(jobs.join("job-1/job.json"), b"{\"id\": \"job-1\", \"sta").unwrap();
+    std::fs::write(jobs.join("job-1/corpus/mine.txt"), b"rows").unwrap();
+    std::fs::create_dir_all(jobs.join("job-3")).unwrap();
+    std::fs::write(jobs.join("job-3/upload.png"), b"photo").unwrap();
+    let extra = "max_connections = 4\nrequest_timeout_seconds = 10\nallowed_hosts = [\"proxytune.lan\"]\n";
+    let (child, addr) = start(dir.path(), extra);
+    let mut daemon = KillOnDrop(child);
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("cannot be read: set aside"), "{log}");
+    assert!(jobs.join("job-1/job.json.unreadable").is_file() && jobs.join("job-1/corpus/mine.txt").is_file());
+    let get = |host: &str| {
+        raw(
+            addr,
+            format!("GET /jobs HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(30),
+        )
+    };
+    let status = |response: &str| response.split_whitespace().nth(1).unwrap_or("").to_string();
+
+    // DNS rebinding: a page's own name in Host is refused; the daemon's names are served.
+    let port = addr.port();
+    let answer = get(&format!("evil.example:{port}"));
+    assert_eq!(status(&answer), "403", "{answer}");
+    assert!(answer.contains("evil.example"), "{answer}");
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("proxytune.lan:{port}")] {
+        assert_eq!(status(&get(&host)), "200", "{host}");
+    }
+    let answer = raw(addr, b"GET /jobs HTTP/1.0\r\n\r\n", Duration::from_secs(30));
+    assert_eq!(status(&answer), "400", "no Host: {answer}");
+
+    // A cross-site "simple" request (text/plain, a form), a foreign Origin, Sec-Fetch-Site.
+    let post = |headers: &str| {
+        let body = r#"{"subject": "dog_2", "student_steps": 10}"#;
+        raw(
+            addr,
+            format!("POST /jobs HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                .as_bytes(),
+            Duration::from_secs(30),
+        )
+    };
+    let answer = post("Content-Type: text/plain\r\n");
+    assert_eq!(status(&answer), "415", "{answer}");
+    assert_eq!(status(&post("Content-Type: application/x-www-form-urlencoded\r\n")), "415");
+    let answer = post("Content-Type: application/json\r\nOrigin: http://evil.example\r\n");
+    assert_eq!(status(&answer), "403", "{answer}");
+    let answer = post("Content-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n");
+    assert_eq!(status(&answer), "403", "{answer}");
+    let answer = raw(
+        addr,
+        format!("POST /jobs/job-9/cancel HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status(&answer), "415", "a bodiless command needs the JSON type too: {answer}");
+    let (_, list) = request(addr, "GET", "/jobs", "", None).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list).unwrap()["jobs"],
+        serde_json::json!([]),
+        "nothing queued"
+    );
+
+    // HTML and JSON answers forbid sniffing, framing and scripts.
+    let page = raw(
+        addr,
+        format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        Duration::from_secs(30),
+    );
+    let head = page.to_ascii_lowercase();
+    for h in [
+        "x-content-type-options: nosniff",
+        "x-frame-options: deny",
+        "content-security-policy: default-src 'none'",
+    ] {
+        assert!(head.contains(h), "{h} missing: {page}");
+    }
+
+    // Connections over the cap get 503 while 4 idle ones hold theirs; after those go, it serves.
+    let idle: Vec<std::net::TcpStream> =
+        (0..4).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    let started = Instant::now();
+    loop {
+        let answer = get(&addr.to_string());
+        if status(&answer) == "503" {
+            assert!(answer.contains("max_connections"), "{answer}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(8), "a fifth connection was served: {answer}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(idle);
+    let started = Instant::now();
+    while status(&get(&addr.to_string())) != "200" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the daemon did not serve again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A client that never finishes its headers is cut off after the timeout (10 s).
+    let sent = Instant::now();
+    let answer = raw(
+        addr,
+        format!("GET /jobs HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ").as_bytes(),
+        Duration::from_secs(60),
+    );
+    let waited = sent.elapsed();
+    assert!(waited < Duration::from_secs(55), "the slow client was never cut off ({waited:?}): {answer}");
+    assert!(!answer.contains("200 OK"), "{answer}");
+    // One that never finishes its body gets 408.
+    let answer = raw(
+        addr,
+        format!("POST /jobs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"subject\"")
+            .as_bytes(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status(&answer), "408", "{answer}");
+
+    // The next submission takes a number no folder holds.
+    let body = format!(r#"{{"subject": "dog_2", {SMALL}}}"#);
+    let (code, answer) = request(addr, "POST", "/jobs", &body, None).unwrap();
+    assert_eq!(code, 201, "{answer}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&answer).unwrap()["id"], "job-4", "{answer}");
+    assert!(jobs.join("job-3/upload.png").is_file(), "a folder without a record is kept");
+
+    // A second daemon on the same data directory is refused, naming the first's pid.
+    let second = spawn(dir.path(), "127.0.0.1:0", extra).wait_with_output().unwrap();
+    assert!(!second.status.success());
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains(&format!("in use by another proxytune daemon (pid {}, in", daemon.0.id())), "{log}");
+    assert_eq!(status(&get(&addr.to_string())), "200", "the first still serves");
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+
+    // Out of file descriptors: accepting fails, is logged, and the server goes on once they free.
+    let starved = tempfile::tempdir().unwrap();
+    let (child, addr) = start_limited(starved.path(), "max_connections = 100000\n", Some(128));
+    let _starved_daemon = KillOnDrop(child);
+    let flood: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok())
+        .collect();
+    let log_path = starved.path().join("daemon.log");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log_path).unwrap().contains("cannot accept a connection") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no accept failed with {} connections open",
+            flood.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(flood);
+    let started = Instant::now();
+    while request(addr, "GET", "/jobs", "", None).map(|(code, _)| code).unwrap_or(0) != 200 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the daemon did not serve after the flood");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // An empty token is refused at start.
+    let other = tempfile::tempdir().unwrap();
+    let refused = spawn(other.path(), "127.0.0.1:0", "token = \"\"\n").wait().unwrap();
+    assert!(!refused.success());
+    let log = std::fs::read_to_string(other.path().join("daemon.log")).unwrap();
+    assert!(log.contains("`token` is empty"), "{log}");
 }

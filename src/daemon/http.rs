@@ -20,6 +20,13 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Repl
     Response::builder()
         .status(status)
         .header("content-type", content_type)
+        // A browser must not sniff, frame or run anything it gets here but the status page's own
+        // inline style and the job's images.
+        .header("x-content-type-options", "nosniff")
+        .header("x-frame-options", "DENY")
+        .header("content-security-policy", "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'")
+        .header("referrer-policy", "no-referrer")
+        .header("cache-control", "no-store")
         .body(Full::new(body.into()))
         .expect("a valid response")
 }
@@ -32,10 +39,25 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
     json(status, serde_json::json!({ "error": message.to_string() }))
 }
 
-/// Accepts connections until the process stops.
+/// Accepts connections until the process stops: at most `max_connections` at once (one more is
+/// answered 503 and closed), a request's headers within `request_timeout_seconds`; an accept
+/// error (out of file descriptors, say) is logged and the server goes on.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> anyhow::Result<i32> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections));
+    let timeout = std::time::Duration::from_secs(shared.config.request_timeout_seconds);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept a connection; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream, shared.config.max_connections));
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -43,20 +65,123 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> an
                 async move { Ok::<_, std::convert::Infallible>(handle(shared, req).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(io, service)
+                .await;
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended");
             }
+            drop(permit);
         });
     }
+}
+
+/// Answers a connection over the cap with 503 and closes it.
+async fn refuse_busy(mut stream: tokio::net::TcpStream, cap: usize) {
+    use tokio::io::AsyncWriteExt;
+    let body =
+        format!("{{\"error\": \"the daemon serves {cap} connections at once (max_connections); retry\"}}");
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Equal strings, compared in time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn authorised(shared: &Shared, req: &Request<Incoming>) -> bool {
     let Some(token) = &shared.config.token else { return true };
     let given = req.headers().get("authorization").and_then(|v| v.to_str().ok());
-    given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| t == token)
+    given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| same_secret(t, token))
+}
+
+/// Whether `host` (a `Host` header, or an origin's host and port) names this daemon: its bind
+/// address, `localhost` or a loopback address on its port, any IP literal on its port when it
+/// binds every interface, or one of `allowed_hosts`.
+fn known_host(shared: &Shared, host: &str) -> bool {
+    let port = shared.addr.port();
+    let (name, given_port) = match host.rsplit_once(':') {
+        Some((name, p)) if !name.ends_with(':') && p.chars().all(|c| c.is_ascii_digit()) => {
+            (name, p.parse().ok())
+        }
+        _ => (host, None),
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let allowed = shared.config.allowed_hosts.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        a == host.to_ascii_lowercase() || (a == name && given_port.is_none_or(|p| p == port))
+    });
+    if allowed {
+        return true;
+    }
+    if given_port != Some(port) && !(given_port.is_none() && port == 80) {
+        return false;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip == shared.addr.ip() || ip.is_loopback() || shared.addr.ip().is_unspecified(),
+        Err(_) => name == "localhost",
+    }
+}
+
+/// The checks every request passes before its route: the `Host` it names is this daemon's (DNS
+/// rebinding), and a state-changing request is JSON from no other origin (a web page can send
+/// neither `Content-Type: application/json` nor a foreign `Origin` without the browser asking
+/// first, and the daemon never says yes).
+fn guard(shared: &Shared, req: &Request<Incoming>) -> Option<Reply> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let host = header("host").or_else(|| req.uri().authority().map(|a| a.as_str()));
+    match host {
+        None => return Some(error(StatusCode::BAD_REQUEST, "a request must name its Host")),
+        Some(host) if !known_host(shared, host) => {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Host `{host}` is not this daemon's ({}, localhost or `allowed_hosts` in its config)",
+                    shared.addr
+                ),
+            ))
+        }
+        Some(_) => {}
+    }
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    if let Some(origin) = header("origin") {
+        let host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+        if !host.is_some_and(|h| known_host(shared, h)) {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                format!("requests from origin `{origin}` are refused"),
+            ));
+        }
+    }
+    if let Some(site) = header("sec-fetch-site").filter(|s| !matches!(*s, "same-origin" | "none")) {
+        return Some(error(StatusCode::FORBIDDEN, format!("a {site} request is refused (Sec-Fetch-Site)")));
+    }
+    let json_body = header("content-type").is_some_and(|c| {
+        c.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !json_body {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a state-changing request must be sent as `Content-Type: application/json`",
+        ));
+    }
+    None
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
+    if let Some(refused) = guard(&shared, &req) {
+        return refused;
+    }
     if !authorised(&shared, &req) {
         return error(StatusCode::UNAUTHORIZED, "a bearer token is required (Authorization: Bearer <token>)");
     }
@@ -171,9 +296,14 @@ fn job_view(shared: &Shared, job: &super::jobs::Job) -> serde_json::Value {
 
 async fn submit(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
     let limit = shared.config.max_body_bytes;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {limit} bytes")),
+    let seconds = shared.config.request_timeout_seconds;
+    let read = Limited::new(req.into_body(), limit).collect();
+    let body = match tokio::time::timeout(std::time::Duration::from_secs(seconds), read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {limit} bytes")),
+        Err(_) => {
+            return error(StatusCode::REQUEST_TIMEOUT, format!("the body did not arrive within {seconds} s"))
+        }
     };
     let spec = match JobSpec::parse(&body) {
         Ok(s) => s,
@@ -181,6 +311,11 @@ async fn submit(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
     };
     match shared.submit(spec).await {
         Ok(job) => json(StatusCode::CREATED, serde_json::to_value(job).expect("job serialises")),
+        // The daemon's own failure to store it, not the request's fault.
+        Err(e) if e.downcast_ref::<super::jobs::StorageFailure>().is_some() => {
+            tracing::error!(error = %format!("{e:#}"), "a submission could not be stored");
+            error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+        }
         Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     }
 }

@@ -323,21 +323,40 @@ pub struct JobStore {
 }
 
 impl JobStore {
-    /// Opens (or creates) `<data_dir>/jobs`; unfinished jobs are queued again.
+    /// Opens (or creates) `<data_dir>/jobs`; unfinished jobs are queued again. A record that
+    /// cannot be read is set aside (`job.json.unreadable`, with the reason logged) and its folder
+    /// kept; no job folder is ever reused for a new job.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let root = data_dir.join("jobs");
         std::fs::create_dir_all(&root)
             .with_context(|| format!("data_dir: cannot create {}", root.display()))?;
         let mut jobs = BTreeMap::new();
         let mut next = 1;
-        for entry in std::fs::read_dir(&root)? {
-            let path = entry?.path().join("job.json");
+        for entry in std::fs::read_dir(&root).with_context(|| format!("cannot list {}", root.display()))? {
+            let dir = entry?.path();
+            // Every `job-N` folder takes its number, whether or not its record is readable.
+            let number = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("job-")?.parse::<u64>().ok());
+            if let Some(n) = number {
+                next = next.max(n + 1);
+            }
+            let path = dir.join("job.json");
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path)?;
-            let mut job: Job = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a job record", path.display()))?;
+            let read = std::fs::read_to_string(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| Ok(serde_json::from_str::<Job>(&text)?));
+            let mut job = match read {
+                Ok(job) => job,
+                Err(e) => {
+                    let aside = dir.join("job.json.unreadable");
+                    tracing::error!(record = %path.display(), error = %e, aside = %aside.display(),
+                        "a job record cannot be read: set aside, its folder kept, the daemon starts without it");
+                    std::fs::rename(&path, &aside)
+                        .with_context(|| format!("cannot set {} aside", path.display()))?;
+                    continue;
+                }
+            };
             if let Some(n) = job.id.strip_prefix("job-").and_then(|n| n.parse::<u64>().ok()) {
                 next = next.max(n + 1);
             }
@@ -367,13 +386,14 @@ impl JobStore {
         spec: JobSpec,
         prepare: impl FnOnce(&Path) -> anyhow::Result<Option<PathBuf>>,
     ) -> anyhow::Result<Job> {
+        // A folder that exists is never reused or removed (a submission the daemon died during, a
+        // record set aside): the new job takes the next free number.
+        while self.dir(&format!("job-{}", self.next)).exists() {
+            self.next += 1;
+        }
         let id = format!("job-{}", self.next);
         let dir = self.dir(&id);
-        if dir.exists() && !dir.join("job.json").exists() {
-            // Left by a submission the daemon died during: nothing was queued from it.
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir(&dir).map_err(|e| stored(e, format!("cannot create {}", dir.display())))?;
         let input = match prepare(&dir) {
             Ok(input) => input,
             Err(e) => {
@@ -422,13 +442,81 @@ impl JobStore {
         Ok(job)
     }
 
+    /// Writes job `job`'s record crash-safely: a temporary file, flushed to disk, renamed over the
+    /// record, the folder flushed (a crash leaves the old record or the new one, never a torn one).
     fn save(&self, job: &Job) -> anyhow::Result<()> {
         let dir = self.dir(&job.id);
-        std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join("job.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(job)?)?;
-        std::fs::rename(&tmp, dir.join("job.json"))?;
-        Ok(())
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            std::fs::create_dir_all(&dir)?;
+            let tmp = dir.join("job.json.tmp");
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&serde_json::to_vec_pretty(job).map_err(std::io::Error::other)?)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, dir.join("job.json"))?;
+            std::fs::File::open(&dir)?.sync_all()
+        };
+        write().map_err(|e| stored(e, format!("cannot write {}'s record in {}", job.id, dir.display())))
+    }
+}
+
+/// The daemon could not store something (disk full, permissions): a server-side failure (500),
+/// not a fault of the request.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct StorageFailure {
+    what: String,
+    source: std::io::Error,
+}
+
+/// An I/O error while storing, marked as the daemon's failure.
+pub fn stored(source: std::io::Error, what: String) -> anyhow::Error {
+    StorageFailure { what, source }.into()
+}
+
+/// Holds `<data_dir>/daemon.lock` for the daemon's lifetime: a second daemon on the same data
+/// directory is refused, naming the first's pid.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock (the lock is the operating system's: it goes with the process, even after
+    /// `kill -9`).
+    pub fn take(data_dir: &Path) -> anyhow::Result<Self> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
+        let path = data_dir.join("daemon.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                file.read_to_string(&mut pid).ok();
+                anyhow::bail!(
+                    "data_dir {} is in use by another proxytune daemon (pid {}, in {})",
+                    data_dir.display(),
+                    pid.trim(),
+                    path.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(DataDirLock { _file: file })
     }
 }
 

@@ -74,6 +74,17 @@ pub struct DaemonConfig {
     /// Upper bounds on what one job may ask for, checked at submission.
     #[serde(default)]
     pub limits: JobLimits,
+    /// Host names clients may reach the daemon by, besides its bind address, `localhost` and
+    /// loopback addresses (`name` or `name:port`). Any other `Host` header is refused (403), which
+    /// defeats DNS rebinding; state-changing requests must also come from such an origin.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Connections served at once; one more is answered 503 and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, and again its body.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_seconds: u64,
 }
 
 /// Upper bounds on one job's budgets: a submission over one is refused (400) with the limit
@@ -134,6 +145,12 @@ fn default_max_photo() -> usize {
 fn default_device() -> String {
     "auto".into()
 }
+fn default_max_connections() -> usize {
+    256
+}
+fn default_request_timeout() -> u64 {
+    30
+}
 
 impl DaemonConfig {
     /// Reads and checks a config file; refuses a non-loopback bind without a token.
@@ -141,9 +158,20 @@ impl DaemonConfig {
         let text = std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
         let mut config: DaemonConfig =
             toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        anyhow::ensure!(
+            config.token.as_deref() != Some(""),
+            "{}: `token` is empty; give a secret or remove the line",
+            path.display()
+        );
         if config.token.is_none() {
             config.token = std::env::var("PROXYTUNE_TOKEN").ok().filter(|t| !t.is_empty());
         }
+        anyhow::ensure!(config.max_connections > 0, "{}: max_connections must be at least 1", path.display());
+        anyhow::ensure!(
+            config.request_timeout_seconds > 0,
+            "{}: request_timeout_seconds must be at least 1",
+            path.display()
+        );
         if !config.bind.ip().is_loopback() && config.token.is_none() {
             anyhow::bail!(
                 "{}: bind {} is not loopback, so a bearer token is required (`token` or PROXYTUNE_TOKEN)",
@@ -164,6 +192,8 @@ impl DaemonConfig {
 /// What the server and the runner share.
 pub struct Shared {
     config: DaemonConfig,
+    /// The address bound (the config's, with the port the system gave for port 0).
+    addr: SocketAddr,
     store: Mutex<JobStore>,
     controls: Mutex<HashMap<String, tokio::sync::watch::Sender<JobCommand>>>,
     progress: Mutex<HashMap<String, ProgressHandle>>,
@@ -263,10 +293,11 @@ impl Shared {
         let input = (!photos.is_empty()).then(|| staging.join("photos"));
         let staged = || -> anyhow::Result<()> {
             if let Some(dir) = &input {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| jobs::stored(e, format!("cannot create {}", dir.display())))?;
                 for (k, (name, ext, bytes)) in photos.iter().enumerate() {
                     std::fs::write(dir.join(format!("{k:02}.{ext}")), bytes)
-                        .with_context(|| format!("photo `{name}`"))?;
+                        .map_err(|e| jobs::stored(e, format!("cannot store photo `{name}`")))?;
                 }
             }
             check(input.as_deref(), &staging.join("scratch"))
@@ -275,8 +306,9 @@ impl Shared {
             self.store().submit(record, |dir| {
                 let Some(staged) = &input else { return Ok(None) };
                 let photos = dir.join("photos");
-                std::fs::rename(staged, &photos)
-                    .with_context(|| format!("cannot move the photos to {}", photos.display()))?;
+                std::fs::rename(staged, &photos).map_err(|e| {
+                    jobs::stored(e, format!("cannot move the photos to {}", photos.display()))
+                })?;
                 Ok(Some(photos))
             })
         });
@@ -732,6 +764,12 @@ async fn runner(shared: Arc<Shared>) {
 /// Runs the daemon until the process is stopped.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let config = DaemonConfig::read(&args.config)?;
+    let _lock = jobs::DataDirLock::take(&config.data_dir)?;
+    // Staging folders are a submission's scratch; one left by a crash holds nothing queued.
+    let staging = config.data_dir.join("staging");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("cannot sweep {}", staging.display()))?;
+    }
     let store = JobStore::open(&config.data_dir)?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&proxytune_schemas::metrics::DURATION_BUCKETS_SECONDS)?
@@ -745,6 +783,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     tracing::info!("proxytune daemon listening on http://{addr} (data in {})", config.data_dir.display());
     let shared = Arc::new(Shared {
         config,
+        addr,
         store: Mutex::new(store),
         controls: Mutex::new(HashMap::new()),
         progress: Mutex::new(HashMap::new()),
