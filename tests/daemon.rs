@@ -961,3 +961,51 @@ fn browser_attacks_foreign_hosts_slow_and_excess_connections_are_refused_and_the
     let log = std::fs::read_to_string(other.path().join("daemon.log")).unwrap();
     assert!(log.contains("`token` is empty"), "{log}");
 }
+
+/// `src/daemon/openapi.yaml` is valid OpenAPI 3 (openapi-spec-validator), and a fuzzing run from
+/// it against a live daemon (schemathesis: every operation, examples, boundary values, generated
+/// and mutated requests, undeclared methods; deterministic, 30 examples an operation, loopback)
+/// finds no 5xx, no crash, and every answer of a declared status with a body matching its schema.
+/// Left out: schemathesis' `positive_data_acceptance`, because schema-valid specs are refused for
+/// reasons a schema cannot hold (an unknown world subject, the daemon's limits), with a 400 naming
+/// them.
+#[test]
+fn the_api_description_is_valid_and_a_fuzzing_run_finds_every_answer_as_described() {
+    let bin = crate::support::python().parent().unwrap().to_path_buf();
+    let spec = repo_root().join("src/daemon/openapi.yaml");
+    let valid = Command::new(bin.join("openapi-spec-validator")).arg(&spec).output().unwrap();
+    assert!(
+        valid.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&valid.stdout),
+        String::from_utf8_lossy(&valid.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    // Small limits: a fuzzed submission that passes every check queues only a small job.
+    let (child, addr) = start(dir.path(), "[limits]\nmax_images = 64\nmax_steps = 50\n");
+    let mut daemon = KillOnDrop(child);
+    let fuzz = Command::new(bin.join("schemathesis"))
+        .arg("run")
+        .arg(&spec)
+        .args(["--url", &format!("http://{addr}"), "--max-examples", "30", "--checks", "all"])
+        .args(["--exclude-checks", "positive_data_acceptance", "--generation-deterministic"])
+        .args(["--header", "Content-Type: application/json", "--request-timeout", "60"])
+        .env("NO_COLOR", "1")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&fuzz.stdout).into_owned();
+    let tail: String =
+        report.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    eprintln!("{tail}");
+    assert!(
+        fuzz.status.success(),
+        "schemathesis found failures:\n{report}{}",
+        String::from_utf8_lossy(&fuzz.stderr)
+    );
+    assert!(report.contains("Tested: 11"), "every operation was exercised:\n{tail}");
+    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon still runs");
+    let (status, _) = request(addr, "GET", "/jobs", "", None).unwrap();
+    assert_eq!(status, 200, "and serves");
+}

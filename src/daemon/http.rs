@@ -260,10 +260,25 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("report of `{id}`: {e}")),
             }
         }
-        (_, ["jobs", ..]) | (_, []) | (_, ["metrics"]) => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
-        _ => error(StatusCode::NOT_FOUND, format!("no route {}", req.uri().path())),
+        (method, route) => match allowed_methods(route) {
+            Some(allow) => {
+                let mut refused =
+                    error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not served here; {allow} is"));
+                refused.headers_mut().insert("allow", hyper::header::HeaderValue::from_static(allow));
+                refused
+            }
+            None => error(StatusCode::NOT_FOUND, format!("no route {}", req.uri().path())),
+        },
+    }
+}
+
+/// The methods a route serves (for a 405's `Allow`), or `None` for no route.
+fn allowed_methods(route: &[&str]) -> Option<&'static str> {
+    match route {
+        [] | ["metrics"] | ["jobs", _] | ["jobs", _, "report"] | ["jobs", _, "files", _, ..] => Some("GET"),
+        ["jobs"] => Some("GET, POST"),
+        ["jobs", _, "cancel" | "pause" | "resume" | "evaluate"] => Some("POST"),
+        _ => None,
     }
 }
 

@@ -76,7 +76,7 @@ fn written(stats: &Arc<Mutex<WriterStats>>) -> Box<dyn Fn() -> u64 + Send> {
 }
 
 /// Where a job is, for its status: the stage and every stage's counts.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct JobProgress {
     /// `starting`, `tuning supervisor`, `generating proxies`, `training student`, `evaluating`,
     /// `reporting`, `done`, `cancelled`.
@@ -101,6 +101,26 @@ pub struct JobProgress {
     pub corpus_version: Option<u64>,
     /// Paused, and no source or generator is mid-unit: nothing is generated until it resumes.
     pub parked: bool,
+}
+
+impl Default for JobProgress {
+    fn default() -> Self {
+        JobProgress {
+            stage: "starting".into(),
+            class_priors: 0,
+            class_priors_planned: 0,
+            supervisor_steps: 0,
+            supervisor_steps_planned: 0,
+            supervisor_ready: false,
+            proxies_stored: 0,
+            proxies_planned: 0,
+            student_rows: 0,
+            student_steps: 0,
+            student_steps_planned: 0,
+            corpus_version: None,
+            parked: false,
+        }
+    }
 }
 
 /// A job's progress, shared with whoever watches it (the daemon's status routes).
