@@ -337,7 +337,7 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         ("GET", "/jobs/job-1/files/../job.json", String::new(), 400, "plain names"),
         ("GET", "/jobs/job-1/files/photos/00.jpg", String::new(), 404, "only .png"),
         ("GET", "/nowhere", String::new(), 404, "nowhere"),
-        ("DELETE", "/jobs", String::new(), 405, "not allowed"),
+        ("DELETE", "/jobs", String::new(), 405, "GET, POST"),
     ];
     for (method, path, body, want, says) in cases {
         let (status, answer) = request(addr, method, path, &body, None).unwrap();
@@ -424,6 +424,21 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     assert_eq!(proxies_generated(), held, "nothing is generated while paused");
     let (status, body) = request(addr, "POST", &format!("/jobs/{third}/pause"), "", None).unwrap();
     assert_eq!(status, 409, "a paused job cannot be paused again: {body}");
+    // A replay of the first job's corpus, the version pinned at submission, waits for the paused
+    // job's slot; meanwhile neither the first job (its corpus is to be replayed) nor the paused one
+    // can be deleted.
+    let (status, body) = submit(format!(
+        r#"{{"kind": "replay", "source_job": "{first}", "min_fidelity": 0.0, "student_steps": 10, "eval_images": 1, "eval_prompts": 2}}"#
+    ));
+    assert_eq!(status, 201, "{body}");
+    let replay: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let replay_id = replay["id"].as_str().unwrap().to_string();
+    assert_eq!(job(addr, &replay_id)["state"], "queued");
+    let (status, body) = request(addr, "DELETE", &format!("/jobs/{first}"), "", None).unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(&replay_id), "the refusal names the replay: {body}");
+    let (status, body) = request(addr, "DELETE", &format!("/jobs/{third}"), "", None).unwrap();
+    assert!(status == 409 && body.contains("cancel it first"), "{body}");
     let (status, body) = request(addr, "POST", &format!("/jobs/{third}/resume"), "", None).unwrap();
     assert_eq!(status, 202, "{body}");
     let started = Instant::now();
@@ -438,12 +453,7 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     let (status, _) = request(addr, "POST", &format!("/jobs/{third}/cancel"), "", None).unwrap();
     assert_eq!(status, 409, "an ended job cannot be cancelled again");
 
-    // A replay of the first job's corpus, the version pinned at submission.
-    let (status, body) = submit(format!(
-        r#"{{"kind": "replay", "source_job": "{first}", "min_fidelity": 0.0, "student_steps": 10, "eval_images": 1, "eval_prompts": 2}}"#
-    ));
-    assert_eq!(status, 201, "{body}");
-    let replay: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The replay ran once the slot was free.
     let pinned = replay["spec"]["version"].as_u64().expect("the version is pinned");
     let j = wait_state(addr, replay["id"].as_str().unwrap(), &["succeeded", "failed"]);
     assert_eq!(j["state"], "succeeded", "{j}");
@@ -476,6 +486,29 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     // Every expression of the Grafana dashboards returns data from the Prometheus that scraped
     // this daemon.
     crate::metrics::assert_dashboards_answer(prom, || daemon.lock().unwrap().try_wait().unwrap().is_none());
+
+    // An ended job is deleted: its record and files go, its number stays taken.
+    let (status, body) = request(addr, "DELETE", &format!("/jobs/{third}"), "", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = request(addr, "GET", &format!("/jobs/{third}"), "", None).unwrap();
+    assert_eq!(status, 404);
+    let folder: Vec<String> = std::fs::read_dir(dir.path().join(format!("data/jobs/{third}")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(folder, ["DELETED"], "only the note stays");
+    let (_, list) = request(addr, "GET", "/jobs", "", None).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list).unwrap()["jobs"].as_array().unwrap().len(),
+        4
+    );
+    let (status, body) = submit(format!(r#"{{"subject": "cat_3", {SMALL}}}"#));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"],
+        "job-6",
+        "a deleted number is not reused"
+    );
 }
 
 /// Kills the daemon when the test ends, however it ends.
@@ -1004,7 +1037,15 @@ fn the_api_description_is_valid_and_a_fuzzing_run_finds_every_answer_as_describe
         "schemathesis found failures:\n{report}{}",
         String::from_utf8_lossy(&fuzz.stderr)
     );
-    assert!(report.contains("Tested: 11"), "every operation was exercised:\n{tail}");
+    let count = |label: &str| {
+        report
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .map(|v| v.trim().rsplit('/').next().unwrap().to_string())
+    };
+    let operations = count("Selected:").expect("schemathesis names the operations it selected");
+    assert_eq!(count("Tested:"), Some(operations.clone()), "every operation was exercised:\n{tail}");
+    assert!(operations.parse::<usize>().unwrap() >= 12, "{tail}");
     assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon still runs");
     let (status, _) = request(addr, "GET", "/jobs", "", None).unwrap();
     assert_eq!(status, 200, "and serves");

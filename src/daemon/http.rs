@@ -221,20 +221,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
                 _ => JobCommand::Run,
             };
             match shared.command(id, command) {
-                Ok(Some(true)) => {
+                Ok(super::CommandOutcome::Applied) => {
                     json(StatusCode::ACCEPTED, serde_json::json!({ "job": id, "command": verb }))
                 }
-                Ok(Some(false)) => {
-                    let state = job_record(&shared, id).map(|j| format!("{:?}", j.state).to_lowercase());
-                    error(
-                        StatusCode::CONFLICT,
-                        format!("job `{id}` is {}: cannot {verb} it", state.unwrap_or_default()),
-                    )
-                }
-                Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+                Ok(super::CommandOutcome::Refused(why)) => error(StatusCode::CONFLICT, why),
+                Ok(super::CommandOutcome::NoJob) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
         }
+        (Method::DELETE, ["jobs", id]) => match shared.delete(id) {
+            Ok(super::CommandOutcome::Applied) => {
+                json(StatusCode::OK, serde_json::json!({ "job": id, "deleted": true }))
+            }
+            Ok(super::CommandOutcome::Refused(why)) => error(StatusCode::CONFLICT, why),
+            Ok(super::CommandOutcome::NoJob) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
         (Method::POST, ["jobs", id, "evaluate"]) => match shared.evaluate_now(id) {
             Ok(n) => json(
                 StatusCode::ACCEPTED,
@@ -275,7 +277,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
 /// The methods a route serves (for a 405's `Allow`), or `None` for no route.
 fn allowed_methods(route: &[&str]) -> Option<&'static str> {
     match route {
-        [] | ["metrics"] | ["jobs", _] | ["jobs", _, "report"] | ["jobs", _, "files", _, ..] => Some("GET"),
+        [] | ["metrics"] | ["jobs", _, "report"] | ["jobs", _, "files", _, ..] => Some("GET"),
+        ["jobs", _] => Some("GET, DELETE"),
         ["jobs"] => Some("GET, POST"),
         ["jobs", _, "cancel" | "pause" | "resume" | "evaluate"] => Some("POST"),
         _ => None,
@@ -292,13 +295,8 @@ fn job_record(shared: &Shared, id: &str) -> Option<super::jobs::Job> {
 /// in flight has finished and nothing more is generated until it resumes).
 fn reported_state(shared: &Shared, job: &super::jobs::Job) -> &'static str {
     match job.state {
-        JobState::Queued => "queued",
-        JobState::Running => "running",
         JobState::Paused if shared.progress(&job.id).is_some_and(|p| !p.parked) => "pausing",
-        JobState::Paused => "paused",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
+        state => state.as_str(),
     }
 }
 

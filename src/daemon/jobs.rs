@@ -288,6 +288,20 @@ pub enum JobState {
     Cancelled,
 }
 
+impl JobState {
+    /// Its name in the API and in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// A job's record (`job.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -416,6 +430,27 @@ impl JobStore {
         self.save(&job)?;
         self.jobs.insert(id, job.clone());
         Ok(job)
+    }
+
+    /// Deletes job `id`'s record and folder; the folder is emptied, not removed, and keeps a
+    /// `DELETED` note, so its number is never given to another job. The record goes first: a
+    /// crash midway leaves a folder without a record, which is never reused.
+    pub fn delete(&mut self, id: &str) -> anyhow::Result<()> {
+        let dir = self.dir(id);
+        std::fs::remove_file(dir.join("job.json"))
+            .map_err(|e| stored(e, format!("cannot remove {}'s record", id)))?;
+        self.jobs.remove(id);
+        for entry in
+            std::fs::read_dir(&dir).map_err(|e| stored(e, format!("cannot list {}", dir.display())))?
+        {
+            let path = entry.map_err(|e| stored(e, format!("cannot list {}", dir.display())))?.path();
+            let removed =
+                if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.map_err(|e| stored(e, format!("cannot remove {}", path.display())))?;
+        }
+        let note = format!("deleted at {} µs since the epoch\n", proxytune_schemas::now_us());
+        std::fs::write(dir.join("DELETED"), note)
+            .map_err(|e| stored(e, format!("cannot write {}", dir.display())))
     }
 
     /// Every job, by id.

@@ -448,16 +448,22 @@ impl Shared {
         Ok(job)
     }
 
-    /// Tells job `id` to pause, resume or cancel. `None`: no such job; `Some(false)`: not in a
-    /// state where the command applies (a finished job, pausing a queued one, …).
-    fn command(&self, id: &str, command: JobCommand) -> anyhow::Result<Option<bool>> {
-        let Some(job) = self.store().get(id).cloned() else { return Ok(None) };
+    /// Tells job `id` to pause, resume or cancel. The controls' and the store's locks are held
+    /// together, in the order the runner takes them when it starts or ends a job, so a job's
+    /// recorded state and its pipeline's command change as one: a command never lands between the
+    /// runner's reading and writing of a job.
+    fn command(&self, id: &str, command: JobCommand) -> anyhow::Result<CommandOutcome> {
+        let controls = self.controls.lock().expect("control lock");
+        let mut store = self.store();
+        let Some(job) = store.get(id).cloned() else { return Ok(CommandOutcome::NoJob) };
         let send = |c: JobCommand| {
-            if let Some(tx) = self.controls.lock().expect("control lock").get(id) {
+            if let Some(tx) = controls.get(id) {
                 let _ = tx.send(c);
             }
         };
+        let stage = self.progress(id).map(|p| p.stage).unwrap_or_default();
         let now = proxytune_schemas::now_us();
+        let refused = |why: String| Ok(CommandOutcome::Refused(why));
         let next = match (command, job.state) {
             (JobCommand::Cancel, JobState::Queued) => Some(JobState::Cancelled),
             (JobCommand::Cancel, JobState::Running | JobState::Paused) => {
@@ -468,6 +474,13 @@ impl Shared {
                 send(JobCommand::Cancel);
                 None
             }
+            (JobCommand::Pause, JobState::Running)
+                if matches!(stage.as_str(), "evaluating" | "reporting") =>
+            {
+                return refused(format!(
+                    "job `{id}` is {stage}: a pause holds tuning, generation and training, which have ended"
+                ));
+            }
             (JobCommand::Pause, JobState::Running) => {
                 send(JobCommand::Pause);
                 Some(JobState::Paused)
@@ -476,18 +489,66 @@ impl Shared {
                 send(JobCommand::Run);
                 Some(JobState::Running)
             }
-            _ => return Ok(Some(false)),
+            (command, state) => {
+                let verb = match command {
+                    JobCommand::Cancel => "cancel",
+                    JobCommand::Pause => "pause",
+                    JobCommand::Run => "resume",
+                };
+                return refused(format!("job `{id}` is {}: cannot {verb} it", state.as_str()));
+            }
         };
         if let Some(state) = next {
-            self.store().update(id, |j| {
+            store.update(id, |j| {
                 j.state = state;
                 if state == JobState::Cancelled {
                     j.finished_at_us = Some(now);
                 }
             })?;
         }
-        Ok(Some(true))
+        Ok(CommandOutcome::Applied)
     }
+
+    /// Deletes ended job `id`: its record and folder (an empty folder with a `DELETED` note stays,
+    /// so its number is never given again). Refused while it is queued or running, and while a
+    /// queued or running replay reads its corpus.
+    fn delete(&self, id: &str) -> anyhow::Result<CommandOutcome> {
+        let _controls = self.controls.lock().expect("control lock");
+        let mut store = self.store();
+        let Some(job) = store.get(id).cloned() else { return Ok(CommandOutcome::NoJob) };
+        if !matches!(job.state, JobState::Succeeded | JobState::Failed | JobState::Cancelled) {
+            return Ok(CommandOutcome::Refused(format!(
+                "job `{id}` is {}: cancel it first, then delete it",
+                job.state.as_str()
+            )));
+        }
+        let corpus = store.dir(id).join("corpus");
+        let reader = store.list().into_iter().find(|j| {
+            matches!(j.state, JobState::Queued | JobState::Running | JobState::Paused)
+                && j.input.as_ref().is_some_and(|input| input.starts_with(&corpus))
+        });
+        if let Some(reader) = reader {
+            return Ok(CommandOutcome::Refused(format!(
+                "job `{}` ({}) replays `{id}`'s corpus: delete it when that job has ended",
+                reader.id,
+                reader.state.as_str()
+            )));
+        }
+        store.delete(id)?;
+        self.progress.lock().expect("progress lock").remove(id);
+        self.evaluating.lock().expect("evaluating lock").remove(id);
+        Ok(CommandOutcome::Applied)
+    }
+}
+
+/// What came of a client's command on a job.
+pub enum CommandOutcome {
+    /// Done.
+    Applied,
+    /// No such job.
+    NoJob,
+    /// Not in the job's state; the message says why.
+    Refused(String),
 }
 
 /// Why an evaluation cannot start now.
@@ -669,32 +730,35 @@ fn evaluate_checkpoint(
 async fn runner(shared: Arc<Shared>) {
     loop {
         let picked = {
-            // Under the controls' lock: a shutdown either sees this job's control or stops it here.
+            // Under the controls' lock, then the store's (the order commands take them): a
+            // shutdown either sees this job's control or stops it here, and a cancel lands either
+            // before the job is picked (it is not started) or after it is running.
             let mut controls = shared.controls.lock().expect("control lock");
             if shared.interrupted.lock().expect("interrupted lock").is_some() {
                 return; // shutting down: nothing new starts
             }
+            let mut store = shared.store();
             let next = (controls.len() < shared.config.concurrency)
-                .then(|| shared.store().next_queued().cloned())
+                .then(|| store.next_queued().map(|j| j.id.clone()))
                 .flatten();
-            next.map(|job| {
+            next.map(|id| {
+                let started = store.update(&id, |j| {
+                    j.state = JobState::Running;
+                    j.attempts += 1;
+                    j.started_at_us = Some(proxytune_schemas::now_us());
+                });
+                if let Err(e) = started {
+                    tracing::error!(job = %id, error = %e, "cannot record the job's start");
+                }
                 let (tx, rx) = tokio::sync::watch::channel(JobCommand::Run);
-                controls.insert(job.id.clone(), tx);
-                (job, rx)
+                controls.insert(id.clone(), tx);
+                (store.get(&id).cloned().expect("the job just picked"), rx)
             })
         };
         let Some((job, rx)) = picked else {
             shared.wake.notified().await;
             continue;
         };
-        let started = shared.store().update(&job.id, |j| {
-            j.state = JobState::Running;
-            j.attempts += 1;
-            j.started_at_us = Some(proxytune_schemas::now_us());
-        });
-        if let Err(e) = started {
-            tracing::error!(job = %job.id, error = %e, "cannot record the job's start");
-        }
         let progress = ProgressHandle::default();
         shared.progress.lock().expect("progress lock").insert(job.id.clone(), progress.clone());
         let shared2 = shared.clone();
@@ -748,6 +812,8 @@ async fn runner(shared: Arc<Shared>) {
                 Err(e) => (JobState::Failed, Some(format!("{e:#}"))),
             };
             tracing::info!(job = %id, ?state, error = ?error, "job ends");
+            // Its end recorded and its control dropped as one, under the commands' locks.
+            let mut controls = shared2.controls.lock().expect("control lock");
             if let Err(e) = shared2.store().update(&id, |j| {
                 j.state = state;
                 j.error = error;
@@ -755,7 +821,8 @@ async fn runner(shared: Arc<Shared>) {
             }) {
                 tracing::error!(job = %id, error = %e, "cannot record the job's end");
             }
-            shared2.controls.lock().expect("cancel lock").remove(&id);
+            controls.remove(&id);
+            drop(controls);
             shared2.wake.notify_one();
         });
     }
