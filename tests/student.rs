@@ -75,6 +75,11 @@ impl Source for SlowTokens {
     }
 }
 
+/// The student's mean loss over its last 4 of 12 steps, as a share of its first 4's, at most
+/// (measured 0.92 on the AMD EPYC CPU: 4.451 -> 4.106; the rows each step sees follow the stream's
+/// timing, hence the margin).
+const STUDENT_LOSS_RATIO: f64 = 0.96;
+
 fn trainer_config(out: &std::path::Path, steps: u64) -> ArTrainerConfig {
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     ArTrainerConfig {
@@ -127,9 +132,32 @@ async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
     assert_eq!(s.steps, 12);
     assert!(s.rows_at_step[0] < 16, "the first step ran before the stream ended: {:?}", s.rows_at_step);
     assert!(s.rows_at_step.windows(2).all(|w| w[0] <= w[1]));
-    assert!(s.losses.iter().all(|l| l.is_finite()));
+    // It learns: the last 4 steps' mean loss is below the first 4's by the measured margin.
+    let (first, last) = (s.losses[..4].iter().sum::<f64>() / 4.0, s.losses[8..].iter().sum::<f64>() / 4.0);
+    assert!(last < first * STUDENT_LOSS_RATIO, "mean loss of steps 1-4 {first}, of steps 9-12 {last}");
     assert!(s.checkpoints.len() >= 2, "a checkpoint on the barrier and one at the end: {:?}", s.checkpoints);
-    assert!(dir.path().join("adapter_model.safetensors").is_file());
+    // The exported adapter is the final checkpoint's, byte for byte, and loads into the student
+    // (every adapter variable present, shapes checked).
+    let final_checkpoint = s.checkpoints.last().unwrap();
+    assert!(final_checkpoint.ends_with("checkpoint-00000012"), "{final_checkpoint:?}");
+    let exported = std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap();
+    assert_eq!(exported, std::fs::read(final_checkpoint.join("adapter_model.safetensors")).unwrap());
+    let trained_with = trainer_config(dir.path(), 12);
+    let lora = trained_with.lora.clone().unwrap();
+    let mut student = proxytune_models::ar::train::ChameleonStudent::load(
+        &student_dir(),
+        tch::Device::Cpu,
+        Some(&lora),
+        trained_with.tokens,
+    )
+    .unwrap();
+    proxytune_models::lora::load_lora(
+        &mut student.adapters,
+        &lora,
+        "base_model.model",
+        &dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("run.json")).unwrap()).unwrap();
     assert_eq!(run["data"]["rows_received"], 16);

@@ -2,6 +2,8 @@
 //! `tests/fixtures/` hold the reference's config, weights, inputs and outputs
 //! (`tools/parity/vit_clip.py`). Weights load strictly: every checkpoint key must be a variable.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use proxytune_models::rng::{name_key, redraw_initial_values, Draws, Stream};
@@ -649,23 +651,8 @@ fn llamagen_xl_has_the_reference_checkpoint_keys_and_shapes() {
 #[test]
 fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
     use proxytune_models::ar::chameleon::KvCache;
-    use proxytune_models::ar::llamagen::{rope_2d, LlamaGen, LlamaGenConfig};
-    let cfg = LlamaGenConfig {
-        dim: 32,
-        n_layer: 2,
-        n_head: 2,
-        n_kv_head: None,
-        multiple_of: 16,
-        ffn_dim_multiplier: None,
-        rope_base: 10000.0,
-        norm_eps: 1e-5,
-        vocab_size: 64,
-        cls_token_num: 4,
-        caption_dim: 12,
-        grid_size: 3,
-        class_dropout_prob: 0.1,
-        init: Default::default(),
-    };
+    use proxytune_models::ar::llamagen::{rope_2d, LlamaGen};
+    let cfg = common::tiny_llamagen();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
     redraw_initial_values(&vs, 3);
@@ -713,26 +700,11 @@ fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
 /// so this proves the conversion and our key layout, not the reference's arithmetic.)
 #[test]
 fn a_checkpoint_in_llamagen_training_format_converts_and_loads_bit_identically() {
-    use proxytune_models::ar::llamagen::{LlamaGen, LlamaGenConfig};
+    use proxytune_models::ar::llamagen::LlamaGen;
     use proxytune_models::weights::save_safetensors;
     let python = std::env::var_os("PROXYTUNE_PYTHON")
         .expect("PROXYTUNE_PYTHON is not set: run the tests through `make test` (tools/dev test)");
-    let cfg = LlamaGenConfig {
-        dim: 32,
-        n_layer: 2,
-        n_head: 2,
-        n_kv_head: None,
-        multiple_of: 16,
-        ffn_dim_multiplier: None,
-        rope_base: 10000.0,
-        norm_eps: 1e-5,
-        vocab_size: 64,
-        cls_token_num: 4,
-        caption_dim: 12,
-        grid_size: 3,
-        class_dropout_prob: 0.1,
-        init: Default::default(),
-    };
+    let cfg = common::tiny_llamagen();
     let vs = nn::VarStore::new(Device::Cpu);
     let model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
     redraw_initial_values(&vs, 21);

@@ -3,6 +3,8 @@
 //! prior kept, the base UNet untouched), streamed class images, exact resume, non-finite losses,
 //! bf16 mixed precision and validation sampling.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use proxytune_models::diffusion::dreambooth::{
@@ -560,22 +562,7 @@ mod llamagen {
     use proxytune_models::lora::LoraSpec;
 
     fn tiny() -> LlamaGenConfig {
-        LlamaGenConfig {
-            dim: 32,
-            n_layer: 2,
-            n_head: 2,
-            n_kv_head: None,
-            multiple_of: 16,
-            ffn_dim_multiplier: None,
-            rope_base: 10000.0,
-            norm_eps: 1e-5,
-            vocab_size: 64,
-            cls_token_num: 4,
-            caption_dim: 12,
-            grid_size: 3,
-            class_dropout_prob: 0.1,
-            init: Default::default(),
-        }
+        crate::common::tiny_llamagen()
     }
 
     #[test]
