@@ -837,7 +837,8 @@ fn browser_attacks_foreign_hosts_slow_and_excess_connections_are_refused_and_the
     std::fs::write(jobs.join("job-1/corpus/mine.txt"), b"rows").unwrap();
     std::fs::create_dir_all(jobs.join("job-3")).unwrap();
     std::fs::write(jobs.join("job-3/upload.png"), b"photo").unwrap();
-    let extra = "max_connections = 4\nrequest_timeout_seconds = 10\nallowed_hosts = [\"proxytune.lan\"]\n";
+    let extra =
+        "max_connections = 4\nrequest_timeout_seconds = 10\nallowed_hosts = [\"proxytune.lan\"]\nmax_queued_jobs = 1\n";
     let (child, addr) = start(dir.path(), extra);
     let mut daemon = KillOnDrop(child);
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
@@ -953,6 +954,12 @@ fn browser_attacks_foreign_hosts_slow_and_excess_connections_are_refused_and_the
     assert_eq!(code, 201, "{answer}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&answer).unwrap()["id"], "job-4", "{answer}");
     assert!(jobs.join("job-3/upload.png").is_file(), "a folder without a record is kept");
+    // With job-4 running, one job may wait (max_queued_jobs = 1); the next is told to come back.
+    wait_state(addr, "job-4", &["running"]);
+    let (code, answer) = request(addr, "POST", "/jobs", &body, None).unwrap();
+    assert_eq!(code, 201, "{answer}");
+    let (code, answer) = request(addr, "POST", "/jobs", &body, None).unwrap();
+    assert!(code == 429 && answer.contains("max_queued_jobs"), "{code} {answer}");
 
     // A second daemon on the same data directory is refused, naming the first's pid.
     let second = spawn(dir.path(), "127.0.0.1:0", extra).wait_with_output().unwrap();
@@ -986,6 +993,23 @@ fn browser_attacks_foreign_hosts_slow_and_excess_connections_are_refused_and_the
         assert!(started.elapsed() < Duration::from_secs(60), "the daemon did not serve after the flood");
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // A client over max_requests_per_second (1, a burst of 2) is told when to come back.
+    let limited = tempfile::tempdir().unwrap();
+    let (child, addr) = start(limited.path(), "max_requests_per_second = 1.0\n");
+    let _limited_daemon = KillOnDrop(child);
+    let answers: Vec<String> = (0..20)
+        .map(|_| {
+            let ask = format!("GET /jobs HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            raw(addr, ask.as_bytes(), Duration::from_secs(30))
+        })
+        .collect();
+    let refused = answers.iter().find(|a| status(a) == "429").expect("a request over the rate is refused");
+    assert!(refused.to_ascii_lowercase().contains("retry-after: "), "{refused}");
+    assert!(refused.contains("max_requests_per_second"), "{refused}");
+    std::thread::sleep(Duration::from_millis(2500)); // the bucket refills at 1 a second
+    let (code, _) = request(addr, "GET", "/jobs", "", None).unwrap();
+    assert_eq!(code, 200, "served again once the budget refilled");
 
     // An empty token is refused at start.
     let other = tempfile::tempdir().unwrap();

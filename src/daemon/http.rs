@@ -46,8 +46,8 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> an
     let permits = Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections));
     let timeout = std::time::Duration::from_secs(shared.config.request_timeout_seconds);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot accept a connection; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -62,7 +62,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> an
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(shared, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(handle(shared, peer.ip(), req).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let served = hyper::server::conn::http1::Builder::new()
@@ -90,6 +90,27 @@ async fn refuse_busy(mut stream: tokio::net::TcpStream, cap: usize) {
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// Takes one request from `peer`'s budget: a token bucket refilled at `max_requests_per_second`,
+/// holding at most twice that. `Err(seconds)`: empty, retry after that many whole seconds.
+fn rate_allows(shared: &Shared, peer: std::net::IpAddr) -> Result<(), u64> {
+    let rate = shared.config.max_requests_per_second;
+    let now = std::time::Instant::now();
+    let mut rates = shared.rates.lock().expect("rates lock");
+    if rates.len() > 10_000 {
+        // Forget addresses whose bucket has refilled: they are back to a full budget anyway.
+        rates.retain(|_, (_, at)| now.duration_since(*at).as_secs_f64() * rate < 2.0 * rate);
+    }
+    let (tokens, at) = rates.entry(peer).or_insert((2.0 * rate, now));
+    *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(2.0 * rate);
+    *at = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        Ok(())
+    } else {
+        Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+    }
 }
 
 /// Equal strings, compared in time that does not depend on where they differ.
@@ -178,7 +199,18 @@ fn guard(shared: &Shared, req: &Request<Incoming>) -> Option<Reply> {
     None
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
+async fn handle(shared: Arc<Shared>, peer: std::net::IpAddr, req: Request<Incoming>) -> Reply {
+    if let Err(wait) = rate_allows(&shared, peer) {
+        let mut refused = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "more than {} requests a second from {peer} (max_requests_per_second); retry in {wait} s",
+                shared.config.max_requests_per_second
+            ),
+        );
+        refused.headers_mut().insert("retry-after", hyper::header::HeaderValue::from(wait));
+        return refused;
+    }
     if let Some(refused) = guard(&shared, &req) {
         return refused;
     }
@@ -325,6 +357,9 @@ async fn submit(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
     match shared.submit(spec).await {
         Ok(job) => json(StatusCode::CREATED, serde_json::to_value(job).expect("job serialises")),
         // The daemon's own failure to store it, not the request's fault.
+        Err(e) if e.downcast_ref::<super::Busy>().is_some() => {
+            error(StatusCode::TOO_MANY_REQUESTS, format!("{e:#}"))
+        }
         Err(e) if e.downcast_ref::<super::jobs::StorageFailure>().is_some() => {
             tracing::error!(error = %format!("{e:#}"), "a submission could not be stored");
             error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))

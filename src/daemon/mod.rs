@@ -85,6 +85,13 @@ pub struct DaemonConfig {
     /// Seconds a client has to send a request's headers, and again its body.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_seconds: u64,
+    /// Jobs that may wait in the queue; one more submission is answered 429.
+    #[serde(default = "default_max_queued")]
+    pub max_queued_jobs: usize,
+    /// Requests one client address may make per second (a burst of twice that); more are
+    /// answered 429 with `Retry-After`.
+    #[serde(default = "default_max_rate")]
+    pub max_requests_per_second: f64,
 }
 
 /// Upper bounds on one job's budgets: a submission over one is refused (400) with the limit
@@ -151,6 +158,12 @@ fn default_max_connections() -> usize {
 fn default_request_timeout() -> u64 {
     30
 }
+fn default_max_queued() -> usize {
+    1000
+}
+fn default_max_rate() -> f64 {
+    1000.0
+}
 
 impl DaemonConfig {
     /// Reads and checks a config file; refuses a non-loopback bind without a token.
@@ -167,6 +180,12 @@ impl DaemonConfig {
             config.token = std::env::var("PROXYTUNE_TOKEN").ok().filter(|t| !t.is_empty());
         }
         anyhow::ensure!(config.max_connections > 0, "{}: max_connections must be at least 1", path.display());
+        anyhow::ensure!(config.max_queued_jobs > 0, "{}: max_queued_jobs must be at least 1", path.display());
+        anyhow::ensure!(
+            config.max_requests_per_second.is_finite() && config.max_requests_per_second > 0.0,
+            "{}: max_requests_per_second must be a positive number",
+            path.display()
+        );
         anyhow::ensure!(
             config.request_timeout_seconds > 0,
             "{}: request_timeout_seconds must be at least 1",
@@ -192,6 +211,8 @@ impl DaemonConfig {
 /// What the server and the runner share.
 pub struct Shared {
     config: DaemonConfig,
+    /// Each client address's request budget: (tokens, when last counted).
+    rates: Mutex<HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
     /// The address bound (the config's, with the port the system gave for port 0).
     addr: SocketAddr,
     store: Mutex<JobStore>,
@@ -277,6 +298,19 @@ impl Shared {
         })
     }
 
+    /// Refuses a submission when `max_queued_jobs` jobs already wait (checked under the store's
+    /// lock, with the insert).
+    fn queue_has_room(&self, store: &JobStore) -> anyhow::Result<()> {
+        let queued = store.list().iter().filter(|j| j.state == JobState::Queued).count();
+        if queued >= self.config.max_queued_jobs {
+            return Err(Busy(format!(
+                "{queued} jobs wait in the queue, the daemon's max_queued_jobs; submit again when one has started"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// Writes `photos` (when any) into a staging folder, runs `check` on it (given the staged
     /// photos folder and a scratch folder) with every other setting, without the store's lock,
     /// then queues `record`, moving the photos into the job's `photos/` (its `input`). The staging
@@ -303,7 +337,9 @@ impl Shared {
             check(input.as_deref(), &staging.join("scratch"))
         };
         let result = staged().and_then(|()| {
-            self.store().submit(record, |dir| {
+            let mut store = self.store();
+            self.queue_has_room(&store)?;
+            store.submit(record, |dir| {
                 let Some(staged) = &input else { return Ok(None) };
                 let photos = dir.join("photos");
                 std::fs::rename(staged, &photos).map_err(|e| {
@@ -441,7 +477,9 @@ impl Shared {
                 );
                 let (version, _, _) = crate::replay::check(&args).await?;
                 replay.version = Some(jobs::VersionSpec::Number(version));
-                self.store().submit(JobSpec::Replay(replay), |_| Ok(Some(corpus)))?
+                let mut store = self.store();
+                self.queue_has_room(&store)?;
+                store.submit(JobSpec::Replay(replay), |_| Ok(Some(corpus)))?
             }
         };
         self.wake.notify_one();
@@ -540,6 +578,11 @@ impl Shared {
         Ok(CommandOutcome::Applied)
     }
 }
+
+/// The daemon is busy (its queue is full): the client may try again later (429).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Busy(String);
 
 /// What came of a client's command on a job.
 pub enum CommandOutcome {
@@ -850,6 +893,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     tracing::info!("proxytune daemon listening on http://{addr} (data in {})", config.data_dir.display());
     let shared = Arc::new(Shared {
         config,
+        rates: Mutex::new(HashMap::new()),
         addr,
         store: Mutex::new(store),
         controls: Mutex::new(HashMap::new()),
@@ -935,6 +979,8 @@ fn decode_uploads(
     max_bytes: usize,
 ) -> anyhow::Result<Vec<(String, &'static str, Vec<u8>)>> {
     use base64::Engine;
+    // Counted before anything is decoded.
+    crate::subject::check_photo_count(uploads.len()).context("`images`")?;
     uploads
         .iter()
         .map(|u| {
@@ -971,6 +1017,8 @@ fn read_folder(dir: &Path, max_bytes: usize) -> anyhow::Result<Vec<(String, &'st
         })
         .collect();
     files.sort();
+    // Counted before anything is read.
+    crate::subject::check_photo_count(files.len()).with_context(|| format!("folder `{}`", dir.display()))?;
     files
         .iter()
         .map(|path| {
