@@ -555,9 +555,66 @@ impl DataDirLock {
     }
 }
 
+/// The ended jobs retention removes, oldest end first: beyond the newest `keep_jobs` ended ones,
+/// and those that ended more than `keep_days` before `now_us`. Queued and running jobs are never
+/// chosen.
+pub fn expired(jobs: &[&Job], keep_jobs: Option<usize>, keep_days: Option<f64>, now_us: i64) -> Vec<String> {
+    let mut ended: Vec<&Job> = jobs
+        .iter()
+        .copied()
+        .filter(|j| matches!(j.state, JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+        .collect();
+    // Newest end first; a job without an end time counts as ending at its submission.
+    ended.sort_by_key(|j| std::cmp::Reverse(j.finished_at_us.unwrap_or(j.submitted_at_us)));
+    let max_age_us = keep_days.map(|d| (d * 86_400e6) as i64);
+    let mut out: Vec<(i64, String)> = ended
+        .iter()
+        .enumerate()
+        .filter(|(rank, j)| {
+            let too_many = keep_jobs.is_some_and(|k| *rank >= k);
+            let too_old =
+                max_age_us.is_some_and(|age| now_us - j.finished_at_us.unwrap_or(j.submitted_at_us) > age);
+            too_many || too_old
+        })
+        .map(|(_, j)| (j.finished_at_us.unwrap_or(j.submitted_at_us), j.id.clone()))
+        .collect();
+    out.sort();
+    out.into_iter().map(|(_, id)| id).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_picks_ended_jobs_beyond_the_count_or_the_age_oldest_first() {
+        let spec = JobSpec::parse(br#"{"subject": "dog_2"}"#).unwrap();
+        let job = |id: &str, state: JobState, ended_days_ago: Option<f64>| Job {
+            id: id.into(),
+            spec: spec.clone(),
+            input: None,
+            state,
+            error: None,
+            attempts: 1,
+            submitted_at_us: 0,
+            started_at_us: None,
+            finished_at_us: ended_days_ago.map(|d| 100 * 86_400_000_000 - (d * 86_400e6) as i64),
+        };
+        let now = 100 * 86_400_000_000;
+        let jobs = [
+            job("job-1", JobState::Succeeded, Some(10.0)),
+            job("job-2", JobState::Failed, Some(5.0)),
+            job("job-3", JobState::Running, None),
+            job("job-4", JobState::Cancelled, Some(1.0)),
+            job("job-5", JobState::Queued, None),
+        ];
+        let all: Vec<&Job> = jobs.iter().collect();
+        assert_eq!(expired(&all, None, None, now), Vec::<String>::new(), "no retention: keep all");
+        assert_eq!(expired(&all, Some(1), None, now), ["job-1", "job-2"], "the newest ended one stays");
+        assert_eq!(expired(&all, Some(0), None, now), ["job-1", "job-2", "job-4"], "never a live one");
+        assert_eq!(expired(&all, None, Some(3.0), now), ["job-1", "job-2"]);
+        assert_eq!(expired(&all, Some(2), Some(7.0), now), ["job-1"]);
+    }
 
     #[test]
     fn jobs_persist_and_unfinished_ones_are_queued_again() {

@@ -92,6 +92,13 @@ pub struct DaemonConfig {
     /// answered 429 with `Retry-After`.
     #[serde(default = "default_max_rate")]
     pub max_requests_per_second: f64,
+    /// Retention: ended jobs kept (the newest by end); older ones are deleted as `DELETE` does,
+    /// when a job ends and at start. None: all.
+    #[serde(default)]
+    pub keep_jobs: Option<usize>,
+    /// Retention: days an ended job is kept. None: forever.
+    #[serde(default)]
+    pub keep_days: Option<f64>,
 }
 
 /// Upper bounds on one job's budgets: a submission over one is refused (400) with the limit
@@ -181,6 +188,11 @@ impl DaemonConfig {
         }
         anyhow::ensure!(config.max_connections > 0, "{}: max_connections must be at least 1", path.display());
         anyhow::ensure!(config.max_queued_jobs > 0, "{}: max_queued_jobs must be at least 1", path.display());
+        anyhow::ensure!(
+            config.keep_days.is_none_or(|d| d.is_finite() && d >= 0.0),
+            "{}: keep_days must be a number of days, at least 0",
+            path.display()
+        );
         anyhow::ensure!(
             config.max_requests_per_second.is_finite() && config.max_requests_per_second > 0.0,
             "{}: max_requests_per_second must be a positive number",
@@ -296,6 +308,31 @@ impl Shared {
             let args = tune.demo_args(PathBuf::new(), staged.map(Path::to_path_buf), world, "cpu".into());
             crate::demo::check_settings(&args).map(drop)
         })
+    }
+
+    /// Deletes the ended jobs retention (`keep_jobs`, `keep_days`) no longer keeps; one a queued
+    /// or running replay reads stays until that replay ends.
+    fn apply_retention(&self) {
+        let (keep_jobs, keep_days) = (self.config.keep_jobs, self.config.keep_days);
+        if keep_jobs.is_none() && keep_days.is_none() {
+            return;
+        }
+        let expired = {
+            let store = self.store();
+            jobs::expired(&store.list(), keep_jobs, keep_days, proxytune_schemas::now_us())
+        };
+        for id in expired {
+            match self.delete(&id) {
+                Ok(CommandOutcome::Applied) => tracing::info!(job = %id, "retention deleted the job"),
+                Ok(CommandOutcome::Refused(why)) => {
+                    tracing::info!(job = %id, %why, "retention keeps the job for now")
+                }
+                Ok(CommandOutcome::NoJob) => {}
+                Err(e) => {
+                    tracing::error!(job = %id, error = %format!("{e:#}"), "retention cannot delete the job")
+                }
+            }
+        }
     }
 
     /// Refuses a submission when `max_queued_jobs` jobs already wait (checked under the store's
@@ -866,6 +903,7 @@ async fn runner(shared: Arc<Shared>) {
             }
             controls.remove(&id);
             drop(controls);
+            shared2.apply_retention();
             shared2.wake.notify_one();
         });
     }
@@ -903,6 +941,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         wake: tokio::sync::Notify::new(),
         metrics,
     });
+    shared.apply_retention();
     tokio::spawn(runner(shared.clone()));
     shared.wake.notify_one();
     tokio::select! {
