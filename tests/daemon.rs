@@ -1081,7 +1081,8 @@ fn the_api_description_is_valid_and_a_fuzzing_run_finds_every_answer_as_describe
 }
 
 /// Retention: with `keep_jobs = 1`, each job's end deletes the ended jobs beyond the newest, as
-/// `DELETE` does (a `DELETED` note stays in each folder).
+/// `DELETE` does (a `DELETED` note stays in each folder); an ended job's metric series leave
+/// `/metrics` after `metrics_idle_seconds`.
 #[test]
 fn retention_keeps_only_the_newest_ended_jobs() {
     let dir = tempfile::tempdir().unwrap();
@@ -1090,8 +1091,12 @@ fn retention_keeps_only_the_newest_ended_jobs() {
     for (k, png) in photos(0, 4).iter().enumerate() {
         std::fs::write(teapot.join(format!("{k}.png")), png).unwrap();
     }
-    let (child, addr) = start(dir.path(), "keep_jobs = 1\n");
+    let (child, addr) = start(dir.path(), "keep_jobs = 1\nmetrics_idle_seconds = 2\n");
     let _daemon = KillOnDrop(child);
+    let exported = |id: &str| {
+        let (_, text) = request(addr, "GET", "/metrics", "", None).unwrap();
+        text.contains(&format!("job_id=\"{id}\""))
+    };
     let submit = || {
         let body = format!(r#"{{"subject": "pot", "class_noun": "teapot", "folder": "teapot", {SMALL}}}"#);
         let (status, answer) = request(addr, "POST", "/jobs", &body, None).unwrap();
@@ -1100,6 +1105,12 @@ fn retention_keeps_only_the_newest_ended_jobs() {
     };
     let first = submit();
     wait_state(addr, &first, &["running"]);
+    // A running job's series are exported ...
+    let started = Instant::now();
+    while !exported(&first) {
+        assert!(started.elapsed() < Duration::from_secs(120), "the running job's series never showed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Two more wait behind it; their photos vanish, so each fails as soon as it starts.
     let (second, third) = (submit(), submit());
     for id in [&second, &third] {
@@ -1127,4 +1138,10 @@ fn retention_keeps_only_the_newest_ended_jobs() {
     }
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("retention deleted the job"), "{log}");
+    // ... and once it has ended, they leave /metrics after metrics_idle_seconds (2 s).
+    let started = Instant::now();
+    while exported(&first) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the ended job's series stayed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -99,6 +99,10 @@ pub struct DaemonConfig {
     /// Retention: days an ended job is kept. None: forever.
     #[serde(default)]
     pub keep_days: Option<f64>,
+    /// A metric series not updated for this many seconds leaves `/metrics` (an ended job's
+    /// series stop being exported; a running job updates its own). 0: never.
+    #[serde(default = "default_metrics_idle")]
+    pub metrics_idle_seconds: u64,
 }
 
 /// Upper bounds on one job's budgets: a submission over one is refused (400) with the limit
@@ -170,6 +174,9 @@ fn default_max_queued() -> usize {
 }
 fn default_max_rate() -> f64 {
     1000.0
+}
+fn default_metrics_idle() -> u64 {
+    86_400
 }
 
 impl DaemonConfig {
@@ -919,8 +926,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         std::fs::remove_dir_all(&staging).with_context(|| format!("cannot sweep {}", staging.display()))?;
     }
     let store = JobStore::open(&config.data_dir)?;
+    let idle = (config.metrics_idle_seconds > 0)
+        .then(|| std::time::Duration::from_secs(config.metrics_idle_seconds));
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&proxytune_schemas::metrics::DURATION_BUCKETS_SECONDS)?
+        .idle_timeout(metrics_util::MetricKindMask::ALL, idle)
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     let listener = tokio::net::TcpListener::bind(config.bind)
