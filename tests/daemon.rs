@@ -157,6 +157,16 @@ fn photos(n: usize, count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// `dir/roots/teapot`: four PNG renders of world subject 0 (a teapot), as a user's photo folder.
+fn teapot_folder(dir: &Path) -> std::path::PathBuf {
+    let teapot = dir.join("roots/teapot");
+    std::fs::create_dir_all(&teapot).unwrap();
+    for (k, png) in photos(0, 4).iter().enumerate() {
+        std::fs::write(teapot.join(format!("{k}.png")), png).unwrap();
+    }
+    teapot
+}
+
 fn uploads(files: &[Vec<u8>]) -> String {
     use base64::Engine;
     let items: Vec<String> = files
@@ -176,11 +186,7 @@ fn uploads(files: &[Vec<u8>]) -> String {
 fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     // A folder of teapot photos under the daemon's root.
-    let teapot = dir.path().join("roots/teapot");
-    std::fs::create_dir_all(&teapot).unwrap();
-    for (k, png) in photos(0, 4).iter().enumerate() {
-        std::fs::write(teapot.join(format!("{k}.png")), png).unwrap();
-    }
+    let teapot = teapot_folder(dir.path());
     // A folder inside the roots whose photo is a link to a file outside them.
     let linked = dir.path().join("roots/linked");
     std::fs::create_dir_all(&linked).unwrap();
@@ -1086,11 +1092,7 @@ fn the_api_description_is_valid_and_a_fuzzing_run_finds_every_answer_as_describe
 #[test]
 fn retention_keeps_only_the_newest_ended_jobs() {
     let dir = tempfile::tempdir().unwrap();
-    let teapot = dir.path().join("roots/teapot");
-    std::fs::create_dir_all(&teapot).unwrap();
-    for (k, png) in photos(0, 4).iter().enumerate() {
-        std::fs::write(teapot.join(format!("{k}.png")), png).unwrap();
-    }
+    teapot_folder(dir.path());
     let (child, addr) = start(dir.path(), "keep_jobs = 1\nmetrics_idle_seconds = 2\n");
     let _daemon = KillOnDrop(child);
     let exported = |id: &str| {

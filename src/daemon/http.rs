@@ -246,29 +246,19 @@ async fn handle(shared: Arc<Shared>, peer: std::net::IpAddr, req: Request<Incomi
             }
             None => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
         },
-        (Method::POST, ["jobs", id, verb @ ("cancel" | "pause" | "resume")]) => {
-            let command = match *verb {
-                "cancel" => JobCommand::Cancel,
-                "pause" => JobCommand::Pause,
-                _ => JobCommand::Run,
-            };
-            match shared.command(id, command) {
-                Ok(super::CommandOutcome::Applied) => {
-                    json(StatusCode::ACCEPTED, serde_json::json!({ "job": id, "command": verb }))
-                }
-                Ok(super::CommandOutcome::Refused(why)) => error(StatusCode::CONFLICT, why),
-                Ok(super::CommandOutcome::NoJob) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-            }
+        (Method::POST, ["jobs", id, verb]) if JobCommand::from_verb(verb).is_some() => {
+            let command = JobCommand::from_verb(verb).expect("checked by the guard");
+            let applied = serde_json::json!({ "job": id, "command": verb });
+            outcome(id, shared.command(id, command), StatusCode::ACCEPTED, applied)
         }
-        (Method::DELETE, ["jobs", id]) => match shared.delete(id) {
-            Ok(super::CommandOutcome::Applied) => {
-                json(StatusCode::OK, serde_json::json!({ "job": id, "deleted": true }))
-            }
-            Ok(super::CommandOutcome::Refused(why)) => error(StatusCode::CONFLICT, why),
-            Ok(super::CommandOutcome::NoJob) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        },
+        (Method::DELETE, ["jobs", id]) => {
+            // Deleting removes a job's files: off the async workers.
+            let (owner, owned_id) = (shared.clone(), id.to_string());
+            let deleted = tokio::task::spawn_blocking(move || owner.delete(&owned_id))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the deletion's thread panicked: {e}")));
+            outcome(id, deleted, StatusCode::OK, serde_json::json!({ "job": id, "deleted": true }))
+        }
         (Method::POST, ["jobs", id, "evaluate"]) => match shared.evaluate_now(id) {
             Ok(n) => json(
                 StatusCode::ACCEPTED,
@@ -306,13 +296,29 @@ async fn handle(shared: Arc<Shared>, peer: std::net::IpAddr, req: Request<Incomi
     }
 }
 
+/// The answer to a command on job `id`: `status` with `applied`, 409 with why it does not apply
+/// now, 404, or 500 when the daemon failed.
+fn outcome(
+    id: &str,
+    result: anyhow::Result<super::CommandOutcome>,
+    status: StatusCode,
+    applied: serde_json::Value,
+) -> Reply {
+    match result {
+        Ok(super::CommandOutcome::Applied) => json(status, applied),
+        Ok(super::CommandOutcome::Refused(why)) => error(StatusCode::CONFLICT, why),
+        Ok(super::CommandOutcome::NoJob) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
 /// The methods a route serves (for a 405's `Allow`), or `None` for no route.
 fn allowed_methods(route: &[&str]) -> Option<&'static str> {
     match route {
         [] | ["metrics"] | ["jobs", _, "report"] | ["jobs", _, "files", _, ..] => Some("GET"),
         ["jobs", _] => Some("GET, DELETE"),
         ["jobs"] => Some("GET, POST"),
-        ["jobs", _, "cancel" | "pause" | "resume" | "evaluate"] => Some("POST"),
+        ["jobs", _, verb] if *verb == "evaluate" || JobCommand::from_verb(verb).is_some() => Some("POST"),
         _ => None,
     }
 }

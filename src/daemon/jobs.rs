@@ -432,25 +432,15 @@ impl JobStore {
         Ok(job)
     }
 
-    /// Deletes job `id`'s record and folder; the folder is emptied, not removed, and keeps a
-    /// `DELETED` note, so its number is never given to another job. The record goes first: a
-    /// crash midway leaves a folder without a record, which is never reused.
-    pub fn delete(&mut self, id: &str) -> anyhow::Result<()> {
+    /// Forgets job `id`: removes its record (file and entry) and returns its folder, for
+    /// [`clear_deleted`] to empty outside the store's lock. The record goes first: a crash before
+    /// the folder is emptied leaves a folder without a record, which is never reused.
+    pub fn forget(&mut self, id: &str) -> anyhow::Result<PathBuf> {
         let dir = self.dir(id);
         std::fs::remove_file(dir.join("job.json"))
-            .map_err(|e| stored(e, format!("cannot remove {}'s record", id)))?;
+            .map_err(|e| stored(e, format!("cannot remove {id}'s record")))?;
         self.jobs.remove(id);
-        for entry in
-            std::fs::read_dir(&dir).map_err(|e| stored(e, format!("cannot list {}", dir.display())))?
-        {
-            let path = entry.map_err(|e| stored(e, format!("cannot list {}", dir.display())))?.path();
-            let removed =
-                if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-            removed.map_err(|e| stored(e, format!("cannot remove {}", path.display())))?;
-        }
-        let note = format!("deleted at {} µs since the epoch\n", proxytune_schemas::now_us());
-        std::fs::write(dir.join("DELETED"), note)
-            .map_err(|e| stored(e, format!("cannot write {}", dir.display())))
+        Ok(dir)
     }
 
     /// Every job, by id.
@@ -493,6 +483,20 @@ impl JobStore {
         };
         write().map_err(|e| stored(e, format!("cannot write {}'s record in {}", job.id, dir.display())))
     }
+}
+
+/// Empties a forgotten job's folder (its corpus, checkpoints, photos, report) and leaves a
+/// `DELETED` note, so its number is never given to another job.
+pub fn clear_deleted(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| stored(e, format!("cannot list {}", dir.display())))? {
+        let path = entry.map_err(|e| stored(e, format!("cannot list {}", dir.display())))?.path();
+        let removed =
+            if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed.map_err(|e| stored(e, format!("cannot remove {}", path.display())))?;
+    }
+    let note = format!("deleted at {} µs since the epoch\n", proxytune_schemas::now_us());
+    std::fs::write(dir.join("DELETED"), note)
+        .map_err(|e| stored(e, format!("cannot write {}", dir.display())))
 }
 
 /// The daemon could not store something (disk full, permissions): a server-side failure (500),

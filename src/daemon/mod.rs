@@ -318,7 +318,8 @@ impl Shared {
     }
 
     /// Deletes the ended jobs retention (`keep_jobs`, `keep_days`) no longer keeps; one a queued
-    /// or running replay reads stays until that replay ends.
+    /// or running replay reads stays until that replay ends. File work: call it off the async
+    /// workers.
     fn apply_retention(&self) {
         let (keep_jobs, keep_days) = (self.config.keep_jobs, self.config.keep_days);
         if keep_jobs.is_none() && keep_days.is_none() {
@@ -572,12 +573,7 @@ impl Shared {
                 Some(JobState::Running)
             }
             (command, state) => {
-                let verb = match command {
-                    JobCommand::Cancel => "cancel",
-                    JobCommand::Pause => "pause",
-                    JobCommand::Run => "resume",
-                };
-                return refused(format!("job `{id}` is {}: cannot {verb} it", state.as_str()));
+                return refused(format!("job `{id}` is {}: cannot {} it", state.as_str(), command.verb()));
             }
         };
         if let Some(state) = next {
@@ -591,9 +587,10 @@ impl Shared {
         Ok(CommandOutcome::Applied)
     }
 
-    /// Deletes ended job `id`: its record and folder (an empty folder with a `DELETED` note stays,
-    /// so its number is never given again). Refused while it is queued or running, and while a
-    /// queued or running replay reads its corpus.
+    /// Deletes ended job `id`: its record under the locks, then its files outside them (an empty
+    /// folder with a `DELETED` note stays, so its number is never given again). Refused while it
+    /// is queued or running, and while a queued or running replay reads its corpus. File work:
+    /// call it off the async workers.
     fn delete(&self, id: &str) -> anyhow::Result<CommandOutcome> {
         let _controls = self.controls.lock().expect("control lock");
         let mut store = self.store();
@@ -616,9 +613,12 @@ impl Shared {
                 reader.state.as_str()
             )));
         }
-        store.delete(id)?;
+        let dir = store.forget(id)?;
         self.progress.lock().expect("progress lock").remove(id);
         self.evaluating.lock().expect("evaluating lock").remove(id);
+        drop(store);
+        drop(_controls);
+        jobs::clear_deleted(&dir)?;
         Ok(CommandOutcome::Applied)
     }
 }
@@ -900,17 +900,21 @@ async fn runner(shared: Arc<Shared>) {
             };
             tracing::info!(job = %id, ?state, error = ?error, "job ends");
             // Its end recorded and its control dropped as one, under the commands' locks.
-            let mut controls = shared2.controls.lock().expect("control lock");
-            if let Err(e) = shared2.store().update(&id, |j| {
-                j.state = state;
-                j.error = error;
-                j.finished_at_us = Some(proxytune_schemas::now_us());
-            }) {
-                tracing::error!(job = %id, error = %e, "cannot record the job's end");
+            {
+                let mut controls = shared2.controls.lock().expect("control lock");
+                if let Err(e) = shared2.store().update(&id, |j| {
+                    j.state = state;
+                    j.error = error;
+                    j.finished_at_us = Some(proxytune_schemas::now_us());
+                }) {
+                    tracing::error!(job = %id, error = %e, "cannot record the job's end");
+                }
+                controls.remove(&id);
             }
-            controls.remove(&id);
-            drop(controls);
-            shared2.apply_retention();
+            let retained = shared2.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || retained.apply_retention()).await {
+                tracing::error!(error = %e, "retention's thread panicked");
+            }
             shared2.wake.notify_one();
         });
     }
@@ -951,7 +955,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         wake: tokio::sync::Notify::new(),
         metrics,
     });
-    shared.apply_retention();
+    let retained = shared.clone();
+    tokio::task::spawn_blocking(move || retained.apply_retention())
+        .await
+        .context("retention's thread panicked")?;
     tokio::spawn(runner(shared.clone()));
     shared.wake.notify_one();
     tokio::select! {

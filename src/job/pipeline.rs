@@ -349,3 +349,19 @@ pub enum JobCommand {
     /// Drain and stop.
     Cancel,
 }
+
+impl JobCommand {
+    /// Its verb in the daemon's routes (`/jobs/{id}/resume`, …).
+    pub fn verb(self) -> &'static str {
+        match self {
+            JobCommand::Run => "resume",
+            JobCommand::Pause => "pause",
+            JobCommand::Cancel => "cancel",
+        }
+    }
+
+    /// The command a route's verb names.
+    pub fn from_verb(verb: &str) -> Option<Self> {
+        [JobCommand::Run, JobCommand::Pause, JobCommand::Cancel].into_iter().find(|c| c.verb() == verb)
+    }
+}
