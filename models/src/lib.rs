@@ -13,6 +13,7 @@
 //! - [`lora`]: LoRA adapters and their interchange with diffusers/PEFT files.
 //! - [`nn`]: shared building blocks ([`nn::Mlp`]).
 //! - [`optim`]: AdamW, clipping, warm-up and EMA with state that checkpoints can save.
+//! - [`recompute`]: activation checkpointing (segments recomputed in the backward).
 //! - [`rng`]: counter-based random draws (reproducible across threads and resumes).
 //! - [`diffusion`]: the supervisor's schedules and samplers (diffusers semantics).
 //! - [`transformer`]: pre-LN transformer encoders: ViT (DINO) and CLIP (text and vision).
@@ -29,6 +30,7 @@ pub mod error;
 pub mod lora;
 pub mod nn;
 pub mod optim;
+pub mod recompute;
 pub mod rng;
 pub mod scorers;
 pub mod shapes;

@@ -457,6 +457,82 @@ mod student {
         assert!(base.iter().all(|(k, v)| v.equal(&after[k])), "base weights bit-identical");
     }
 
+    /// The trained variables' gradients after `backward`, by name (zeroed before; variables the
+    /// loss does not reach, such as the VQ tokenizer's, have none).
+    fn gradients_of(trained: &tch::nn::VarStore, backward: impl FnOnce()) -> Vec<(String, Option<Tensor>)> {
+        for (_, t) in trained.variables() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        backward();
+        let mut out: Vec<_> = trained
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, Some(t.grad()).filter(Tensor::defined).map(|g| g.copy())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn recomputed_layers_and_a_chunked_loss_give_the_plain_gradients() {
+        let z_weight = 1e-2;
+        for lora in [true, false] {
+            let mut s = student(lora);
+            let trainer = ArTrainer::new(&mut s, config(1)).unwrap(); // freezes the base, draws adapters
+            let trained = if lora { &s.adapters } else { &s.base };
+            let examples: Vec<ArExample> = (0..2).map(example).collect();
+            // The second example without its prompt: rows of different lengths, padding included.
+            let (ids, labels) = ArTrainer::batch(&s, &examples, &[false, true]).unwrap();
+            let mut plain_values = (0.0, 0.0);
+            let plain = gradients_of(trained, || {
+                let (ce, z) = ArTrainer::losses(&s, &ids, &labels).unwrap();
+                plain_values = (ce.double_value(&[]), z.double_value(&[]));
+                (ce + z * z_weight).backward();
+            });
+            assert_eq!(plain.len(), trainer.params().len());
+            for (recompute, chunk) in [(true, 0), (false, 3), (true, 5)] {
+                let mut values = (0.0, 0.0);
+                let got = gradients_of(trained, || {
+                    values = ArTrainer::backward_losses(&s, &ids, &labels, recompute, chunk, z_weight, 1.0)
+                        .unwrap();
+                });
+                let what = format!("lora {lora}, recompute {recompute}, chunk {chunk}");
+                assert!((values.0 - plain_values.0).abs() < 1e-5, "{what}: {values:?} vs {plain_values:?}");
+                assert!((values.1 - plain_values.1).abs() < 1e-4 * plain_values.1, "{what}");
+                let mut worst = 0.0f64;
+                for ((name, g), (_, p)) in got.iter().zip(&plain) {
+                    match (g, p) {
+                        (Some(g), Some(p)) => worst = worst.max((g - p).abs().max().double_value(&[])),
+                        (None, None) => assert!(name.contains("vqmodel"), "{what}: no gradient for {name}"),
+                        _ => panic!("{what}: {name} has a gradient in one run only"),
+                    }
+                }
+                eprintln!("{what}: largest gradient difference {worst:.2e}");
+                assert!(worst <= 1e-5, "{what}: gradients differ by {worst}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpointed_chunked_run_takes_the_plain_runs_steps() {
+        let data: Vec<ArExample> = (0..4).map(example).collect();
+        let cfg = ArTrainConfig { gradient_accumulation_steps: 2, ..config(3) };
+        let losses = |cfg: ArTrainConfig| {
+            let mut s = student(true);
+            let mut trainer = ArTrainer::new(&mut s, cfg).unwrap();
+            (0..3).map(|_| trainer.train_step(&s, &data).unwrap().total).collect::<Vec<_>>()
+        };
+        let plain = losses(cfg.clone());
+        let lean = losses(ArTrainConfig { activation_checkpointing: true, loss_chunk_tokens: 4, ..cfg });
+        for (a, b) in plain.iter().zip(&lean) {
+            assert!((a - b).abs() < 1e-5, "{plain:?} vs {lean:?}");
+        }
+        assert!(plain[2] < plain[0], "the run learns: {plain:?}");
+    }
+
     fn run(trainer: &mut ArTrainer, s: &ChameleonStudent, upto: u64) -> Vec<f64> {
         let mut totals = Vec::new();
         while trainer.step_count() < upto {
@@ -558,7 +634,7 @@ mod llamagen {
     use super::*;
     use proxytune_models::ar::generate::TokenSampling;
     use proxytune_models::ar::llamagen::{LlamaGen, LlamaGenConfig};
-    use proxytune_models::ar::train::{ArTrainConfig, ArTrainer};
+    use proxytune_models::ar::train::{ArTrainConfig, ArTrainer, MicroLosses};
     use proxytune_models::lora::LoraSpec;
 
     fn tiny() -> LlamaGenConfig {
@@ -599,7 +675,7 @@ mod llamagen {
             let l = trainer
                 .step_with(|_, draws| {
                     let drop: Vec<bool> = (0..2).map(|_| draws.unit() < 0.1).collect();
-                    model.losses(&captions, &drop, &codes)
+                    model.losses(&captions, &drop, &codes).map(|(ce, z)| MicroLosses::Graph(ce, z))
                 })
                 .unwrap();
             first.get_or_insert(l);

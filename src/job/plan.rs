@@ -444,6 +444,8 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
             batch_size: st.batch,
             gradient_accumulation_steps: st.gradient_accumulation,
             precision: train_precision(st.precision),
+            activation_checkpointing: st.activation_checkpointing,
+            loss_chunk_tokens: st.loss_chunk_tokens,
             ..Default::default()
         },
         tokens: tokens.clone(),

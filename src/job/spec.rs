@@ -355,6 +355,13 @@ pub struct StudentSpec {
     /// Checkpoint every this many steps.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// Recompute each decoder layer's activations in the backward instead of keeping them (less
+    /// memory for one more forward; the gradients are the same).
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// Positions whose full-vocabulary logits the loss holds at once (0: the whole sequence).
+    #[serde(default)]
+    pub loss_chunk_tokens: usize,
     /// How the student samples.
     #[serde(default)]
     pub sampling: StudentSamplingSpec,

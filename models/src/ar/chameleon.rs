@@ -17,6 +17,7 @@ use tch::{nn, nn::Module, Device, Kind, Tensor};
 use super::chameleon_vq::{ChameleonVqConfig, ChameleonVqVae};
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraLinear, LoraSpec};
+use crate::recompute::Segment;
 
 /// RoPE parameters (transformers 5 `rope_parameters`).
 #[derive(Clone, Debug, Deserialize)]
@@ -576,7 +577,36 @@ impl Chameleon {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, &rope, mask.as_ref(), cache.as_deref_mut().map(|c| (c, i)));
         }
-        Ok(self.lm_head.forward(&self.norm.forward(&h)))
+        Ok(self.head(&h))
+    }
+
+    /// The decoder as [`Segment`]s for training on whole sequences `ids [B, T]` (no cache, no
+    /// padding mask): the embedding (`[ids] → [h]`), then one segment per layer (`[h] → [h]`). The
+    /// final norm and the LM head are [`Chameleon::head`], so a loss can run them a chunk of
+    /// positions at a time. Folded with [`crate::recompute::forward`] they are [`Chameleon::forward`].
+    pub fn segments(&self, ids: &Tensor) -> Result<Vec<Segment<'_>>> {
+        self.check_ids(ids, 0)?;
+        let (b, t) = ids.size2()?;
+        let device = ids.device();
+        let positions = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false);
+        let kind = self.kind();
+        let rope = self.rope.tables(&positions, kind);
+        let mask = self.mask(b, t, 0, None, kind, device);
+        let mut segments: Vec<Segment<'_>> =
+            vec![Box::new(move |s: &[Tensor]| Ok(vec![self.embed_tokens.forward(&s[0])]))];
+        for layer in &self.layers {
+            let rope = (rope.0.shallow_clone(), rope.1.shallow_clone());
+            let mask = mask.as_ref().map(Tensor::shallow_clone);
+            segments.push(Box::new(move |s: &[Tensor]| {
+                Ok(vec![layer.forward(&s[0], &rope, mask.as_ref(), None)])
+            }));
+        }
+        Ok(segments)
+    }
+
+    /// Logits `[B, T, V]` of the last layer's hidden states `[B, T, D]` (final norm, LM head).
+    pub fn head(&self, hidden: &Tensor) -> Tensor {
+        self.lm_head.forward(&self.norm.forward(hidden))
     }
 
     /// Additive mask `[B, 1, T, past + T]`: causal, plus padding; `None` when nothing is masked.
