@@ -40,6 +40,9 @@ pub enum BenchCommand {
     /// Loading a sharded bfloat16 checkpoint: proxytune's tensor-by-tensor loader against reading
     /// whole shards, peak memory and time, each in its own process.
     Load(crate::bench_load::LoadArgs),
+    /// SD 1.5, SDXL and Chameleon-7B at their published sizes with random weights: sharded load,
+    /// LoRA training steps with and without activation checkpointing, CFG sampling; JSON and a table.
+    RealSize(crate::bench_real::RealSizeArgs),
 }
 
 /// Arguments of `proxytune bench unet` and `proxytune bench ar`.

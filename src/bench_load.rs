@@ -100,6 +100,47 @@ fn child(args: &LoadArgs, mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `named` (sorted by name) as `<stem>-0000i-of-0000n.safetensors` shards of at most
+/// `max_bytes` each (a tensor larger than that gets a shard of its own) in `dir`, with the
+/// `<stem>.safetensors.index.json` naming each tensor's shard, as transformers and diffusers do.
+/// Returns the shard files.
+pub(crate) fn write_sharded(
+    mut named: Vec<(String, tch::Tensor)>,
+    dir: &Path,
+    stem: &str,
+    max_bytes: u64,
+) -> anyhow::Result<Vec<PathBuf>> {
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut chunks: Vec<Vec<(String, tch::Tensor)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (name, t) in named {
+        let bytes = t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        if size + bytes > max_bytes && !chunks.last().is_some_and(Vec::is_empty) {
+            chunks.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        chunks.last_mut().expect("one chunk at least").push((name, t));
+    }
+    std::fs::create_dir_all(dir)?;
+    let n = chunks.len();
+    let mut map = serde_json::Map::new();
+    let mut files = Vec::new();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let file = format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1);
+        for (k, _) in &chunk {
+            map.insert(k.clone(), file.clone().into());
+        }
+        write_safetensors(chunk, &dir.join(&file))?;
+        files.push(dir.join(file));
+    }
+    std::fs::write(
+        dir.join(format!("{stem}.safetensors.index.json")),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )?;
+    Ok(files)
+}
+
 /// Runs `proxytune bench load`.
 pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     if let Some(mode) = &args.child {
@@ -119,32 +160,11 @@ fn measure(args: &LoadArgs, dir: &Path) -> anyhow::Result<()> {
     let parameters = {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let _model = Chameleon::new(vs.root(), &cfg, None)?;
-        let mut named: Vec<(String, tch::Tensor)> =
+        let named: Vec<(String, tch::Tensor)> =
             vs.variables().into_iter().map(|(k, v)| (k, v.to_kind(tch::Kind::BFloat16))).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
         let parameters: i64 = named.iter().map(|(_, t)| t.numel() as i64).sum();
-        let per = named.len().div_ceil(args.shards.max(1));
-        let mut map = serde_json::Map::new();
-        let chunks: Vec<Vec<(String, tch::Tensor)>> = {
-            let mut out = Vec::new();
-            let mut it = named.into_iter().peekable();
-            while it.peek().is_some() {
-                out.push(it.by_ref().take(per).collect());
-            }
-            out
-        };
-        let n = chunks.len();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-            for (k, _) in &chunk {
-                map.insert(k.clone(), file.clone().into());
-            }
-            write_safetensors(chunk, &dir.join(&file))?;
-        }
-        std::fs::write(
-            dir.join("model.safetensors.index.json"),
-            serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
-        )?;
+        let bytes = parameters as u64 * 2;
+        write_sharded(named, dir, "model", bytes.div_ceil(args.shards.max(1) as u64))?;
         std::fs::write(dir.join("config.json"), json.to_string())?;
         parameters
     };

@@ -430,3 +430,55 @@ fn bench_load_compares_the_streaming_loader_with_whole_file_reads() {
         "{text}"
     );
 }
+
+#[test]
+fn bench_real_size_runs_every_model_and_measurement_at_the_tiny_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("real-size.json");
+    let out = proxytune()
+        .args(["bench", "real-size", "--scale", "tiny", "--precision", "fp32", "--iters", "1"])
+        .args(["--sample-steps", "2", "--sample-batches", "1,2", "--python"])
+        .arg(crate::support::python())
+        .arg("--dir")
+        .arg(dir.path().join("checkpoints"))
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("failed"), "{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    for (model, variants) in [
+        ("sd15", &["plain", "checkpointed"][..]),
+        ("sdxl", &["plain", "checkpointed"][..]),
+        ("chameleon-7b", &["plain", "checkpointed", "chunked", "checkpointed+chunked"][..]),
+    ] {
+        let m = &r["models"][model];
+        let load = &m["load"];
+        assert!(load["shards"].as_u64().unwrap() >= 4, "{model}: {load}");
+        assert!(
+            load["load_s"].as_f64().unwrap() > 0.0 && load["parameters"].as_u64().unwrap() > 0,
+            "{model}"
+        );
+        let train: Vec<&str> =
+            m["train"].as_array().unwrap().iter().map(|t| t["variant"].as_str().unwrap()).collect();
+        assert_eq!(train, variants, "{model}");
+        for t in m["train"].as_array().unwrap() {
+            assert!(
+                t["step_s"].as_f64().unwrap() > 0.0 && t["peak_above_model_bytes"].as_u64().is_some(),
+                "{t}"
+            );
+        }
+        let batches: Vec<u64> =
+            m["sample"].as_array().unwrap().iter().map(|s| s["batch"].as_u64().unwrap()).collect();
+        assert_eq!(batches, [1, 2], "{model}");
+        for s in m["sample"].as_array().unwrap() {
+            assert!(s["per_image_s"].as_f64().unwrap() > 0.0, "{s}");
+        }
+    }
+    // The student's folder is a transformers checkpoint: from_pretrained reads it.
+    let t = &r["models"]["chameleon-7b"]["load"]["transformers"];
+    assert_eq!(t["parameters"], r["models"]["chameleon-7b"]["load"]["parameters"], "{t}");
+    assert_eq!(r["models"]["sd15"]["sample"][0]["steps"], 2);
+}

@@ -193,6 +193,82 @@ fn dreambooth_lora_learns_the_subject_from_streamed_priors_and_leaves_the_base_a
     assert!(base_before.iter().all(|(k, v)| v.equal(&base_after[k])), "base UNet bit-identical");
 }
 
+/// The trained variables' gradients after `backward` (zeroed before), by name.
+fn unet_gradients(trained: &tch::nn::VarStore, backward: impl FnOnce()) -> Vec<(String, Tensor)> {
+    for (_, t) in trained.variables() {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    backward();
+    let mut out: Vec<_> = trained.variables().into_iter().map(|(k, t)| (k, t.grad().copy())).collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn recomputed_unet_units_give_the_plain_gradients() {
+    use proxytune_models::recompute;
+    use proxytune_models::rng::{Draws, Stream};
+    for (name, lora) in [("sd_tiny", true), ("sd_tiny", false), ("sdxl_tiny", false)] {
+        let cfg = LoraConfig::attention(4, 4.0);
+        let sd = StableDiffusion::load_with_lora(&fixture(name), Device::Cpu, lora.then_some(&cfg)).unwrap();
+        let trained = if lora { &sd.stores.unet_lora } else { &sd.stores.unet };
+        if lora {
+            // Fresh adapters have B = 0, which leaves A without a gradient: draw both.
+            tch::no_grad(|| {
+                for (i, (_, mut t)) in trained.variables().into_iter().enumerate() {
+                    t.copy_(&(Draws::new(5, Stream::Init, i as u64).normal(&t.size(), Device::Cpu) * 0.1));
+                }
+            });
+        }
+        let mut draws = Draws::new(9, Stream::Train, 0);
+        let one = draws.normal(&sd.latent_shape(16, 16).unwrap(), Device::Cpu);
+        let x = Tensor::cat(&[&one, &(&one * 0.5)], 0);
+        let target = draws.normal(&x.size(), Device::Cpu);
+        let t = Tensor::from_slice(&[10i64, 500]);
+        let cond = tch::no_grad(|| sd.encode_prompts(&[INSTANCE, CLASS])).unwrap();
+        let mut plain_value = 0.0;
+        let plain = unet_gradients(trained, || {
+            let loss = sd.predict(&x, &t, &cond).unwrap().mse_loss(&target, tch::Reduction::Mean);
+            plain_value = loss.double_value(&[]);
+            loss.backward();
+        });
+        let mut value = 0.0;
+        let got = unet_gradients(trained, || {
+            let (segments, input) = sd.predict_segments(&x, &t, &cond).unwrap();
+            value = recompute::backward(&segments, vec![input], true, |ends| {
+                let loss = ends[0].to_kind(Kind::Float).mse_loss(&target, tch::Reduction::Mean);
+                loss.backward();
+                Ok(loss.double_value(&[]))
+            })
+            .unwrap();
+        });
+        assert_eq!(value, plain_value, "{name}: the recomputed forward is the same forward");
+        let mut worst = 0.0f64;
+        for ((k, g), (_, p)) in got.iter().zip(&plain) {
+            assert!(p.defined() && g.defined(), "{name}: {k} has no gradient");
+            worst = worst.max(max_abs(g, p));
+        }
+        eprintln!("{name}, lora {lora}: {} tensors, largest gradient difference {worst:.2e}", plain.len());
+        assert!(worst <= 1e-5, "{name}, lora {lora}: {worst}");
+    }
+}
+
+#[test]
+fn a_checkpointed_dreambooth_run_takes_the_plain_runs_steps() {
+    let run = |cfg: DreamBoothConfig| {
+        let (sd, mut trainer) = start(cfg);
+        train(&sd, &mut trainer, 3)
+    };
+    let plain = run(resume_config());
+    let lean = run(DreamBoothConfig { activation_checkpointing: true, ..resume_config() });
+    for (a, b) in plain.iter().zip(&lean) {
+        assert!((a - b).abs() < 1e-5, "{plain:?} vs {lean:?}");
+    }
+}
+
 fn train(sd: &StableDiffusion, trainer: &mut DreamBoothTrainer, upto: u64) -> Vec<f64> {
     let mut totals = Vec::new();
     while trainer.step_count() < upto {

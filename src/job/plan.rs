@@ -380,6 +380,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
             num_class_images: if d.prior_loss_weight > 0.0 { d.class_images } else { 0 },
             precision: train_precision(d.precision),
             checkpoint_every: d.checkpoint_every,
+            activation_checkpointing: d.activation_checkpointing,
             ..Default::default()
         },
         resolution: sup.resolution(),

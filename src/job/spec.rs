@@ -243,6 +243,9 @@ pub struct DreamBoothSpec {
     pub checkpoint_every: u64,
     /// Training precision of the frozen base (`bf16` needs LoRA).
     pub precision: Precision,
+    /// Recompute each UNet unit's activations in the backward instead of keeping them (less
+    /// memory for one more forward; the gradients are the same).
+    pub activation_checkpointing: bool,
 }
 
 impl Default for DreamBoothSpec {
@@ -261,6 +264,7 @@ impl Default for DreamBoothSpec {
             class_images: 100,
             checkpoint_every: 100,
             precision: Precision::Fp32,
+            activation_checkpointing: false,
         }
     }
 }

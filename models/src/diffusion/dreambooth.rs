@@ -56,6 +56,21 @@ impl Precision {
     }
 }
 
+/// A micro-step's loss: on its graph, or already back-propagated (activation checkpointing).
+enum Loss {
+    Graph(Tensor),
+    Done(f64),
+}
+
+impl Loss {
+    fn value(&self) -> f64 {
+        match self {
+            Loss::Graph(t) => t.double_value(&[]),
+            Loss::Done(v) => *v,
+        }
+    }
+}
+
 /// Validation sampling during training.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +130,9 @@ pub struct DreamBoothConfig {
     pub checkpoints_to_keep: usize,
     /// Validation sampling.
     pub validation: Option<ValidationConfig>,
+    /// Recompute each UNet unit's activations in the backward instead of keeping them
+    /// ([`crate::recompute`]; diffusers' `--gradient_checkpointing`).
+    pub activation_checkpointing: bool,
 }
 
 impl Default for DreamBoothConfig {
@@ -137,6 +155,7 @@ impl Default for DreamBoothConfig {
             checkpoint_every: 0,
             checkpoints_to_keep: 2,
             validation: None,
+            activation_checkpointing: false,
         }
     }
 }
@@ -442,27 +461,53 @@ impl DreamBoothTrainer {
             let mut draws = Draws::new(self.config.seed, Stream::Train, k);
             let idx = self.instance_indices(k * b as u64, b, count);
             let (mean, logvar) = self.instance.as_ref().expect("ready() checked").rows(&idx);
-            let instance = self.denoise_loss(model, &mut draws, &mean, &logvar, &instance_ctx)?;
-            // A new tensor for the total: `+=` on a shallow clone would add into `instance` itself.
-            let (prior_value, total) = if prior {
+            // With checkpointing each loss runs its own backward, weighted as the total's share.
+            let recompute = self.config.activation_checkpointing;
+            let weight = self.config.prior_loss_weight;
+            let instance = self.denoise_loss(
+                model,
+                &mut draws,
+                &mean,
+                &logvar,
+                &instance_ctx,
+                recompute,
+                1.0 / accum as f64,
+            )?;
+            let prior = if prior {
                 let idx: Vec<usize> = (0..b as u64)
                     .map(|j| self.class_index(k * b as u64 + j).expect("ready() checked"))
                     .collect();
                 let mean = Tensor::cat(&idx.iter().map(|&i| &self.class_pool[i].mean).collect::<Vec<_>>(), 0);
                 let logvar =
                     Tensor::cat(&idx.iter().map(|&i| &self.class_pool[i].logvar).collect::<Vec<_>>(), 0);
-                let p = self.denoise_loss(model, &mut draws, &mean, &logvar, &class_ctx)?;
-                (p.double_value(&[]), &instance + p * self.config.prior_loss_weight)
+                Some(self.denoise_loss(
+                    model,
+                    &mut draws,
+                    &mean,
+                    &logvar,
+                    &class_ctx,
+                    recompute,
+                    weight / accum as f64,
+                )?)
             } else {
-                (0.0, instance.shallow_clone())
+                None
             };
-            let total_value = total.double_value(&[]);
+            let (instance_value, prior_value) =
+                (instance.value(), prior.as_ref().map(Loss::value).unwrap_or(0.0));
+            let total_value = instance_value + prior_value * weight;
             if !total_value.is_finite() {
                 self.optimizer.zero_grad();
                 return Err(ModelError::NonFiniteLoss { step: self.step + 1, loss: total_value });
             }
-            (total / accum as f64).backward();
-            sum_i += instance.double_value(&[]);
+            if let Loss::Graph(instance) = instance {
+                // A new tensor for the total: `+=` on a shallow clone would add into `instance`.
+                let total = match prior {
+                    Some(Loss::Graph(p)) => instance + p * weight,
+                    _ => instance,
+                };
+                (total / accum as f64).backward();
+            }
+            sum_i += instance_value;
             sum_p += prior_value;
             sum_t += total_value;
         }
@@ -489,7 +534,9 @@ impl DreamBoothTrainer {
     }
 
     /// The denoising loss of latents drawn from `(mean, logvar)` at random timesteps, all draws
-    /// from `draws`; the UNet runs in its own precision, the loss in float32.
+    /// from `draws`; the UNet runs in its own precision, the loss in float32. With `recompute` the
+    /// backward of `loss · scale` runs here, through the UNet's segments recomputed one at a time.
+    #[allow(clippy::too_many_arguments)]
     fn denoise_loss(
         &self,
         model: &StableDiffusion,
@@ -497,14 +544,35 @@ impl DreamBoothTrainer {
         mean: &Tensor,
         logvar: &Tensor,
         context: &Conditioning,
-    ) -> Result<Tensor> {
+        recompute: bool,
+        scale: f64,
+    ) -> Result<Loss> {
         let device = mean.device();
         let b = mean.size()[0];
         let latents = AutoencoderKl::sample_latent(mean, logvar, &draws.normal(&mean.size(), device))
             * model.vae.scaling_factor;
         let timesteps = draws.below(self.schedule.alphas_cumprod().len() as u64, b as usize);
         let noise = draws.normal(&latents.size(), device);
-        Self::loss_at(model, &self.schedule, &latents, &noise, context, &timesteps)
+        if !recompute {
+            return Ok(Loss::Graph(Self::loss_at(
+                model,
+                &self.schedule,
+                &latents,
+                &noise,
+                context,
+                &timesteps,
+            )?));
+        }
+        let noisy = self.schedule.add_noise(&latents, &noise, &timesteps);
+        let target = self.schedule.target(&latents, &noise, &timesteps);
+        let t = Tensor::from_slice(&timesteps).to_device(device);
+        let (segments, input) = model.predict_segments(&noisy, &t, &context.repeat_row(0, b))?;
+        let value = crate::recompute::backward(&segments, vec![input], true, |ends| {
+            let loss = ends[0].to_kind(tch::Kind::Float).mse_loss(&target, tch::Reduction::Mean);
+            (&loss * scale).f_backward()?;
+            Ok(loss.double_value(&[]))
+        })?;
+        Ok(Loss::Done(value))
     }
 
     /// The denoising loss of `latents` noised with `noise` at `timesteps` under the conditioning of

@@ -17,6 +17,7 @@ use super::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKl, VaeConfig};
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraConfig, LoraSpec};
+use crate::recompute::{self, Segment};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::transformer::clip::{ClipTextConfig, ClipTextModelWithProjection, ClipTextTransformer};
 use crate::weights::{load_safetensors_files, Strictness};
@@ -355,6 +356,19 @@ impl StableDiffusion {
     /// The UNet's prediction for latents `x` at `timesteps` under `cond`, in the UNet's precision
     /// (returned as float32). SDXL's time ids are the image's own size, uncropped.
     pub fn predict(&self, x: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let (segments, input) = self.predict_segments(x, timesteps, cond)?;
+        Ok(recompute::forward(&segments, vec![input])?[0].to_kind(Kind::Float))
+    }
+
+    /// [`StableDiffusion::predict`] as the UNet's [`Segment`]s and their input (`x` in the UNet's
+    /// kind), for training through [`recompute::backward`]; the last state's first tensor is the
+    /// prediction in the UNet's kind.
+    pub fn predict_segments(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        cond: &Conditioning,
+    ) -> Result<(Vec<Segment<'_>>, Tensor)> {
         let kind = self.unet_kind();
         let (b, h, w) =
             (x.size()[0], x.size()[2] * self.vae_scale_factor, x.size()[3] * self.vae_scale_factor);
@@ -370,10 +384,8 @@ impl StableDiffusion {
             (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
             _ => None,
         };
-        Ok(self
-            .unet
-            .forward(&x.to_kind(kind), timesteps, &cond.context.to_kind(kind), added)?
-            .to_kind(Kind::Float))
+        let segments = self.unet.segments(timesteps, &cond.context.to_kind(kind), added)?;
+        Ok((segments, x.to_kind(kind)))
     }
 
     /// Samples images `[B, 3, H, W]` in `[0, 1]` from `noise` (`[B, 4, h, w]` standard normal),

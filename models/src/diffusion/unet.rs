@@ -11,6 +11,7 @@ use tch::{nn, nn::Module, Kind, Tensor};
 use super::blocks::{group_norm, Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraLinear, LoraSpec};
+use crate::recompute::{self, Segment};
 use crate::transformer::multi_head_attention;
 
 /// An int or a per-block list, as diffusers configs write them.
@@ -517,25 +518,23 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<AddedCond>,
     ) -> Result<Tensor> {
+        let segments = self.segments(timesteps, context, added)?;
+        Ok(recompute::forward(&segments, vec![sample.shallow_clone()])?.swap_remove(0))
+    }
+
+    /// The forward as [`Segment`]s, one per unit diffusers checkpoints (a resnet with its
+    /// transformer, a resampler, the mid block), for [`recompute::backward`]. The state between
+    /// units is `[h, emb, skips…]`: the hidden state, the time embedding and the skip connections
+    /// the up blocks will consume. The first segment takes `[sample]`; the last gives `[prediction]`.
+    pub fn segments(
+        &self,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<AddedCond>,
+    ) -> Result<Vec<Segment<'_>>> {
         let cfg = &self.config;
-        let ch0 = cfg.block_out_channels[0];
-        let t = timestep_embedding(timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift as f64);
-        let base = self.time_embedding.forward(&t.to_kind(sample.kind()));
-        let emb = match (&self.add_embedding, added) {
-            (Some(add), Some(a)) => {
-                let dim = cfg.addition_time_embed_dim.expect("validated");
-                let b = a.time_ids.size()[0];
-                let ids = timestep_embedding(
-                    &a.time_ids.flatten(0, -1),
-                    dim,
-                    cfg.flip_sin_to_cos,
-                    cfg.freq_shift as f64,
-                )
-                .reshape([b, -1]);
-                let input =
-                    Tensor::cat(&[a.text_embeds.shallow_clone(), ids.to_kind(a.text_embeds.kind())], -1);
-                base + add.forward(&input)
-            }
+        let added = match (&self.add_embedding, added) {
+            (Some(_), Some(a)) => Some((a.text_embeds.shallow_clone(), a.time_ids.shallow_clone())),
             (Some(_), None) => {
                 return Err(ModelError::Config {
                     what: "unet input".into(),
@@ -543,38 +542,86 @@ impl UNet2DConditionModel {
                         .into(),
                 })
             }
-            (None, _) => base,
+            (None, _) => None,
         };
-        let mut h = sample.apply(&self.conv_in);
-        let mut skips = vec![h.shallow_clone()];
+        let timesteps = timesteps.shallow_clone();
+        let mut segments: Vec<Segment<'_>> = vec![Box::new(move |s: &[Tensor]| {
+            let sample = &s[0];
+            let ch0 = cfg.block_out_channels[0];
+            let t = timestep_embedding(&timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift as f64);
+            let mut emb = self.time_embedding.forward(&t.to_kind(sample.kind()));
+            if let (Some(add), Some((text_embeds, time_ids))) = (&self.add_embedding, &added) {
+                let dim = cfg.addition_time_embed_dim.expect("validated");
+                let b = time_ids.size()[0];
+                let ids = timestep_embedding(
+                    &time_ids.flatten(0, -1),
+                    dim,
+                    cfg.flip_sin_to_cos,
+                    cfg.freq_shift as f64,
+                )
+                .reshape([b, -1]);
+                let input = Tensor::cat(&[text_embeds.shallow_clone(), ids.to_kind(text_embeds.kind())], -1);
+                emb = emb + add.forward(&input);
+            }
+            let h = sample.apply(&self.conv_in);
+            Ok(vec![h.shallow_clone(), emb, h])
+        })];
+        // The next state: `h`, the same `emb`, the first `keep` skips, then `push` if any.
+        fn next(h: Tensor, s: &[Tensor], keep: usize, push: bool) -> Vec<Tensor> {
+            let mut out = Vec::with_capacity(keep + 3);
+            out.push(h.shallow_clone());
+            out.extend(s[1..2 + keep].iter().map(Tensor::shallow_clone));
+            if push {
+                out.push(h);
+            }
+            out
+        }
         for block in &self.down {
             for (k, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&emb));
-                if let Some(a) = block.attentions.get(k) {
-                    h = a.forward(&h, context);
-                }
-                skips.push(h.shallow_clone());
+                let ctx = context.shallow_clone();
+                segments.push(Box::new(move |s: &[Tensor]| {
+                    let mut h = resnet.forward(&s[0], Some(&s[1]));
+                    if let Some(a) = block.attentions.get(k) {
+                        h = a.forward(&h, &ctx);
+                    }
+                    Ok(next(h, s, s.len() - 2, true))
+                }));
             }
             if let Some(d) = &block.down {
-                h = d.forward(&h);
-                skips.push(h.shallow_clone());
+                segments.push(Box::new(move |s: &[Tensor]| Ok(next(d.forward(&s[0]), s, s.len() - 2, true))));
             }
         }
         if let Some((r0, a, r1)) = &self.mid {
-            h = r1.forward(&a.forward(&r0.forward(&h, Some(&emb)), context), Some(&emb));
+            let ctx = context.shallow_clone();
+            segments.push(Box::new(move |s: &[Tensor]| {
+                let emb = Some(&s[1]);
+                let h = r1.forward(&a.forward(&r0.forward(&s[0], emb), &ctx), emb);
+                Ok(next(h, s, s.len() - 2, false))
+            }));
         }
         for block in &self.up {
             for (k, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().expect("one skip per up resnet");
-                h = resnet.forward(&Tensor::cat(&[h, skip], 1), Some(&emb));
-                if let Some(a) = block.attentions.get(k) {
-                    h = a.forward(&h, context);
-                }
+                let ctx = context.shallow_clone();
+                segments.push(Box::new(move |s: &[Tensor]| {
+                    let skip = s.last().filter(|_| s.len() > 2).ok_or_else(|| ModelError::Config {
+                        what: "unet".into(),
+                        message: "an up block ran out of skip connections".into(),
+                    })?;
+                    let mut h = resnet.forward(&Tensor::cat(&[&s[0], skip], 1), Some(&s[1]));
+                    if let Some(a) = block.attentions.get(k) {
+                        h = a.forward(&h, &ctx);
+                    }
+                    Ok(next(h, s, s.len() - 3, false))
+                }));
             }
             if let Some(u) = &block.up {
-                h = u.forward(&h);
+                segments
+                    .push(Box::new(move |s: &[Tensor]| Ok(next(u.forward(&s[0]), s, s.len() - 2, false))));
             }
         }
-        Ok(h.apply(&self.conv_norm_out).silu().apply(&self.conv_out))
+        segments.push(Box::new(move |s: &[Tensor]| {
+            Ok(vec![s[0].apply(&self.conv_norm_out).silu().apply(&self.conv_out)])
+        }));
+        Ok(segments)
     }
 }
