@@ -266,6 +266,7 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
             device,
         },
         out: args.out.clone(),
+        tf32: true,
     })
 }
 

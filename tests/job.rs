@@ -217,8 +217,15 @@ async fn specs_over_the_tiny_reference_folders_run_every_stage_end_to_end() {
         [("sd1", variant_dir.clone(), Some("fp16"), false), ("sdxl", fixture("sdxl_tiny"), None, true)]
     {
         let variant = variant.map(|v| format!("variant = \"{v}\"")).unwrap_or_default();
-        // SDXL samples with its UNet in bfloat16.
+        // SDXL samples with its UNet in bfloat16, and both its trainers recompute activations (the
+        // student's loss also in chunks of 8 positions).
         let precision = if family == "sdxl" { "precision = \"bf16\"" } else { "" };
+        let lean = family == "sdxl";
+        let (tuner_lean, student_lean) = if lean {
+            ("activation_checkpointing = true", "activation_checkpointing = true\nloss_chunk_tokens = 8")
+        } else {
+            ("", "")
+        };
         let out = tmp.path().join(family);
         let text = format!(
             r#"
@@ -241,6 +248,7 @@ batch = 2
 steps = 4
 class_images = 2
 checkpoint_every = 2
+{tuner_lean}
 [proxies]
 per_prompt = 2
 [student]
@@ -251,6 +259,7 @@ steps = 6
 batch = 2
 rows_to_start = 2
 checkpoint_every = 3
+{student_lean}
 sampling = {{ top_k = 16 }}
 {TINY_TOKENS}
 [evaluation]
@@ -303,6 +312,27 @@ scorers = "cpu"
         assert_eq!(report["identifier"], "zwx");
         assert!(out.join("report/index.html").is_file());
         assert!(out.join("student/adapter_model.safetensors").is_file());
+        // The trainers ran as the spec asked: their checkpoints record it.
+        for (stage, keys) in [
+            ("supervisor", &["activation_checkpointing"][..]),
+            ("student", &["activation_checkpointing", "loss_chunk_tokens"][..]),
+        ] {
+            let states: Vec<PathBuf> =
+                walk(&out.join(stage)).into_iter().filter(|p| p.ends_with("state.json")).collect();
+            assert!(!states.is_empty(), "{family}: no {stage} checkpoint");
+            for state in states {
+                let state: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+                for key in keys {
+                    let want = match (*key, lean) {
+                        ("loss_chunk_tokens", true) => serde_json::json!(8),
+                        ("loss_chunk_tokens", false) => serde_json::json!(0),
+                        (_, lean) => serde_json::json!(lean),
+                    };
+                    assert_eq!(state["config"][key], want, "{family} {stage} {key}");
+                }
+            }
+        }
         let models = report["evaluation"]["models"].as_array().unwrap();
         if skip_eval {
             assert!(models.is_empty());

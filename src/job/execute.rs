@@ -47,6 +47,11 @@ pub(crate) async fn execute(
         subject.class_noun,
         plan.out.display()
     );
+    if plan.uses_cuda() {
+        // Process-wide in libtorch; jobs run one at a time, so each sets it for itself.
+        let on = proxytune_models::device::allow_tf32(plan.tf32)?;
+        eprintln!("proxytune: TF32 matrix products on CUDA {}", if on { "on" } else { "off" });
+    }
     let t0 = Instant::now();
     set_stage(progress, "starting");
     let run = pipeline(plan, &corpus, metrics.clone(), commands, progress).await?;

@@ -185,6 +185,24 @@ pub struct StagePlan {
     pub eval: EvalPlan,
     /// The output folder.
     pub out: PathBuf,
+    /// Let float32 matrix products on CUDA use TF32 tensor cores (the job spec's `devices.tf32`).
+    pub tf32: bool,
+}
+
+impl StagePlan {
+    /// Whether any stage runs on a CUDA device.
+    pub fn uses_cuda(&self) -> bool {
+        [
+            &self.class_priors.device,
+            &self.tuner.device,
+            &self.generator.device,
+            &self.scorer_device,
+            &self.tokenize.device,
+            &self.trainer.device,
+        ]
+        .iter()
+        .any(|d| d.starts_with("cuda"))
+    }
 }
 
 /// The sampler of a diffusers folder's own scheduler (`scheduler/scheduler_config.json`'s class).
@@ -491,5 +509,6 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         trainer,
         eval,
         out: spec.output.clone(),
+        tf32: spec.devices.tf32,
     })
 }

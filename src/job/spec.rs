@@ -473,12 +473,15 @@ pub struct DevicesSpec {
     pub student: String,
     /// The Filter's and the evaluation's encoders.
     pub scorers: String,
+    /// Let float32 matrix products on CUDA use TF32 tensor cores (PyTorch's
+    /// `torch.backends.cuda.matmul.allow_tf32`); bf16 work is unaffected, and so is the CPU.
+    pub tf32: bool,
 }
 
 impl Default for DevicesSpec {
     fn default() -> Self {
         let auto = || "auto".to_string();
-        DevicesSpec { supervisor: auto(), student: auto(), scorers: auto() }
+        DevicesSpec { supervisor: auto(), student: auto(), scorers: auto(), tf32: true }
     }
 }
 
