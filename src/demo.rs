@@ -215,6 +215,7 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
         },
         resolution: crate::world_models::SIZE,
         output_dir: args.out.join("supervisor"),
+        vae_slicing: false,
     };
     let generator = ProxyGeneratorConfig {
         job_id: JOB.into(),

@@ -48,6 +48,7 @@ pub(crate) fn supervisor_sampling() -> SamplingConfig {
         negative_prompt: String::new(),
         batch_images: 8,
         bf16_unet: false,
+        vae_slicing: false,
     }
 }
 

@@ -217,9 +217,9 @@ async fn specs_over_the_tiny_reference_folders_run_every_stage_end_to_end() {
         [("sd1", variant_dir.clone(), Some("fp16"), false), ("sdxl", fixture("sdxl_tiny"), None, true)]
     {
         let variant = variant.map(|v| format!("variant = \"{v}\"")).unwrap_or_default();
-        // SDXL samples with its UNet in bfloat16, and both its trainers recompute activations (the
-        // student's loss also in chunks of 8 positions).
-        let precision = if family == "sdxl" { "precision = \"bf16\"" } else { "" };
+        // SDXL samples with its UNet in bfloat16 and decodes one image per VAE call, and both its
+        // trainers recompute activations (the student's loss also in chunks of 8 positions).
+        let precision = if family == "sdxl" { "precision = \"bf16\"\nvae_slicing = true" } else { "" };
         let lean = family == "sdxl";
         let (tuner_lean, student_lean) = if lean {
             ("activation_checkpointing = true", "activation_checkpointing = true\nloss_chunk_tokens = 8")

@@ -34,6 +34,7 @@ fn sampling() -> SamplingConfig {
         negative_prompt: String::new(),
         batch_images: 2,
         bf16_unet: false,
+        vae_slicing: false,
     }
 }
 
@@ -98,6 +99,7 @@ async fn run_job(corpus: &Corpus, out_dir: &std::path::Path) -> PipelineReport {
             },
             resolution: 16,
             output_dir: out_dir.to_path_buf(),
+            vae_slicing: false,
         },
         references(),
         &metrics,

@@ -387,6 +387,28 @@ fn sdxl_text_encoders_and_sampling_match_the_diffusers_pipeline() {
     assert!(err.contains("model_index.json") && err.contains("text_encoder_2"), "{err}");
 }
 
+#[test]
+fn vae_slicing_decodes_and_encodes_a_batch_as_one_call_does() {
+    use proxytune_models::diffusion::pipeline::StableDiffusion;
+    use proxytune_models::rng::{Draws, Stream};
+    let mut sd = StableDiffusion::load(&fixture("sd_tiny"), Device::Cpu).unwrap();
+    let latents = Draws::new(4, Stream::Init, 0).normal(&[3, 4, 8, 8], Device::Cpu);
+    let pixels = Draws::new(4, Stream::Init, 1).normal(&[3, 3, 16, 16], Device::Cpu).tanh();
+    let whole = (sd.decode(&latents), sd.encode_pixels(&pixels));
+    for slice in [1, 2] {
+        sd.vae_batch = Some(slice);
+        let sliced = (sd.decode(&latents), sd.encode_pixels(&pixels));
+        assert_eq!(sliced.0.size(), whole.0.size());
+        let errs = [
+            max_abs(&sliced.0, &whole.0),
+            max_abs(&sliced.1 .0, &whole.1 .0),
+            max_abs(&sliced.1 .1, &whole.1 .1),
+        ];
+        eprintln!("VAE slices of {slice}: decode, mean, logvar differ by {errs:?}");
+        assert!(errs.iter().all(|&e| e < 1e-5), "slices of {slice}: {errs:?}");
+    }
+}
+
 /// The tiny SD UNet fixture with its weights loaded and fresh LoRA adapters (B = 0) of `lora`.
 fn tiny_unet_with_lora(
     lora: &proxytune_models::lora::LoraConfig,

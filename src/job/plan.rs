@@ -352,6 +352,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         negative_prompt: sup.negative_prompt.clone(),
         batch_images: sup.batch,
         bf16_unet: sup.precision == Precision::Bf16,
+        vae_slicing: sup.vae_slicing,
     };
     let model_id = model_identity(
         &format!("{:?}", sup.family).to_lowercase(),
@@ -403,6 +404,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         },
         resolution: sup.resolution(),
         output_dir: spec.output.join("supervisor"),
+        vae_slicing: sup.vae_slicing,
     };
     let plan = PromptPlan {
         subject_prompts: vec![instance_prompt],

@@ -189,6 +189,10 @@ pub struct SupervisorSpec {
     /// Images per sampler call.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// Decode (and encode) one image per VAE call: the VAE's peak memory is one image's whatever
+    /// the batch (diffusers' `enable_vae_slicing`).
+    #[serde(default)]
+    pub vae_slicing: bool,
     /// DreamBooth tuning.
     #[serde(default)]
     pub dreambooth: DreamBoothSpec,

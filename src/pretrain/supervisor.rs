@@ -313,6 +313,7 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
         negative_prompt: String::new(),
         batch_images: 20,
         bf16_unet: false,
+        vae_slicing: false,
     };
     let probe = &held[..20];
     let probe_captions: Vec<&str> = held_refs[..20].to_vec();

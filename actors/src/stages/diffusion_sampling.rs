@@ -33,6 +33,10 @@ pub struct SamplingConfig {
     /// Sample with the UNet in bfloat16 (the text encoders and the VAE stay float32).
     #[serde(default)]
     pub bf16_unet: bool,
+    /// Decode one image per VAE call (diffusers' VAE slicing): the decode's peak memory is one
+    /// image's, whatever the batch.
+    #[serde(default)]
+    pub vae_slicing: bool,
 }
 
 impl Default for SamplingConfig {
@@ -45,6 +49,7 @@ impl Default for SamplingConfig {
             negative_prompt: String::new(),
             batch_images: 4,
             bf16_unet: false,
+            vae_slicing: false,
         }
     }
 }
@@ -63,13 +68,17 @@ pub fn load_supervisor(
     let device = parse_device(device)?;
     let unet_kind = if sampling.bf16_unet { tch::Kind::BFloat16 } else { tch::Kind::Float };
     let options = LoadOptions { lora: None, variant, unet_kind };
+    let vae_batch = sampling.vae_slicing.then_some(1);
     let Some(adapter) = adapter else {
-        return Ok(StableDiffusion::load_with(model_dir, device, &options)?);
+        let mut sd = StableDiffusion::load_with(model_dir, device, &options)?;
+        sd.vae_batch = vae_batch;
+        return Ok(sd);
     };
     let lora = read_config(adapter)?;
     let mut sd =
         StableDiffusion::load_with(model_dir, device, &LoadOptions { lora: Some(&lora), ..options })?;
     load_lora(&mut sd.stores.unet_lora, &lora, "unet", adapter)?;
+    sd.vae_batch = vae_batch;
     Ok(sd)
 }
 

@@ -62,6 +62,9 @@ pub struct SupervisorTunerConfig {
     pub resolution: u32,
     /// Where checkpoints, validation images and the exported adapter go.
     pub output_dir: PathBuf,
+    /// Encode the training images one per VAE call.
+    #[serde(default)]
+    pub vae_slicing: bool,
 }
 
 fn default_device() -> String {
@@ -202,6 +205,7 @@ impl Operator for SupervisorTuner {
                 unet_kind: c.dreambooth.precision.kind(),
             },
         )?;
+        model.vae_batch = c.vae_slicing.then_some(1);
         let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;
         trainer.set_instance_images(&model, &self.pixels(&self.references, device)?)?;
         if let Some(checkpoint) = latest_checkpoint(&self.checkpoints_dir())? {

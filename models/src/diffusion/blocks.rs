@@ -3,7 +3,7 @@
 //! `Downsample2D` / `Upsample2D` (`conv`), and the single-head spatial self-attention of the VAE's
 //! mid block (`group_norm`, `to_q`, `to_k`, `to_v`, `to_out.0`).
 
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, nn::Module, Tensor};
 
 fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
     nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { stride, padding, ..Default::default() })
@@ -147,13 +147,18 @@ impl SpatialAttention {
         }
     }
 
-    /// Applies attention over the `H·W` positions.
+    /// Applies attention over the `H·W` positions: one head of width `C`, through libtorch's fused
+    /// scaled-dot-product attention (flash / memory-efficient kernels where the device has them),
+    /// so the `[HW, HW]` weights (1 GiB an image at SDXL's 128×128 latents) are never materialised.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         let (b, c, h, w) = xs.size4().expect("[B, C, H, W]");
         let t = xs.apply(&self.group_norm).view([b, c, h * w]).transpose(1, 2); // [B, HW, C]
-        let (q, k, v) = (self.to_q.forward(&t), self.to_k.forward(&t), self.to_v.forward(&t));
-        let attn = (q.matmul(&k.transpose(1, 2)) / (c as f64).sqrt()).softmax(-1, Kind::Float); // [B, HW, HW]
-        let out = self.to_out.forward(&attn.matmul(&v)); // [B, HW, C]
+        let head = |x: Tensor| x.unsqueeze(1); // [B, 1, HW, C]
+        let (q, k, v) =
+            (head(self.to_q.forward(&t)), head(self.to_k.forward(&t)), head(self.to_v.forward(&t)));
+        let attended =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let out = self.to_out.forward(&attended.squeeze_dim(1)); // [B, HW, C]
         out.transpose(1, 2).view([b, c, h, w]) + xs
     }
 }

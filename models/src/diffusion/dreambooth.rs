@@ -755,6 +755,6 @@ fn encode(model: &StableDiffusion, pixels: &Tensor) -> Result<Encoded> {
             message: format!("expected [N, 3, H, W] with N > 0, got {:?}", pixels.size()),
         });
     }
-    let (mean, logvar) = tch::no_grad(|| model.vae.encode(&pixels.to_device(model.device())));
+    let (mean, logvar) = model.encode_pixels(pixels);
     Ok(Encoded { mean, logvar })
 }

@@ -78,6 +78,9 @@ pub struct StableDiffusion {
     pub vae_scale_factor: i64,
     /// Latent channels the UNet takes.
     pub latent_channels: i64,
+    /// Images per VAE call when decoding or encoding (`None`: the whole batch at once; `Some(1)`
+    /// is diffusers' VAE slicing: the peak of one image's activations, whatever the batch).
+    pub vae_batch: Option<i64>,
     device: Device,
 }
 
@@ -294,6 +297,7 @@ impl StableDiffusion {
             lora: lora.cloned(),
             vae_scale_factor: vae_cfg.scale_factor(),
             latent_channels: unet_cfg.in_channels,
+            vae_batch: None,
             device,
         })
     }
@@ -406,9 +410,37 @@ impl StableDiffusion {
     /// Decodes scaled latents (the sampler's output) to images `[B, 3, H, W]` in `[0, 1]`.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
         tch::no_grad(|| {
-            let image = self.vae.decode(&(latents / self.vae.scaling_factor));
-            (image / 2.0 + 0.5).clamp(0.0, 1.0)
+            let image = self.vae_slices(latents, |z| vec![self.vae.decode(&(z / self.vae.scaling_factor))]);
+            (&image[0] / 2.0 + 0.5).clamp(0.0, 1.0)
         })
+    }
+
+    /// The VAE's latent mean and log-variance of `pixels [B, 3, H, W]` in `[-1, 1]` (no graph).
+    pub fn encode_pixels(&self, pixels: &Tensor) -> (Tensor, Tensor) {
+        tch::no_grad(|| {
+            let mut parts = self.vae_slices(&pixels.to_device(self.device), |x| {
+                let (mean, logvar) = self.vae.encode(x);
+                vec![mean, logvar]
+            });
+            let logvar = parts.pop().expect("two outputs");
+            (parts.pop().expect("two outputs"), logvar)
+        })
+    }
+
+    /// `f` over the batch in slices of [`StableDiffusion::vae_batch`] images, its outputs
+    /// concatenated along the batch.
+    fn vae_slices(&self, xs: &Tensor, f: impl Fn(&Tensor) -> Vec<Tensor>) -> Vec<Tensor> {
+        let n = xs.size()[0];
+        match self.vae_batch {
+            Some(k) if k > 0 && k < n => {
+                let slices: Vec<Vec<Tensor>> =
+                    (0..n).step_by(k as usize).map(|i| f(&xs.narrow(0, i, k.min(n - i)))).collect();
+                (0..slices[0].len())
+                    .map(|j| Tensor::cat(&slices.iter().map(|s| &s[j]).collect::<Vec<_>>(), 0))
+                    .collect()
+            }
+            _ => f(xs),
+        }
     }
 
     /// The denoising loop of [`StableDiffusion::sample`]: final latents `[B, 4, h, w]`, before
