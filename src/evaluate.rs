@@ -330,6 +330,7 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
                 grid: 32,
                 image: Default::default(),
                 tokens: Default::default(),
+                bf16: false,
             },
         };
         models.push(Box::new(StudentGenerator::load(

@@ -221,10 +221,11 @@ async fn specs_over_the_tiny_reference_folders_run_every_stage_end_to_end() {
         // trainers recompute activations (the student's loss also in chunks of 8 positions).
         let precision = if family == "sdxl" { "precision = \"bf16\"\nvae_slicing = true" } else { "" };
         let lean = family == "sdxl";
+        // SD 1.x's student trains and samples (in the evaluation) in bfloat16.
         let (tuner_lean, student_lean) = if lean {
             ("activation_checkpointing = true", "activation_checkpointing = true\nloss_chunk_tokens = 8")
         } else {
-            ("", "")
+            ("", "precision = \"bf16\"")
         };
         let out = tmp.path().join(family);
         let text = format!(

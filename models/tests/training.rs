@@ -703,6 +703,20 @@ mod student {
         assert!(labels[..prompt.len()].iter().all(|&l| l == -100) && labels[prompt.len()..] == seq[..]);
         let err = t.image_header(3, 4).unwrap_err().to_string();
         assert!(err.contains("multiple of 2"), "{err}");
+
+        // The student built in bfloat16 samples a grid of image tokens the same way.
+        let half = ChameleonStudent::load_in(
+            &fixture("chameleon_tiny"),
+            Device::Cpu,
+            None,
+            t.clone(),
+            tch::Kind::BFloat16,
+        )
+        .unwrap();
+        assert_eq!(half.model.kind(), tch::Kind::BFloat16);
+        let c = tch::no_grad(|| sample_image_tokens(&half.model, &t, &prompt, 4, 4, &sampling, 9)).unwrap();
+        assert_eq!(c.len(), 16);
+        assert!(half.model.image_vocab.tokens_to_codes(&c).is_ok(), "image tokens only: {c:?}");
     }
 }
 

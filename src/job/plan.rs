@@ -492,6 +492,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
                 temperature: st.sampling.temperature,
             },
             tokens,
+            bf16: st.precision == Precision::Bf16,
         },
         images_per_prompt: spec.evaluation.images_per_prompt,
         max_prompts: spec.evaluation.prompts,

@@ -327,7 +327,8 @@ pub struct StudentSpec {
     /// Image side in pixels; a multiple of the VQ's downsampling factor (Lumina-mGPT 768: 768).
     #[serde(default = "default_student_resolution")]
     pub resolution: u32,
-    /// Training precision of the frozen base (`bf16` needs LoRA); it samples in fp32.
+    /// Precision of the frozen base, for training (`bf16` needs LoRA) and for sampling (the
+    /// adapters and the VQ decoder stay float32).
     #[serde(default)]
     pub precision: Precision,
     /// LoRA rank (ignored with `full = true`).

@@ -77,6 +77,9 @@ pub struct StudentSampling {
     /// Structure tokens.
     #[serde(default)]
     pub tokens: LuminaTokens,
+    /// Sample with the decoder's weights in bfloat16 (its adapters and the VQ decoder stay float32).
+    #[serde(default)]
+    pub bf16: bool,
 }
 
 /// The student: a Chameleon / Lumina-mGPT model with its adapter, text tokenizer and VQ decoder.
@@ -110,7 +113,9 @@ impl StudentGenerator {
             Some(a) => Some(read_config(a)?),
             None => None,
         };
-        let mut student = ChameleonStudent::load(dir, device, lora.as_ref(), sampling.tokens.clone())?;
+        let kind = if sampling.bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
+        let mut student =
+            ChameleonStudent::load_in(dir, device, lora.as_ref(), sampling.tokens.clone(), kind)?;
         if let (Some(a), Some(cfg)) = (adapter, &lora) {
             load_lora(&mut student.adapters, cfg, "base_model.model", a)?;
         }
