@@ -925,7 +925,7 @@ fn print_model(model: Model, entry: &Value) {
     }
     if let Some(sample) = entry.get("sample").and_then(Value::as_array) {
         for r in sample {
-            let batch = &r["batch"];
+            let batch = r["batch"].as_u64().unwrap_or(0);
             match failed(r) {
                 Some(why) => println!("  sample  batch {batch:<3} failed: {why}"),
                 None if model.is_unet() => println!(

@@ -82,7 +82,9 @@ pub fn load_safetensors_files(
                 ),
             };
             let src = read_tensor(file, &name, entry)?;
-            var.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+            // `copy_` converts the dtype and crosses devices itself: no converted temporary of
+            // the whole tensor on either side.
+            var.f_copy_(&src)?;
         }
         Ok::<(), ModelError>(())
     })
