@@ -1,5 +1,5 @@
-"""Converts a LlamaGen checkpoint (PyTorch `.pt`, as the LlamaGen repository publishes them) to the
-safetensors file proxytune loads: the `"model"` state dict (or the top-level dict when there is
+"""Converts a LlamaGen checkpoint (PyTorch `.pt`, as the LlamaGen repository publishes them: the T2I
+GPT, or the VQ-16 tokenizer `vq_ds16_t2i.pt`) to the safetensors file proxytune loads: the `"model"` state dict (or the top-level dict when there is
 none), `_orig_mod.` prefixes from torch.compile stripped, KV-cache buffers dropped. Keys keep the
 reference names (`tok_embeddings.weight`, `layers.N.attention.wqkv.weight`, ...).
 

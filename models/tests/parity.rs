@@ -629,6 +629,99 @@ fn chameleon_vq_decoder_matches_the_original_tokenizer_decoder() {
     assert!(err.contains("codebook has 32"), "{err}");
 }
 
+/// Runs `script` (under `tools/`) with the project's Python and `args`; its stdout, or a panic with
+/// its stderr.
+fn run_tool(script: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let python = std::env::var_os("PROXYTUNE_PYTHON")
+        .expect("PROXYTUNE_PYTHON is not set: run the tests through `make test` (tools/dev test)");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools").join(script);
+    std::process::Command::new(python).arg(path).args(args).output().unwrap()
+}
+
+/// Writes `tensors` (a safetensors file) into a torch checkpoint laid out by `python_layout`, a
+/// Python expression over `state` (the tensors by name).
+fn torch_checkpoint(tensors: &Path, out: &Path, python_layout: &str) {
+    let python = std::env::var_os("PROXYTUNE_PYTHON").expect("PROXYTUNE_PYTHON");
+    let code = format!(
+        "import sys, torch\nfrom safetensors.torch import load_file\nstate = load_file(sys.argv[1])\n\
+         torch.save({python_layout}, sys.argv[2])\n"
+    );
+    let run = std::process::Command::new(python).arg("-c").arg(code).arg(tensors).arg(out).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+}
+
+#[test]
+fn chameleons_vqgan_checkpoint_converts_to_the_decoder_proxytune_loads() {
+    use proxytune_models::ar::chameleon_vq::ChameleonVqDecoder;
+    let (_vs, model) = tiny_chameleon();
+    let dir = fixture("chameleon_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    // Meta's `tokenizer/vqgan.ckpt` layout: a Lightning checkpoint of taming's VQModel, the encoder
+    // and the GAN loss's discriminator beside the decoder (the decoder's tensors are the fixture's,
+    // written by taming's `Decoder`; the others are stand-ins of the right names).
+    let ckpt = tmp.path().join("vqgan.ckpt");
+    torch_checkpoint(
+        &dir.join("vq_decoder.safetensors"),
+        &ckpt,
+        "{'epoch': 3, 'global_step': 1000, 'pytorch-lightning_version': '1.5.0', \
+          'state_dict': {**state, 'encoder.conv_in.weight': torch.zeros(32, 3, 3, 3), \
+          'quant_conv.weight': torch.zeros(8, 8, 1, 1), 'loss.discriminator.main.0.weight': torch.zeros(64, 3, 4, 4), \
+          'loss.perceptual_loss.net.slice1.0.weight': torch.zeros(64, 3, 3, 3)}, \
+          'optimizer_states': [], 'hyper_parameters': {'embed_dim': 8, 'n_embed': 32}}",
+    );
+    let out = tmp.path().join("converted");
+    let run = run_tool("convert_chameleon_vqgan.py", &[ckpt.as_os_str(), out.as_os_str()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let converted = read_safetensors(&out.join("vq_decoder.safetensors")).unwrap();
+    let original = read_safetensors(&dir.join("vq_decoder.safetensors")).unwrap();
+    let mut keys: Vec<&String> = converted.keys().collect();
+    keys.sort();
+    let mut want: Vec<&String> = original.keys().collect();
+    want.sort();
+    assert_eq!(keys, want, "the decoder, post_quant_conv and codebook; no encoder or loss tensors");
+    assert!(original.iter().all(|(k, v)| converted[k].equal(v)), "tensors copied bit for bit");
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let decoder = ChameleonVqDecoder::new(vs.root(), &model.vq.config().clone()).unwrap();
+    load_safetensors(&mut vs, &out.join("vq_decoder.safetensors"), Strictness::Strict).unwrap();
+    let io = read_safetensors(&dir.join("vq_decoder_io.safetensors")).unwrap();
+    let image = tch::no_grad(|| decoder.decode(&io["codes"])).unwrap();
+    assert!(max_abs(&image, &io["image"]) < TOL);
+
+    // A file that is not a VQGAN checkpoint is refused by name.
+    let bad = tmp.path().join("other.ckpt");
+    torch_checkpoint(&dir.join("vq_decoder_io.safetensors"), &bad, "{'state_dict': state}");
+    let run = run_tool("convert_chameleon_vqgan.py", &[bad.as_os_str(), out.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("not a VQGAN checkpoint"), "{stderr}");
+}
+
+#[test]
+fn llamagens_vq_checkpoint_converts_and_encodes_as_before() {
+    use proxytune_models::ar::llamagen_vq::{LlamaGenVq, LlamaGenVqConfig};
+    let dir = fixture("llamagen_vq_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    // LlamaGen's published `vq_ds16_t2i.pt` layout: the state dict under "model", beside the
+    // optimiser's and the discriminator's.
+    let ckpt = tmp.path().join("vq_ds16_t2i.pt");
+    torch_checkpoint(
+        &dir.join("model.safetensors"),
+        &ckpt,
+        "{'model': state, 'optimizer': {'state': {}}, 'discriminator': {'conv.weight': torch.zeros(4)}, 'steps': 1000}",
+    );
+    let converted = tmp.path().join("model.safetensors");
+    let run = run_tool("convert_llamagen.py", &[ckpt.as_os_str(), converted.as_os_str()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let cfg = LlamaGenVqConfig::from_json(&dir.join("config.json")).unwrap();
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let vq = LlamaGenVq::new(vs.root(), &cfg).unwrap();
+    load_safetensors(&mut vs, &converted, Strictness::Strict).unwrap();
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    tch::no_grad(|| {
+        assert!(vq.encode(&io["pixels"]).unwrap().equal(&io["codes"]), "the reference's codes");
+        assert!(max_abs(&vq.decode(&io["decode_codes"]).unwrap(), &io["decoded"]) < TOL);
+    });
+}
+
 /// LlamaGen's GPT-XL T2I state dict, written down from the reference code
 /// (`autoregressive/models/gpt.py`: `GPT_XL`, `cls_token_num=120`, `caption_dim=2048`, VQ-16
 /// vocabulary 16384; no biases; `freqs_cis` is not a buffer of the checkpoint).
