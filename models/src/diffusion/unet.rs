@@ -549,20 +549,24 @@ impl UNet2DConditionModel {
             let sample = &s[0];
             let ch0 = cfg.block_out_channels[0];
             let t = timestep_embedding(&timesteps, ch0, cfg.flip_sin_to_cos, cfg.freq_shift as f64);
-            let mut emb = self.time_embedding.forward(&t.to_kind(sample.kind()));
-            if let (Some(add), Some((text_embeds, time_ids))) = (&self.add_embedding, &added) {
-                let dim = cfg.addition_time_embed_dim.expect("validated");
-                let b = time_ids.size()[0];
-                let ids = timestep_embedding(
-                    &time_ids.flatten(0, -1),
-                    dim,
-                    cfg.flip_sin_to_cos,
-                    cfg.freq_shift as f64,
-                )
-                .reshape([b, -1]);
-                let input = Tensor::cat(&[text_embeds.shallow_clone(), ids.to_kind(text_embeds.kind())], -1);
-                emb = emb + add.forward(&input);
-            }
+            let base = self.time_embedding.forward(&t.to_kind(sample.kind()));
+            let emb = match (&self.add_embedding, &added) {
+                (Some(add), Some((text_embeds, time_ids))) => {
+                    let dim = cfg.addition_time_embed_dim.expect("validated");
+                    let b = time_ids.size()[0];
+                    let ids = timestep_embedding(
+                        &time_ids.flatten(0, -1),
+                        dim,
+                        cfg.flip_sin_to_cos,
+                        cfg.freq_shift as f64,
+                    )
+                    .reshape([b, -1]);
+                    let input =
+                        Tensor::cat(&[text_embeds.shallow_clone(), ids.to_kind(text_embeds.kind())], -1);
+                    base + add.forward(&input)
+                }
+                _ => base,
+            };
             let h = sample.apply(&self.conv_in);
             Ok(vec![h.shallow_clone(), emb, h])
         })];
