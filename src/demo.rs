@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use proxytune_actors::corpus::Corpus;
-use proxytune_actors::evaluation::dreambench::Generator;
 use proxytune_actors::stages::class_prior_sampler::ClassPriorConfig;
 use proxytune_actors::stages::filter::{FilterConfig, ImageMetric};
 use proxytune_actors::stages::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
@@ -22,6 +21,7 @@ use proxytune_actors::world::{World, CLASSES, IDENTIFIER};
 use proxytune_models::diffusion::dreambooth::DreamBoothConfig;
 use proxytune_models::lora::LoraConfig;
 
+use crate::job::evaluate::ModelLoader;
 use crate::job::execute::Evaluator;
 use crate::job::pipeline::{JobCommand, ProgressHandle};
 use crate::job::plan::{device_name, EvalPlan, ScorerSource, StagePlan};
@@ -286,7 +286,7 @@ impl Evaluator for WorldEvaluator<'_> {
             images_per_prompt: plan.eval.images_per_prompt,
             max_prompts: plan.eval.max_prompts,
         };
-        evaluate(&spec, self.subject, demo_models(self.args, &plan.eval.device)?)
+        evaluate(&spec, self.subject, demo_models(self.args, &plan.eval.device))
     }
 
     fn note(&self) -> String {
@@ -296,16 +296,14 @@ impl Evaluator for WorldEvaluator<'_> {
     }
 }
 
-fn demo_models(args: &DemoArgs, device: &str) -> anyhow::Result<Vec<(String, Box<dyn Generator>)>> {
+fn demo_models<'a>(args: &'a DemoArgs, device: &'a str) -> Vec<(String, ModelLoader<'a>)> {
     let adapter = args.out.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
-    Ok(vec![
-        ("student (untuned)".into(), student(&args.world, None, device)?),
-        ("supervisor (DreamBooth-LoRA)".into(), supervisor(&args.world, &adapter, device)?),
-        (
-            "student (Proxy-Tuned LoRA)".into(),
-            student(&args.world, Some(&args.out.join("student/adapter_model.safetensors")), device)?,
-        ),
-    ])
+    let tuned = args.out.join("student/adapter_model.safetensors");
+    vec![
+        ("student (untuned)".into(), Box::new(move || student(&args.world, None, device))),
+        ("supervisor (DreamBooth-LoRA)".into(), Box::new(move || supervisor(&args.world, &adapter, device))),
+        ("student (Proxy-Tuned LoRA)".into(), Box::new(move || student(&args.world, Some(&tuned), device))),
+    ]
 }
 
 /// Runs the demo from the command line (Ctrl-C cancels); returns the process exit code.

@@ -215,7 +215,7 @@ pub async fn execute(
     let scores = evaluate(
         &spec,
         &subject,
-        vec![("student (replayed)".into(), student(&args.world, Some(&adapter), &device)?)],
+        vec![("student (replayed)".into(), Box::new(|| student(&args.world, Some(&adapter), &device)))],
     )?;
     for (_, s) in &scores {
         crate::report::record_scores(&metrics, "student", s);

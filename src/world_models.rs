@@ -13,7 +13,7 @@ use proxytune_actors::stages::diffusion_sampling::SamplingConfig;
 use proxytune_actors::stages::tokenize::TokenizeConfig;
 use proxytune_actors::world::{classify_context, EDITS, IDENTIFIER};
 
-use crate::job::evaluate::{evaluate_models, Protocol};
+use crate::job::evaluate::{evaluate_models, ModelLoader, Protocol};
 use crate::job::plan::ScorerSource;
 use crate::subject::JobSubject;
 use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
@@ -200,12 +200,12 @@ pub(crate) struct EvalSpec<'a> {
     pub max_prompts: Option<usize>,
 }
 
-/// The world's DreamBench protocol for `models` on `subject` (its references, its class's 25
-/// prompts), with the same seeds for each.
+/// The world's DreamBench protocol for `models` (loaded one at a time) on `subject` (its
+/// references, its class's 25 prompts), with the same seeds for each.
 pub(crate) fn evaluate(
     spec: &EvalSpec,
     subject: &JobSubject,
-    models: Vec<(String, Box<dyn Generator>)>,
+    models: Vec<(String, ModelLoader<'_>)>,
 ) -> anyhow::Result<Vec<(String, ModelScores)>> {
     let bench_dir = spec.out_dir.join("world_bench");
     subject.write_bench(&bench_dir)?;

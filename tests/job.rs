@@ -283,6 +283,9 @@ scorers = "cpu"
         let run = Command::new(env!("CARGO_BIN_EXE_proxytune")).arg("run").arg(&path).output().unwrap();
         let log = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success(), "{family}: {log}");
+        // The class-prior sampler's copy overlaps the tuner's; each frees its model when done, and
+        // the evaluation loads one model at a time, so the generator's copy is never a third.
+        assert!(log.contains("at most 2 supervisor copies were loaded at once"), "{family}: {log}");
 
         // Every stage wrote rows; the references keep their own size, the proxies have the spec's.
         let corpus = Corpus::open(out.join("corpus")).unwrap();

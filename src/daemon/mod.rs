@@ -781,12 +781,19 @@ fn evaluate_checkpoint(
         max_prompts: eval_prompts,
     };
     let adapter = checkpoint.join("adapter_model.safetensors");
-    let mut models: Vec<(String, Box<dyn proxytune_actors::evaluation::dreambench::Generator>)> = Vec::new();
+    let mut models: Vec<(String, crate::job::evaluate::ModelLoader)> = Vec::new();
     if let Some(lora) = supervisor {
-        let model = crate::world_models::supervisor(world, lora, &device)?;
-        models.push(("supervisor (DreamBooth-LoRA)".into(), model));
+        let device = &device;
+        models.push((
+            "supervisor (DreamBooth-LoRA)".into(),
+            Box::new(move || crate::world_models::supervisor(world, lora, device)),
+        ));
     }
-    models.push(("student checkpoint".into(), crate::world_models::student(world, Some(&adapter), &device)?));
+    let device_ref = &device;
+    models.push((
+        "student checkpoint".into(),
+        Box::new(move || crate::world_models::student(world, Some(&adapter), device_ref)),
+    ));
     let scores = crate::world_models::evaluate(&spec, &subject, models)?;
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;

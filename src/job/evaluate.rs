@@ -65,10 +65,31 @@ pub(crate) struct Protocol<'a> {
     pub config: ProtocolConfig,
 }
 
-/// The protocol for `models`, the same seeds for each, every report turned into scores by `score`.
+/// A model of an evaluation, loaded when its turn comes.
+pub(crate) type ModelLoader<'a> = Box<dyn FnOnce() -> anyhow::Result<Box<dyn Generator>> + 'a>;
+
+/// Runs `f` on each model in turn, each loaded just before and dropped just after, so one model's
+/// weights are resident at a time (a supervisor and two students at SDXL and 7B sizes would not
+/// fit one GPU together).
+pub(crate) fn one_at_a_time<T>(
+    models: Vec<(String, ModelLoader<'_>)>,
+    mut f: impl FnMut(&str, &mut dyn Generator) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<(String, T)>> {
+    let mut out = Vec::with_capacity(models.len());
+    for (label, load) in models {
+        let mut model = load().with_context(|| format!("loading {label}"))?;
+        let value = f(&label, model.as_mut())?;
+        drop(model);
+        out.push((label, value));
+    }
+    Ok(out)
+}
+
+/// The protocol for `models` (loaded one at a time), the same seeds for each, every report turned
+/// into scores by `score`.
 pub(crate) fn evaluate_models(
     protocol: &Protocol,
-    models: Vec<(String, Box<dyn Generator>)>,
+    models: Vec<(String, ModelLoader<'_>)>,
     score: &dyn Fn(GeneratorReport, f64) -> ModelScores,
 ) -> anyhow::Result<Vec<(String, ModelScores)>> {
     let device = proxytune_models::device::parse_device(protocol.device)?;
@@ -77,13 +98,12 @@ pub(crate) fn evaluate_models(
     let (embedders, clip_t) = protocol.scorers.load(device)?;
     let image_metrics: Vec<&dyn ImageEmbedder> =
         embedders.iter().map(|(_, e)| e.as_ref() as &dyn ImageEmbedder).collect();
-    let mut out = Vec::new();
-    for (label, mut model) in models {
+    one_at_a_time(models, |label, model| {
         let t0 = Instant::now();
         let report = evaluate_generator(
             &bench,
             &entries,
-            model.as_mut(),
+            model,
             &image_metrics,
             clip_t.as_deref(),
             &protocol.config,
@@ -91,9 +111,8 @@ pub(crate) fn evaluate_models(
         )?;
         let seconds = t0.elapsed().as_secs_f64();
         tracing::info!(model = %label, seconds, "evaluated");
-        out.push((label, score(report, seconds)));
-    }
-    Ok(out)
+        Ok(score(report, seconds))
+    })
 }
 
 /// Scores of a report on `subject` without the world's exact checks.
@@ -118,36 +137,40 @@ pub(crate) fn plain_scores(subject: &str, report: GeneratorReport, seconds: f64)
 pub(crate) struct SpecEvaluator;
 
 impl SpecEvaluator {
-    fn models(plan: &StagePlan) -> anyhow::Result<Vec<(String, Box<dyn Generator>)>> {
+    fn models(plan: &StagePlan) -> Vec<(String, ModelLoader<'_>)> {
         let e = &plan.eval;
         let device = &e.device;
-        let student = |adapter: Option<&Path>| -> anyhow::Result<Box<dyn Generator>> {
-            Ok(Box::new(StudentGenerator::load_with_vq(
-                &e.student_dir,
-                &e.vq_dir,
-                adapter,
-                device,
-                e.student_sampling.clone(),
-            )?))
+        let student = move |adapter: Option<std::path::PathBuf>| -> ModelLoader<'_> {
+            Box::new(move || {
+                Ok(Box::new(StudentGenerator::load_with_vq(
+                    &e.student_dir,
+                    &e.vq_dir,
+                    adapter.as_deref(),
+                    device,
+                    e.student_sampling.clone(),
+                )?) as Box<dyn Generator>)
+            })
         };
         let supervisor_adapter =
             plan.tuner.output_dir.join(proxytune_models::diffusion::dreambooth::LORA_FILE);
         let student_adapter = plan.trainer.output_dir.join("adapter_model.safetensors");
         let student_label = if plan.trainer.lora.is_some() { "LoRA" } else { "full" };
-        Ok(vec![
-            ("student (untuned)".into(), student(None)?),
+        vec![
+            ("student (untuned)".into(), student(None)),
             (
                 "supervisor (DreamBooth)".into(),
-                Box::new(SupervisorGenerator::load(
-                    &e.supervisor_dir,
-                    e.supervisor_variant.as_deref(),
-                    Some(&supervisor_adapter),
-                    device,
-                    e.supervisor_sampling.clone(),
-                )?),
+                Box::new(move || {
+                    Ok(Box::new(SupervisorGenerator::load(
+                        &e.supervisor_dir,
+                        e.supervisor_variant.as_deref(),
+                        Some(&supervisor_adapter),
+                        device,
+                        e.supervisor_sampling.clone(),
+                    )?) as Box<dyn Generator>)
+                }),
             ),
-            (format!("student (Proxy-Tuned {student_label})"), student(Some(&student_adapter))?),
-        ])
+            (format!("student (Proxy-Tuned {student_label})"), student(Some(student_adapter))),
+        ]
     }
 }
 
@@ -168,14 +191,71 @@ impl Evaluator for SpecEvaluator {
             },
         };
         let name = &plan.subject.name;
-        evaluate_models(&protocol, Self::models(plan)?, &|report, seconds| {
-            plain_scores(name, report, seconds)
-        })
+        evaluate_models(&protocol, Self::models(plan), &|report, seconds| plain_scores(name, report, seconds))
     }
 
     fn note(&self) -> String {
         "FEAT-I is EfficientNet-Lite0's pooled features (an offline stand-in for DINO); DINO and CLIP \
          columns appear when the spec names their folders."
             .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use proxytune_actors::stages::intake::SubjectEntry;
+    use proxytune_schemas::ModelRole;
+
+    use super::*;
+
+    /// A generator that counts how many of its kind are alive.
+    struct Counted(Rc<Cell<usize>>);
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() - 1);
+        }
+    }
+
+    impl Generator for Counted {
+        fn role(&self) -> ModelRole {
+            ModelRole::Student
+        }
+        fn version(&self) -> String {
+            "counted".into()
+        }
+        fn generate(
+            &mut self,
+            _: &SubjectEntry,
+            _: &str,
+            _: &[u64],
+        ) -> proxytune_actors::Result<tch::Tensor> {
+            unreachable!("not sampled here")
+        }
+    }
+
+    #[test]
+    fn the_evaluation_holds_one_model_at_a_time() {
+        let alive = Rc::new(Cell::new(0));
+        let loader = |alive: Rc<Cell<usize>>| -> ModelLoader<'static> {
+            Box::new(move || {
+                alive.set(alive.get() + 1);
+                Ok(Box::new(Counted(alive)) as Box<dyn Generator>)
+            })
+        };
+        let models = (0..3).map(|i| (format!("m{i}"), loader(alive.clone()))).collect();
+        let seen = one_at_a_time(models, |label, _model| Ok((label.to_string(), alive.get()))).unwrap();
+        let labels: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["m0", "m1", "m2"]);
+        assert!(seen.iter().all(|(_, (_, alive))| *alive == 1), "{seen:?}");
+        assert_eq!(alive.get(), 0);
+        // A model that fails to load is named.
+        let failing: Vec<(String, ModelLoader)> =
+            vec![("the supervisor".into(), Box::new(|| Err(anyhow::anyhow!("no weights"))))];
+        let err = one_at_a_time(failing, |_, _| Ok(())).unwrap_err();
+        assert!(format!("{err:#}").contains("loading the supervisor: no weights"), "{err:#}");
     }
 }

@@ -92,6 +92,8 @@ pub(crate) async fn execute(
     set_stage(progress, "evaluating");
     let t_eval = Instant::now();
     let scores = if plan.eval.skip { Vec::new() } else { evaluator.evaluate(plan)? };
+    let (_, peak) = proxytune_models::diffusion::pipeline::StableDiffusion::resident();
+    eprintln!("proxytune: at most {peak} supervisor copies were loaded at once in this process");
     let eval_seconds = t_eval.elapsed().as_secs_f64();
 
     set_stage(progress, "reporting");

@@ -78,6 +78,7 @@ impl Source for ClassPriorSampler {
         let c = &self.config;
         let n = c.sampling.batch_images.max(1).min(c.num_images - self.next.min(c.num_images));
         if n == 0 {
+            self.model = None;
             return Ok(Produced::Done);
         }
         let seeds: Vec<u64> = (0..n as u64).map(|i| c.first_seed + self.next as u64 + i).collect();
@@ -103,6 +104,11 @@ impl Source for ClassPriorSampler {
         out.emit(ClassPriorImage::to_batch(&rows)?);
         self.generated.increment(n as u64);
         self.next += n;
-        Ok(if self.next >= c.num_images { Produced::Done } else { Produced::More })
+        if self.next >= c.num_images {
+            // Its last image is out: free the model before the tuner's and the generator's peak.
+            self.model = None;
+            return Ok(Produced::Done);
+        }
+        Ok(Produced::More)
     }
 }

@@ -271,9 +271,13 @@ impl Operator for SupervisorTuner {
             // Cancelled (or the prior stream ended with no class image while prior preservation
             // is on): the checkpoint lets a restarted job continue; no supervisor is ready.
             tracing::warn!(subject = %self.config.subject, step = trainer.step_count(), "supervisor tuning stopped before its last step");
+            self.state = None;
             return Ok(());
         }
-        out.emit(Supervisor::to_batch(&[self.export()?])?);
+        let supervisor = self.export()?;
+        // Freed before the generator, which loads the model with this adapter, hears of it.
+        self.state = None;
+        out.emit(Supervisor::to_batch(&[supervisor])?);
         Ok(())
     }
 }

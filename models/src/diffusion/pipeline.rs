@@ -9,6 +9,7 @@
 //! empty negative prompt when `force_zeros_for_empty_prompt` (diffusers' defaults).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tch::{nn, Device, Kind, Tensor};
 
@@ -82,6 +83,16 @@ pub struct StableDiffusion {
     /// is diffusers' VAE slicing: the peak of one image's activations, whatever the batch).
     pub vae_batch: Option<i64>,
     device: Device,
+}
+
+/// Loaded, not yet dropped [`StableDiffusion`]s of this process, and their most at once.
+static RESIDENT: AtomicUsize = AtomicUsize::new(0);
+static RESIDENT_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for StableDiffusion {
+    fn drop(&mut self) {
+        RESIDENT.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The variable stores of the three networks (and of the UNet's LoRA adapters, when present).
@@ -277,6 +288,8 @@ impl StableDiffusion {
         })?;
         let force_zeros_for_empty_prompt =
             index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(false);
+        let now = RESIDENT.fetch_add(1, Ordering::SeqCst) + 1;
+        RESIDENT_PEAK.fetch_max(now, Ordering::SeqCst);
         Ok(StableDiffusion {
             unet,
             vae,
@@ -300,6 +313,12 @@ impl StableDiffusion {
             vae_batch: None,
             device,
         })
+    }
+
+    /// Models of this process loaded and not yet dropped: `(now, the most at any moment)`. A
+    /// job's stages load their own copies; these figures show how many were resident together.
+    pub fn resident() -> (usize, usize) {
+        (RESIDENT.load(Ordering::SeqCst), RESIDENT_PEAK.load(Ordering::SeqCst))
     }
 
     /// The device the model lives on.
