@@ -71,7 +71,7 @@ impl LoraLinear {
     /// A linear layer at `vs` (its base variables), with an adapter when `lora` targets it.
     pub fn new(vs: nn::Path, c_in: i64, c_out: i64, cfg: nn::LinearConfig, lora: Option<LoraSpec>) -> Self {
         let module: Vec<String> = vs.components().map(String::from).collect();
-        let base = nn::linear(vs, c_in, c_out, cfg);
+        let base = crate::nn::linear(vs, c_in, c_out, cfg);
         let adapter = lora.filter(|l| l.config.targets(&module.join("."))).map(|l| {
             let p = module.iter().fold(l.root.clone(), |p, c| &p / c.as_str());
             let a = (&p / "lora_A").kaiming_uniform("weight", &[l.config.rank, c_in]);

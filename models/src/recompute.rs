@@ -123,7 +123,7 @@ mod tests {
     /// A small residual net with a skip that crosses segments, in three segments.
     fn net(vs: &nn::VarStore) -> (nn::Linear, nn::Linear, nn::Linear) {
         let r = vs.root();
-        let lin = |name: &str| nn::linear(&r / name, 6, 6, Default::default());
+        let lin = |name: &str| crate::nn::linear(&r / name, 6, 6, Default::default());
         (lin("a"), lin("b"), lin("c"))
     }
 

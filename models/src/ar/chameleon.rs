@@ -488,11 +488,11 @@ impl Chameleon {
             })
             .collect();
         let embed_tokens =
-            nn::embedding(&m / "embed_tokens", cfg.vocab_size, cfg.hidden_size, Default::default());
+            crate::nn::embedding(&m / "embed_tokens", cfg.vocab_size, cfg.hidden_size, Default::default());
         let lm_head = if cfg.tie_word_embeddings {
             nn::Linear { ws: embed_tokens.ws.shallow_clone(), bs: None }
         } else {
-            nn::linear(
+            crate::nn::linear(
                 &vs / "lm_head",
                 cfg.hidden_size,
                 cfg.vocab_size,

@@ -59,7 +59,7 @@ const GROUPS: i64 = 32;
 const EPS: f64 = 1e-6;
 
 fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, padding: i64) -> nn::Conv2D {
-    nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { padding, ..Default::default() })
+    crate::nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { padding, ..Default::default() })
 }
 
 /// Single-head spatial self-attention with 1×1 convolutions (`norm`, `q`, `k`, `v`, `proj_out`).

@@ -251,7 +251,7 @@ impl LlamaGen {
             fc1: linear(&proj / "fc1", cfg.caption_dim, cfg.dim, cfg.init, false, None),
             fc2: linear(&proj / "fc2", cfg.dim, cfg.dim, cfg.init, false, None),
             uncond_embedding,
-            tok_embeddings: nn::embedding(
+            tok_embeddings: crate::nn::embedding(
                 &vs / "tok_embeddings",
                 cfg.vocab_size,
                 cfg.dim,

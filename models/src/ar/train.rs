@@ -59,8 +59,10 @@ impl ChameleonStudent {
         base.set_kind(kind); // new variables are made in this kind
         let adapters = nn::VarStore::new(device);
         let spec = lora.map(|config| (adapters.root(), config));
-        let model =
-            Chameleon::new(base.root(), &cfg, spec.as_ref().map(|(root, config)| LoraSpec { root, config }))?;
+        // Every base variable comes from the files: built without drawing initial values.
+        let model = crate::nn::for_loading(|| {
+            Chameleon::new(base.root(), &cfg, spec.as_ref().map(|(root, config)| LoraSpec { root, config }))
+        })?;
         let files = crate::shapes::weight_files(dir, &["model"], None)?;
         load_safetensors_files(&mut base, &files, Strictness::Strict)?;
         Ok(ChameleonStudent { model, base, adapters, lora: lora.cloned(), tokens })

@@ -6,7 +6,7 @@
 use tch::{nn, nn::Module, Tensor};
 
 fn conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { stride, padding, ..Default::default() })
+    crate::nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { stride, padding, ..Default::default() })
 }
 
 /// `nn.GroupNorm` with affine parameters.
@@ -56,7 +56,7 @@ impl ResnetBlock2D {
             norm1: group_norm(&vs / "norm1", groups, c_in, eps),
             conv1: conv(&vs / "conv1", c_in, c_out, 3, 1, 1),
             time_emb_proj: temb_channels
-                .map(|t| nn::linear(&vs / "time_emb_proj", t, c_out, Default::default())),
+                .map(|t| crate::nn::linear(&vs / "time_emb_proj", t, c_out, Default::default())),
             norm2: group_norm(&vs / "norm2", groups, c_out, eps),
             conv2: conv(&vs / "conv2", c_out, c_out, 3, 1, 1),
             conv_shortcut: (c_in != c_out).then(|| conv(&vs / shortcut, c_in, c_out, 1, 1, 0)),
@@ -137,13 +137,13 @@ pub struct SpatialAttention {
 impl SpatialAttention {
     /// Creates the attention over `channels`.
     pub fn new(vs: nn::Path, channels: i64, groups: i64, eps: f64) -> Self {
-        let lin = |name: &str| nn::linear(&vs / name, channels, channels, Default::default());
+        let lin = |name: &str| crate::nn::linear(&vs / name, channels, channels, Default::default());
         SpatialAttention {
             group_norm: group_norm(&vs / "group_norm", groups, channels, eps),
             to_q: lin("to_q"),
             to_k: lin("to_k"),
             to_v: lin("to_v"),
-            to_out: nn::linear(&vs / "to_out" / 0, channels, channels, Default::default()),
+            to_out: crate::nn::linear(&vs / "to_out" / 0, channels, channels, Default::default()),
         }
     }
 

@@ -231,25 +231,28 @@ impl StableDiffusion {
         unet_vs.set_kind(options.unet_kind); // new variables are made in this kind
         let unet_lora = nn::VarStore::new(device);
         let spec = lora.map(|config| (unet_lora.root(), config));
-        let unet = UNet2DConditionModel::with_lora(
-            unet_vs.root(),
-            &unet_cfg,
-            spec.as_ref().map(|(root, config)| LoraSpec { root, config }),
-        )?;
+        // Every component's variables come from its files: built without drawing initial values.
+        let unet = crate::nn::for_loading(|| {
+            UNet2DConditionModel::with_lora(
+                unet_vs.root(),
+                &unet_cfg,
+                spec.as_ref().map(|(root, config)| LoraSpec { root, config }),
+            )
+        })?;
         load_safetensors_files(
             &mut unet_vs,
             &weights_files(&dir.join("unet"), variant)?,
             Strictness::Strict,
         )?;
         let mut vae_vs = nn::VarStore::new(device);
-        let vae = AutoencoderKl::new(vae_vs.root(), &vae_cfg);
+        let vae = crate::nn::for_loading(|| AutoencoderKl::new(vae_vs.root(), &vae_cfg));
         load_safetensors_files(&mut vae_vs, &weights_files(&dir.join("vae"), variant)?, Strictness::Strict)?;
         let text_cfg = read_text_config(&text_path)?;
         let mut text_vs = nn::VarStore::new(device);
         let text_weights = weights_files(&dir.join("text_encoder"), variant)?;
         let root =
             if text_model_prefixed(&text_weights)? { text_vs.root() / "text_model" } else { text_vs.root() };
-        let text_encoder = ClipTextTransformer::new(root, &text_cfg)?;
+        let text_encoder = crate::nn::for_loading(|| ClipTextTransformer::new(root, &text_cfg))?;
         // The checkpoint may hold the `position_ids` buffer; it is not a parameter here.
         load_safetensors_files(&mut text_vs, &text_weights, Strictness::AllowUnexpected)?;
 
@@ -259,7 +262,8 @@ impl StableDiffusion {
             let weights = weights_files(&dir.join("text_encoder_2"), variant)?;
             let tower =
                 if text_model_prefixed(&weights)? { text2_vs.root() / "text_model" } else { text2_vs.root() };
-            let model = ClipTextModelWithProjection::new(text2_vs.root(), tower, &cfg)?;
+            let model =
+                crate::nn::for_loading(|| ClipTextModelWithProjection::new(text2_vs.root(), tower, &cfg))?;
             load_safetensors_files(&mut text2_vs, &weights, Strictness::AllowUnexpected)?;
             let tokenizer = ClipTokenizer::from_folder(&must_exist(dir.join("tokenizer_2"))?)?;
             let pad_id = tokenizer_pad_id(&dir.join("tokenizer_2"), &tokenizer);

@@ -187,8 +187,8 @@ struct TimestepMlp {
 impl TimestepMlp {
     fn new(vs: nn::Path, c_in: i64, c_out: i64) -> Self {
         TimestepMlp {
-            linear_1: nn::linear(&vs / "linear_1", c_in, c_out, Default::default()),
-            linear_2: nn::linear(&vs / "linear_2", c_out, c_out, Default::default()),
+            linear_1: crate::nn::linear(&vs / "linear_1", c_in, c_out, Default::default()),
+            linear_2: crate::nn::linear(&vs / "linear_2", c_out, c_out, Default::default()),
         }
     }
     fn forward(&self, xs: &Tensor) -> Tensor {
@@ -262,8 +262,8 @@ impl TransformerBlock {
             attn2: Attention::new(&vs / "attn2", dim, context_dim, heads, head_dim, lora),
             norm3: ln("norm3"),
             // GEGLU: `ff.net.0.proj` makes the value and its gate; `ff.net.2` projects back.
-            ff_in: nn::linear(&vs / "ff" / "net" / 0 / "proj", dim, inner * 2, Default::default()),
-            ff_out: nn::linear(&vs / "ff" / "net" / 2, inner, dim, Default::default()),
+            ff_in: crate::nn::linear(&vs / "ff" / "net" / 0 / "proj", dim, inner * 2, Default::default()),
+            ff_out: crate::nn::linear(&vs / "ff" / "net" / 2, inner, dim, Default::default()),
         }
     }
 
@@ -295,9 +295,9 @@ impl Transformer2D {
         let head_dim = c / heads;
         let proj = |name: &str| {
             if cfg.use_linear_projection {
-                Proj::Linear(nn::linear(&vs / name, c, c, Default::default()))
+                Proj::Linear(crate::nn::linear(&vs / name, c, c, Default::default()))
             } else {
-                Proj::Conv(nn::conv2d(&vs / name, c, c, 1, Default::default()))
+                Proj::Conv(crate::nn::conv2d(&vs / name, c, c, 1, Default::default()))
             }
         };
         Transformer2D {
@@ -493,14 +493,14 @@ impl UNet2DConditionModel {
             _ => None,
         };
         Ok(UNet2DConditionModel {
-            conv_in: nn::conv2d(&vs / "conv_in", cfg.in_channels, ch[0], 3, pad1),
+            conv_in: crate::nn::conv2d(&vs / "conv_in", cfg.in_channels, ch[0], 3, pad1),
             time_embedding: TimestepMlp::new(&vs / "time_embedding", ch[0], temb),
             add_embedding,
             down,
             mid,
             up,
             conv_norm_out: group_norm(&vs / "conv_norm_out", g, ch[0], e),
-            conv_out: nn::conv2d(&vs / "conv_out", ch[0], cfg.out_channels, 3, pad1),
+            conv_out: crate::nn::conv2d(&vs / "conv_out", ch[0], cfg.out_channels, 3, pad1),
             config: cfg.clone(),
         })
     }

@@ -144,8 +144,8 @@ impl AutoencoderKl {
         let g = cfg.norm_num_groups;
         let ch = &cfg.block_out_channels;
         let pad1 = nn::ConvConfig { padding: 1, ..Default::default() };
-        let c3 = |p: nn::Path, i, o| nn::conv2d(p, i, o, 3, pad1);
-        let c1 = |p: nn::Path, i, o| nn::conv2d(p, i, o, 1, Default::default());
+        let c3 = |p: nn::Path, i, o| crate::nn::conv2d(p, i, o, 3, pad1);
+        let c1 = |p: nn::Path, i, o| crate::nn::conv2d(p, i, o, 1, Default::default());
         let enc = &vs / "encoder";
         let mut enc_levels = Vec::new();
         let mut c_prev = ch[0];

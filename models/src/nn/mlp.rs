@@ -29,8 +29,8 @@ pub struct Mlp {
 impl Mlp {
     /// Creates the layers under `vs`.
     pub fn new(vs: nn::Path, cfg: &MlpConfig) -> Self {
-        let fc1 = nn::linear(&vs / "fc1", cfg.in_features, cfg.hidden_features, Default::default());
-        let fc2 = nn::linear(&vs / "fc2", cfg.hidden_features, cfg.out_features, Default::default());
+        let fc1 = crate::nn::linear(&vs / "fc1", cfg.in_features, cfg.hidden_features, Default::default());
+        let fc2 = crate::nn::linear(&vs / "fc2", cfg.hidden_features, cfg.out_features, Default::default());
         Mlp { fc1, fc2 }
     }
 

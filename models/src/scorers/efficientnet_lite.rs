@@ -84,7 +84,7 @@ struct SameConv {
 impl SameConv {
     fn new(vs: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, groups: i64) -> Self {
         let cfg = nn::ConvConfig { stride, padding: 0, groups, bias: false, ..Default::default() };
-        SameConv { conv: nn::conv2d(vs, c_in, c_out, kernel, cfg), kernel, stride }
+        SameConv { conv: crate::nn::conv2d(vs, c_in, c_out, kernel, cfg), kernel, stride }
     }
 
     fn pad(size: i64, kernel: i64, stride: i64) -> (i64, i64) {
@@ -210,7 +210,7 @@ impl EfficientNetLite {
             blocks,
             conv_head: SameConv::new(&vs / "_conv_head", c_in, cfg.head_channels, 1, 1, 1),
             bn1: bn(&vs / "_bn1", cfg.head_channels, eps),
-            fc: nn::linear(&vs / "_fc", cfg.head_channels, cfg.num_classes, Default::default()),
+            fc: crate::nn::linear(&vs / "_fc", cfg.head_channels, cfg.num_classes, Default::default()),
             config: cfg.clone(),
         }
     }

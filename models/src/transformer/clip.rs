@@ -148,8 +148,13 @@ impl ClipTextTransformer {
             &cfg.hidden_act,
         )?;
         Ok(ClipTextTransformer {
-            token_embedding: nn::embedding(&emb / "token_embedding", cfg.vocab_size, d, Default::default()),
-            position_embedding: nn::embedding(
+            token_embedding: crate::nn::embedding(
+                &emb / "token_embedding",
+                cfg.vocab_size,
+                d,
+                Default::default(),
+            ),
+            position_embedding: crate::nn::embedding(
                 &emb / "position_embedding",
                 cfg.max_position_embeddings,
                 d,
@@ -216,7 +221,7 @@ impl ClipTextModelWithProjection {
         })?;
         Ok(ClipTextModelWithProjection {
             text: ClipTextTransformer::new(text, cfg)?,
-            text_projection: nn::linear(
+            text_projection: crate::nn::linear(
                 &root / "text_projection",
                 cfg.hidden_size,
                 projection,
@@ -263,8 +268,19 @@ impl ClipVisionTransformer {
         )?;
         Ok(ClipVisionTransformer {
             class_embedding: emb.zeros("class_embedding", &[d]),
-            patch_embedding: nn::conv2d(&emb / "patch_embedding", cfg.num_channels, d, cfg.patch_size, conv),
-            position_embedding: nn::embedding(&emb / "position_embedding", positions, d, Default::default()),
+            patch_embedding: crate::nn::conv2d(
+                &emb / "patch_embedding",
+                cfg.num_channels,
+                d,
+                cfg.patch_size,
+                conv,
+            ),
+            position_embedding: crate::nn::embedding(
+                &emb / "position_embedding",
+                positions,
+                d,
+                Default::default(),
+            ),
             // (sic) the reference spells it `pre_layrnorm`.
             pre_layrnorm: layer_norm(&vs, "pre_layrnorm", d, cfg.layer_norm_eps),
             layers: (0..cfg.num_hidden_layers)
@@ -312,13 +328,13 @@ impl Clip {
         Ok(Clip {
             text: ClipTextTransformer::new(&vs / "text_model", &cfg.text_config)?,
             vision: ClipVisionTransformer::new(&vs / "vision_model", &cfg.vision_config)?,
-            text_projection: nn::linear(
+            text_projection: crate::nn::linear(
                 &vs / "text_projection",
                 cfg.text_config.hidden_size,
                 cfg.projection_dim,
                 no_bias,
             ),
-            visual_projection: nn::linear(
+            visual_projection: crate::nn::linear(
                 &vs / "visual_projection",
                 cfg.vision_config.hidden_size,
                 cfg.projection_dim,

@@ -113,7 +113,7 @@ fn path<'a>(vs: &nn::Path<'a>, dotted: &str) -> nn::Path<'a> {
 }
 
 fn linear(vs: &nn::Path, key: &str, i: i64, o: i64, bias: bool) -> nn::Linear {
-    nn::linear(path(vs, key), i, o, nn::LinearConfig { bias, ..Default::default() })
+    crate::nn::linear(path(vs, key), i, o, nn::LinearConfig { bias, ..Default::default() })
 }
 
 /// A LayerNorm at `key` (weight and bias).

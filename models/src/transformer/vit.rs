@@ -83,8 +83,13 @@ impl Vit {
         let cls_token = emb.zeros("cls_token", &[1, 1, d]);
         let position_embeddings = emb.zeros("position_embeddings", &[1, patches + 1, d]);
         let conv = nn::ConvConfig { stride: cfg.patch_size, ..Default::default() };
-        let patch =
-            nn::conv2d(&emb / "patch_embeddings" / "projection", cfg.num_channels, d, cfg.patch_size, conv);
+        let patch = crate::nn::conv2d(
+            &emb / "patch_embeddings" / "projection",
+            cfg.num_channels,
+            d,
+            cfg.patch_size,
+            conv,
+        );
         let dims = BlockDims {
             hidden: d,
             heads: cfg.num_attention_heads,
