@@ -735,6 +735,45 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
     }
 }
 
+/// A graceful stop whose drain outlasts `shutdown_timeout_seconds` (0 here: no wait at all) exits
+/// 1 naming the jobs still draining, and the next start resumes the job to its end.
+#[test]
+fn a_shutdown_past_its_deadline_exits_and_the_job_resumes_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#"{"subject": "cat_3", "class_priors": 4, "supervisor_steps": 40, "checkpoint_every": 5,
+        "proxies_per_prompt": 1, "student_steps": 10, "student_min_rows": 4, "eval_images": 1, "eval_prompts": 1}"#;
+    let (mut daemon, addr) = start(dir.path(), "shutdown_timeout_seconds = 0");
+    let (status, body) = request(addr, "POST", "/jobs", spec, None).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let started = Instant::now();
+    while job_status(addr, "job-1")["progress"]["supervisor_steps"].as_u64().unwrap_or(0) < 10 {
+        assert!(started.elapsed() < Duration::from_secs(300), "tuning never reached step 10");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let term = Command::new("sh").args(["-c", &format!("kill -TERM {}", daemon.id())]).status().unwrap();
+    assert!(term.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the daemon did not exit at its deadline");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "a stop cut short by its deadline exits 1");
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("shutdown_timeout_seconds (0) passed with jobs still draining"), "{log}");
+    assert!(log.contains("job-1"), "the log names the job: {log}");
+
+    let (child, addr) = start(dir.path(), "");
+    let _daemon = KillOnDrop(child);
+    let j = wait_state(addr, "job-1", &["succeeded", "failed", "cancelled"]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempts"], 2, "started once, resumed once: {j}");
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("supervisor tuning resumes"), "the tuner resumed from its checkpoint");
+}
+
 /// A spec job (`kind: run`): the user's own reference-layout models under the roots (a tiny SD 1.x
 /// folder and a tiny Chameleon), the photos uploaded; it runs to its report. A spec naming a
 /// folder outside the roots, or with a problem `run --check` finds, is refused with a message

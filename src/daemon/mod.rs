@@ -103,6 +103,10 @@ pub struct DaemonConfig {
     /// series stop being exported; a running job updates its own). 0: never.
     #[serde(default = "default_metrics_idle")]
     pub metrics_idle_seconds: u64,
+    /// A graceful stop waits this long for running jobs to drain, then exits anyway (code 1):
+    /// jobs still draining resume from their last checkpoints at the next start, as after a crash.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_seconds: u64,
 }
 
 /// Upper bounds on one job's budgets: a submission over one is refused (400) with the limit
@@ -177,6 +181,10 @@ fn default_max_rate() -> f64 {
 }
 fn default_metrics_idle() -> u64 {
     86_400
+}
+
+fn default_shutdown_timeout() -> u64 {
+    300
 }
 
 impl DaemonConfig {
@@ -971,8 +979,24 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     tokio::select! {
         served = http::serve(listener, shared.clone()) => served,
         () = stop_signal() => {
-            shared.shut_down().await;
-            Ok(0)
+            let limit = std::time::Duration::from_secs(shared.config.shutdown_timeout_seconds);
+            if tokio::time::timeout(limit, shared.shut_down()).await.is_ok() {
+                return Ok(0);
+            }
+            let draining: Vec<String> = shared.controls.lock().expect("control lock").keys().cloned().collect();
+            tracing::warn!(
+                jobs = ?draining,
+                "shutdown_timeout_seconds ({}) passed with jobs still draining; exiting now: they resume from their last checkpoints at the next start",
+                shared.config.shutdown_timeout_seconds
+            );
+            // Not returning: dropping the runtime would wait for the jobs' blocking work. Nor
+            // `exit`: its C++ static destructors would run under libtorch threads still working
+            // (a crash, not an exit code).
+            use std::io::Write;
+            let _ = std::io::stderr().flush();
+            // SAFETY: `_exit` ends the process at once; nothing of ours needs to run after it (the
+            // records are written crash-safely, and the data-dir lock is the kernel's).
+            unsafe { libc::_exit(1) }
         }
     }
 }
