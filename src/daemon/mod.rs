@@ -1119,3 +1119,22 @@ fn read_folder(dir: &Path, max_bytes: usize) -> anyhow::Result<Vec<(String, &'st
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_daemon_config_is_a_valid_config_with_the_defaults_it_shows() {
+        let readme = include_str!("../../README.md");
+        let block = readme.split("# daemon.toml\n").nth(1).unwrap().split("```").next().unwrap();
+        let config: DaemonConfig = toml::from_str(block).unwrap();
+        let defaults: DaemonConfig = toml::from_str("bind = \"127.0.0.1:8640\"\ndata_dir = \"d\"").unwrap();
+        assert_eq!(config.shutdown_timeout_seconds, defaults.shutdown_timeout_seconds);
+        assert_eq!(config.metrics_idle_seconds, defaults.metrics_idle_seconds);
+        assert_eq!(config.max_connections, defaults.max_connections);
+        assert_eq!(config.request_timeout_seconds, defaults.request_timeout_seconds);
+        assert_eq!(config.max_queued_jobs, defaults.max_queued_jobs);
+        assert_eq!(config.limits, defaults.limits);
+    }
+}
