@@ -391,3 +391,54 @@ async fn every_table_reopens_with_its_schema() {
     assert_eq!(corpus.table::<ReferenceImage>().await.unwrap().count_rows(None).await.unwrap(), 1);
     assert_eq!(corpus.table::<ClassPriorImage>().await.unwrap().count_rows(None).await.unwrap(), 1);
 }
+
+/// The newest manifest of `table_dir` (Lance's v2 names count down from `u64::MAX`).
+pub(crate) fn newest_manifest(table_dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(table_dir.join("_versions"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "manifest"))
+        .min_by_key(|p| p.file_stem().unwrap().to_str().unwrap().parse::<u64>().unwrap())
+        .unwrap()
+}
+
+pub(crate) fn cut_short(path: &std::path::Path) {
+    let len = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(len / 2).unwrap();
+}
+
+#[tokio::test]
+async fn a_table_whose_newest_manifest_is_cut_short_opens_at_its_newest_whole_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Corpus::open_or_create(dir.path()).unwrap();
+    let table_dir = corpus.table_path::<Proxy>();
+    {
+        let mut table = corpus.table::<Proxy>().await.unwrap();
+        for v in 0..3u64 {
+            table.append_rows(&proxies("j", v * 10..v * 10 + 10)).await.unwrap();
+        }
+    }
+    let newest = newest_manifest(&table_dir);
+    cut_short(&newest);
+    let mut table = corpus.table::<Proxy>().await.unwrap();
+    assert_eq!(table.version(), Some(2), "the newest whole version");
+    assert_eq!(all_rows(&table).await, proxies("j", 0..20));
+    let aside: Vec<_> = std::fs::read_dir(table_dir.join("_damaged_manifests")).unwrap().collect();
+    assert_eq!(aside.len(), 1, "the damaged manifest is kept aside");
+    assert!(!newest.exists());
+    // A resumed writer writes the lost commit's rows again, each once.
+    let outcome = table.append_rows(&proxies("j", 0..30)).await.unwrap();
+    assert_eq!((outcome.written, outcome.skipped), (10, 20));
+    assert_eq!(all_rows(&table).await, proxies("j", 0..30));
+    drop(table);
+
+    // With every manifest damaged there is nothing to fall back to: refused, nothing moved.
+    let manifests: Vec<_> =
+        std::fs::read_dir(table_dir.join("_versions")).unwrap().map(|e| e.unwrap().path()).collect();
+    for m in &manifests {
+        cut_short(m);
+    }
+    let err = corpus.table::<Proxy>().await.unwrap_err().to_string();
+    assert!(err.contains("every manifest is damaged") && err.contains("proxies.lance"), "{err}");
+    assert!(manifests.iter().all(|m| m.exists()), "nothing was moved");
+}

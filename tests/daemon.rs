@@ -567,9 +567,9 @@ fn a_non_loopback_bind_needs_a_token_and_every_request_carries_it() {
 }
 
 /// The daemon is killed (SIGKILL) while the job tunes its supervisor, while it generates proxies
-/// and while its student trains, then stopped gracefully (SIGTERM) while the student trains again;
-/// each restart resumes the job from its checkpoints and corpus, and the job ends exactly as an
-/// uninterrupted run of it does.
+/// (and the proxies' newest commit is then cut short on disk) and while its student trains, then
+/// stopped gracefully (SIGTERM) while the student trains again; each restart resumes the job from
+/// its checkpoints and corpus, and the job ends exactly as an uninterrupted run of it does.
 #[test]
 fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -647,6 +647,10 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
                 job_dir.join("supervisor/checkpoints").read_dir().unwrap().next().is_some(),
                 "a supervisor checkpoint exists"
             ),
+            // The disk lost the end of the proxies' newest commit: its manifest is cut short.
+            "generation" => crate::corpus::cut_short(&crate::corpus::newest_manifest(
+                &job_dir.join("corpus/proxies.lance"),
+            )),
             "training, stopped by SIGTERM" => {
                 killed_at_student_step = n(&progress, "student_steps");
                 // The drain wrote a checkpoint; the next run must resume from its step.
@@ -669,6 +673,7 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("supervisor tuning resumes"), "the tuner resumed from its checkpoint");
     assert!(log.contains("student training resumes"), "the trainer resumed from its checkpoint");
+    assert!(log.contains("the newest manifest was damaged"), "the cut-short commit was set aside");
 
     // Exactly one row per planned proxy key.
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -16,6 +16,12 @@
 //! - **Versions.** Each append commits a new Lance version; versions can be listed, tagged,
 //!   checked out read-only (the replay source) and compacted without losing old versions.
 //!
+//! - **Damaged commits.** A table whose newest manifest is damaged (cut short: it lacks Lance's
+//!   closing magic) opens at its newest whole version, the damaged manifest moved to
+//!   `<table>.lance/_damaged_manifests/` and logged; the rows of that commit are gone from the
+//!   table, and a resumed job writes them again (a row's key is fixed by its plan). Lance itself
+//!   would fail (or, in a build with overflow checks, panic) reading it.
+//!
 //! One writer per table at a time (the corpus writer actor); any number of readers.
 
 pub mod reader;
@@ -114,6 +120,68 @@ impl Corpus {
     pub async fn table<T: Table>(&self) -> Result<CorpusTable<T>> {
         CorpusTable::open(self.table_path::<T>()).await
     }
+}
+
+/// Lance's closing bytes of every manifest it writes.
+const MANIFEST_MAGIC: &[u8; 4] = b"LANC";
+
+/// The version a manifest's file name stands for (Lance's v2 names count down from `u64::MAX`, so
+/// the newest sorts first; v1 names are the version).
+fn manifest_version(name: &str) -> Option<u64> {
+    let n: u64 = name.strip_suffix(".manifest")?.parse().ok()?;
+    Some(if n > u64::MAX / 2 { u64::MAX - n } else { n })
+}
+
+/// Whether a manifest file is whole: at least a footer long and ending with Lance's magic.
+fn manifest_is_whole(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len < 16 {
+        return Ok(false);
+    }
+    let mut tail = [0u8; 4];
+    file.seek(SeekFrom::End(-4))?;
+    file.read_exact(&mut tail)?;
+    Ok(&tail == MANIFEST_MAGIC)
+}
+
+/// Moves damaged manifests at the head of `table`'s history into `_damaged_manifests/`, newest
+/// first, until the newest is whole; returns where they went. Refuses (changing nothing) when no
+/// whole manifest would remain.
+fn set_aside_damaged_manifests(table: &Path) -> Result<Vec<PathBuf>> {
+    let versions = table.join("_versions");
+    let io = |e: std::io::Error| not_a_corpus(table, &format!("cannot read its manifests ({e})"));
+    let Ok(entries) = std::fs::read_dir(&versions) else { return Ok(Vec::new()) };
+    let mut manifests: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((manifest_version(e.file_name().to_str()?)?, e.path())))
+        .collect();
+    manifests.sort_by(|a, b| b.0.cmp(&a.0)); // newest first
+    let damaged: Vec<&PathBuf> = manifests
+        .iter()
+        .map(|(_, p)| manifest_is_whole(p).map(|whole| (p, whole)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(io)?
+        .into_iter()
+        .take_while(|(_, whole)| !whole)
+        .map(|(p, _)| p)
+        .collect();
+    if damaged.is_empty() {
+        return Ok(Vec::new());
+    }
+    if damaged.len() == manifests.len() {
+        return Err(not_a_corpus(table, "every manifest is damaged (cut short); nothing was changed"));
+    }
+    let aside = table.join("_damaged_manifests");
+    std::fs::create_dir_all(&aside).map_err(io)?;
+    let mut moved = Vec::new();
+    for path in damaged {
+        let to = aside.join(path.file_name().expect("a manifest file"));
+        std::fs::rename(path, &to).map_err(io)?;
+        moved.push(to);
+    }
+    Ok(moved)
 }
 
 fn not_a_corpus(path: &Path, reason: &str) -> Error {
@@ -224,6 +292,9 @@ impl<T: Table> CorpusTable<T> {
     pub async fn open(path: PathBuf) -> Result<Self> {
         let uri = path.to_string_lossy().into_owned();
         let dataset = if path.exists() {
+            for damaged in set_aside_damaged_manifests(&path)? {
+                tracing::warn!(table = %path.display(), manifest = %damaged.display(), "the newest manifest was damaged (cut short); set aside, the table opens at its newest whole version");
+            }
             let ds = Dataset::open(&uri)
                 .await
                 .map_err(|e| not_a_corpus(&path, &format!("not a Lance dataset ({e})")))?;
