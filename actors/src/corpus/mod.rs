@@ -157,7 +157,7 @@ fn set_aside_damaged_manifests(table: &Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok())
         .filter_map(|e| Some((manifest_version(e.file_name().to_str()?)?, e.path())))
         .collect();
-    manifests.sort_by(|a, b| b.0.cmp(&a.0)); // newest first
+    manifests.sort_by_key(|m| std::cmp::Reverse(m.0)); // newest first
     let damaged: Vec<&PathBuf> = manifests
         .iter()
         .map(|(_, p)| manifest_is_whole(p).map(|whole| (p, whole)))
