@@ -121,7 +121,8 @@ pub async fn execute(
     let (version, filter, rows) = check(args).await?;
     let corpus = Corpus::open(&args.corpus)?;
     let table = corpus.table::<Proxy>().await?.checkout(&VersionRef::Number(version)).await?;
-    let sample: Vec<Proxy> = table.read_rows(Some(&filter)).await?;
+    // Metadata only: the subject check needs no image.
+    let sample: Vec<Proxy> = table.read_rows_light(Some(&filter)).await?;
     let subject_name = sample[0].subject.clone();
     crate::subject::check_name(&subject_name)
         .with_context(|| format!("{}: the subject", args.corpus.display()))?;

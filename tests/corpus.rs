@@ -442,3 +442,21 @@ async fn a_table_whose_newest_manifest_is_cut_short_opens_at_its_newest_whole_ve
     assert!(err.contains("every manifest is damaged") && err.contains("proxies.lance"), "{err}");
     assert!(manifests.iter().all(|m| m.exists()), "nothing was moved");
 }
+
+#[tokio::test]
+async fn light_reads_leave_images_on_disk_and_limited_reads_stop_at_their_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Corpus::open_or_create(dir.path()).unwrap();
+    let mut table = corpus.table::<Proxy>().await.unwrap();
+    table.append_rows(&proxies("j", 0..30)).await.unwrap();
+    let full = all_rows(&table).await;
+    assert!(full.iter().all(|p| !p.image_png.is_empty()));
+    let light = table.read_rows_light(None).await.unwrap();
+    let stripped: Vec<Proxy> = full.iter().map(|p| Proxy { image_png: Vec::new(), ..p.clone() }).collect();
+    assert_eq!(light, stripped, "every other field as stored, the image empty");
+    let some = table.read_rows_limited(Some("seed >= 5"), 7).await.unwrap();
+    assert_eq!(some, full.iter().filter(|p| p.seed >= 5).take(7).cloned().collect::<Vec<_>>());
+    let generated = table.timestamps("generated_at").await.unwrap();
+    assert_eq!(generated, full.iter().map(|p| p.generated_at_us).collect::<Vec<_>>());
+    assert!(table.timestamps("seed").await.unwrap_err().to_string().contains("not a timestamp column"));
+}

@@ -741,12 +741,13 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
 }
 
 /// A graceful stop whose drain outlasts `shutdown_timeout_seconds` (0 here: no wait at all) exits
-/// 1 naming the jobs still draining, and the next start resumes the job to its end.
+/// 1 naming the jobs still draining, and the next start resumes the job to its end; a pause while
+/// it evaluates is refused (409), and the job ends as if none had been asked.
 #[test]
 fn a_shutdown_past_its_deadline_exits_and_the_job_resumes_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let spec = r#"{"subject": "cat_3", "class_priors": 4, "supervisor_steps": 40, "checkpoint_every": 5,
-        "proxies_per_prompt": 1, "student_steps": 10, "student_min_rows": 4, "eval_images": 1, "eval_prompts": 1}"#;
+        "proxies_per_prompt": 1, "student_steps": 10, "student_min_rows": 4, "eval_images": 2, "eval_prompts": 4}"#;
     let (mut daemon, addr) = start(dir.path(), "shutdown_timeout_seconds = 0");
     let (status, body) = request(addr, "POST", "/jobs", spec, None).unwrap();
     assert_eq!(status, 201, "{body}");
@@ -772,6 +773,20 @@ fn a_shutdown_past_its_deadline_exits_and_the_job_resumes_at_the_next_start() {
 
     let (child, addr) = start(dir.path(), "");
     let _daemon = KillOnDrop(child);
+    let started = Instant::now();
+    loop {
+        let j = job_status(addr, "job-1");
+        if j["progress"]["stage"] == "evaluating" {
+            break;
+        }
+        let state = &j["job"]["state"];
+        assert!(state == "running" || state == "queued", "the job ended before evaluating: {j}");
+        assert!(started.elapsed() < Duration::from_secs(300), "never evaluated: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = request(addr, "POST", "/jobs/job-1/pause", "", None).unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("is evaluating"), "{body}");
     let j = wait_state(addr, "job-1", &["succeeded", "failed", "cancelled"]);
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["attempts"], 2, "started once, resumed once: {j}");

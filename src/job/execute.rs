@@ -72,10 +72,12 @@ pub(crate) async fn execute(
         );
     }
 
-    // What the corpus holds now.
-    let proxies: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
-    let priors: Vec<ClassPriorImage> = corpus.table::<ClassPriorImage>().await?.read_rows(None).await?;
-    let vq_rows: Vec<VqTokens> = corpus.table::<VqTokens>().await?.read_rows(None).await?;
+    // What the corpus holds now: metadata only (images and tokens stay on disk), so the report
+    // costs the same at 100k proxies as at 100; the grids read their few images below.
+    let proxy_table = corpus.table::<Proxy>().await?;
+    let proxies: Vec<Proxy> = proxy_table.read_rows_light(None).await?;
+    let priors: Vec<ClassPriorImage> = corpus.table::<ClassPriorImage>().await?.read_rows_light(None).await?;
+    let vq_created: Vec<i64> = corpus.table::<VqTokens>().await?.timestamps("created_at").await?;
     let supervisors: Vec<Supervisor> = corpus.table::<Supervisor>().await?.read_rows(None).await?;
     let kept: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(true)).collect();
     let rejected: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(false)).collect();
@@ -100,8 +102,15 @@ pub(crate) async fn execute(
     // Grids.
     let references = squares(&subject.references, 128);
     save_grid(&references, references.len(), &report_dir.join("references.png"))?;
-    let kept_imgs: Vec<_> = kept.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
-    let rejected_imgs: Vec<_> = rejected.iter().take(48).filter_map(|p| decode(&p.image_png)).collect();
+    let grid = |keep: bool| {
+        let table = &proxy_table;
+        async move {
+            let rows = table.read_rows_limited(Some(&format!("keep = {keep}")), 48).await?;
+            anyhow::Ok(rows.iter().filter_map(|p| decode(&p.image_png)).collect::<Vec<_>>())
+        }
+    };
+    let kept_imgs = grid(true).await?;
+    let rejected_imgs = grid(false).await?;
     let has_kept = save_grid(&kept_imgs, 12, &report_dir.join("proxies_kept.png"))?;
     let has_rejected = save_grid(&rejected_imgs, 12, &report_dir.join("proxies_rejected.png"))?;
     for (i, (_, s)) in scores.iter().enumerate() {
@@ -134,7 +143,7 @@ pub(crate) async fn execute(
                          "width": proxies.first().map(|p| p.width), "height": proxies.first().map(|p| p.height),
                          "first_generated_at_us": first_proxy_us, "last_generated_at_us": last_proxy_us,
                          "per_second": proxies.len() as f64 / generation_seconds },
-            "vq_tokens": throughput(vq_rows.iter().map(|r| r.created_at_us)),
+            "vq_tokens": throughput(vq_created.iter().copied()),
             "student": { "steps": run.trainer.steps, "rows_received": run.trainer.rows_received,
                          "first_step_at_us": first_step_us, "last_step_at_us": last_step_us,
                          "steps_before_last_proxy": steps_before_last_proxy,

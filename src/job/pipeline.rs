@@ -17,9 +17,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig, WriterStats};
-use proxytune_actors::corpus::Corpus;
+use proxytune_actors::corpus::{Corpus, Scan};
 use proxytune_actors::runtime::{
     JobOutcome, Metrics, Pipeline, PipelineConfig, PipelineReport, RunningPipeline,
 };
@@ -30,7 +31,7 @@ use proxytune_actors::stages::intake::encode_png;
 use proxytune_actors::stages::proxy_generator::ProxyGenerator;
 use proxytune_actors::stages::supervisor_tuner::SupervisorTuner;
 use proxytune_actors::stages::tokenize::Tokenize;
-use proxytune_schemas::{ClassPriorImage, Proxy, ReferenceImage, Supervisor, VqTokens};
+use proxytune_schemas::{ClassPriorImage, Proxy, ReferenceImage, Supervisor, Table, VqTokens};
 
 use super::plan::StagePlan;
 
@@ -179,11 +180,12 @@ pub(crate) async fn pipeline(
     // A resumed job: the proxies stored already are not sampled again; the kept ones are what
     // new proxies are checked for duplicates against, and the proxy writer passes them on first
     // (in commit order), so the student sees the sequence of an uninterrupted run.
-    let stored: Vec<Proxy> = corpus.table::<Proxy>().await?.read_rows(None).await?;
+    // Metadata only: the kept ones' images are streamed into the Filter below, a batch at a time.
+    let proxy_table = corpus.table::<Proxy>().await?;
+    let stored: Vec<Proxy> = proxy_table.read_rows_light(None).await?;
     if !stored.is_empty() {
         eprintln!("proxytune: resuming with {} proxies stored", stored.len());
     }
-    let stored_kept: Vec<Proxy> = stored.iter().filter(|p| p.keep == Some(true)).cloned().collect();
     let mut generator_config = plan.generator.clone();
     generator_config.stored_seeds = stored.iter().map(|p| p.seed).collect();
     let planned = generator_config.plan.items().len() as u64;
@@ -192,7 +194,11 @@ pub(crate) async fn pipeline(
     let (embedders, prompt_scorer) = plan.scorers.load(scorer_device)?;
     let mut filter =
         Filter::new(plan.filter.clone(), embedders, prompt_scorer, reference_rows, scorer_device, &metrics)?;
-    filter.remember_kept(&stored_kept)?;
+    let kept_scan = Scan { filter: Some("keep = true".into()), batch_size: Some(32), ..Default::default() };
+    let mut kept_stream = proxy_table.scan(&kept_scan).await?;
+    while let Some(batch) = kept_stream.try_next().await? {
+        filter.remember_kept(&Proxy::from_batch(&batch)?)?;
+    }
     let tokenize = Tokenize::new(plan.tokenize.clone());
     let (trainer, trainer_stats) = ArTrainerActor::new(plan.trainer.clone(), &metrics)?;
     let commit = |rows: usize, forward: bool| LanceWriterConfig {

@@ -471,6 +471,70 @@ impl<T: Table> CorpusTable<T> {
             .boxed())
     }
 
+    /// The rows `filter` selects without their binary columns (images): those columns are never
+    /// read from disk and come back empty, so a table of 100k 1024-px proxies costs its metadata
+    /// alone. For tables whose rows accept an empty binary (images), not for token rows.
+    pub async fn read_rows_light(&self, filter: Option<&str>) -> Result<Vec<T>> {
+        let schema = T::schema();
+        let heavy = |f: &arrow_schema::Field| matches!(f.data_type(), arrow_schema::DataType::LargeBinary);
+        let columns: Vec<String> =
+            schema.fields().iter().filter(|f| !heavy(f)).map(|f| f.name().clone()).collect();
+        let scan = Scan { filter: filter.map(String::from), columns: Some(columns), ..Default::default() };
+        let mut stream = self.scan(&scan).await?;
+        let mut rows = Vec::new();
+        while let Some(batch) = stream.try_next().await? {
+            let n = batch.num_rows();
+            let mut full: Vec<Arc<dyn Array>> = Vec::with_capacity(schema.fields().len());
+            for field in schema.fields() {
+                full.push(if heavy(field) {
+                    Arc::new(arrow_array::LargeBinaryArray::from_iter_values(std::iter::repeat_n(
+                        &b""[..],
+                        n,
+                    )))
+                } else {
+                    batch.column_by_name(field.name()).expect("projected").clone()
+                });
+            }
+            let batch = RecordBatch::try_new(schema.clone(), full)
+                .map_err(|source| proxytune_schemas::SchemaError::Arrow { table: T::NAME, source })?;
+            rows.extend(T::from_batch(&batch)?);
+        }
+        Ok(rows)
+    }
+
+    /// At most `limit` typed rows `filter` selects, in storage order; reading stops there.
+    pub async fn read_rows_limited(&self, filter: Option<&str>, limit: usize) -> Result<Vec<T>> {
+        let scan = Scan {
+            filter: filter.map(String::from),
+            batch_size: Some(limit.clamp(1, 64)),
+            ..Default::default()
+        };
+        let mut stream = self.scan(&scan).await?;
+        let mut rows = Vec::new();
+        while rows.len() < limit {
+            let Some(batch) = stream.try_next().await? else { break };
+            rows.extend(T::from_batch(&batch)?);
+        }
+        rows.truncate(limit);
+        Ok(rows)
+    }
+
+    /// The values of a timestamp column (microseconds), every row, in storage order.
+    pub async fn timestamps(&self, column: &str) -> Result<Vec<i64>> {
+        let scan = Scan { columns: Some(vec![column.to_string()]), ..Default::default() };
+        let mut stream = self.scan(&scan).await?;
+        let mut out = Vec::new();
+        while let Some(batch) = stream.try_next().await? {
+            let values = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
+                .ok_or_else(|| not_a_corpus(&self.path, &format!("`{column}` is not a timestamp column")))?;
+            out.extend(values.values().iter().copied());
+        }
+        Ok(out)
+    }
+
     /// The typed rows `filter` selects (all with `None`) in storage order; for small tables.
     pub async fn read_rows(&self, filter: Option<&str>) -> Result<Vec<T>> {
         let mut stream = self.scan(&Scan { filter: filter.map(String::from), ..Default::default() }).await?;
