@@ -460,3 +460,41 @@ async fn light_reads_leave_images_on_disk_and_limited_reads_stop_at_their_limit(
     assert_eq!(generated, full.iter().map(|p| p.generated_at_us).collect::<Vec<_>>());
     assert!(table.timestamps("seed").await.unwrap_err().to_string().contains("not a timestamp column"));
 }
+
+#[tokio::test]
+async fn tidying_keeps_the_newest_and_the_tagged_versions_and_removes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Corpus::open_or_create(dir.path()).unwrap();
+    let mut table = corpus.table::<Proxy>().await.unwrap();
+    for v in 0..5u64 {
+        table.append_rows(&proxies("j", v * 10..v * 10 + 10)).await.unwrap();
+    }
+    table.tag("trained-run-1", 2).await.unwrap();
+    let manifests = |d: &std::path::Path| {
+        std::fs::read_dir(d.join("_versions"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "manifest"))
+            .count()
+    };
+    assert_eq!(manifests(&corpus.table_path::<Proxy>()), 5);
+    let report = table.tidy("job-end").await.unwrap();
+    assert_eq!((report.kept_version, report.versions_removed), (Some(5), 3));
+    let versions: Vec<u64> = table.versions().await.unwrap().iter().map(|v| v.version).collect();
+    assert_eq!(versions, [2, 5], "the tagged and the newest");
+    assert_eq!(manifests(&corpus.table_path::<Proxy>()), 2);
+    assert_eq!(table.tags().await.unwrap().get("job-end"), Some(&5));
+    assert_eq!(all_rows(&table).await, proxies("j", 0..50));
+    let v2 = table.checkout(&VersionRef::Tag("trained-run-1".into())).await.unwrap();
+    assert_eq!(all_rows(&v2).await, proxies("j", 0..20), "a tagged version reads as before");
+    // Again: nothing left to remove, the tag stays where it was; appends go on.
+    assert_eq!(table.tidy("job-end").await.unwrap().versions_removed, 0);
+    table.append_rows(&proxies("j", 50..60)).await.unwrap();
+    assert_eq!(table.version(), Some(6));
+    // The whole corpus: every table, the unwritten ones reported as such.
+    let reports = corpus.tidy("job-end").await.unwrap();
+    assert_eq!(reports.len(), 6);
+    let proxies_report = reports.iter().find(|r| r.table == "proxies").unwrap();
+    // `job-end` names version 5 already (a tag is never moved), so 2, 5 and the newest stay.
+    assert_eq!((proxies_report.kept_version, proxies_report.versions_removed), (Some(6), 0));
+    assert!(reports.iter().filter(|r| r.table != "proxies").all(|r| r.kept_version.is_none()));
+}

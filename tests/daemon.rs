@@ -792,6 +792,31 @@ fn a_shutdown_past_its_deadline_exits_and_the_job_resumes_at_the_next_start() {
     assert_eq!(j["attempts"], 2, "started once, resumed once: {j}");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("supervisor tuning resumes"), "the tuner resumed from its checkpoint");
+
+    // The succeeded job's corpus was tidied: one version a table, tagged, every row still there.
+    assert!(log.contains("tidied the job's corpus"), "{log}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let corpus =
+            proxytune_actors::corpus::Corpus::open(dir.path().join("data/jobs/job-1/corpus")).unwrap();
+        let table = corpus.table::<proxytune_schemas::Proxy>().await.unwrap();
+        let versions: Vec<u64> = table.versions().await.unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(versions.len(), 1, "{versions:?}");
+        assert_eq!(table.tags().await.unwrap().get("job-end"), versions.first());
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("data/jobs/job-1/report/report.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            table.count_rows(None).await.unwrap() as u64,
+            report["stages"]["proxies"]["rows"].as_u64().unwrap()
+        );
+        assert_eq!(
+            report["corpus"]["proxies_version"].as_u64(),
+            versions.first().copied(),
+            "the report's version stays"
+        );
+    });
 }
 
 /// A spec job (`kind: run`): the user's own reference-layout models under the roots (a tiny SD 1.x

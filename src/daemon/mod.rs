@@ -107,6 +107,14 @@ pub struct DaemonConfig {
     /// jobs still draining resume from their last checkpoints at the next start, as after a crash.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_seconds: u64,
+    /// When a job succeeds, its corpus keeps its newest version of each table (tagged `job-end`)
+    /// and its tagged ones, and the other versions are removed ([`proxytune_actors::corpus::Corpus::tidy`]).
+    #[serde(default = "yes")]
+    pub tidy_corpora: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Upper bounds on one job's budgets: a submission over one is refused (400) with the limit
@@ -348,6 +356,32 @@ impl Shared {
                     tracing::error!(job = %id, error = %format!("{e:#}"), "retention cannot delete the job")
                 }
             }
+        }
+    }
+
+    /// Tidies succeeded job `id`'s corpus (when it has one), unless a queued or running replay
+    /// reads it (its pinned version must stay). File work: call it off the async workers.
+    fn tidy_corpus(&self, id: &str) {
+        let corpus = {
+            let store = self.store();
+            if let Some(reader) = replay_reading(&store, id) {
+                tracing::info!(job = %id, replay = %reader.id, "the corpus stays untidied: a replay reads it");
+                return;
+            }
+            store.dir(id).join("corpus")
+        };
+        if !corpus.join(proxytune_actors::corpus::MARKER_FILE).is_file() {
+            return;
+        }
+        let tidied = tokio::runtime::Handle::current()
+            .block_on(async { proxytune_actors::corpus::Corpus::open(&corpus)?.tidy("job-end").await });
+        match tidied {
+            Ok(tables) => {
+                let versions: u64 = tables.iter().map(|t| t.versions_removed).sum();
+                let bytes: u64 = tables.iter().map(|t| t.bytes_removed).sum();
+                tracing::info!(job = %id, versions_removed = versions, bytes_removed = bytes, "tidied the job's corpus: each table keeps its newest version (tagged job-end) and its tagged ones");
+            }
+            Err(e) => tracing::error!(job = %id, error = %format!("{e:#}"), "cannot tidy the job's corpus"),
         }
     }
 
@@ -609,12 +643,7 @@ impl Shared {
                 job.state.as_str()
             )));
         }
-        let corpus = store.dir(id).join("corpus");
-        let reader = store.list().into_iter().find(|j| {
-            matches!(j.state, JobState::Queued | JobState::Running | JobState::Paused)
-                && j.input.as_ref().is_some_and(|input| input.starts_with(&corpus))
-        });
-        if let Some(reader) = reader {
+        if let Some(reader) = replay_reading(&store, id) {
             return Ok(CommandOutcome::Refused(format!(
                 "job `{}` ({}) replays `{id}`'s corpus: delete it when that job has ended",
                 reader.id,
@@ -629,6 +658,19 @@ impl Shared {
         jobs::clear_deleted(&dir)?;
         Ok(CommandOutcome::Applied)
     }
+}
+
+/// A queued or running replay reading job `id`'s corpus, if any.
+fn replay_reading(store: &JobStore, id: &str) -> Option<jobs::Job> {
+    let corpus = store.dir(id).join("corpus");
+    store
+        .list()
+        .into_iter()
+        .find(|j| {
+            matches!(j.state, JobState::Queued | JobState::Running | JobState::Paused)
+                && j.input.as_ref().is_some_and(|input| input.starts_with(&corpus))
+        })
+        .cloned()
 }
 
 /// The daemon is busy (its queue is full): the client may try again later (429).
@@ -926,6 +968,13 @@ async fn runner(shared: Arc<Shared>) {
                 }
                 controls.remove(&id);
             }
+            if state == JobState::Succeeded && shared2.config.tidy_corpora {
+                let tidied = shared2.clone();
+                let id = id.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || tidied.tidy_corpus(&id)).await {
+                    tracing::error!(error = %e, "the corpus tidy's thread panicked");
+                }
+            }
             let retained = shared2.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || retained.apply_retention()).await {
                 tracing::error!(error = %e, "retention's thread panicked");
@@ -1136,5 +1185,6 @@ mod tests {
         assert_eq!(config.request_timeout_seconds, defaults.request_timeout_seconds);
         assert_eq!(config.max_queued_jobs, defaults.max_queued_jobs);
         assert_eq!(config.limits, defaults.limits);
+        assert_eq!(config.tidy_corpora, defaults.tidy_corpora);
     }
 }

@@ -111,6 +111,19 @@ impl Corpus {
         &self.root
     }
 
+    /// Tidies every table ([`CorpusTable::tidy`]), naming each one's newest version `tag`.
+    pub async fn tidy(&self, tag: &str) -> Result<Vec<TidyReport>> {
+        use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
+        Ok(vec![
+            self.table::<ReferenceImage>().await?.tidy(tag).await?,
+            self.table::<ClassPriorImage>().await?.tidy(tag).await?,
+            self.table::<Supervisor>().await?.tidy(tag).await?,
+            self.table::<Proxy>().await?.tidy(tag).await?,
+            self.table::<VqTokens>().await?.tidy(tag).await?,
+            self.table::<EvalSample>().await?.tidy(tag).await?,
+        ])
+    }
+
     /// Where table `T`'s dataset lives.
     pub fn table_path<T: Table>(&self) -> PathBuf {
         self.root.join(format!("{}.lance", T::NAME))
@@ -186,6 +199,19 @@ fn set_aside_damaged_manifests(table: &Path) -> Result<Vec<PathBuf>> {
 
 fn not_a_corpus(path: &Path, reason: &str) -> Error {
     Error::NotACorpus { path: path.to_path_buf(), reason: reason.to_string() }
+}
+
+/// What tidying one table did ([`CorpusTable::tidy`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TidyReport {
+    /// The table.
+    pub table: &'static str,
+    /// The newest version, kept and tagged (`None`: the table was never written).
+    pub kept_version: Option<u64>,
+    /// Versions removed.
+    pub versions_removed: u64,
+    /// Bytes removed.
+    pub bytes_removed: u64,
 }
 
 /// A version to read: a number or a tag name.
@@ -582,6 +608,42 @@ impl<T: Table> CorpusTable<T> {
             keys: None,
             read_only: true,
             _rows: PhantomData,
+        })
+    }
+
+    /// Names the newest version `tag` (unless the tag exists) and removes every other version no
+    /// tag names: their manifests and transaction files, and data files only they use (with
+    /// append-only tables, none). The newest version and every tagged one stay readable. What a
+    /// finished job's corpus keeps: each of its thousands of commits left a manifest listing every
+    /// fragment so far, so manifests grow with the square of the commits.
+    pub async fn tidy(&mut self, tag: &str) -> Result<TidyReport> {
+        if self.read_only {
+            return Err(not_a_corpus(&self.path, "cannot tidy a read-only checkout"));
+        }
+        let uri = self.uri.clone();
+        let Some(ds) = self.dataset.as_mut() else {
+            return Ok(TidyReport {
+                table: T::NAME,
+                kept_version: None,
+                versions_removed: 0,
+                bytes_removed: 0,
+            });
+        };
+        ds.checkout_latest().await.context(|| format!("checkout latest of {uri}"))?;
+        let latest = ds.version().version;
+        let tags = ds.tags().list().await.context(|| format!("list tags of {uri}"))?;
+        if !tags.contains_key(tag) {
+            ds.tags().create(tag, latest).await.context(|| format!("tag {uri}@{latest} as `{tag}`"))?;
+        }
+        let stats = ds
+            .cleanup_old_versions(chrono::Duration::zero(), Some(false), Some(false))
+            .await
+            .context(|| format!("remove old versions of {uri}"))?;
+        Ok(TidyReport {
+            table: T::NAME,
+            kept_version: Some(latest),
+            versions_removed: stats.old_versions,
+            bytes_removed: stats.bytes_removed,
         })
     }
 
