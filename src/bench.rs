@@ -43,6 +43,9 @@ pub enum BenchCommand {
     /// SD 1.5, SDXL and Chameleon-7B at their published sizes with random weights: sharded load,
     /// LoRA training steps with and without activation checkpointing, CFG sampling; JSON and a table.
     RealSize(crate::bench_real::RealSizeArgs),
+    /// The daemon under faults and load through its binary: world jobs run alone, under polling
+    /// clients (latency, errors, slowdown), and under random SIGKILLs (same outcomes?).
+    Soak(crate::bench_soak::SoakArgs),
 }
 
 /// Arguments of `proxytune bench unet` and `proxytune bench ar`.

@@ -8,7 +8,7 @@
 //! - [`smoke`]: a development check (hidden): DreamBench references into a Lance corpus, an
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps.
 //! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`, `load` in
-//!   [`bench_load`], `real-size` in [`bench_real`]).
+//!   [`bench_load`], `real-size` in [`bench_real`], `soak` in [`bench_soak`]).
 //! - [`evaluate`]: DreamBench evaluation (the real-images row; supervisor and student).
 //! - [`grafana_cmd`]: the Grafana dashboards as code, rendered to `grafana/dashboards`.
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
@@ -22,6 +22,7 @@
 mod bench;
 mod bench_load;
 mod bench_real;
+mod bench_soak;
 mod corpus_cmd;
 mod daemon;
 mod demo;
@@ -129,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { command: bench::BenchCommand::Ar(args) } => bench::ar(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Load(args) } => bench_load::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::RealSize(args) } => bench_real::run(args).map(|()| 0),
+        Command::Bench { command: bench::BenchCommand::Soak(args) } => bench_soak::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Runtime(args) } => {
             runtime.block_on(bench::runtime(args)).map(|()| 0)
         }

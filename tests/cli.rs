@@ -482,3 +482,29 @@ fn bench_real_size_runs_every_model_and_measurement_at_the_tiny_scale() {
     assert_eq!(t["parameters"], r["models"]["chameleon-7b"]["load"]["parameters"], "{t}");
     assert_eq!(r["models"]["sd15"]["sample"][0]["steps"], 2);
 }
+
+#[test]
+fn bench_soak_kills_and_loads_the_daemon_and_its_jobs_end_as_their_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("soak.json");
+    let out = proxytune()
+        .args(["bench", "soak", "--jobs", "1", "--kills", "2", "--clients", "4", "--poll-seconds", "2"])
+        .arg("--world")
+        .arg(crate::support::repo_root().join("models/world"))
+        .arg("--dir")
+        .arg(dir.path().join("scratch"))
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["faults"]["kills"], 2, "{r}");
+    assert_eq!(r["load"]["errors"], 0, "{r}");
+    assert!(r["load"]["requests"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["all_outcomes_identical"], true, "{r}");
+    // The same proxies by seed, each decided alike: none lost or doubled by the kills.
+    assert!(r["faults"]["jobs"][0]["proxies"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["faults"]["jobs"][0]["decisions_equal"], true, "{r}");
+}
