@@ -111,6 +111,9 @@ pub struct DaemonConfig {
     /// and its tagged ones, and the other versions are removed ([`proxytune_actors::corpus::Corpus::tidy`]).
     #[serde(default = "yes")]
     pub tidy_corpora: bool,
+    /// Let evaluate-now load its models on a GPU a running job is using (off: refused, 409).
+    #[serde(default)]
+    pub share_gpu: bool,
 }
 
 fn yes() -> bool {
@@ -660,6 +663,25 @@ impl Shared {
     }
 }
 
+/// The refusal when `eval_device` is a CUDA device one of the `running` jobs (id, the devices
+/// its stages use) is using.
+fn gpu_conflict(eval_device: &str, running: &[(String, Vec<String>)]) -> Option<String> {
+    if !eval_device.starts_with("cuda") {
+        return None;
+    }
+    let users: Vec<&str> = running
+        .iter()
+        .filter(|(_, devices)| devices.iter().any(|d| d == eval_device))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    (!users.is_empty()).then(|| {
+        format!(
+            "job `{}` runs on {eval_device}: evaluating now would put a second set of models on that GPU (the daemon's share_gpu = true allows it)",
+            users.join("`, `")
+        )
+    })
+}
+
 /// A queued or running replay reading job `id`'s corpus, if any.
 fn replay_reading(store: &JobStore, id: &str) -> Option<jobs::Job> {
     let corpus = store.dir(id).join("corpus");
@@ -697,6 +719,37 @@ pub enum EvaluateRefusal {
 }
 
 impl Shared {
+    /// Why evaluate-now must not load its models now: a running job uses the CUDA device the
+    /// evaluation would (unless `share_gpu`). Every stage of a world job runs on the daemon's
+    /// device; a spec job on the devices its spec names.
+    fn gpu_in_use_by_others(&self) -> Option<String> {
+        if self.config.share_gpu {
+            return None;
+        }
+        let eval = crate::job::plan::device_name(&self.config.device).ok()?;
+        let running: Vec<(String, Vec<String>)> = {
+            let store = self.store();
+            store
+                .list()
+                .into_iter()
+                .filter(|j| j.state == JobState::Running || j.state == JobState::Paused)
+                .map(|j| {
+                    let devices = match &j.spec {
+                        JobSpec::Run(r) => {
+                            let d = &r.spec.devices;
+                            vec![d.supervisor.clone(), d.student.clone(), d.scorers.clone()]
+                        }
+                        _ => vec![self.config.device.clone()],
+                    };
+                    let resolved =
+                        devices.iter().filter_map(|d| crate::job::plan::device_name(d).ok()).collect();
+                    (j.id.clone(), resolved)
+                })
+                .collect()
+        };
+        gpu_conflict(&eval, &running)
+    }
+
     /// Starts an evaluation of job `id`'s newest student checkpoint (side by side with the tuned
     /// supervisor once its adapter is exported): the adapters are copied first (the trainer prunes
     /// old checkpoints), then the evaluation runs beside the job on a blocking thread. The scores on
@@ -708,6 +761,9 @@ impl Shared {
             return Err(EvaluateRefusal::NotNow(format!(
                 "job `{id}` is a spec job: evaluate-now serves jobs on the world models; a spec job is evaluated when it ends"
             )));
+        }
+        if let Some(why) = self.gpu_in_use_by_others() {
+            return Err(EvaluateRefusal::NotNow(why));
         }
         let dir = self.store().dir(id);
         let checkpoint = proxytune_models::checkpoint::latest(&dir.join("student/checkpoints"))
@@ -1174,6 +1230,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn evaluate_now_stays_off_a_gpu_a_running_job_uses() {
+        let running = vec![
+            ("job-1".to_string(), vec!["cuda:0".to_string(), "cuda:1".to_string()]),
+            ("job-2".to_string(), vec!["cpu".to_string()]),
+        ];
+        let why = gpu_conflict("cuda:1", &running).unwrap();
+        assert!(why.contains("job `job-1` runs on cuda:1") && why.contains("share_gpu"), "{why}");
+        assert!(gpu_conflict("cuda:2", &running).is_none(), "another GPU");
+        assert!(gpu_conflict("cpu", &running).is_none(), "the CPU is shared");
+        assert!(gpu_conflict("cuda:0", &[]).is_none(), "nothing running");
+    }
+
+    #[test]
     fn the_readme_daemon_config_is_a_valid_config_with_the_defaults_it_shows() {
         let readme = include_str!("../../README.md");
         let block = readme.split("# daemon.toml\n").nth(1).unwrap().split("```").next().unwrap();
@@ -1186,5 +1255,6 @@ mod tests {
         assert_eq!(config.max_queued_jobs, defaults.max_queued_jobs);
         assert_eq!(config.limits, defaults.limits);
         assert_eq!(config.tidy_corpora, defaults.tidy_corpora);
+        assert_eq!(config.share_gpu, defaults.share_gpu);
     }
 }
