@@ -588,6 +588,66 @@ async fn a_pinned_corpus_version_replays_through_the_pipeline() {
     assert_eq!(stats.skipped_rows, 6, "seeds 1,2,4,5,7,8 were already stored");
 }
 
+/// Records each batch's seeds, in arrival order.
+struct Batches(Arc<Mutex<Vec<Vec<u64>>>>);
+
+impl Operator for Batches {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &mut Context,
+        _: &mut Output,
+    ) -> proxytune_actors::Result<()> {
+        self.0.lock().unwrap().push(Proxy::from_batch(&batch)?.iter().map(|p| p.seed).collect());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_passes_stored_rows_on_first_in_small_batches_then_the_new_ones() {
+    use proxytune_actors::corpus::reader::{CorpusReader, CorpusReaderConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    // The job's corpus holds 50 rows from before a restart (two commits).
+    let target = Corpus::open_or_create(dir.path().join("job")).unwrap();
+    let mut stored = target.table::<Proxy>().await.unwrap();
+    stored.append_rows(&crate::support::proxies("j", 0..30)).await.unwrap();
+    stored.append_rows(&crate::support::proxies("j", 30..50)).await.unwrap();
+    // The restarted producer sends rows 40..60: ten stored already, ten new.
+    let source = Corpus::open_or_create(dir.path().join("source")).unwrap();
+    source.table::<Proxy>().await.unwrap().append_rows(&crate::support::proxies("j", 40..60)).await.unwrap();
+
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let reader =
+        CorpusReader::<Proxy>::new(source, CorpusReaderConfig { version: None, filter: None, batch_rows: 8 });
+    let (writer, stats) = LanceWriter::<Proxy>::new(
+        target.clone(),
+        LanceWriterConfig { commit_every_rows: 8, forward_committed: true, replay_stored: true },
+        &Metrics::noop(),
+    );
+    let mut p = Pipeline::new(config(64), Metrics::noop());
+    let src = p.async_source("corpus_reader", reader);
+    let sink = p.async_operator("lance_writer", writer);
+    let after = p.operator("trainer", Batches(batches.clone()));
+    p.connect(src, sink).connect(sink, after);
+    let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
+    assert_eq!(report.outcome, JobOutcome::Succeeded);
+
+    let batches = batches.lock().unwrap().clone();
+    let seeds: Vec<u64> = batches.iter().flatten().copied().collect();
+    assert_eq!(
+        seeds,
+        (0..60).collect::<Vec<_>>(),
+        "the stored rows in commit order, then the new ones, each once"
+    );
+    let replayed: Vec<&Vec<u64>> = batches.iter().take_while(|b| b[0] < 50).collect();
+    assert_eq!(replayed.iter().map(|b| b.len()).sum::<usize>(), 50);
+    assert!(replayed.iter().all(|b| b.len() <= 16), "stored rows pass on in small batches: {batches:?}");
+    let stats = stats.lock().unwrap().clone();
+    assert_eq!((stats.replayed_rows, stats.written_rows, stats.skipped_rows), (50, 10, 10));
+}
+
 /// Turns each input batch into `units` output batches of pending work; unit `k + 1` only runs
 /// once the downstream sink acknowledged unit `k`'s batch (so buffering would fail it).
 struct Expander {

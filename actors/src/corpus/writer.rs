@@ -63,6 +63,9 @@ pub struct WriterStats {
     pub replayed_rows: u64,
 }
 
+/// Rows per batch when stored rows are passed on at start.
+const REPLAY_BATCH_ROWS: usize = 16;
+
 /// The corpus sink actor for table `T`.
 pub struct LanceWriter<T: Table> {
     corpus: Corpus,
@@ -75,6 +78,8 @@ pub struct LanceWriter<T: Table> {
     skipped: Counter,
     version: Gauge,
     fragments: Gauge,
+    /// Stored rows still to pass on (`replay_stored`), a batch per pending-work call.
+    replay: Option<crate::corpus::BatchStream>,
 }
 
 impl<T: Table> LanceWriter<T> {
@@ -96,6 +101,7 @@ impl<T: Table> LanceWriter<T> {
             skipped: metrics.counter(MetricName::CorpusSkippedRows, "table", T::NAME),
             version: metrics.gauge(MetricName::CorpusVersion, "table", T::NAME),
             fragments: metrics.gauge(MetricName::CorpusFragments, "table", T::NAME),
+            replay: None,
         };
         (writer, stats)
     }
@@ -132,25 +138,41 @@ impl<T: Table> LanceWriter<T> {
 }
 
 impl<T: Table> AsyncOperator for LanceWriter<T> {
-    async fn on_start(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<()> {
+    async fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let table = self.corpus.table::<T>().await?;
         if self.config.forward_committed && self.config.replay_stored {
-            let mut stream = table.scan(&crate::corpus::Scan::default()).await?;
-            let mut replayed = 0;
-            while let Some(batch) = futures::TryStreamExt::try_next(&mut stream).await? {
-                replayed += batch.num_rows() as u64;
-                out.emit(batch);
-            }
-            self.stats.lock().expect("writer stats").replayed_rows = replayed;
-            if replayed > 0 {
-                tracing::info!(table = T::NAME, rows = replayed, "stored rows passed on before new ones");
-            }
+            // Passed on as pending work, a small batch at a time under backpressure, before any
+            // new row: a resumed job never holds its stored images in memory at once.
+            let scan = crate::corpus::Scan { batch_size: Some(REPLAY_BATCH_ROWS), ..Default::default() };
+            self.replay = Some(table.scan(&scan).await?);
         }
         if let Some(v) = table.version() {
             self.version.set(v as f64);
             self.stats.lock().expect("writer stats").version = Some(v);
         }
         self.table = Some(table);
+        Ok(())
+    }
+
+    fn has_pending_work(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    async fn do_pending_work(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<()> {
+        let Some(stream) = self.replay.as_mut() else { return Ok(()) };
+        match futures::TryStreamExt::try_next(stream).await? {
+            Some(batch) => {
+                self.stats.lock().expect("writer stats").replayed_rows += batch.num_rows() as u64;
+                out.emit(batch);
+            }
+            None => {
+                self.replay = None;
+                let replayed = self.stats.lock().expect("writer stats").replayed_rows;
+                if replayed > 0 {
+                    tracing::info!(table = T::NAME, rows = replayed, "stored rows passed on before new ones");
+                }
+            }
+        }
         Ok(())
     }
 

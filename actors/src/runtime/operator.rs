@@ -218,4 +218,18 @@ pub trait AsyncOperator: Send + 'static {
     fn on_close(&mut self, _ctx: &mut Context, _out: &mut Output) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
     }
+    /// Whether work of its own is waiting (e.g. stored rows to pass on at start). The runner does
+    /// all of it, one [`do_pending_work`](Self::do_pending_work) at a time, each call's output sent
+    /// (under backpressure) before the next, and before it takes another input.
+    fn has_pending_work(&self) -> bool {
+        false
+    }
+    /// One unit of that work.
+    fn do_pending_work(
+        &mut self,
+        _ctx: &mut Context,
+        _out: &mut Output,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
 }

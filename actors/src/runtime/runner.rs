@@ -430,6 +430,10 @@ pub async fn run_async_operator<O: AsyncOperator>(
         if let Err(e) = outputs.send_async(&mut out, &ctx).await {
             return send_outcome(&ctx, e);
         }
+        if op.has_pending_work() {
+            step_async!(ctx, "pending work", op.do_pending_work(&mut ctx, &mut out));
+            continue;
+        }
         match inputs.next_async(&control).await {
             Next::Data(i, batch) => {
                 ctx.metrics.received_rows.increment(batch.num_rows() as u64);
