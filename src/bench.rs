@@ -287,6 +287,11 @@ fn peak_rss_bytes() -> Option<u64> {
     status_kib("VmHWM:").map(|kb| kb * 1024)
 }
 
+/// [`status_kib`], 0 where it cannot be read.
+pub(crate) fn status_kib_or_0(field: &str) -> u64 {
+    status_kib(field).unwrap_or(0)
+}
+
 /// A `kB` field of this process's `/proc/self/status` (`VmRSS:`, `VmHWM:`), Linux only.
 pub(crate) fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -49,10 +49,6 @@ pub struct LoadArgs {
     child: Option<String>,
 }
 
-fn status_kib(field: &str) -> u64 {
-    crate::bench::status_kib(field).unwrap_or(0)
-}
-
 fn config(args: &LoadArgs) -> anyhow::Result<(serde_json::Value, ChameleonConfig)> {
     // The tiny reference folder's config (its VQ and vocabulary map), at the chosen size.
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tests/fixtures/chameleon_tiny/config.json");
@@ -68,12 +64,12 @@ fn config(args: &LoadArgs) -> anyhow::Result<(serde_json::Value, ChameleonConfig
 
 fn child(args: &LoadArgs, mode: &str) -> anyhow::Result<()> {
     let dir = args.dir.as_deref().ok_or_else(|| anyhow::anyhow!("--child needs --dir"))?;
-    let before = status_kib("VmRSS:");
+    let before = crate::bench::status_kib_or_0("VmRSS:");
     let cfg = ChameleonConfig::from_json(&dir.join("config.json"))?;
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     vs.set_kind(if args.into == "bf16" { tch::Kind::BFloat16 } else { tch::Kind::Float });
     let _model = Chameleon::new(vs.root(), &cfg, None)?;
-    let built = status_kib("VmRSS:");
+    let built = crate::bench::status_kib_or_0("VmRSS:");
     let files = proxytune_models::shapes::weight_files(dir, &["model"], None)?;
     let t = Instant::now();
     match mode {
@@ -92,7 +88,7 @@ fn child(args: &LoadArgs, mode: &str) -> anyhow::Result<()> {
         other => anyhow::bail!("--child {other}: streaming or whole-file"),
     }
     let seconds = t.elapsed().as_secs_f64();
-    let peak = status_kib("VmHWM:");
+    let peak = crate::bench::status_kib_or_0("VmHWM:");
     println!(
         "{}",
         serde_json::json!({"mode": mode, "seconds": seconds, "before_kib": before, "built_kib": built, "peak_kib": peak})

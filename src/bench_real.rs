@@ -264,10 +264,6 @@ fn sync(device: Device) {
     }
 }
 
-fn rss_kib(field: &str) -> u64 {
-    crate::bench::status_kib(field).unwrap_or(0)
-}
-
 /// Peak device memory in use while it lives (CUDA: the driver's used bytes, polled every
 /// millisecond, which includes the caching allocator's reserve; the CPU has none).
 struct DevicePeak {
@@ -358,11 +354,20 @@ impl Meter {
         Meter { device, poller: DevicePeak::start(device) }
     }
 
+    /// Starts a measurement: syncs the device, resets both peaks to what is in use now, and
+    /// returns that baseline.
+    fn begin(&self) -> u64 {
+        sync(self.device);
+        reset_host_peak();
+        self.poller.peak.store(0, Ordering::Relaxed);
+        self.now()
+    }
+
     /// Memory in use now.
     fn now(&self) -> u64 {
         match self.device {
             Device::Cuda(i) => cuda_used(i).unwrap_or(0),
-            _ => rss_kib("VmRSS:") * 1024,
+            _ => crate::bench::status_kib_or_0("VmRSS:") * 1024,
         }
     }
 
@@ -370,7 +375,7 @@ impl Meter {
     fn peak(&self) -> u64 {
         match self.device {
             Device::Cuda(i) => self.poller.peak().max(cuda_used(i).unwrap_or(0)),
-            _ => rss_kib("VmHWM:") * 1024,
+            _ => crate::bench::status_kib_or_0("VmHWM:") * 1024,
         }
     }
 }
@@ -640,7 +645,7 @@ fn reset_host_peak() {
 
 fn child_load(s: &Setup) -> anyhow::Result<Value> {
     let meter = Meter::new(s.device);
-    let host_base = rss_kib("VmRSS:") * 1024;
+    let host_base = crate::bench::status_kib_or_0("VmRSS:") * 1024;
     reset_host_peak();
     let t = Instant::now();
     // Built as the loaders build: no initial values drawn for variables the load overwrites.
@@ -660,7 +665,7 @@ fn child_load(s: &Setup) -> anyhow::Result<Value> {
     let load_s = t.elapsed().as_secs_f64();
     let parameters: u64 = vs.variables().values().map(|v| v.numel() as u64).sum();
     let largest = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).max().unwrap_or(0);
-    let host_peak = rss_kib("VmHWM:") * 1024;
+    let host_peak = crate::bench::status_kib_or_0("VmHWM:") * 1024;
     let on_host = if s.device.is_cuda() { 0 } else { parameters * element_bytes(s.kind) };
     Ok(json!({
         "parameters": parameters,
@@ -747,10 +752,7 @@ fn child_train(s: &Setup, variant: &str, iters: usize) -> anyhow::Result<Value> 
             Ok(())
         });
     }
-    sync(s.device);
-    let built = meter.now();
-    reset_host_peak();
-    meter.poller.peak.store(0, Ordering::Relaxed);
+    let built = meter.begin();
     let mut times = Vec::new();
     for i in 0..=iters {
         let t = Instant::now();
@@ -789,10 +791,7 @@ fn child_sample(s: &Setup, batch: i64, args: &RealSizeArgs) -> anyhow::Result<Va
             .expand([rows, 6], false);
         let sdxl = cfg.addition_embed_type.is_some();
         let mut x = Tensor::randn([batch, 4, side, side], (Kind::Float, s.device));
-        sync(s.device);
-        let built = meter.now();
-        reset_host_peak();
-        meter.poller.peak.store(0, Ordering::Relaxed);
+        let built = meter.begin();
         let start = Instant::now();
         let mut steps = Vec::new();
         for i in 0..args.sample_steps.max(1) {
@@ -830,10 +829,7 @@ fn child_sample(s: &Setup, batch: i64, args: &RealSizeArgs) -> anyhow::Result<Va
     let n = args.student_tokens.unwrap_or(image_tokens).clamp(1, image_tokens);
     let rows = 2 * batch; // conditional rows, then unconditional ones
     let prompt = Tensor::randint_low(0, vocab, [rows, prompt_len], (Kind::Int64, s.device));
-    sync(s.device);
-    let built = meter.now();
-    reset_host_peak();
-    meter.poller.peak.store(0, Ordering::Relaxed);
+    let built = meter.begin();
     let start = Instant::now();
     let mut cache = KvCache::new();
     let mut logits = model.forward(&prompt, None, Some(&mut cache))?;

@@ -566,6 +566,18 @@ fn a_non_loopback_bind_needs_a_token_and_every_request_carries_it() {
     }
 }
 
+/// Waits up to `limit` for `daemon` to exit; panics with `why` past it.
+fn wait_exit(daemon: &mut std::process::Child, limit: Duration, why: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < limit, "{why}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The daemon is killed (SIGKILL) while the job tunes its supervisor, while it generates proxies
 /// (and the proxies' newest commit is then cut short on disk) and while its student trains, then
 /// stopped gracefully (SIGTERM) while the student trains again; each restart resumes the job from
@@ -625,14 +637,8 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
             let term =
                 Command::new("sh").args(["-c", &format!("kill -TERM {}", daemon.id())]).status().unwrap();
             assert!(term.success());
-            let started = Instant::now();
-            let status = loop {
-                if let Some(status) = daemon.try_wait().unwrap() {
-                    break status;
-                }
-                assert!(started.elapsed() < Duration::from_secs(60), "the daemon did not stop on SIGTERM");
-                std::thread::sleep(Duration::from_millis(100));
-            };
+            let status =
+                wait_exit(&mut daemon, Duration::from_secs(60), "the daemon did not stop on SIGTERM");
             assert!(status.success(), "a graceful stop exits 0: {status}");
             let record: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(job_dir.join("job.json")).unwrap()).unwrap();
@@ -758,14 +764,7 @@ fn a_shutdown_past_its_deadline_exits_and_the_job_resumes_at_the_next_start() {
     }
     let term = Command::new("sh").args(["-c", &format!("kill -TERM {}", daemon.id())]).status().unwrap();
     assert!(term.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "the daemon did not exit at its deadline");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut daemon, Duration::from_secs(30), "the daemon did not exit at its deadline");
     assert_eq!(status.code(), Some(1), "a stop cut short by its deadline exits 1");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("shutdown_timeout_seconds (0) passed with jobs still draining"), "{log}");

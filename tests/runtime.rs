@@ -520,8 +520,8 @@ fn the_actix_supervisor_pauses_resumes_reports_and_cancels() {
     });
 }
 
-/// Collects every row it receives.
-struct Collect(Arc<Mutex<Vec<Proxy>>>);
+/// Collects every batch it receives, as rows, in arrival order.
+struct Collect(Arc<Mutex<Vec<Vec<Proxy>>>>);
 
 impl Operator for Collect {
     fn process_batch(
@@ -531,7 +531,7 @@ impl Operator for Collect {
         _: &mut Context,
         _: &mut Output,
     ) -> proxytune_actors::Result<()> {
-        self.0.lock().unwrap().extend(Proxy::from_batch(&batch)?);
+        self.0.lock().unwrap().push(Proxy::from_batch(&batch)?);
         Ok(())
     }
 }
@@ -579,29 +579,13 @@ async fn a_pinned_corpus_version_replays_through_the_pipeline() {
     let stored = target.table::<Proxy>().await.unwrap();
     let expected_total = kept_in_v2.iter().filter(|&&s| s >= 10).count() + 10;
     assert_eq!(stored.count_rows(None).await.unwrap(), expected_total);
-    let mut forwarded: Vec<u64> = seen.lock().unwrap().iter().map(|p| p.seed).collect();
+    let mut forwarded: Vec<u64> = seen.lock().unwrap().iter().flatten().map(|p| p.seed).collect();
     forwarded.sort();
     let new_rows: Vec<u64> = kept_in_v2.into_iter().filter(|&s| s >= 10).collect();
     assert_eq!(forwarded, new_rows, "downstream sees exactly the rows that were written");
     let stats = stats.lock().unwrap().clone();
     assert_eq!(stats.written_rows as usize, new_rows.len());
     assert_eq!(stats.skipped_rows, 6, "seeds 1,2,4,5,7,8 were already stored");
-}
-
-/// Records each batch's seeds, in arrival order.
-struct Batches(Arc<Mutex<Vec<Vec<u64>>>>);
-
-impl Operator for Batches {
-    fn process_batch(
-        &mut self,
-        _: usize,
-        batch: RecordBatch,
-        _: &mut Context,
-        _: &mut Output,
-    ) -> proxytune_actors::Result<()> {
-        self.0.lock().unwrap().push(Proxy::from_batch(&batch)?.iter().map(|p| p.seed).collect());
-        Ok(())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,12 +613,13 @@ async fn a_writer_passes_stored_rows_on_first_in_small_batches_then_the_new_ones
     let mut p = Pipeline::new(config(64), Metrics::noop());
     let src = p.async_source("corpus_reader", reader);
     let sink = p.async_operator("lance_writer", writer);
-    let after = p.operator("trainer", Batches(batches.clone()));
+    let after = p.operator("trainer", Collect(batches.clone()));
     p.connect(src, sink).connect(sink, after);
     let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
     assert_eq!(report.outcome, JobOutcome::Succeeded);
 
-    let batches = batches.lock().unwrap().clone();
+    let batches: Vec<Vec<u64>> =
+        batches.lock().unwrap().iter().map(|b| b.iter().map(|p| p.seed).collect()).collect();
     let seeds: Vec<u64> = batches.iter().flatten().copied().collect();
     assert_eq!(
         seeds,
