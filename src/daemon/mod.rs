@@ -1011,6 +1011,15 @@ async fn runner(shared: Arc<Shared>) {
                 Ok(code) => (JobState::Failed, Some(format!("ended with code {code}"))),
                 Err(e) => (JobState::Failed, Some(format!("{e:#}"))),
             };
+            // Tidied before its success is recorded: a client that sees `succeeded` sees the
+            // tidied corpus.
+            if state == JobState::Succeeded && shared2.config.tidy_corpora {
+                let tidied = shared2.clone();
+                let id = id.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || tidied.tidy_corpus(&id)).await {
+                    tracing::error!(error = %e, "the corpus tidy's thread panicked");
+                }
+            }
             tracing::info!(job = %id, ?state, error = ?error, "job ends");
             // Its end recorded and its control dropped as one, under the commands' locks.
             {
@@ -1023,13 +1032,6 @@ async fn runner(shared: Arc<Shared>) {
                     tracing::error!(job = %id, error = %e, "cannot record the job's end");
                 }
                 controls.remove(&id);
-            }
-            if state == JobState::Succeeded && shared2.config.tidy_corpora {
-                let tidied = shared2.clone();
-                let id = id.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || tidied.tidy_corpus(&id)).await {
-                    tracing::error!(error = %e, "the corpus tidy's thread panicked");
-                }
             }
             let retained = shared2.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || retained.apply_retention()).await {
