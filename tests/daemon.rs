@@ -195,7 +195,8 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     }
     std::fs::write(dir.path().join("outside.png"), &photos(0, 4)[3]).unwrap();
     std::os::unix::fs::symlink(dir.path().join("outside.png"), linked.join("3.png")).unwrap();
-    let (child, addr) = start(dir.path(), "");
+    // The world's photos are 64 x 64 (4,096 pixels); a larger one is refused by its header.
+    let (child, addr) = start(dir.path(), "[limits]\nmax_photo_pixels = 5000\n");
     let daemon = std::sync::Mutex::new(child);
     let _guard = scopeguard(&daemon);
     // A real Prometheus scrapes the daemon every second.
@@ -246,6 +247,15 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
     big[1] = noise;
     let mut not_image = photos(2, 4);
     not_image[2] = b"GIF89a not really".to_vec();
+    let flat = |side: u32| {
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(side, side).write_to(&mut png, image::ImageFormat::Png).unwrap();
+        png.into_inner()
+    };
+    let mut tiny = photos(2, 4);
+    tiny[0] = flat(16);
+    let mut wide = photos(2, 4);
+    wide[3] = flat(100);
     let photos_with = |files: &[Vec<u8>]| {
         format!(r#"{{"subject": "rex", "class_noun": "dog", "images": {}}}"#, uploads(files))
     };
@@ -264,6 +274,30 @@ fn jobs_run_over_http_a_running_one_is_paused_resumed_and_cancelled_and_bad_requ
         ),
         ("POST", "/jobs", photos_with(&big), 400, "photo1.png`: larger than 16384"),
         ("POST", "/jobs", photos_with(&not_image), 400, "photo2.png`: not a PNG or JPEG"),
+        ("POST", "/jobs", photos_with(&tiny), 400, "photo0.png`: 16x16; each side must be 32 to 4096"),
+        (
+            "POST",
+            "/jobs",
+            photos_with(&wide),
+            400,
+            "photo3.png`: 100x100 is 10000 pixels, over the daemon's limits.max_photo_pixels (5000)",
+        ),
+        (
+            "POST",
+            "/jobs",
+            format!(r#"{{"colour": [{}0], "subject": "dog_2"}}"#, "0,".repeat(50_000)),
+            400,
+            "unknown field `colour`, expected one of `subject`",
+        ),
+        (
+            "POST",
+            "/jobs",
+            r#"{"kind": "tuning", "subject": "dog_2"}"#.to_string(),
+            400,
+            "unknown `kind` `tuning`",
+        ),
+        ("POST", "/jobs", r#"{"kind": 3, "subject": "dog_2"}"#.to_string(), 400, "a string `kind`"),
+        ("POST", "/jobs", r#"[{"subject": "dog_2"}]"#.to_string(), 400, "not a job spec"),
         ("POST", "/jobs", photos_with(&photos(2, 6)[..2]), 400, "2 photos"),
         (
             "POST",

@@ -181,13 +181,114 @@ fn d_checkpoint_every() -> u64 {
     100
 }
 
+/// A typed spec read from a body that also names its `kind`: the spec's own fields go to `T`
+/// (which refuses unknown ones) and the `kind` key, already read, is skipped.
+struct Tagged<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Tagged<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        T::deserialize(SkipKind(deserializer)).map(Tagged)
+    }
+}
+
+/// A deserializer whose maps and structs lose their `kind` entry; everything else is passed on.
+struct SkipKind<D>(D);
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for SkipKind<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(SkipKindVisitor(visitor))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_struct(name, fields, SkipKindVisitor(visitor))
+    }
+
+    fn deserialize_map<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(SkipKindVisitor(visitor))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+        unit unit_struct newtype_struct seq tuple tuple_struct enum identifier ignored_any
+    }
+}
+
+/// Passes every map it is given on without its `kind` entry.
+struct SkipKindVisitor<V>(V);
+
+impl<'de, V: serde::de::Visitor<'de>> serde::de::Visitor<'de> for SkipKindVisitor<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        self.0.expecting(f)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.0.visit_map(SkipKindMap(map))
+    }
+}
+
+/// A map without its `kind` entry. Keys are read as strings (JSON's are), so each is checked
+/// before the spec's own field visitor sees it.
+struct SkipKindMap<A>(A);
+
+impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for SkipKindMap<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        use serde::de::IntoDeserializer;
+        loop {
+            let Some(key) = self.0.next_key::<String>()? else { return Ok(None) };
+            if key == "kind" {
+                self.0.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            let key: serde::de::value::StringDeserializer<A::Error> = key.into_deserializer();
+            return seed.deserialize(key).map(Some);
+        }
+    }
+
+    fn next_value_seed<S: serde::de::DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        self.0.next_value_seed(seed)
+    }
+}
+
 impl JobSpec {
-    /// A spec from a request body: JSON, `kind` defaulting to `tune`.
+    /// A spec from a request body: JSON, `kind` defaulting to `tune`. The body is read twice,
+    /// never into a generic JSON value: once for `kind` alone (every other field skipped as it
+    /// is scanned), then straight into that kind's typed spec, which refuses the first unknown
+    /// field, wrong type or missing field where it stands.
     pub fn parse(body: &[u8]) -> anyhow::Result<Self> {
-        let mut value: serde_json::Value = serde_json::from_slice(body).context("not JSON")?;
-        let object = value.as_object_mut().context("not a JSON object")?;
-        object.entry("kind").or_insert_with(|| "tune".into());
-        Ok(serde_json::from_value(value)?)
+        /// The body's `kind`; every other field is skipped, not stored.
+        #[derive(Deserialize)]
+        struct Kind {
+            #[serde(default)]
+            kind: Option<String>,
+        }
+        let Kind { kind } = serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                anyhow::anyhow!("not a JSON object with a string `kind`: {e}")
+            }
+            _ => anyhow::anyhow!("not JSON: {e}"),
+        })?;
+        Ok(match kind.as_deref().unwrap_or("tune") {
+            "tune" => JobSpec::Tune(serde_json::from_slice::<Tagged<TuneSpec>>(body)?.0),
+            "replay" => JobSpec::Replay(serde_json::from_slice::<Tagged<ReplaySpec>>(body)?.0),
+            "run" => JobSpec::Run(Box::new(serde_json::from_slice::<Tagged<RunSpec>>(body)?.0)),
+            other => {
+                anyhow::bail!("unknown `kind` `{}`: use `tune`, `replay` or `run`", other.escape_debug())
+            }
+        })
     }
 
     /// Where the job's report is, under its folder.
@@ -643,5 +744,34 @@ mod tests {
         let JobSpec::Replay(r) = replay else { panic!("a replay job") };
         assert_eq!(r.version, Some(VersionSpec::Number(4)));
         assert!(JobSpec::parse(br#"{"kind": "replay", "subject": "dog_2"}"#).is_err());
+    }
+
+    #[test]
+    fn bodies_are_read_into_their_kinds_typed_spec() {
+        let err = |body: &str| format!("{:#}", JobSpec::parse(body.as_bytes()).unwrap_err());
+        // `kind` anywhere in the body, or absent.
+        let a = JobSpec::parse(br#"{"subject": "dog_2", "kind": "tune", "class_priors": 8}"#).unwrap();
+        let b = JobSpec::parse(br#"{"class_priors": 8, "subject": "dog_2"}"#).unwrap();
+        assert_eq!(a, b);
+        let replay =
+            JobSpec::parse(br#"{"version": "v1", "kind": "replay", "source_job": "job-1"}"#).unwrap();
+        assert_eq!(replay.label(), "replay of job-1");
+        // Refused where it stands: the unknown field's key, before its value is read.
+        let junk = format!(r#"{{"colour": [{}0], "subject": "dog_2"}}"#, "0,".repeat(10_000));
+        let message = err(&junk);
+        assert!(
+            message.contains("unknown field `colour`") && message.contains("line 1 column 9"),
+            "{message}"
+        );
+        // Only the top level's `kind` is the job's: one inside a run job's spec is an unknown field.
+        let nested = r#"{"kind": "run", "spec": {"kind": "tune"}}"#;
+        assert!(err(nested).contains("unknown field `kind`"), "{}", err(nested));
+        assert!(err(r#"{"kind": "tuning"}"#).contains("unknown `kind` `tuning`"));
+        assert!(err(r#"{"kind": ["tune"]}"#).contains("a string `kind`"));
+        assert!(err(r#"{"subject": "dog_2""#).contains("not JSON"));
+        assert!(err(r#"{"subject": 2}"#).contains("invalid type: integer `2`, expected a string"));
+        // The stored form (the tag written by the enum) reads back through the same parser.
+        let stored = serde_json::to_vec(&a).unwrap();
+        assert_eq!(JobSpec::parse(&stored).unwrap(), a);
     }
 }

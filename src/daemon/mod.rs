@@ -129,11 +129,14 @@ pub struct JobLimits {
     pub max_images: u64,
     /// Optimiser steps of either trainer, and denoising steps of one sample.
     pub max_steps: u64,
+    /// Pixels of one subject photo (width × height, read from its header before it is decoded):
+    /// the default takes a 12-megapixel phone photo (4032 × 3024) and refuses 4096 × 4096.
+    pub max_photo_pixels: u64,
 }
 
 impl Default for JobLimits {
     fn default() -> Self {
-        JobLimits { max_images: 100_000, max_steps: 100_000 }
+        JobLimits { max_images: 100_000, max_steps: 100_000, max_photo_pixels: 16_000_000 }
     }
 }
 
@@ -314,7 +317,7 @@ impl Shared {
         )?;
         tune.models = tune.models.as_deref().map(|m| self.confine("models", m)).transpose()?;
         let uploads = std::mem::take(&mut tune.images); // kept in the job's folder, not its record
-        let max = self.config.max_photo_bytes;
+        let max = self.config.photo_limits();
         let photos = match (uploads.is_empty(), &tune.folder) {
             (true, None) => Vec::new(),
             (false, None) => decode_uploads(&uploads, max)?,
@@ -489,7 +492,7 @@ impl Shared {
             }
         }
         let uploads = std::mem::take(&mut run.images); // kept in the job's folder, not its record
-        let max = self.config.max_photo_bytes;
+        let max = self.config.photo_limits();
         let photos = match (uploads.is_empty(), spec.subject.photos.as_os_str().is_empty()) {
             (false, true) => decode_uploads(&uploads, max)?,
             (true, false) => read_folder(&self.confine("spec.subject.photos", &spec.subject.photos)?, max)?,
@@ -1150,9 +1153,24 @@ impl Shared {
     }
 }
 
-/// A photo's checks: at most `max_bytes`, PNG or JPEG by content, sides in the accepted range
-/// (read from the header first), decodable. Returns its extension.
-fn check_photo(name: &str, bytes: &[u8], max_bytes: usize) -> anyhow::Result<&'static str> {
+/// What one photo may be: its bytes (`max_photo_bytes`) and pixels (`limits.max_photo_pixels`).
+#[derive(Clone, Copy, Debug)]
+struct PhotoLimits {
+    bytes: usize,
+    pixels: u64,
+}
+
+impl DaemonConfig {
+    fn photo_limits(&self) -> PhotoLimits {
+        PhotoLimits { bytes: self.max_photo_bytes, pixels: self.limits.max_photo_pixels }
+    }
+}
+
+/// A photo's checks: at most `limits.bytes`, PNG or JPEG by content, sides in the accepted range
+/// and at most `limits.pixels` (both read from the header first), decodable. Returns its
+/// extension.
+fn check_photo(name: &str, bytes: &[u8], limits: PhotoLimits) -> anyhow::Result<&'static str> {
+    let max_bytes = limits.bytes;
     anyhow::ensure!(bytes.len() <= max_bytes, "photo `{name}`: larger than {max_bytes} bytes");
     let ext = match image::guess_format(bytes) {
         Ok(image::ImageFormat::Png) => "png",
@@ -1162,15 +1180,21 @@ fn check_photo(name: &str, bytes: &[u8], max_bytes: usize) -> anyhow::Result<&'s
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
     let (w, h) = reader.into_dimensions().with_context(|| format!("photo `{name}`: unreadable"))?;
     crate::subject::check_photo_size(name, w, h)?;
+    let pixels = u64::from(w) * u64::from(h);
+    anyhow::ensure!(
+        pixels <= limits.pixels,
+        "photo `{name}`: {w}x{h} is {pixels} pixels, over the daemon's limits.max_photo_pixels ({})",
+        limits.pixels
+    );
     image::load_from_memory(bytes).with_context(|| format!("photo `{name}`: cannot be decoded"))?;
     Ok(ext)
 }
 
-/// Decodes uploaded photos: base64 of at most `max_bytes` each, checked by [`check_photo`].
+/// Decodes uploaded photos: base64 of at most `limits.bytes` each, checked by [`check_photo`].
 /// Returns (name, extension, bytes).
 fn decode_uploads(
     uploads: &[jobs::Upload],
-    max_bytes: usize,
+    limits: PhotoLimits,
 ) -> anyhow::Result<Vec<(String, &'static str, Vec<u8>)>> {
     use base64::Engine;
     // Counted before anything is decoded.
@@ -1185,6 +1209,7 @@ fn decode_uploads(
                 "photo name `{}`: use 1 to 100 characters, no slashes or control characters",
                 name.escape_debug()
             );
+            let max_bytes = limits.bytes;
             anyhow::ensure!(
                 u.data_base64.len() <= max_bytes.div_ceil(3) * 4 + 4,
                 "photo `{name}`: larger than {max_bytes} bytes"
@@ -1192,7 +1217,7 @@ fn decode_uploads(
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(u.data_base64.trim())
                 .with_context(|| format!("photo `{name}`: data_base64 is not base64"))?;
-            let ext = check_photo(name, &bytes, max_bytes)?;
+            let ext = check_photo(name, &bytes, limits)?;
             Ok((name.clone(), ext, bytes))
         })
         .collect()
@@ -1201,7 +1226,7 @@ fn decode_uploads(
 /// Reads the photos of a subject folder (already confined to the roots): its `.png`, `.jpg` and
 /// `.jpeg` files in name order, each a regular file (a symbolic link could lead outside the
 /// roots) checked by [`check_photo`]. Returns (name, extension, bytes).
-fn read_folder(dir: &Path, max_bytes: usize) -> anyhow::Result<Vec<(String, &'static str, Vec<u8>)>> {
+fn read_folder(dir: &Path, limits: PhotoLimits) -> anyhow::Result<Vec<(String, &'static str, Vec<u8>)>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("folder `{}`", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -1219,9 +1244,10 @@ fn read_folder(dir: &Path, max_bytes: usize) -> anyhow::Result<Vec<(String, &'st
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let meta = std::fs::symlink_metadata(path)?;
             anyhow::ensure!(meta.is_file(), "folder `{}`: `{name}` is not a regular file", dir.display());
+            let max_bytes = limits.bytes;
             anyhow::ensure!(meta.len() <= max_bytes as u64, "photo `{name}`: larger than {max_bytes} bytes");
             let bytes = std::fs::read(path).with_context(|| format!("photo `{name}`"))?;
-            let ext = check_photo(&name, &bytes, max_bytes)?;
+            let ext = check_photo(&name, &bytes, limits)?;
             Ok((name, ext, bytes))
         })
         .collect()
