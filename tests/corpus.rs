@@ -154,25 +154,40 @@ async fn versions_tags_and_time_travel() {
 }
 
 #[tokio::test]
-async fn compaction_merges_fragments_and_keeps_history() {
+async fn compaction_merges_fragments_keeps_row_order_and_tidying_then_frees_the_old_files() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = Corpus::open_or_create(dir.path()).unwrap();
     let mut table = corpus.table::<Proxy>().await.unwrap();
-    for v in 0..6u64 {
+    // Seeds out of order across commits: the order is the commits', not the seeds'.
+    for v in [3u64, 0, 5, 1, 4, 2] {
         table.append_rows(&proxies("j", v * 5..v * 5 + 5)).await.unwrap();
     }
     assert_eq!(table.fragment_count(), 6);
     let before = all_rows(&table).await;
+    let data_files = || std::fs::read_dir(corpus.table_path::<Proxy>().join("data")).unwrap().count();
+    assert_eq!(data_files(), 6);
     let report = table.compact(1024).await.unwrap();
-    assert_eq!((report.fragments_before, report.fragments_after), (6, 1));
-    assert!(report.version > 6);
-    let mut after = all_rows(&table).await;
-    after.sort_by_key(|p| p.seed);
-    assert_eq!(after, before);
+    assert_eq!((report.table, report.fragments_before, report.fragments_after), ("proxies", 6, 1));
+    let compacted = report.version;
+    assert!(compacted > 6, "a new version");
+    assert_eq!(all_rows(&table).await, before, "every row, in the order committed");
     assert_eq!(table.checkout(&VersionRef::Number(2)).await.unwrap().count_rows(None).await.unwrap(), 10);
+    // One fragment: nothing to do, no new version.
+    assert_eq!(table.compact(1024).await.unwrap().version, compacted);
+    assert_eq!(table.version(), Some(compacted));
+    // The tidy removes the rewritten fragments' files with the versions that used them.
+    let tidy = table.tidy("job-end").await.unwrap();
+    assert_eq!((tidy.kept_version, tidy.versions_removed), (Some(compacted), compacted - 1));
+    assert!(tidy.bytes_removed > 0);
+    assert_eq!(data_files(), 1);
+    assert_eq!(all_rows(&table).await, before);
     // Appending after compaction still deduplicates.
     let out = table.append_rows(&proxies("j", 25..35)).await.unwrap();
     assert_eq!((out.written, out.skipped), (5, 5));
+    // The whole corpus: the written tables only.
+    let reports = corpus.compact(1024).await.unwrap();
+    let summary: Vec<_> = reports.iter().map(|r| (r.table, r.fragments_before, r.fragments_after)).collect();
+    assert_eq!(summary, [("proxies", 2, 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proxytune_actors::corpus::{Corpus, VersionRef};
-use proxytune_schemas::Proxy;
+use proxytune_schemas::{Proxy, Table, VqTokens};
 
 use crate::support::repo_root;
 
@@ -135,6 +135,13 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert_eq!(report["corpus"]["rows_trained_on"].as_u64().unwrap(), kept);
     let run = json(&out.join("student/run.json"));
     assert_eq!(run["data"]["row_keys"].as_array().unwrap().len() as u64, kept);
+    // Compacted before the report (a commit every 8 proxies and 32 token rows made a fragment
+    // each): one fragment a table, its rows in the order the student received them.
+    let vq = corpus.table::<VqTokens>().await.unwrap();
+    assert_eq!((table.fragment_count(), vq.fragment_count()), (1, 1));
+    assert_eq!(report["corpus"]["vq_tokens_version"].as_u64(), vq.version());
+    let stored: Vec<String> = vq.read_rows(None).await.unwrap().iter().map(|r| r.key().to_string()).collect();
+    assert_eq!(run["data"]["row_keys"], serde_json::json!(stored));
     // Every model scored, every score finite.
     let models = report["evaluation"]["models"].as_array().unwrap();
     assert_eq!(models.len(), 3);

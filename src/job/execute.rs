@@ -7,12 +7,16 @@ use std::time::Instant;
 
 use proxytune_actors::corpus::Corpus;
 use proxytune_actors::runtime::{JobOutcome, Metrics};
-use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, Supervisor, VqTokens};
+use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, Supervisor, Table, VqTokens};
 
 use super::pipeline::{pipeline, set_stage, JobCommand, ProgressHandle};
 use super::plan::StagePlan;
 use crate::report::{decode, html, record_scores, save_grid, squares, throughput};
 use crate::world_models::ModelScores;
+
+/// Rows per fragment of a finished job's compacted tables: a few large files per table (at
+/// 1024-px proxies about 1.5 GB each) instead of one per commit.
+const FRAGMENT_ROWS: usize = 1024;
 
 /// Evaluates a finished job's models.
 pub(crate) trait Evaluator {
@@ -99,6 +103,23 @@ pub(crate) async fn execute(
     let eval_seconds = t_eval.elapsed().as_secs_f64();
 
     set_stage(progress, "reporting");
+    // The writers committed every few rows, a fragment each; the finished job's tables are
+    // rewritten into fragments of up to FRAGMENT_ROWS rows. The rows and their order are those
+    // the student trained on, so the report names the compacted versions (and `tidy` can then
+    // remove the small-fragment versions with their files).
+    let compacted = corpus.compact(FRAGMENT_ROWS).await?;
+    for c in compacted.iter().filter(|c| c.fragments_after < c.fragments_before) {
+        eprintln!(
+            "proxytune: compacted {}: {} fragments into {} (version {})",
+            c.table, c.fragments_before, c.fragments_after, c.version
+        );
+    }
+    let compacted_version = |table: &str| compacted.iter().find(|c| c.table == table).map(|c| c.version);
+    let run = super::pipeline::Run {
+        proxies_version: compacted_version(Proxy::NAME).or(run.proxies_version),
+        vq_version: compacted_version(VqTokens::NAME).or(run.vq_version),
+        ..run
+    };
     // Grids.
     let references = squares(&subject.references, 128);
     save_grid(&references, references.len(), &report_dir.join("references.png"))?;

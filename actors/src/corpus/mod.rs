@@ -124,6 +124,33 @@ impl Corpus {
         ])
     }
 
+    /// Compacts every written table ([`CorpusTable::compact`]). A job's writers commit every
+    /// few rows, each commit a fragment; a finished job's tables are rewritten into fragments of
+    /// up to `target_rows_per_fragment` rows (at 100k proxies, 12,500 fragments become about
+    /// a hundred), so scans and replays open a few files, not thousands.
+    pub async fn compact(&self, target_rows_per_fragment: usize) -> Result<Vec<CompactionReport>> {
+        use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
+        async fn one<T: Table>(corpus: &Corpus, rows: usize) -> Result<Option<CompactionReport>> {
+            let mut table = corpus.table::<T>().await?;
+            if table.version().is_none() {
+                return Ok(None);
+            }
+            table.compact(rows).await.map(Some)
+        }
+        let rows = target_rows_per_fragment;
+        Ok([
+            one::<ReferenceImage>(self, rows).await?,
+            one::<ClassPriorImage>(self, rows).await?,
+            one::<Supervisor>(self, rows).await?,
+            one::<Proxy>(self, rows).await?,
+            one::<VqTokens>(self, rows).await?,
+            one::<EvalSample>(self, rows).await?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect())
+    }
+
     /// Where table `T`'s dataset lives.
     pub fn table_path<T: Table>(&self) -> PathBuf {
         self.root.join(format!("{}.lance", T::NAME))
@@ -276,6 +303,8 @@ pub struct VersionInfo {
 /// The outcome of a compaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct CompactionReport {
+    /// The table.
+    pub table: &'static str,
     /// Fragments before.
     pub fragments_before: usize,
     /// Fragments after.
@@ -612,8 +641,8 @@ impl<T: Table> CorpusTable<T> {
     }
 
     /// Names the newest version `tag` (unless the tag exists) and removes every other version no
-    /// tag names: their manifests and transaction files, and data files only they use (with
-    /// append-only tables, none). The newest version and every tagged one stay readable. What a
+    /// tag names: their manifests and transaction files, and data files only they use (after a
+    /// [`CorpusTable::compact`], the small fragments it rewrote). The newest version and every tagged one stay readable. What a
     /// finished job's corpus keeps: each of its thousands of commits left a manifest listing every
     /// fragment so far, so manifests grow with the square of the commits.
     pub async fn tidy(&mut self, tag: &str) -> Result<TidyReport> {
@@ -647,8 +676,10 @@ impl<T: Table> CorpusTable<T> {
         })
     }
 
-    /// Rewrites small fragments into fragments of up to `target_rows_per_fragment` rows. Rows are
-    /// unchanged and older versions stay readable.
+    /// Rewrites small fragments into fragments of up to `target_rows_per_fragment` rows, as a new
+    /// version. Rows and their order are unchanged and older versions stay readable (until
+    /// [`CorpusTable::tidy`] removes them). A table of one fragment is left as it is (no new
+    /// version).
     pub async fn compact(&mut self, target_rows_per_fragment: usize) -> Result<CompactionReport> {
         if self.read_only {
             return Err(not_a_corpus(&self.path, "cannot compact a read-only checkout"));
@@ -660,9 +691,18 @@ impl<T: Table> CorpusTable<T> {
             .ok_or_else(|| not_a_corpus(&self.path, "cannot compact a table that was never written"))?;
         ds.checkout_latest().await.context(|| format!("checkout latest of {uri}"))?;
         let fragments_before = ds.count_fragments();
+        if fragments_before <= 1 {
+            return Ok(CompactionReport {
+                table: T::NAME,
+                fragments_before,
+                fragments_after: fragments_before,
+                version: ds.version().version,
+            });
+        }
         let options = CompactionOptions { target_rows_per_fragment, ..Default::default() };
         compact_files(ds, options, None).await.context(|| format!("compact {uri}"))?;
         Ok(CompactionReport {
+            table: T::NAME,
             fragments_before,
             fragments_after: ds.count_fragments(),
             version: ds.version().version,
