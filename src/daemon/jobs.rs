@@ -554,9 +554,11 @@ impl JobStore {
         self.jobs.get(id)
     }
 
-    /// The oldest queued job.
-    pub fn next_queued(&self) -> Option<&Job> {
-        self.jobs.values().filter(|j| j.state == JobState::Queued).min_by_key(|j| j.submitted_at_us)
+    /// The queued jobs, oldest first.
+    pub fn queued(&self) -> Vec<&Job> {
+        let mut queued: Vec<&Job> = self.jobs.values().filter(|j| j.state == JobState::Queued).collect();
+        queued.sort_by_key(|j| j.submitted_at_us);
+        queued
     }
 
     /// Applies `change` to job `id` and persists it.

@@ -111,7 +111,8 @@ pub struct DaemonConfig {
     /// and its tagged ones, and the other versions are removed ([`proxytune_actors::corpus::Corpus::tidy`]).
     #[serde(default = "yes")]
     pub tidy_corpora: bool,
-    /// Let evaluate-now load its models on a GPU a running job is using (off: refused, 409).
+    /// Let two jobs, or a job and evaluate-now, put their models on one GPU (off: a queued job
+    /// waits until no running or paused job uses its GPUs, and evaluate-now is refused, 409).
     #[serde(default)]
     pub share_gpu: bool,
 }
@@ -685,6 +686,17 @@ fn gpu_conflict(eval_device: &str, running: &[(String, Vec<String>)]) -> Option<
     })
 }
 
+/// The first of `queued` (id, devices; oldest first) that uses no CUDA device one of `running`
+/// uses; the first of all when `share_gpu`.
+fn first_startable<'a>(
+    queued: &'a [(String, Vec<String>)],
+    running: &[(String, Vec<String>)],
+    share_gpu: bool,
+) -> Option<&'a str> {
+    let busy = |d: &String| d.starts_with("cuda") && running.iter().any(|(_, used)| used.contains(d));
+    queued.iter().find(|(_, devices)| share_gpu || !devices.iter().any(busy)).map(|(id, _)| id.as_str())
+}
+
 /// A queued or running replay reading job `id`'s corpus, if any.
 fn replay_reading(store: &JobStore, id: &str) -> Option<jobs::Job> {
     let corpus = store.dir(id).join("corpus");
@@ -730,27 +742,40 @@ impl Shared {
             return None;
         }
         let eval = crate::job::plan::device_name(&self.config.device).ok()?;
-        let running: Vec<(String, Vec<String>)> = {
-            let store = self.store();
-            store
-                .list()
-                .into_iter()
-                .filter(|j| j.state == JobState::Running || j.state == JobState::Paused)
-                .map(|j| {
-                    let devices = match &j.spec {
-                        JobSpec::Run(r) => {
-                            let d = &r.spec.devices;
-                            vec![d.supervisor.clone(), d.student.clone(), d.scorers.clone()]
-                        }
-                        _ => vec![self.config.device.clone()],
-                    };
-                    let resolved =
-                        devices.iter().filter_map(|d| crate::job::plan::device_name(d).ok()).collect();
-                    (j.id.clone(), resolved)
-                })
-                .collect()
-        };
+        let running = self.running_devices(&self.store());
         gpu_conflict(&eval, &running)
+    }
+
+    /// The devices job `job`'s stages use, resolved (`auto` is the GPU where there is one): a
+    /// world job's all run on the daemon's device, a spec job's on the devices its spec names.
+    fn devices_of(&self, job: &jobs::Job) -> Vec<String> {
+        let devices = match &job.spec {
+            JobSpec::Run(r) => {
+                let d = &r.spec.devices;
+                vec![d.supervisor.clone(), d.student.clone(), d.scorers.clone()]
+            }
+            _ => vec![self.config.device.clone()],
+        };
+        devices.iter().filter_map(|d| crate::job::plan::device_name(d).ok()).collect()
+    }
+
+    /// Every running or paused job with the devices it uses.
+    fn running_devices(&self, store: &JobStore) -> Vec<(String, Vec<String>)> {
+        store
+            .list()
+            .into_iter()
+            .filter(|j| j.state == JobState::Running || j.state == JobState::Paused)
+            .map(|j| (j.id.clone(), self.devices_of(j)))
+            .collect()
+    }
+
+    /// The oldest queued job that may start now: with `share_gpu` off, one whose GPUs no running
+    /// or paused job uses (a later job on another device may start before it).
+    fn next_startable(&self, store: &JobStore) -> Option<String> {
+        let running = self.running_devices(store);
+        let queued: Vec<(String, Vec<String>)> =
+            store.queued().into_iter().map(|j| (j.id.clone(), self.devices_of(j))).collect();
+        first_startable(&queued, &running, self.config.share_gpu).map(str::to_string)
     }
 
     /// Starts an evaluation of job `id`'s newest student checkpoint (side by side with the tuned
@@ -941,9 +966,8 @@ async fn runner(shared: Arc<Shared>) {
                 return; // shutting down: nothing new starts
             }
             let mut store = shared.store();
-            let next = (controls.len() < shared.config.concurrency)
-                .then(|| store.next_queued().map(|j| j.id.clone()))
-                .flatten();
+            let next =
+                (controls.len() < shared.config.concurrency).then(|| shared.next_startable(&store)).flatten();
             next.map(|id| {
                 let started = store.update(&id, |j| {
                     j.state = JobState::Running;
@@ -1268,6 +1292,23 @@ mod tests {
         assert!(gpu_conflict("cuda:2", &running).is_none(), "another GPU");
         assert!(gpu_conflict("cpu", &running).is_none(), "the CPU is shared");
         assert!(gpu_conflict("cuda:0", &[]).is_none(), "nothing running");
+    }
+
+    #[test]
+    fn a_queued_job_waits_while_its_gpu_runs_another_job() {
+        let devices = |d: &[&str]| d.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let running = vec![("job-1".to_string(), devices(&["cuda:0", "cpu"]))];
+        let queued = vec![
+            ("job-2".to_string(), devices(&["cuda:0"])),
+            ("job-3".to_string(), devices(&["cpu", "cuda:1"])),
+            ("job-4".to_string(), devices(&["cpu"])),
+        ];
+        assert_eq!(first_startable(&queued, &running, false), Some("job-3"), "job-2 waits for cuda:0");
+        assert_eq!(first_startable(&queued, &running, true), Some("job-2"), "share_gpu: in order");
+        assert_eq!(first_startable(&queued[..1], &running, false), None);
+        assert_eq!(first_startable(&queued[..1], &[], false), Some("job-2"));
+        let cpu_running = vec![("job-1".to_string(), devices(&["cpu"]))];
+        assert_eq!(first_startable(&queued, &cpu_running, false), Some("job-2"), "the CPU is shared");
     }
 
     #[test]
