@@ -33,7 +33,7 @@ use proxytune_models::ar::lumina::LuminaTokens;
 use proxytune_models::ar::train::{ArTrainer, ChameleonStudent};
 use proxytune_models::diffusion::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use proxytune_models::diffusion::vae::{AutoencoderKl, VaeConfig};
-use proxytune_models::lora::{LoraConfig, LoraSpec};
+use proxytune_models::lora::{LoraConfig, LoraSpec, LoraSwitch};
 use proxytune_models::weights::{load_safetensors_files, Strictness};
 use serde_json::{json, Value};
 use tch::{nn, Device, Kind, Tensor};
@@ -574,10 +574,11 @@ fn build_unet(
     vs.set_kind(kind);
     let lora = LoraConfig::attention(RANK, RANK as f64);
     let root = adapters.map(|a| a.root());
+    let switch = LoraSwitch::default();
     let unet = UNet2DConditionModel::with_lora(
         vs.root(),
         &cfg,
-        root.as_ref().map(|root| LoraSpec { root, config: &lora }),
+        root.as_ref().map(|root| LoraSpec { root, config: &lora, switch: &switch }),
     )?;
     Ok((vs, unet, cfg))
 }
@@ -603,7 +604,11 @@ fn build_student(dir: &Path, device: Device, kind: Kind, lora: bool) -> anyhow::
     let config =
         LoraConfig { rank: RANK, alpha: RANK as f64, target_modules: targets.map(String::from).to_vec() };
     let root = adapters.root();
-    let model = Chameleon::new(base.root(), &cfg, lora.then_some(LoraSpec { root: &root, config: &config }))?;
+    let model = Chameleon::new(
+        base.root(),
+        &cfg,
+        lora.then_some(LoraSpec { root: &root, config: &config, switch: &LoraSwitch::default() }),
+    )?;
     base.freeze();
     Ok(ChameleonStudent {
         model,

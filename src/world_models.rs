@@ -9,7 +9,7 @@ use anyhow::Context;
 use proxytune_actors::evaluation::dreambench::{Generator, GeneratorReport, ProtocolConfig};
 use proxytune_actors::evaluation::generators::{StudentGenerator, StudentSampling, SupervisorGenerator};
 use proxytune_actors::stages::ar_trainer::ArTrainerConfig;
-use proxytune_actors::stages::diffusion_sampling::SamplingConfig;
+use proxytune_actors::stages::diffusion_sampling::{SamplingConfig, UnetPrecision};
 use proxytune_actors::stages::tokenize::TokenizeConfig;
 use proxytune_actors::world::{classify_context, EDITS, IDENTIFIER};
 
@@ -47,7 +47,7 @@ pub(crate) fn supervisor_sampling() -> SamplingConfig {
         resolution: SIZE,
         negative_prompt: String::new(),
         batch_images: 8,
-        bf16_unet: false,
+        unet_precision: UnetPrecision::Fp32,
         vae_slicing: false,
     }
 }

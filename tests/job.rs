@@ -217,13 +217,21 @@ async fn specs_over_the_tiny_reference_folders_run_every_stage_end_to_end() {
         [("sd1", variant_dir.clone(), Some("fp16"), false), ("sdxl", fixture("sdxl_tiny"), None, true)]
     {
         let variant = variant.map(|v| format!("variant = \"{v}\"")).unwrap_or_default();
-        // SDXL samples with its UNet in bfloat16 and decodes one image per VAE call, and both its
-        // trainers recompute activations (the student's loss also in chunks of 8 positions).
-        let precision = if family == "sdxl" { "precision = \"bf16\"\nvae_slicing = true" } else { "" };
+        // SDXL samples with its UNet in bfloat16, tunes its adapters over a bfloat16 UNet, and
+        // decodes one image per VAE call, and both its trainers recompute activations (the
+        // student's loss also in chunks of 8 positions). SD 1.x samples with its UNet in float16.
+        let precision = if family == "sdxl" {
+            "precision = \"bf16\"\nvae_slicing = true"
+        } else {
+            "precision = \"fp16\""
+        };
         let lean = family == "sdxl";
         // SD 1.x's student trains and samples (in the evaluation) in bfloat16.
         let (tuner_lean, student_lean) = if lean {
-            ("activation_checkpointing = true", "activation_checkpointing = true\nloss_chunk_tokens = 8")
+            (
+                "activation_checkpointing = true\nprecision = \"bf16\"",
+                "activation_checkpointing = true\nloss_chunk_tokens = 8",
+            )
         } else {
             ("", "precision = \"bf16\"")
         };
@@ -283,9 +291,17 @@ scorers = "cpu"
         let run = Command::new(env!("CARGO_BIN_EXE_proxytune")).arg("run").arg(&path).output().unwrap();
         let log = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success(), "{family}: {log}");
-        // The class-prior sampler's copy overlaps the tuner's; each frees its model when done, and
-        // the evaluation loads one model at a time, so the generator's copy is never a third.
-        assert!(log.contains("at most 2 supervisor copies were loaded at once"), "{family}: {log}");
+        // SDXL: the class-prior sampler draws from the bfloat16 copy the tuner trains (adapters
+        // off); the tuner frees it before the generator loads, and the evaluation loads one model
+        // at a time, so one copy at most. SD 1.x samples with a float16 UNet and tunes a float32
+        // one: the sampler's own copy overlaps the tuner's, never a third.
+        let (copies, sharing) = match family {
+            "sdxl" => (1, "the class-prior sampler and the tuner share one supervisor copy"),
+            _ => (2, "loads its own supervisor copy: the sampler's UNet is Half and the tuner's Float"),
+        };
+        assert!(log.contains(sharing), "{family}: {log}");
+        let most = format!("at most {copies} supervisor copies were loaded at once");
+        assert!(log.contains(&most), "{family}: {log}");
 
         // Every stage wrote rows; the references keep their own size, the proxies have the spec's.
         let corpus = Corpus::open(out.join("corpus")).unwrap();

@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Tensor};
@@ -48,13 +50,40 @@ impl LoraConfig {
     }
 }
 
-/// Where adapters are created: the root of the adapters' variable store and the config.
+/// Turns every adapter of a model on or off at once (on when made). Off, each adapted layer
+/// computes its base alone, exactly as a model built without adapters: what lets the class-prior
+/// sampler draw from the *untuned* supervisor on the copy the tuner is training.
+#[derive(Clone, Debug)]
+pub struct LoraSwitch(Arc<AtomicBool>);
+
+impl Default for LoraSwitch {
+    fn default() -> Self {
+        LoraSwitch(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl LoraSwitch {
+    /// Whether the adapters apply.
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Turns the adapters on or off.
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::SeqCst);
+    }
+}
+
+/// Where adapters are created: the root of the adapters' variable store, the config, and the
+/// switch they obey.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraSpec<'a, 'p> {
     /// Root of the adapter variable store.
     pub root: &'a nn::Path<'p>,
     /// The config.
     pub config: &'a LoraConfig,
+    /// The model's switch for all its adapters.
+    pub switch: &'a LoraSwitch,
 }
 
 /// A linear layer with an optional LoRA adapter.
@@ -64,7 +93,7 @@ pub struct LoraSpec<'a, 'p> {
 #[derive(Debug)]
 pub struct LoraLinear {
     base: nn::Linear,
-    adapter: Option<(Tensor, Tensor, f64)>,
+    adapter: Option<(Tensor, Tensor, f64, LoraSwitch)>,
 }
 
 impl LoraLinear {
@@ -76,7 +105,7 @@ impl LoraLinear {
             let p = module.iter().fold(l.root.clone(), |p, c| &p / c.as_str());
             let a = (&p / "lora_A").kaiming_uniform("weight", &[l.config.rank, c_in]);
             let b = (&p / "lora_B").zeros("weight", &[c_out, l.config.rank]);
-            (a, b, l.config.scale())
+            (a, b, l.config.scale(), l.switch.clone())
         });
         LoraLinear { base, adapter }
     }
@@ -87,11 +116,11 @@ impl Module for LoraLinear {
         let y = self.base.forward(xs);
         match &self.adapter {
             // The adapter computes in its own precision (float32 under bf16 mixed precision).
-            Some((a, b, scale)) => {
+            Some((a, b, scale, switch)) if switch.is_on() => {
                 let kind = y.kind();
                 y + (xs.to_kind(a.kind()).matmul(&a.tr()).matmul(&b.tr()) * *scale).to_kind(kind)
             }
-            None => y,
+            _ => y,
         }
     }
 }

@@ -725,7 +725,7 @@ mod llamagen {
     use proxytune_models::ar::generate::TokenSampling;
     use proxytune_models::ar::llamagen::{LlamaGen, LlamaGenConfig};
     use proxytune_models::ar::train::{ArTrainConfig, ArTrainer, MicroLosses};
-    use proxytune_models::lora::LoraSpec;
+    use proxytune_models::lora::{LoraSpec, LoraSwitch};
 
     fn tiny() -> LlamaGenConfig {
         crate::common::tiny_llamagen()
@@ -738,9 +738,12 @@ mod llamagen {
         let adapters = tch::nn::VarStore::new(Device::Cpu);
         let targets = ["wqkv", "wo", "w1", "w2", "w3"];
         let lora = LoraConfig { rank: 4, alpha: 8.0, target_modules: targets.map(String::from).to_vec() };
-        let model =
-            LlamaGen::new(base.root(), &tiny(), Some(LoraSpec { root: &adapters.root(), config: &lora }))
-                .unwrap();
+        let model = LlamaGen::new(
+            base.root(),
+            &tiny(),
+            Some(LoraSpec { root: &adapters.root(), config: &lora, switch: &LoraSwitch::default() }),
+        )
+        .unwrap();
         redraw_initial_values(&base, 11);
         // A pretrained output layer (the reference zero-initialises it before training).
         tch::no_grad(|| {

@@ -388,9 +388,6 @@ fn check_supervisor(spec: &JobSpec, r: &mut CheckReport) {
     if d.precision == Precision::Fp16 {
         r.problem("supervisor.dreambooth.precision", "fp16 training is not supported; use bf16 or fp32");
     }
-    if s.precision == Precision::Fp16 {
-        r.problem("supervisor.precision", "fp16 inference is not built yet; use bf16 or fp32");
-    }
 }
 
 fn check_student(spec: &JobSpec, r: &mut CheckReport) {

@@ -7,7 +7,8 @@
 //!                                                                                                      └─> ar_trainer
 //! ```
 //!
-//! The supervisor is DreamBooth-tuned while the untuned model's class priors stream in; the proxy
+//! The supervisor is DreamBooth-tuned while the untuned model's class priors stream in (from the
+//! copy the tuner trains, with its adapters off, when the two can share one); the proxy
 //! generator samples its plan with the adapter batch by batch; the Filter scores every proxy and
 //! records why it rejects one; the proxy writer commits every few rows to the Lance corpus and
 //! forwards only committed rows; the student trains on their VQ tokens while generation goes on.
@@ -26,6 +27,7 @@ use proxytune_actors::runtime::{
 };
 use proxytune_actors::stages::ar_trainer::{ArTrainerActor, ArTrainerStats};
 use proxytune_actors::stages::class_prior_sampler::ClassPriorSampler;
+use proxytune_actors::stages::diffusion_sampling::SharedSupervisor;
 use proxytune_actors::stages::filter::Filter;
 use proxytune_actors::stages::intake::encode_png;
 use proxytune_actors::stages::proxy_generator::ProxyGenerator;
@@ -174,8 +176,19 @@ pub(crate) async fn pipeline(
         .collect();
     corpus.table::<ReferenceImage>().await?.append_rows(&reference_rows).await?;
 
-    let priors = ClassPriorSampler::new(plan.class_priors.clone(), &metrics);
-    let tuner = SupervisorTuner::new(plan.tuner.clone(), subject.references.clone(), &metrics)?;
+    let mut priors = ClassPriorSampler::new(plan.class_priors.clone(), &metrics);
+    let mut tuner = SupervisorTuner::new(plan.tuner.clone(), subject.references.clone(), &metrics)?;
+    // One supervisor copy for the class priors and the tuning where they can share it.
+    if plan.class_priors.num_images > 0 {
+        match SharedSupervisor::for_stages(&plan.class_priors, &plan.tuner) {
+            Ok(shared) => {
+                eprintln!("proxytune: the class-prior sampler and the tuner share one supervisor copy");
+                priors = priors.sharing(shared.clone());
+                tuner = tuner.sharing(shared);
+            }
+            Err(why) => eprintln!("proxytune: the class-prior sampler loads its own supervisor copy: {why}"),
+        }
+    }
     let tuner_steps = tuner.steps();
     // A resumed job: the proxies stored already are not sampled again; the kept ones are what
     // new proxies are checked for duplicates against, and the proxy writer passes them on first

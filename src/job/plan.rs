@@ -8,7 +8,7 @@ use anyhow::Context;
 use proxytune_actors::evaluation::generators::StudentSampling;
 use proxytune_actors::stages::ar_trainer::ArTrainerConfig;
 use proxytune_actors::stages::class_prior_sampler::ClassPriorConfig;
-use proxytune_actors::stages::diffusion_sampling::SamplingConfig;
+use proxytune_actors::stages::diffusion_sampling::{SamplingConfig, UnetPrecision};
 use proxytune_actors::stages::filter::{FilterConfig, ImageMetric, PromptScorer};
 use proxytune_actors::stages::proxy_generator::{PromptPlan, ProxyGeneratorConfig};
 use proxytune_actors::stages::supervisor_tuner::SupervisorTunerConfig;
@@ -351,7 +351,11 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         resolution: sup.resolution(),
         negative_prompt: sup.negative_prompt.clone(),
         batch_images: sup.batch,
-        bf16_unet: sup.precision == Precision::Bf16,
+        unet_precision: match sup.precision {
+            Precision::Fp32 => UnetPrecision::Fp32,
+            Precision::Bf16 => UnetPrecision::Bf16,
+            Precision::Fp16 => UnetPrecision::Fp16,
+        },
         vae_slicing: sup.vae_slicing,
     };
     let model_id = model_identity(

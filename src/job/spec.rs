@@ -167,8 +167,8 @@ pub struct SupervisorSpec {
     /// Weight-file variant (`fp16` reads `diffusion_pytorch_model.fp16.safetensors`).
     #[serde(default)]
     pub variant: Option<String>,
-    /// Inference precision: `bf16` samples with the UNet in bfloat16 (the text encoders and the
-    /// VAE stay float32); fp16 is not built yet.
+    /// Inference precision: `bf16` or `fp16` samples with the UNet built in that type (the text
+    /// encoders and the VAE stay float32, as SDXL's VAE `force_upcast` asks).
     #[serde(default)]
     pub precision: Precision,
     /// Image side in pixels (default: the family's, 512 or 1024).

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use proxytune_actors::stages::diffusion_sampling::{sample_images, SamplingConfig};
+use proxytune_actors::stages::diffusion_sampling::{sample_images, SamplingConfig, UnetPrecision};
 use proxytune_actors::world::{Scene, World};
 use proxytune_models::diffusion::pipeline::{SamplerKind, StableDiffusion};
 use proxytune_models::diffusion::scheduler::NoiseSchedule;
@@ -312,7 +312,7 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
         resolution: args.common.size,
         negative_prompt: String::new(),
         batch_images: 20,
-        bf16_unet: false,
+        unet_precision: UnetPrecision::Fp32,
         vae_slicing: false,
     };
     let probe = &held[..20];

@@ -3,18 +3,21 @@
 //! `first_seed, first_seed + 1, …`, and emits them as `class_priors` rows batch by batch, so the
 //! [`SupervisorTuner`](crate::stages::supervisor_tuner::SupervisorTuner) trains on the first ones while
 //! the rest are being sampled (no blocking pre-step). Rows are keyed by seed and model, so a
-//! restarted job writes each image once.
+//! restarted job writes each image once. It samples from its own copy of the supervisor, or from
+//! the tuner's with the adapters off ([`ClassPriorSampler::sharing`]).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use metrics::Counter;
-use proxytune_models::diffusion::pipeline::StableDiffusion;
 use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Table};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::runtime::{Context, Metrics, Output, Produced, Source};
-use crate::stages::diffusion_sampling::{load_supervisor, sample_images, SamplingConfig};
+use crate::stages::diffusion_sampling::{
+    load_supervisor, lock, sample_images, SamplingConfig, SharedSupervisor, SupervisorCopy,
+};
 use crate::stages::intake::encode_png;
 
 /// Configuration of a [`ClassPriorSampler`].
@@ -54,7 +57,8 @@ fn default_device() -> String {
 /// Samples the class prior images.
 pub struct ClassPriorSampler {
     config: ClassPriorConfig,
-    model: Option<StableDiffusion>,
+    model: Option<SupervisorCopy>,
+    shared: Option<SharedSupervisor>,
     next: usize,
     generated: Counter,
 }
@@ -63,14 +67,40 @@ impl ClassPriorSampler {
     /// A source; the model is loaded on its own thread when the job starts.
     pub fn new(config: ClassPriorConfig, metrics: &Metrics) -> Self {
         let generated = metrics.counter(MetricName::GeneratedImages, "kind", "class_prior");
-        ClassPriorSampler { config, model: None, next: 0, generated }
+        ClassPriorSampler { config, model: None, shared: None, next: 0, generated }
+    }
+
+    /// Samples from `shared`, the copy the tuner trains, with its adapters off, instead of
+    /// loading a copy of its own.
+    pub fn sharing(mut self, shared: SharedSupervisor) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Lets the model go (a shared copy lives on while the tuner holds it).
+    fn release(&mut self) {
+        self.model = None;
+        self.shared = None;
     }
 }
 
 impl Source for ClassPriorSampler {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let c = &self.config;
-        self.model = Some(load_supervisor(&c.model_dir, c.variant.as_deref(), &c.device, None, &c.sampling)?);
+        if c.num_images == 0 {
+            self.release();
+            return Ok(());
+        }
+        self.model = Some(match &self.shared {
+            Some(shared) => shared.get()?,
+            None => Arc::new(Mutex::new(load_supervisor(
+                &c.model_dir,
+                c.variant.as_deref(),
+                &c.device,
+                None,
+                &c.sampling,
+            )?)),
+        });
         Ok(())
     }
 
@@ -78,13 +108,16 @@ impl Source for ClassPriorSampler {
         let c = &self.config;
         let n = c.sampling.batch_images.max(1).min(c.num_images - self.next.min(c.num_images));
         if n == 0 {
-            self.model = None;
+            self.release();
             return Ok(Produced::Done);
         }
         let seeds: Vec<u64> = (0..n as u64).map(|i| c.first_seed + self.next as u64 + i).collect();
         let prompts = vec![c.class_prompt.as_str(); n];
-        let model = self.model.as_ref().expect("started");
-        let images = sample_images(model, &prompts, &seeds, &c.sampling)?;
+        let images = {
+            let model = lock(self.model.as_ref().expect("started"))?;
+            // The untuned supervisor, also while the tuner's adapters train on this copy.
+            model.without_adapters(|sd| sample_images(sd, &prompts, &seeds, &c.sampling))?
+        };
         let created_at_us = now_us();
         let rows: Vec<ClassPriorImage> = seeds
             .iter()
@@ -106,7 +139,7 @@ impl Source for ClassPriorSampler {
         self.next += n;
         if self.next >= c.num_images {
             // Its last image is out: free the model before the tuner's and the generator's peak.
-            self.model = None;
+            self.release();
             return Ok(Produced::Done);
         }
         Ok(Produced::More)

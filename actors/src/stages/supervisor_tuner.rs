@@ -7,6 +7,9 @@
 //! "supervisor ready" message that starts the
 //! [`ProxyGenerator`](crate::stages::proxy_generator::ProxyGenerator).
 //!
+//! Its model is its own, or the one copy it shares with the class-prior sampler
+//! ([`SupervisorTuner::sharing`]): the two take turns, a training step or a sampler call at a time.
+//!
 //! Checkpoints go to `<output_dir>/checkpoints/` every `dreambooth.checkpoint_every` steps and when
 //! the job is cancelled; a restarted job resumes from the newest one, bit-identically. Validation
 //! images go to `<output_dir>/validation/step-<n>/`. A non-finite loss fails the job naming the
@@ -28,10 +31,12 @@ use proxytune_models::lora::LoraConfig;
 use proxytune_models::weights::save_safetensors;
 use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Supervisor, Table};
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::runtime::metrics::TrainMeters;
 use crate::runtime::{Context, Metrics, Operator, Output};
+use crate::stages::diffusion_sampling::{lock, SharedSupervisor, SupervisorCopy};
 use crate::stages::intake::{encode_png, images_to_square_batch, tensor_to_rgb};
 
 /// Configuration of a [`SupervisorTuner`].
@@ -80,7 +85,8 @@ struct Meters {
 pub struct SupervisorTuner {
     config: SupervisorTunerConfig,
     references: Vec<image::RgbImage>,
-    state: Option<(StableDiffusion, DreamBoothTrainer)>,
+    state: Option<(SupervisorCopy, DreamBoothTrainer)>,
+    shared: Option<SharedSupervisor>,
     meters: Meters,
     steps: Arc<AtomicU64>,
 }
@@ -103,7 +109,20 @@ impl SupervisorTuner {
             train: metrics.trainer("supervisor", &["instance", "prior", "total"]),
             validation_images: metrics.counter(MetricName::GeneratedImages, "kind", "validation"),
         };
-        Ok(SupervisorTuner { config, references, state: None, meters, steps: Arc::default() })
+        Ok(SupervisorTuner { config, references, state: None, shared: None, meters, steps: Arc::default() })
+    }
+
+    /// Trains on `shared`, the copy the class-prior sampler also draws from, instead of loading
+    /// a copy of its own.
+    pub fn sharing(mut self, shared: SharedSupervisor) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Lets the model go (a shared copy lives on while the sampler holds it).
+    fn release(&mut self) {
+        self.state = None;
+        self.shared = None;
     }
 
     /// The optimiser steps taken so far (restored ones included), readable while the job runs.
@@ -116,8 +135,8 @@ impl SupervisorTuner {
     }
 
     /// Images in `[-1, 1]` at the training resolution.
-    fn pixels(&self, images: &[image::RgbImage], device: tch::Device) -> Result<tch::Tensor> {
-        Ok(images_to_square_batch(images, self.config.resolution as i64, device)? * 2.0 - 1.0)
+    fn pixels(resolution: u32, images: &[image::RgbImage], device: tch::Device) -> Result<tch::Tensor> {
+        Ok(images_to_square_batch(images, resolution as i64, device)? * 2.0 - 1.0)
     }
 
     /// Whether the next step's data is there.
@@ -130,8 +149,9 @@ impl SupervisorTuner {
         let checkpoints = self.checkpoints_dir();
         let validation_dir = self.config.output_dir.join("validation");
         let (model, trainer) = self.state.as_mut().expect("started");
+        let model = lock(model)?;
         let t0 = Instant::now();
-        let losses = trainer.train_step(model)?;
+        let losses = trainer.train_step(&model)?;
         self.steps.store(losses.step, Ordering::Relaxed);
         self.meters.train.record(
             &[losses.instance, losses.prior, losses.total],
@@ -140,12 +160,12 @@ impl SupervisorTuner {
         );
         let every = trainer.config().checkpoint_every;
         if every > 0 && losses.step % every == 0 {
-            trainer.save_checkpoint(model, &checkpoints)?;
+            trainer.save_checkpoint(&model, &checkpoints)?;
         }
         if trainer.validation_due() {
             let dir = validation_dir.join(format!("step-{:08}", losses.step));
             std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
-            let images = trainer.validate(model)?;
+            let images = trainer.validate(&model)?;
             for (i, v) in images.iter().enumerate() {
                 let path = dir.join(format!("{i:03}-seed{}.png", v.seed));
                 std::fs::write(&path, encode_png(&tensor_to_rgb(&v.image)?))
@@ -159,6 +179,7 @@ impl SupervisorTuner {
     /// Exports the trained weights and returns the supervisor row.
     fn export(&self) -> Result<Supervisor> {
         let (model, trainer) = self.state.as_ref().expect("started");
+        let model = lock(model)?;
         trainer.apply_ema()?;
         let dir = &self.config.output_dir;
         let adapter = match &self.config.lora {
@@ -194,26 +215,36 @@ impl SupervisorTuner {
 impl Operator for SupervisorTuner {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let c = &self.config;
-        let device = parse_device(&c.device)?;
-        let mut model = StableDiffusion::load_with(
-            &c.model_dir,
-            device,
-            &LoadOptions {
-                lora: c.lora.as_ref(),
-                variant: c.variant.as_deref(),
-                // A bf16 run's frozen UNet is built in bfloat16, never in float32.
-                unet_kind: c.dreambooth.precision.kind(),
-            },
-        )?;
-        model.vae_batch = c.vae_slicing.then_some(1);
-        let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;
-        trainer.set_instance_images(&model, &self.pixels(&self.references, device)?)?;
+        let copy = match &self.shared {
+            Some(shared) => shared.get()?,
+            None => {
+                let mut model = StableDiffusion::load_with(
+                    &c.model_dir,
+                    parse_device(&c.device)?,
+                    &LoadOptions {
+                        lora: c.lora.as_ref(),
+                        variant: c.variant.as_deref(),
+                        // A bf16 run's frozen UNet is built in bfloat16, never in float32.
+                        unet_kind: c.dreambooth.precision.kind(),
+                    },
+                )?;
+                model.vae_batch = c.vae_slicing.then_some(1);
+                Arc::new(Mutex::new(model))
+            }
+        };
+        let mut trainer = {
+            let mut model = lock(&copy)?;
+            let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;
+            let device = model.device();
+            trainer.set_instance_images(&model, &Self::pixels(c.resolution, &self.references, device)?)?;
+            trainer
+        };
         if let Some(checkpoint) = latest_checkpoint(&self.checkpoints_dir())? {
             trainer.resume(&checkpoint)?;
             tracing::info!(subject = %c.subject, checkpoint = %checkpoint.display(), step = trainer.step_count(), "supervisor tuning resumes");
         }
         self.steps.store(trainer.step_count(), Ordering::Relaxed);
-        self.state = Some((model, trainer));
+        self.state = Some((copy, trainer));
         Ok(())
     }
 
@@ -243,10 +274,10 @@ impl Operator for SupervisorTuner {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (model, _) = self.state.as_ref().expect("started");
-        let pixels = self.pixels(&images, model.device())?;
         let (model, trainer) = self.state.as_mut().expect("started");
-        trainer.add_class_images(model, &pixels)?;
+        let model = lock(model)?;
+        let pixels = Self::pixels(self.config.resolution, &images, model.device())?;
+        trainer.add_class_images(&model, &pixels)?;
         Ok(())
     }
 
@@ -266,17 +297,17 @@ impl Operator for SupervisorTuner {
         }
         let checkpoints = self.checkpoints_dir();
         let (model, trainer) = self.state.as_ref().expect("started");
-        trainer.save_checkpoint(model, &checkpoints)?;
+        trainer.save_checkpoint(&*lock(model)?, &checkpoints)?;
         if !trainer.finished() {
             // Cancelled (or the prior stream ended with no class image while prior preservation
             // is on): the checkpoint lets a restarted job continue; no supervisor is ready.
             tracing::warn!(subject = %self.config.subject, step = trainer.step_count(), "supervisor tuning stopped before its last step");
-            self.state = None;
+            self.release();
             return Ok(());
         }
         let supervisor = self.export()?;
         // Freed before the generator, which loads the model with this adapter, hears of it.
-        self.state = None;
+        self.release();
         out.emit(Supervisor::to_batch(&[supervisor])?);
         Ok(())
     }

@@ -18,7 +18,7 @@ use super::lumina::LuminaTokens;
 use crate::checkpoint;
 use crate::diffusion::dreambooth::Precision;
 use crate::error::{ModelError, Result};
-use crate::lora::{reset_lora, save_lora, LoraConfig, LoraSpec};
+use crate::lora::{reset_lora, save_lora, LoraConfig, LoraSpec, LoraSwitch};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::{Draws, Stream};
 use crate::weights::{load_safetensors_files, Strictness};
@@ -59,9 +59,11 @@ impl ChameleonStudent {
         base.set_kind(kind); // new variables are made in this kind
         let adapters = nn::VarStore::new(device);
         let spec = lora.map(|config| (adapters.root(), config));
-        // Every base variable comes from the files: built without drawing initial values.
+        let switch = LoraSwitch::default(); // the student's adapters are always on
+                                            // Every base variable comes from the files: built without drawing initial values.
         let model = crate::nn::for_loading(|| {
-            Chameleon::new(base.root(), &cfg, spec.as_ref().map(|(root, config)| LoraSpec { root, config }))
+            let spec = spec.as_ref().map(|(root, config)| LoraSpec { root, config, switch: &switch });
+            Chameleon::new(base.root(), &cfg, spec)
         })?;
         let files = crate::shapes::weight_files(dir, &["model"], None)?;
         load_safetensors_files(&mut base, &files, Strictness::Strict)?;

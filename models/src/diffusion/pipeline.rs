@@ -17,7 +17,7 @@ use super::scheduler::{guide, Sampler, SchedulerConfig};
 use super::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKl, VaeConfig};
 use crate::error::{ModelError, Result};
-use crate::lora::{LoraConfig, LoraSpec};
+use crate::lora::{LoraConfig, LoraSpec, LoraSwitch};
 use crate::recompute::{self, Segment};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::transformer::clip::{ClipTextConfig, ClipTextModelWithProjection, ClipTextTransformer};
@@ -75,6 +75,8 @@ pub struct StableDiffusion {
     pub force_zeros_for_empty_prompt: bool,
     /// The UNet's LoRA adapters' config, when it has adapters.
     pub lora: Option<LoraConfig>,
+    /// Turns the UNet's LoRA adapters on and off (on; see [`StableDiffusion::without_adapters`]).
+    pub lora_switch: LoraSwitch,
     /// Pixels per latent cell along each side (`2^(VAE levels - 1)`).
     pub vae_scale_factor: i64,
     /// Latent channels the UNet takes.
@@ -230,13 +232,14 @@ impl StableDiffusion {
         let mut unet_vs = nn::VarStore::new(device);
         unet_vs.set_kind(options.unet_kind); // new variables are made in this kind
         let unet_lora = nn::VarStore::new(device);
+        let lora_switch = LoraSwitch::default();
         let spec = lora.map(|config| (unet_lora.root(), config));
         // Every component's variables come from its files: built without drawing initial values.
         let unet = crate::nn::for_loading(|| {
             UNet2DConditionModel::with_lora(
                 unet_vs.root(),
                 &unet_cfg,
-                spec.as_ref().map(|(root, config)| LoraSpec { root, config }),
+                spec.as_ref().map(|(root, config)| LoraSpec { root, config, switch: &lora_switch }),
             )
         })?;
         load_safetensors_files(
@@ -312,6 +315,7 @@ impl StableDiffusion {
             text_encoder_2,
             force_zeros_for_empty_prompt,
             lora: lora.cloned(),
+            lora_switch,
             vae_scale_factor: vae_cfg.scale_factor(),
             latent_channels: unet_cfg.in_channels,
             vae_batch: None,
@@ -323,6 +327,21 @@ impl StableDiffusion {
     /// job's stages load their own copies; these figures show how many were resident together.
     pub fn resident() -> (usize, usize) {
         (RESIDENT.load(Ordering::SeqCst), RESIDENT_PEAK.load(Ordering::SeqCst))
+    }
+
+    /// Runs `f` with the UNet's LoRA adapters off: the base model, exactly as loaded without
+    /// adapters, whatever the adapters have been trained to. They are on again when `f` returns
+    /// (or unwinds). Callers sharing the model across threads hold it exclusively meanwhile.
+    pub fn without_adapters<R>(&self, f: impl FnOnce(&Self) -> R) -> R {
+        struct On<'a>(&'a LoraSwitch, bool);
+        impl Drop for On<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.1);
+            }
+        }
+        let _restore = On(&self.lora_switch, self.lora_switch.is_on());
+        self.lora_switch.set(false);
+        f(self)
     }
 
     /// The device the model lives on.
