@@ -46,6 +46,9 @@ pub enum BenchCommand {
     /// The daemon under faults and load through its binary: world jobs run alone, under polling
     /// clients (latency, errors, slowdown), and under random SIGKILLs (same outcomes?).
     Soak(crate::bench_soak::SoakArgs),
+    /// Images per second of the student's batched sampler and the supervisor's at several batch
+    /// sizes, against transformers' `generate` and diffusers' pipeline on the same machine.
+    Sample(crate::bench_sample::SampleArgs),
 }
 
 /// Arguments of `proxytune bench unet` and `proxytune bench ar`.
@@ -173,7 +176,7 @@ pub fn ar(args: CompareArgs) -> anyhow::Result<()> {
         }
     };
     let generate_s = median_seconds(args.iters, || {
-        let tokens = generate(&student.model, &prompt, None, new_tokens, &greedy, 0, |_, _| Allowed::Any)
+        let tokens = generate(&student.model, &prompt, None, new_tokens, &greedy, 0, |_| Allowed::Any)
             .expect("generate");
         assert_eq!(tokens.len(), new_tokens);
         sync();

@@ -17,8 +17,9 @@
 //!   checkpointing, and for the student with a chunked LM-head loss and both; seconds and peak
 //!   memory (host resident memory on the CPU, device memory in use on CUDA) above the built model;
 //! - **sample**: the supervisor's classifier-free-guided sampling (`--sample-steps` UNet evaluations
-//!   of the doubled batch, then the VAE decode) and the student's KV-cached CFG decoding (prefill,
-//!   then one token per step for every row); seconds per image at each `--sample-batches` size.
+//!   of the doubled batch, then the VAE decode) and the student's CFG decoding (the job's batched
+//!   sampler: a prefill, then one token per step for every row over a preallocated KV cache, the
+//!   draw on the device); seconds per image at each `--sample-batches` size.
 //!
 //! Output: a table on stdout and the whole report as JSON (`--out`).
 
@@ -28,7 +29,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _};
-use proxytune_models::ar::chameleon::{Chameleon, ChameleonConfig, KvCache};
+use proxytune_models::ar::chameleon::{Chameleon, ChameleonConfig};
+use proxytune_models::ar::generate::{generate_batch, Allowed, TokenSampling};
 use proxytune_models::ar::lumina::LuminaTokens;
 use proxytune_models::ar::train::{ArTrainer, ChameleonStudent};
 use proxytune_models::diffusion::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
@@ -834,27 +836,18 @@ fn child_sample(s: &Setup, batch: i64, args: &RealSizeArgs) -> anyhow::Result<Va
     let n = args.student_tokens.unwrap_or(image_tokens).clamp(1, image_tokens);
     let rows = 2 * batch; // conditional rows, then unconditional ones
     let prompt = Tensor::randint_low(0, vocab, [rows, prompt_len], (Kind::Int64, s.device));
+    // The job's sampler: guidance 4 and Lumina's top-k, drawn on the device.
+    let sampling = TokenSampling { guidance_scale: 4.0, top_k: Some(2000), ..Default::default() };
+    let seeds: Vec<u64> = (0..batch as u64).collect();
     let built = meter.begin();
     let start = Instant::now();
-    let mut cache = KvCache::new();
-    let mut logits = model.forward(&prompt, None, Some(&mut cache))?;
-    sync(s.device);
-    let prefill_s = start.elapsed().as_secs_f64();
-    for _ in 0..n {
-        let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float);
-        let parts = last.chunk(2, 0);
-        let guided = &parts[1] + (&parts[0] - &parts[1]) * 4.0;
-        let next = guided.argmax(-1, false);
-        let ids = Tensor::cat(&[&next, &next], 0).unsqueeze(1);
-        logits = model.forward(&ids, None, Some(&mut cache))?;
-    }
+    tch::no_grad(|| generate_batch(model, &prompt, None, n as usize, &sampling, &seeds, |_| Allowed::Any))?;
     sync(s.device);
     let total = start.elapsed().as_secs_f64();
     Ok(json!({
         "batch": batch,
         "tokens": n,
         "image_tokens": image_tokens,
-        "prefill_s": prefill_s,
         "tokens_per_s": (batch * n) as f64 / total,
         "per_image_s": total / batch as f64 * image_tokens as f64 / n as f64,
         "peak_above_model_bytes": meter.peak().saturating_sub(built),

@@ -331,6 +331,7 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
                 image: Default::default(),
                 tokens: Default::default(),
                 bf16: false,
+                batch: 16,
             },
         };
         models.push(Box::new(StudentGenerator::load(

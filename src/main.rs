@@ -8,7 +8,8 @@
 //! - [`smoke`]: a development check (hidden): DreamBench references into a Lance corpus, an
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps.
 //! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`, `load` in
-//!   [`bench_load`], `real-size` in [`bench_real`], `soak` in [`bench_soak`]).
+//!   [`bench_load`], `real-size` in [`bench_real`], `soak` in [`bench_soak`], `sample` in
+//!   [`bench_sample`]).
 //! - [`evaluate`]: DreamBench evaluation (the real-images row; supervisor and student).
 //! - [`grafana_cmd`]: the Grafana dashboards as code, rendered to `grafana/dashboards`.
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
@@ -22,6 +23,7 @@
 mod bench;
 mod bench_load;
 mod bench_real;
+mod bench_sample;
 mod bench_soak;
 mod corpus_cmd;
 mod daemon;
@@ -131,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { command: bench::BenchCommand::Load(args) } => bench_load::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::RealSize(args) } => bench_real::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Soak(args) } => bench_soak::run(args).map(|()| 0),
+        Command::Bench { command: bench::BenchCommand::Sample(args) } => bench_sample::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Runtime(args) } => {
             runtime.block_on(bench::runtime(args)).map(|()| 0)
         }

@@ -62,6 +62,7 @@ pub(crate) fn student_sampling(world_dir: &Path) -> anyhow::Result<StudentSampli
         image: ImageSampling { guidance_scale: 3.0, image_top_k: Some(64), top_p: None, temperature: 1.0 },
         tokens,
         bf16: false,
+        batch: 16,
     })
 }
 

@@ -431,6 +431,40 @@ fn bench_load_compares_the_streaming_loader_with_whole_file_reads() {
     );
 }
 
+/// `bench sample` at a small cut (2x2 codes, 2 DDIM steps, batches 1 and 3): both samplers and
+/// both references run and every row is measured (the figures themselves are the README's, from a
+/// full run).
+#[test]
+fn bench_sample_measures_both_samplers_against_their_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("sample.json");
+    let out = proxytune()
+        .args(["bench", "sample", "--grid", "2", "--batches", "1,3", "--reference-images", "1"])
+        .args(["--steps", "2", "--repeats", "1", "--python"])
+        .arg(crate::support::python())
+        .arg("--world")
+        .arg(crate::support::repo_root().join("models/world"))
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["student"]["tokens_per_image"], 7, "2 rows of 2 codes and a break, then the end");
+    assert!(r["student"]["reference"]["images_per_s"].as_f64().unwrap() > 0.0);
+    for part in ["student", "supervisor"] {
+        let rows = r[part]["rows"].as_array().unwrap();
+        let batches: Vec<u64> = rows.iter().map(|row| row["batch"].as_u64().unwrap()).collect();
+        assert_eq!(batches, [1, 3], "{part}");
+        for row in rows {
+            assert!(row["images_per_s"].as_f64().unwrap() > 0.0, "{part}: {row}");
+            assert!(row["vs_reference"].as_f64().unwrap().is_finite(), "{part}: {row}");
+        }
+    }
+    assert!(text.contains("vs reference") && text.contains("vs diffusers"), "{text}");
+}
+
 #[test]
 fn bench_real_size_runs_every_model_and_measurement_at_the_tiny_scale() {
     let dir = tempfile::tempdir().unwrap();

@@ -566,7 +566,7 @@ fn chameleon_logits_vq_codes_and_decoding_match_transformers() {
         // KV-cached greedy decoding in text mode (image tokens disallowed, as transformers does).
         let text_only = Tensor::ones([96], (tch::Kind::Bool, Device::Cpu)).index_fill(0, &image_ids, 0);
         let greedy = TokenSampling { greedy: true, ..Default::default() };
-        let tokens = generate(&model, &io["prompt"], None, 8, &greedy, 0, |_, _| {
+        let tokens = generate(&model, &io["prompt"], None, 8, &greedy, 0, |_| {
             Allowed::Mask(text_only.shallow_clone())
         })
         .unwrap();
@@ -590,9 +590,9 @@ fn chameleon_logits_vq_codes_and_decoding_match_transformers() {
         );
         assert!(err_raw < TOL && err_masked < TOL && err_mm < TOL && err_scores < TOL);
         // Seeded sampling is deterministic and follows the seed.
-        let a = generate(&model, &io["prompt"], None, 8, &sampling, 5, |_, _| Allowed::Any).unwrap();
-        let b = generate(&model, &io["prompt"], None, 8, &sampling, 5, |_, _| Allowed::Any).unwrap();
-        let c = generate(&model, &io["prompt"], None, 8, &sampling, 6, |_, _| Allowed::Any).unwrap();
+        let a = generate(&model, &io["prompt"], None, 8, &sampling, 5, |_| Allowed::Any).unwrap();
+        let b = generate(&model, &io["prompt"], None, 8, &sampling, 5, |_| Allowed::Any).unwrap();
+        let c = generate(&model, &io["prompt"], None, 8, &sampling, 6, |_| Allowed::Any).unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
     });

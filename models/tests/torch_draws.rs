@@ -32,9 +32,7 @@ fn torch_draws_sample_the_tokens_transformers_samples() {
         ..Default::default()
     };
     let tokens = tch::no_grad(|| {
-        generate(&model, &io["prompt"], None, 8, &sampling, 0, |_, _| {
-            Allowed::Mask(text_only.shallow_clone())
-        })
+        generate(&model, &io["prompt"], None, 8, &sampling, 0, |_| Allowed::Mask(text_only.shallow_clone()))
     })
     .unwrap();
     let reference = Vec::<i64>::try_from(io["sampled"].flatten(0, -1)).unwrap();

@@ -677,6 +677,106 @@ mod student {
         assert!(err.contains("ar_train.precision"), "{err}");
     }
 
+    /// A plain sampler to hold the batched one against: no cache (every step runs the whole
+    /// sequence), one seed, guidance, the image-token mask, the warpers and an inverse-CDF draw on
+    /// the host, Lumina's forced row ends.
+    fn plain_sampler(
+        model: &proxytune_models::ar::chameleon::Chameleon,
+        t: &LuminaTokens,
+        prompt: &[i64],
+        side: i64,
+        sampling: &ImageSampling,
+        seed: u64,
+    ) -> Vec<i64> {
+        use proxytune_models::ar::generate::{warp, TokenSampling};
+        use proxytune_models::rng::{Draws, Stream};
+        let header = t.image_header(side, side).unwrap();
+        let mut cond: Vec<i64> = prompt.iter().chain(&header).copied().collect();
+        let mut uncond: Vec<i64> = header.to_vec();
+        let warpers = TokenSampling {
+            temperature: sampling.temperature,
+            top_k: sampling.image_top_k,
+            top_p: sampling.top_p,
+            ..Default::default()
+        };
+        let image_ids = model.image_vocab.image_token_ids();
+        let body_len = side * (side + 1) + 1;
+        let mut body = Vec::new();
+        for step in 0..body_len {
+            let position = step + 1;
+            let token =
+                if position == body_len {
+                    t.end_image
+                } else if position % (side + 1) == 0 {
+                    t.new_line
+                } else {
+                    let pad = cond.len() - uncond.len();
+                    let ids: Vec<i64> =
+                        cond.iter().chain(std::iter::repeat_n(&t.bos, pad)).chain(&uncond).copied().collect();
+                    let keep: Vec<i64> = std::iter::repeat_n(1, cond.len())
+                        .chain(std::iter::repeat_n(0, pad))
+                        .chain(std::iter::repeat_n(1, uncond.len()))
+                        .collect();
+                    let ids = Tensor::from_slice(&ids).view([2, -1]);
+                    let keep = Tensor::from_slice(&keep).view([2, -1]);
+                    let logits = tch::no_grad(|| model.forward(&ids, Some(&keep), None)).unwrap();
+                    let last = logits.select(1, -1).to_kind(tch::Kind::Float);
+                    let (c, u) = (last.get(0), last.get(1));
+                    let mut scores = (&u + (&c - &u) * sampling.guidance_scale).unsqueeze(0);
+                    let allowed = Tensor::zeros([scores.size()[1]], (tch::Kind::Bool, Device::Cpu))
+                        .index_fill(0, &Tensor::from_slice(&image_ids), 1);
+                    scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+                    let probs = warp(&scores, &warpers).softmax(-1, tch::Kind::Double).get(0);
+                    let cdf = Vec::<f64>::try_from(probs.cumsum(0, tch::Kind::Double)).unwrap();
+                    let draw = Draws::new(seed, Stream::TokenSample, step as u64).unit() * cdf[cdf.len() - 1];
+                    cdf.iter().position(|&c| c > draw).unwrap_or(cdf.len() - 1) as i64
+                };
+            body.push(token);
+            cond.push(token);
+            uncond.push(token);
+        }
+        t.parse_body(&body, side, side).unwrap()
+    }
+
+    /// The batched sampler (KV cache written in place, guidance and draws on the device, tokens to
+    /// the host once) draws the plain sampler's very tokens at batch 1, and a batch of seeds and
+    /// prompts of different lengths gives each seed the tokens it gets alone; with guidance and
+    /// without, with top-p too.
+    #[test]
+    fn batched_lumina_sampling_draws_the_plain_samplers_tokens_and_each_seed_its_own() {
+        use proxytune_models::ar::lumina::sample_image_tokens_batch;
+        let s = student(false);
+        let t = tokens();
+        let prompts: Vec<Vec<i64>> = [&[20, 21, 22][..], &[30, 31, 32, 33, 34], &[40], &[20, 21, 22]]
+            .iter()
+            .map(|p| t.prompt_ids(p))
+            .collect();
+        let seeds = [9u64, 10, 11, 12];
+        for sampling in [
+            ImageSampling { guidance_scale: 3.0, image_top_k: Some(8), ..Default::default() },
+            ImageSampling { guidance_scale: 1.0, image_top_k: Some(16), top_p: Some(0.9), temperature: 0.8 },
+        ] {
+            let alone: Vec<Vec<i64>> = prompts
+                .iter()
+                .zip(seeds)
+                .map(|(p, seed)| {
+                    tch::no_grad(|| sample_image_tokens(&s.model, &t, p, 4, 4, &sampling, seed)).unwrap()
+                })
+                .collect();
+            if sampling.guidance_scale != 1.0 {
+                for ((p, seed), got) in prompts.iter().zip(seeds).zip(&alone) {
+                    assert_eq!(got, &plain_sampler(&s.model, &t, p, 4, &sampling, seed), "seed {seed}");
+                }
+            }
+            let refs: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
+            let batch =
+                tch::no_grad(|| sample_image_tokens_batch(&s.model, &t, &refs, 4, 4, &sampling, &seeds))
+                    .unwrap();
+            assert_eq!(batch, alone, "{sampling:?}");
+            assert_ne!(alone[0], alone[3], "another seed, another grid");
+        }
+    }
+
     #[test]
     fn lumina_image_sampling_follows_the_grid_and_decodes() {
         let s = student(false);
@@ -795,5 +895,15 @@ mod llamagen {
         let a = model.generate(&captions.narrow(0, 1, 1), &guided, 4).unwrap();
         let b = model.generate(&captions.narrow(0, 1, 1), &guided, 4).unwrap();
         assert_eq!((a.len(), &a), (9, &b), "seeded");
+        // A batch of captions and seeds gives each seed the grid it gets alone, with guidance and
+        // without.
+        let n = captions.size()[0];
+        let seeds: Vec<u64> = (0..n as u64).map(|i| 4 + 3 * i).collect();
+        for sampling in [guided.clone(), TokenSampling { top_k: Some(8), ..Default::default() }] {
+            let alone: Vec<Vec<i64>> = (0..n)
+                .map(|i| model.generate(&captions.narrow(0, i, 1), &sampling, seeds[i as usize]).unwrap())
+                .collect();
+            assert_eq!(model.generate_batch(&captions, &sampling, &seeds).unwrap(), alone, "{sampling:?}");
+        }
     }
 }

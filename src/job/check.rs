@@ -531,6 +531,9 @@ fn check_student(spec: &JobSpec, r: &mut CheckReport) {
     if s.precision == Precision::Fp16 {
         r.problem("student.precision", "fp16 is not supported; use bf16 or fp32");
     }
+    if s.sampling.batch == 0 {
+        r.problem("student.sampling.batch", "must be at least 1 (images sampled at once)");
+    }
     if s.full {
         r.problem("student.full", "a fully fine-tuned student is not exported for evaluation yet; use LoRA");
     }

@@ -497,6 +497,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
             },
             tokens,
             bf16: st.precision == Precision::Bf16,
+            batch: st.sampling.batch,
         },
         images_per_prompt: spec.evaluation.images_per_prompt,
         max_prompts: spec.evaluation.prompts,

@@ -438,11 +438,14 @@ pub struct StudentSamplingSpec {
     pub top_p: Option<f64>,
     /// Classifier-free guidance scale.
     pub guidance: f64,
+    /// Images sampled at once, each with its own seed (twice the rows with guidance): one forward
+    /// a token for the whole batch.
+    pub batch: usize,
 }
 
 impl Default for StudentSamplingSpec {
     fn default() -> Self {
-        StudentSamplingSpec { temperature: 1.0, top_k: 2000, top_p: None, guidance: 4.0 }
+        StudentSamplingSpec { temperature: 1.0, top_k: 2000, top_p: None, guidance: 4.0, batch: 16 }
     }
 }
 

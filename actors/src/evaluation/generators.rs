@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use proxytune_models::ar::chameleon_vq::ChameleonVqDecoder;
-use proxytune_models::ar::lumina::{sample_image_tokens, t2i_instruction, ImageSampling, LuminaTokens};
+use proxytune_models::ar::lumina::{sample_image_tokens_batch, t2i_instruction, ImageSampling, LuminaTokens};
 use proxytune_models::ar::train::ChameleonStudent;
 use proxytune_models::diffusion::pipeline::StableDiffusion;
 use proxytune_models::lora::{load_lora, read_config};
@@ -80,6 +80,13 @@ pub struct StudentSampling {
     /// Sample with the decoder's weights in bfloat16 (its adapters and the VQ decoder stay float32).
     #[serde(default)]
     pub bf16: bool,
+    /// Images sampled at once, each with its own seed (twice the rows with guidance).
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+fn default_batch() -> usize {
+    16
 }
 
 /// The student: a Chameleon / Lumina-mGPT model with its adapter, text tokenizer and VQ decoder.
@@ -147,22 +154,27 @@ impl Generator for StudentGenerator {
         let text = self.tokenizer.encode(&t2i_instruction(prompt, side, side))?;
         let prompt_ids = s.tokens.prompt_ids(&text);
         let mut images = Vec::with_capacity(seeds.len());
-        for &seed in seeds {
-            let tokens = tch::no_grad(|| {
-                sample_image_tokens(
+        for chunk in seeds.chunks(s.batch.max(1)) {
+            let prompts = vec![prompt_ids.as_slice(); chunk.len()];
+            let grids = tch::no_grad(|| {
+                sample_image_tokens_batch(
                     &self.student.model,
                     &s.tokens,
-                    &prompt_ids,
+                    &prompts,
                     s.grid,
                     s.grid,
                     &s.image,
-                    seed,
+                    chunk,
                 )
             })?;
-            let codes = self.student.model.image_vocab.tokens_to_codes(&tokens)?;
-            let codes =
-                Tensor::from_slice(&codes).view([1, s.grid, s.grid]).to_device(self.student.model.device());
-            let pixels = tch::no_grad(|| self.decoder.decode(&codes))?; // [1, 3, H, W] in about [-1, 1]
+            let mut codes = Vec::with_capacity(grids.len() * (s.grid * s.grid) as usize);
+            for tokens in &grids {
+                codes.extend(self.student.model.image_vocab.tokens_to_codes(tokens)?);
+            }
+            let codes = Tensor::from_slice(&codes)
+                .view([chunk.len() as i64, s.grid, s.grid])
+                .to_device(self.student.model.device());
+            let pixels = tch::no_grad(|| self.decoder.decode(&codes))?; // [B, 3, H, W] in about [-1, 1]
             images.push(((pixels + 1.0) / 2.0).clamp(0.0, 1.0).to_device(Device::Cpu));
         }
         Ok(Tensor::cat(&images, 0))

@@ -289,8 +289,15 @@ fn rotate_half(x: &Tensor) -> Tensor {
 
 /// Scaled dot-product attention of `q [B, H, T, hd]` over `k`, `v` `[B, Hkv, S, hd]` with
 /// grouped-query sharing (each key/value head serves `H / Hkv` query heads), as transformers'
-/// `repeat_kv` does; `mask` is additive `[B|1, 1, T, S]`.
-pub(crate) fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+/// `repeat_kv` does; `mask` is additive `[B|1, 1, T, S]`, or with `causal` (and no mask) SDPA's own
+/// causal flag, which lets libtorch pick its fused kernels.
+pub(crate) fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+) -> Tensor {
     let rep = q.size()[1] / k.size()[1];
     let expand = |x: &Tensor| {
         if rep == 1 {
@@ -299,24 +306,42 @@ pub(crate) fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option
         let (b, kv, s, hd) = x.size4().expect("[B, Hkv, S, hd]");
         x.unsqueeze(2).expand([b, kv, rep, s, hd], false).reshape([b, kv * rep, s, hd])
     };
-    Tensor::scaled_dot_product_attention(q, &expand(k), &expand(v), mask, 0.0, false, None, false)
+    Tensor::scaled_dot_product_attention(q, &expand(k), &expand(v), mask, 0.0, causal, None, false)
 }
 
-/// Keys and values of every layer so far, `[B, Hkv, T, hd]` each.
+/// Keys and values of every layer so far, `[B, Hkv, T, hd]` each. Made with a capacity
+/// ([`KvCache::with_capacity`]), each layer's buffers are allocated once, at the first append, for
+/// that many positions, and every later step writes its keys and values in place: no step
+/// reallocates or copies what is cached. Without one, each append concatenates.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+    capacity: Option<i64>,
+}
+
+/// One layer's keys and values: the first `len` positions of the buffers are filled.
+#[derive(Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: i64,
 }
 
 impl KvCache {
-    /// An empty cache.
+    /// An empty cache that grows by concatenation.
     pub fn new() -> Self {
         KvCache::default()
     }
 
+    /// An empty cache for at most `positions` positions (prompt and generated tokens), written in
+    /// place.
+    pub fn with_capacity(positions: i64) -> Self {
+        KvCache { layers: Vec::new(), capacity: Some(positions) }
+    }
+
     /// Positions cached.
     pub fn len(&self) -> i64 {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.size()[2]).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
     }
 
     /// True when nothing is cached.
@@ -326,23 +351,43 @@ impl KvCache {
 
     /// Keeps only the batch rows `rows` (e.g. after dropping finished sequences).
     pub fn select_rows(&mut self, rows: &Tensor) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(0, rows);
-            *v = v.index_select(0, rows);
+        for l in self.layers.iter_mut().flatten() {
+            l.k = l.k.index_select(0, rows);
+            l.v = l.v.index_select(0, rows);
         }
     }
 
-    /// Appends a layer's new keys and values and returns the whole sequence's.
+    /// Appends a layer's new keys and values and returns the whole sequence's (a view of the
+    /// buffers when the cache has a capacity).
     pub(crate) fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
         if self.layers.len() <= layer {
             self.layers.resize_with(layer + 1, || None);
         }
-        let merged = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
-            None => (k, v),
+        let t = k.size()[2];
+        let entry = match (self.layers[layer].take(), self.capacity) {
+            (None, Some(cap)) if t <= cap => {
+                let (b, h, _, hd) = k.size4().expect("[B, Hkv, T, hd]");
+                let buffer = |x: &Tensor| {
+                    let buf = Tensor::zeros([b, h, cap, hd], (x.kind(), x.device()));
+                    buf.narrow(2, 0, t).copy_(x);
+                    buf
+                };
+                LayerCache { k: buffer(&k), v: buffer(&v), len: t }
+            }
+            (None, _) => LayerCache { k, v, len: t },
+            (Some(l), Some(_)) if l.len + t <= l.k.size()[2] => {
+                l.k.narrow(2, l.len, t).copy_(&k);
+                l.v.narrow(2, l.len, t).copy_(&v);
+                LayerCache { len: l.len + t, ..l }
+            }
+            (Some(l), _) => {
+                let (pk, pv) = (l.k.narrow(2, 0, l.len), l.v.narrow(2, 0, l.len));
+                LayerCache { k: Tensor::cat(&[pk, k], 2), v: Tensor::cat(&[pv, v], 2), len: l.len + t }
+            }
         };
-        self.layers[layer] = Some((merged.0.shallow_clone(), merged.1.shallow_clone()));
-        merged
+        let out = (entry.k.narrow(2, 0, entry.len), entry.v.narrow(2, 0, entry.len));
+        self.layers[layer] = Some(entry);
+        out
     }
 }
 
@@ -382,6 +427,7 @@ impl Attention {
         xs: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
+        causal: bool,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         let (b, t, _) = xs.size3().expect("[B, T, D]");
@@ -396,7 +442,7 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let out = grouped_attention(&q, &k, &v, mask);
+        let out = grouped_attention(&q, &k, &v, mask, causal);
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, t, self.heads * hd]))
     }
 }
@@ -439,13 +485,15 @@ impl DecoderLayer {
         xs: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
+        causal: bool,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         if self.swin {
-            let h = xs + self.input_layernorm.forward(&self.self_attn.forward(xs, rope, mask, cache));
+            let attn = self.self_attn.forward(xs, rope, mask, causal, cache);
+            let h = xs + self.input_layernorm.forward(&attn);
             return &h + self.post_attention_layernorm.forward(&self.mlp.forward(&h));
         }
-        let h = xs + self.self_attn.forward(&self.input_layernorm.forward(xs), rope, mask, cache);
+        let h = xs + self.self_attn.forward(&self.input_layernorm.forward(xs), rope, mask, causal, cache);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
 }
@@ -558,7 +606,30 @@ impl Chameleon {
         &self,
         ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_masked(ids, attention_mask, cache, false)
+    }
+
+    /// [`Chameleon::forward`] for decoding: a prompt with no padding over an empty cache is masked
+    /// by SDPA's causal flag instead of a mask tensor, so libtorch may use its fused (flash /
+    /// memory-efficient) kernels; a padded batch keeps the explicit mask. The same logits up to
+    /// float rounding.
+    pub fn decode(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_masked(ids, attention_mask, cache, true)
+    }
+
+    fn forward_masked(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
+        fused_causal: bool,
     ) -> Result<Tensor> {
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         self.check_ids(ids, past)?;
@@ -573,9 +644,11 @@ impl Chameleon {
         };
         let mut h = self.embed_tokens.forward(ids);
         let rope = self.rope.tables(&positions, h.kind());
-        let mask = self.mask(b, t, past, attention_mask, h.kind(), device);
+        // Only the first call sees no cache: a causal flag is right for a square, unpadded block.
+        let causal = fused_causal && attention_mask.is_none() && past == 0 && t > 1;
+        let mask = if causal { None } else { self.mask(b, t, past, attention_mask, h.kind(), device) };
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, &rope, mask.as_ref(), cache.as_deref_mut().map(|c| (c, i)));
+            h = layer.forward(&h, &rope, mask.as_ref(), causal, cache.as_deref_mut().map(|c| (c, i)));
         }
         Ok(self.head(&h))
     }
@@ -598,7 +671,7 @@ impl Chameleon {
             let rope = (rope.0.shallow_clone(), rope.1.shallow_clone());
             let mask = mask.as_ref().map(Tensor::shallow_clone);
             segments.push(Box::new(move |s: &[Tensor]| {
-                Ok(vec![layer.forward(&s[0], &rope, mask.as_ref(), None)])
+                Ok(vec![layer.forward(&s[0], &rope, mask.as_ref(), false, None)])
             }));
         }
         Ok(segments)

@@ -1,8 +1,10 @@
-//! Autoregressive decoding with a KV cache: a prefill over the prompt, then one token per step,
-//! with classifier-free guidance (conditional and unconditional rows in one batch), temperature,
-//! top-k and top-p with transformers' semantics, and per-step constraints on which tokens may come
-//! next (image tokens only, a forced row break, …). Deterministic given a seed: each step's draw
-//! comes from `(seed, step)` ([`crate::rng`]), never from libtorch's global generator.
+//! Autoregressive decoding with a preallocated KV cache: a prefill over the prompts, then one token
+//! per step for a whole batch of sequences, with classifier-free guidance (conditional and
+//! unconditional rows in one forward), temperature, top-k and top-p with transformers' semantics,
+//! and per-step constraints on which tokens may come next (image tokens only, a forced row break,
+//! …), all on the model's device. Deterministic given the seeds: each sequence's draw at each step
+//! comes from `(seed, step)` ([`crate::rng`]), never from libtorch's global generator (unless
+//! [`DrawSource::Torch`] asks for it).
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -55,7 +57,7 @@ impl Default for TokenSampling {
     }
 }
 
-/// What may come next.
+/// What may come next: the same for every row of a batch at a step.
 #[derive(Debug)]
 pub enum Allowed {
     /// Any token.
@@ -88,28 +90,26 @@ pub fn warp(logits: &Tensor, s: &TokenSampling) -> Tensor {
     scores
 }
 
-/// Picks one token per row of processed scores `[B, V]`: the arg-max when greedy, else a draw by
-/// inverse CDF from `draws`.
-pub(crate) fn pick(scores: &Tensor, greedy: bool, draws: &mut Draws) -> Result<Vec<i64>> {
+/// Picks one token per row of processed scores `[B, V]` on their device: the arg-max when
+/// greedy, else a draw by inverse CDF, row `i`'s uniform number coming from `(seeds[i], step)`.
+/// The distribution never leaves the device; only the `B` uniforms go to it. Returns `[B]` ids.
+pub(crate) fn pick(scores: &Tensor, greedy: bool, seeds: &[u64], step: u64) -> Tensor {
     if greedy {
-        return Ok(Vec::<i64>::try_from(scores.argmax(-1, false))?);
+        return scores.argmax(-1, false);
     }
-    let probs = scores.softmax(-1, Kind::Double).to_device(tch::Device::Cpu);
-    let cdf = probs.cumsum(-1, Kind::Double);
-    let b = cdf.size()[0];
-    let v = cdf.size()[1];
-    (0..b)
-        .map(|i| {
-            let row = Vec::<f64>::try_from(cdf.get(i))?;
-            let u = draws.unit() * row[v as usize - 1];
-            Ok(row.iter().position(|&c| c > u).unwrap_or(v as usize - 1) as i64)
-        })
-        .collect()
+    let v = scores.size()[scores.dim() - 1];
+    let cdf = scores.softmax(-1, Kind::Double).cumsum(-1, Kind::Double);
+    let units: Vec<f64> =
+        seeds.iter().map(|&seed| Draws::new(seed, Stream::TokenSample, step).unit()).collect();
+    let total = cdf.narrow(1, v - 1, 1); // [B, 1]
+    let u = Tensor::from_slice(&units).to_device(scores.device()).view([-1, 1]) * total;
+    // The first position whose cumulative probability exceeds u: the count of those at or below.
+    cdf.le_tensor(&u).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(v - 1)
 }
 
 /// Generates `max_new_tokens` tokens after `prompt [1, T]` (or `[2, T]` left-padded with
-/// `attention_mask` when guiding: row 0 conditional, row 1 unconditional). `allowed(step, tokens)`
-/// constrains each step. Returns the new tokens.
+/// `attention_mask` when guiding: row 0 conditional, row 1 unconditional). `allowed(step)`
+/// constrains each step. Returns the new tokens. One seed's [`generate_batch`].
 pub fn generate(
     model: &Chameleon,
     prompt: &Tensor,
@@ -117,36 +117,72 @@ pub fn generate(
     max_new_tokens: usize,
     sampling: &TokenSampling,
     seed: u64,
-    mut allowed: impl FnMut(usize, &[i64]) -> Allowed,
+    allowed: impl FnMut(usize) -> Allowed,
 ) -> Result<Vec<i64>> {
-    let rows = prompt.size()[0];
+    let mut out = generate_batch(model, prompt, attention_mask, max_new_tokens, sampling, &[seed], allowed)?;
+    Ok(out.pop().expect("one sequence"))
+}
+
+/// Generates `max_new_tokens` tokens for each of `B = seeds.len()` sequences at once. `prompts`
+/// holds `B` rows, or `2B` when guiding (rows `0..B` conditional, `B..2B` unconditional, row `i`
+/// and `B + i` guiding each other), left-padded to one length with `attention_mask [rows, T]`
+/// (1 keep, 0 pad). Each step is one forward of every row over a preallocated KV cache; guidance,
+/// the constraint of `allowed(step)`, temperature, top-k, top-p and the draw all happen on the
+/// model's device, and the tokens come to the host once, at the end. Sequence `i` draws from
+/// `seeds[i]`, so it gets the tokens it gets alone (up to the float rounding of a wider batch).
+/// Torch draws (one global generator) sample one sequence at a time only.
+pub fn generate_batch(
+    model: &Chameleon,
+    prompts: &Tensor,
+    attention_mask: Option<&Tensor>,
+    max_new_tokens: usize,
+    sampling: &TokenSampling,
+    seeds: &[u64],
+    mut allowed: impl FnMut(usize) -> Allowed,
+) -> Result<Vec<Vec<i64>>> {
+    let (rows, t) = prompts.size2()?;
+    let b = seeds.len() as i64;
     let guided = sampling.guidance_scale != 1.0;
-    if rows != if guided { 2 } else { 1 } {
-        return Err(ModelError::Config {
-            what: "generate".into(),
-            message: format!(
-                "{rows} prompt rows; expected 1, or 2 (conditional, unconditional) with guidance"
-            ),
-        });
+    let bad = |message: String| ModelError::Config { what: "generate".into(), message };
+    if b == 0 || rows != if guided { 2 * b } else { b } {
+        return Err(bad(format!(
+            "{rows} prompt rows for {b} seeds; expected one a seed, or two (conditional, unconditional) with guidance"
+        )));
     }
-    let device = prompt.device();
-    let mut cache = KvCache::new();
-    let mut mask = attention_mask.map(|m| m.shallow_clone());
-    let mut out = Vec::with_capacity(max_new_tokens);
-    let mut logits = tch::no_grad(|| model.forward(prompt, mask.as_ref(), Some(&mut cache)))?;
+    if sampling.draws == DrawSource::Torch && b > 1 && !sampling.greedy {
+        return Err(bad(format!("torch draws sample one sequence at a time, not {b}")));
+    }
+    if max_new_tokens == 0 {
+        return Ok(vec![Vec::new(); b as usize]);
+    }
+    let device = prompts.device();
+    let capacity = t + max_new_tokens as i64;
+    let mut cache = KvCache::with_capacity(capacity);
+    // The padding mask, preallocated: every generated position is kept.
+    let full_mask = match attention_mask {
+        Some(m) => {
+            let full = Tensor::ones([rows, capacity], (m.kind(), device));
+            full.narrow(1, 0, t).copy_(m);
+            Some(full)
+        }
+        None => None,
+    };
+    let mask_to = |len: i64| full_mask.as_ref().map(|m| m.narrow(1, 0, len));
+    let mut logits = tch::no_grad(|| model.decode(prompts, mask_to(t).as_ref(), Some(&mut cache)))?;
     if sampling.draws == DrawSource::Torch {
-        tch::manual_seed(seed as i64);
+        tch::manual_seed(seeds[0] as i64);
     }
+    let out = Tensor::zeros([b, max_new_tokens as i64], (Kind::Int64, device));
     for step in 0..max_new_tokens {
         let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // [rows, V]
         let mut scores = if guided {
-            let (cond, uncond) = (last.get(0), last.get(1));
-            (&uncond + (&cond - &uncond) * sampling.guidance_scale).unsqueeze(0)
+            let (cond, uncond) = (last.narrow(0, 0, b), last.narrow(0, b, b));
+            &uncond + (&cond - &uncond) * sampling.guidance_scale
         } else {
             last
         };
-        let token = match allowed(step, &out) {
-            Allowed::Force(t) => t,
+        let token = match allowed(step) {
+            Allowed::Force(id) => Tensor::full([b], id, (Kind::Int64, device)),
             constraint => {
                 if let Allowed::Mask(m) = &constraint {
                     scores = scores.masked_fill(&m.logical_not().to_device(device), f64::NEG_INFINITY);
@@ -154,25 +190,19 @@ pub fn generate(
                 let warped = if sampling.greedy { scores } else { warp(&scores, sampling) };
                 match (sampling.draws, sampling.greedy) {
                     (DrawSource::Torch, false) => {
-                        warped.softmax(-1, Kind::Float).multinomial(1, false).int64_value(&[0, 0])
+                        warped.softmax(-1, Kind::Float).multinomial(1, false).view([b])
                     }
-                    _ => pick(
-                        &warped,
-                        sampling.greedy,
-                        &mut Draws::new(seed, Stream::TokenSample, step as u64),
-                    )?[0],
+                    _ => pick(&warped, sampling.greedy, seeds, step as u64),
                 }
             }
         };
-        out.push(token);
+        out.narrow(1, step as i64, 1).copy_(&token.view([b, 1]));
         if step + 1 == max_new_tokens {
             break;
         }
-        let next = Tensor::from_slice(&vec![token; rows as usize]).view([rows, 1]).to_device(device);
-        if let Some(m) = &mut mask {
-            *m = Tensor::cat(&[m.shallow_clone(), m.ones_like().narrow(1, 0, 1)], 1);
-        }
-        logits = tch::no_grad(|| model.forward(&next, mask.as_ref(), Some(&mut cache)))?;
+        let next = if guided { Tensor::cat(&[&token, &token], 0) } else { token }.view([rows, 1]);
+        let len = t + step as i64 + 1;
+        logits = tch::no_grad(|| model.decode(&next, mask_to(len).as_ref(), Some(&mut cache)))?;
     }
-    Ok(out)
+    Ok(Vec::<Vec<i64>>::try_from(out.to_device(tch::Device::Cpu))?)
 }

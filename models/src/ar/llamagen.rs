@@ -208,7 +208,7 @@ impl Block {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let out = grouped_attention(&q, &k, &v, mask);
+        let out = grouped_attention(&q, &k, &v, mask, false);
         let h = xs + self.wo.forward(&out.transpose(1, 2).reshape([b, t, d]));
         let n = self.ffn_norm.forward(&h);
         &h + self.w2.forward(&(self.w1.forward(&n).silu() * self.w3.forward(&n)))
@@ -362,45 +362,66 @@ impl LlamaGen {
 
     /// Samples a full code grid (`grid²` codes, row-major) for one caption `[1, cls, caption_dim]`:
     /// KV-cached, with classifier-free guidance against the unconditional embedding when
-    /// `sampling.guidance_scale != 1` (both rows in one batch), deterministic given `seed`.
+    /// `sampling.guidance_scale != 1` (both rows in one batch), deterministic given `seed`. One
+    /// seed's [`LlamaGen::generate_batch`].
     pub fn generate(
         &self,
         caption: &Tensor,
         sampling: &super::generate::TokenSampling,
         seed: u64,
     ) -> Result<Vec<i64>> {
+        Ok(self.generate_batch(caption, sampling, &[seed])?.pop().expect("one grid"))
+    }
+
+    /// Samples one code grid per seed, caption `i` of `captions [B, cls, caption_dim]` with
+    /// `seeds[i]`, all in one batch: `2B` rows with guidance (the unconditional embedding in rows
+    /// `B..2B`), a preallocated KV cache, guidance, warping and the draw on the device, and the
+    /// codes copied to the host once. Grid `i` is the one `seeds[i]` gives alone (up to the float
+    /// rounding of a wider batch).
+    pub fn generate_batch(
+        &self,
+        captions: &Tensor,
+        sampling: &super::generate::TokenSampling,
+        seeds: &[u64],
+    ) -> Result<Vec<Vec<i64>>> {
         use super::generate::{pick, warp};
-        use crate::rng::{Draws, Stream};
+        let b = seeds.len() as i64;
+        if b == 0 || captions.size().first() != Some(&b) {
+            return Err(ModelError::Config {
+                what: "generate".into(),
+                message: format!("{:?} captions for {b} seeds", captions.size()),
+            });
+        }
         let guided = sampling.guidance_scale != 1.0;
         let emb = if guided {
-            self.embed_caption(&Tensor::cat(&[caption, caption], 0), &[false, true])?
+            let drop: Vec<bool> = (0..2 * b).map(|r| r >= b).collect();
+            self.embed_caption(&Tensor::cat(&[captions, captions], 0), &drop)?
         } else {
-            self.embed_caption(caption, &[false])?
+            self.embed_caption(captions, &vec![false; b as usize])?
         };
         let rows = emb.size()[0];
         let device = emb.device();
-        let mut cache = KvCache::new();
+        let n = self.config.grid_size * self.config.grid_size;
+        let mut cache = KvCache::with_capacity(self.config.cls_token_num + n);
         let empty = Tensor::zeros([rows, 0], (Kind::Int64, device));
-        let n = (self.config.grid_size * self.config.grid_size) as usize;
-        let mut out = Vec::with_capacity(n);
+        let out = Tensor::zeros([b, n], (Kind::Int64, device));
         let mut logits = tch::no_grad(|| self.forward(Some(&emb), &empty, Some(&mut cache)))?;
         for step in 0..n {
             let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // [rows, V]
             let scores = if guided {
-                let (cond, uncond) = (last.get(0), last.get(1));
-                (&uncond + (&cond - &uncond) * sampling.guidance_scale).unsqueeze(0)
+                let (cond, uncond) = (last.narrow(0, 0, b), last.narrow(0, b, b));
+                &uncond + (&cond - &uncond) * sampling.guidance_scale
             } else {
                 last
             };
             let warped = if sampling.greedy { scores } else { warp(&scores, sampling) };
-            let token =
-                pick(&warped, sampling.greedy, &mut Draws::new(seed, Stream::TokenSample, step as u64))?[0];
-            out.push(token);
+            let token = pick(&warped, sampling.greedy, seeds, step as u64);
+            out.narrow(1, step, 1).copy_(&token.view([b, 1]));
             if step + 1 < n {
-                let next = Tensor::from_slice(&vec![token; rows as usize]).view([rows, 1]).to_device(device);
+                let next = if guided { Tensor::cat(&[&token, &token], 0) } else { token }.view([rows, 1]);
                 logits = tch::no_grad(|| self.forward(None, &next, Some(&mut cache)))?;
             }
         }
-        Ok(out)
+        Ok(Vec::<Vec<i64>>::try_from(out.to_device(Device::Cpu))?)
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::chameleon::Chameleon;
-use super::generate::{generate, Allowed, TokenSampling};
+use super::generate::{generate_batch, Allowed, TokenSampling};
 use crate::error::{ModelError, Result};
 
 /// The structure-token ids (Lumina-mGPT 7B's by default).
@@ -150,6 +150,7 @@ impl Default for ImageSampling {
 }
 
 /// Samples a `rows × cols` grid of image-token ids for `prompt_ids` (from [`LuminaTokens::prompt_ids`]).
+/// One seed's [`sample_image_tokens_batch`].
 pub fn sample_image_tokens(
     model: &Chameleon,
     tokens: &LuminaTokens,
@@ -159,22 +160,49 @@ pub fn sample_image_tokens(
     sampling: &ImageSampling,
     seed: u64,
 ) -> Result<Vec<i64>> {
+    let mut grids = sample_image_tokens_batch(model, tokens, &[prompt_ids], rows, cols, sampling, &[seed])?;
+    Ok(grids.pop().expect("one grid"))
+}
+
+/// Samples one `rows × cols` grid per seed, for prompt `i` of `prompts` with `seeds[i]`, in one
+/// batch ([`generate_batch`]): the conditional rows (prompt and image header, left-padded to the
+/// longest), then with guidance the unconditional ones (the header alone, left-padded alike). Grid
+/// `i` is the one `seeds[i]` and prompt `i` give alone (up to the float rounding of a wider batch).
+pub fn sample_image_tokens_batch(
+    model: &Chameleon,
+    tokens: &LuminaTokens,
+    prompts: &[&[i64]],
+    rows: i64,
+    cols: i64,
+    sampling: &ImageSampling,
+    seeds: &[u64],
+) -> Result<Vec<Vec<i64>>> {
+    if prompts.len() != seeds.len() || prompts.is_empty() {
+        return Err(ModelError::Config {
+            what: "image sampling".into(),
+            message: format!("{} prompts for {} seeds", prompts.len(), seeds.len()),
+        });
+    }
     let header = tokens.image_header(rows, cols)?;
     let device = model.device();
-    let cond: Vec<i64> = prompt_ids.iter().chain(&header).copied().collect();
+    let conds: Vec<Vec<i64>> = prompts.iter().map(|p| p.iter().chain(&header).copied().collect()).collect();
     let guided = sampling.guidance_scale != 1.0;
-    let (prompt, mask) = if guided {
-        // Row 1 is the unconditional prompt, left-padded to the conditional one's length.
-        let pad = cond.len() - header.len();
-        let mut uncond = vec![tokens.bos; pad];
-        uncond.extend_from_slice(&header);
-        let mut mask = vec![1i64; cond.len()];
-        mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, header.len())));
-        let ids = Tensor::from_slice(&[cond.clone(), uncond].concat()).view([2, -1]).to_device(device);
-        (ids, Some(Tensor::from_slice(&mask).view([2, -1]).to_device(device)))
-    } else {
-        (Tensor::from_slice(&cond).view([1, -1]).to_device(device), None)
-    };
+    let mut sequences = conds.clone();
+    if guided {
+        sequences.extend(std::iter::repeat_n(header.to_vec(), prompts.len()));
+    }
+    // Left-padded to the longest; the padding is masked (and moves no position).
+    let longest = sequences.iter().map(Vec::len).max().expect("a prompt");
+    let padded = sequences.iter().any(|q| q.len() < longest);
+    let (mut ids, mut keep) = (Vec::new(), Vec::new());
+    for q in &sequences {
+        let pad = longest - q.len();
+        ids.extend(std::iter::repeat_n(tokens.bos, pad).chain(q.iter().copied()));
+        keep.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, q.len())));
+    }
+    let n = sequences.len() as i64;
+    let prompt = Tensor::from_slice(&ids).view([n, -1]).to_device(device);
+    let mask = padded.then(|| Tensor::from_slice(&keep).view([n, -1]).to_device(device));
     let image_mask = {
         let ids = Tensor::from_slice(&model.image_vocab.image_token_ids()).to_device(device);
         Tensor::zeros([model.config().vocab_size], (Kind::Bool, device)).index_fill(0, &ids, 1)
@@ -188,7 +216,7 @@ pub fn sample_image_tokens(
         guidance_scale: sampling.guidance_scale,
         draws: Default::default(),
     };
-    let body = generate(model, &prompt, mask.as_ref(), body_len, &token_sampling, seed, |step, _| {
+    let bodies = generate_batch(model, &prompt, mask.as_ref(), body_len, &token_sampling, seeds, |step| {
         let position = step as i64 + 1; // 1-based position in the body
         if position == body_len as i64 {
             Allowed::Force(tokens.end_image)
@@ -198,5 +226,5 @@ pub fn sample_image_tokens(
             Allowed::Mask(image_mask.shallow_clone())
         }
     })?;
-    tokens.parse_body(&body, rows, cols)
+    bodies.iter().map(|body| tokens.parse_body(body, rows, cols)).collect()
 }
