@@ -182,6 +182,9 @@ async fn class_priors_stream_into_dreambooth_and_the_tuned_supervisor_samples_th
     assert_eq!(proxies.len(), 6, "2 prompts x 3 images");
     let seeds: HashSet<u64> = proxies.iter().map(|p| p.seed).collect();
     assert_eq!(seeds, (1000..1006).collect());
+    // Encoded off the sampling thread, the batches still arrive in the plan's order.
+    let order: Vec<u64> = proxies.iter().map(|p| p.seed).collect();
+    assert_eq!(order, plan().items().iter().map(|i| i.seed).collect::<Vec<_>>());
     assert!(proxies.iter().all(|p| p.supervisor_version == 12 && p.keep.is_none() && p.width == 16));
 
     // The proxies are the tuned model's samples: the same (prompt, seed) from the base model

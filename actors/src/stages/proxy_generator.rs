@@ -1,9 +1,15 @@
 //! `proxy_generator`: stage 2 of Proxy-Tuning. On each "supervisor ready" row (`supervisors`
 //! schema, from the [`SupervisorTuner`](crate::stages::supervisor_tuner::SupervisorTuner)) it loads the
 //! base model with that adapter and samples its [`PromptPlan`]: every prompt `images_per_prompt`
-//! times with its own seed. It emits a `proxies` batch as soon as each sampler call returns
-//! (through the runtime's pending-work loop, so the Filter and the AR trainer start on the first
-//! batch), round-robin over prompts so that an early stop still covers every prompt.
+//! times with its own seed.
+//! It emits a `proxies` batch as soon as each sampler call's images are encoded (through the
+//! runtime's pending-work loop, so the Filter and the AR trainer start on the first batch),
+//! round-robin over prompts so that an early stop still covers every prompt.
+//!
+//! The actor's thread only drives the model (denoising and the VAE decode); PNG encoding and the
+//! Arrow batch run on an encoder thread ([`Encoder`]), at most [`ENCODING_DEPTH`] batches behind,
+//! so the device samples the next batch while the last one is encoded. Batches go out in the
+//! order they were sampled; a drain (end of input, cancel) emits every batch already sampled.
 //!
 //! Seeds are `first_seed + prompt_index · images_per_prompt + image_index`: a proxy's key
 //! (job, subject, prompt, seed, supervisor version) is the same in every run of the plan, so a
@@ -137,6 +143,82 @@ fn default_device() -> String {
     "cpu".into()
 }
 
+/// Sampled batches that may wait for the encoder before the sampler waits for it.
+pub const ENCODING_DEPTH: usize = 2;
+
+/// A sampled batch on its way to the encoder: its rows (without their PNGs) and images.
+struct Sampled {
+    rows: Vec<Proxy>,
+    images: Vec<image::RgbImage>,
+}
+
+/// PNG encoding off the device thread: sampled batches go in, `proxies` batches come out in the
+/// order they went in. The sender keeps at most [`ENCODING_DEPTH`] outstanding (it takes a
+/// finished one before sending more), so neither side can block the other for good.
+struct Encoder {
+    jobs: Option<flume::Sender<Sampled>>,
+    done: flume::Receiver<Result<RecordBatch>>,
+    outstanding: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Encoder {
+    fn start() -> Result<Self> {
+        let (jobs, inbox) = flume::unbounded::<Sampled>();
+        let (finished, done) = flume::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("proxy-encoder".into())
+            .spawn(move || {
+                for Sampled { mut rows, images } in inbox.iter() {
+                    for (row, img) in rows.iter_mut().zip(&images) {
+                        row.image_png = encode_png(img);
+                    }
+                    if finished.send(Proxy::to_batch(&rows).map_err(Error::from)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| Error::Operator {
+                message: format!("cannot start the proxy encoder thread: {e}"),
+            })?;
+        Ok(Encoder { jobs: Some(jobs), done, outstanding: 0, thread: Some(thread) })
+    }
+
+    fn send(&mut self, sampled: Sampled) -> Result<()> {
+        let gone = || Error::Operator { message: "the proxy encoder thread ended".into() };
+        self.jobs.as_ref().ok_or_else(gone)?.send(sampled).map_err(|_| gone())?;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    /// The next encoded batch if it is ready.
+    fn try_take(&mut self) -> Option<Result<RecordBatch>> {
+        let batch = self.done.try_recv().ok()?;
+        self.outstanding -= 1;
+        Some(batch)
+    }
+
+    /// The next encoded batch, waiting for it; `None` when nothing is outstanding.
+    fn take(&mut self) -> Option<Result<RecordBatch>> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        self.outstanding -= 1;
+        Some(self.done.recv().unwrap_or_else(|_| {
+            Err(Error::Operator { message: "the proxy encoder thread ended with batches outstanding".into() })
+        }))
+    }
+}
+
+impl Drop for Encoder {
+    fn drop(&mut self) {
+        self.jobs = None; // ends the thread's loop
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The supervisor being sampled and where in the plan it is.
 struct Active {
     supervisor: Supervisor,
@@ -150,6 +232,7 @@ pub struct ProxyGenerator {
     config: ProxyGeneratorConfig,
     queue: Vec<Supervisor>,
     active: Option<Active>,
+    encoder: Option<Encoder>,
     generated: Counter,
 }
 
@@ -158,7 +241,7 @@ impl ProxyGenerator {
     pub fn new(config: ProxyGeneratorConfig, metrics: &Metrics) -> Result<Self> {
         config.plan.validate()?;
         let generated = metrics.counter(MetricName::GeneratedImages, "kind", "proxy");
-        Ok(ProxyGenerator { config, queue: Vec::new(), active: None, generated })
+        Ok(ProxyGenerator { config, queue: Vec::new(), active: None, encoder: None, generated })
     }
 
     /// The base model with the supervisor's adapter: a LoRA file in diffusers' layout, or a full
@@ -216,11 +299,25 @@ impl Operator for ProxyGenerator {
     }
 
     fn has_pending_work(&self) -> bool {
-        self.active.is_some() || !self.queue.is_empty()
+        let encoding = self.encoder.as_ref().is_some_and(|e| e.outstanding > 0);
+        self.active.is_some() || !self.queue.is_empty() || encoding
     }
 
-    /// Samples one batch of the plan (loading the next supervisor first when needed).
+    /// Emits the encoded batches that are ready, then samples one batch of the plan (loading the
+    /// next supervisor first when needed) and hands it to the encoder; with nothing left to
+    /// sample, waits for the next encoded batch.
     fn do_pending_work(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<()> {
+        if let Some(encoder) = self.encoder.as_mut() {
+            while let Some(batch) = encoder.try_take() {
+                out.emit(batch?);
+            }
+            if self.active.is_none() && self.queue.is_empty() {
+                if let Some(batch) = encoder.take() {
+                    out.emit(batch?);
+                }
+                return Ok(());
+            }
+        }
         if self.active.is_none() {
             let supervisor = self.queue.remove(0);
             let stored = &self.config.stored_seeds;
@@ -254,7 +351,7 @@ impl Operator for ProxyGenerator {
                 seed: item.seed,
                 supervisor_id: s.supervisor_id.clone(),
                 supervisor_version: s.supervisor_version,
-                image_png: encode_png(img),
+                image_png: Vec::new(), // the encoder's
                 width: img.width(),
                 height: img.height(),
                 score_dino: None,
@@ -268,11 +365,29 @@ impl Operator for ProxyGenerator {
                 filtered_at_us: None,
             })
             .collect();
-        out.emit(Proxy::to_batch(&rows)?);
         self.generated.increment(n as u64);
         active.next += n;
         if active.next >= active.items.len() {
             self.active = None;
+        }
+        if self.encoder.is_none() {
+            self.encoder = Some(Encoder::start()?);
+        }
+        let encoder = self.encoder.as_mut().expect("started above");
+        if encoder.outstanding >= ENCODING_DEPTH {
+            if let Some(batch) = encoder.take() {
+                out.emit(batch?);
+            }
+        }
+        encoder.send(Sampled { rows, images })
+    }
+
+    /// Every batch already sampled goes out (a drain after a cancel included).
+    fn on_close(&mut self, _ctx: &mut Context, out: &mut Output) -> Result<()> {
+        if let Some(encoder) = self.encoder.as_mut() {
+            while let Some(batch) = encoder.take() {
+                out.emit(batch?);
+            }
         }
         Ok(())
     }
