@@ -49,6 +49,9 @@ pub enum BenchCommand {
     /// Images per second of the student's batched sampler and the supervisor's at several batch
     /// sizes, against transformers' `generate` and diffusers' pipeline on the same machine.
     Sample(crate::bench_sample::SampleArgs),
+    /// One world job run streaming and stage by stage: wall time, time to the first student step,
+    /// busy times and the two-device model, the tuned student's scores.
+    Pipeline(crate::bench_pipeline::PipelineArgs),
 }
 
 /// Arguments of `proxytune bench unet` and `proxytune bench ar`.

@@ -9,7 +9,7 @@
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps.
 //! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`, `load` in
 //!   [`bench_load`], `real-size` in [`bench_real`], `soak` in [`bench_soak`], `sample` in
-//!   [`bench_sample`]).
+//!   [`bench_sample`], `pipeline` in [`bench_pipeline`]).
 //! - [`evaluate`]: DreamBench evaluation (the real-images row; supervisor and student).
 //! - [`grafana_cmd`]: the Grafana dashboards as code, rendered to `grafana/dashboards`.
 //! - [`loadgen`]: a synthetic pipeline into a real corpus, with `/metrics` and Ctrl-C drain.
@@ -22,6 +22,7 @@
 
 mod bench;
 mod bench_load;
+mod bench_pipeline;
 mod bench_real;
 mod bench_sample;
 mod bench_soak;
@@ -134,6 +135,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { command: bench::BenchCommand::RealSize(args) } => bench_real::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Soak(args) } => bench_soak::run(args).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Sample(args) } => bench_sample::run(args).map(|()| 0),
+        Command::Bench { command: bench::BenchCommand::Pipeline(args) } => {
+            bench_pipeline::run(args).map(|()| 0)
+        }
         Command::Bench { command: bench::BenchCommand::Runtime(args) } => {
             runtime.block_on(bench::runtime(args)).map(|()| 0)
         }

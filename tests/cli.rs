@@ -465,6 +465,41 @@ fn bench_sample_measures_both_samplers_against_their_references() {
     assert!(text.contains("vs reference") && text.contains("vs diffusers"), "{text}");
 }
 
+/// `bench pipeline` at small budgets: both runs end, the stage-by-stage student takes its first
+/// step only after the last proxy while the streaming one starts before it, and every figure of
+/// the report is there.
+#[test]
+fn bench_pipeline_runs_a_job_streaming_and_stage_by_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("pipeline.json");
+    let out = proxytune()
+        .args(["bench", "pipeline", "--class-priors", "4", "--supervisor-steps", "6"])
+        .args(["--proxies-per-prompt", "3", "--student-steps", "40", "--student-min-rows", "4"])
+        .args(["--eval-prompts", "1"])
+        .arg("--world")
+        .arg(crate::support::repo_root().join("models/world"))
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let f = |run: &str, key: &str| r[run][key].as_f64().unwrap_or_else(|| panic!("{run}.{key}: {r}"));
+    assert!(f("stage_by_stage", "first_step_s") > f("stage_by_stage", "last_proxy_s"), "{r}");
+    assert!(f("streaming", "first_step_s") < f("streaming", "last_proxy_s"), "{r}");
+    for run in ["streaming", "stage_by_stage"] {
+        assert!(
+            f(run, "wall_s") > 0.0 && f(run, "generation_busy_s") > 0.0 && f(run, "training_busy_s") > 0.0
+        );
+        assert!(r[run]["tuned_student"]["DINO"].as_f64().is_some(), "{r}");
+    }
+    let two = &r["two_devices"];
+    let ratio = two["ideal_over_sum"].as_f64().unwrap();
+    assert!((0.5..=1.0).contains(&ratio), "{two}");
+    assert!(text.contains("stage by stage") && text.contains("two devices"), "{text}");
+}
+
 #[test]
 fn bench_real_size_runs_every_model_and_measurement_at_the_tiny_scale() {
     let dir = tempfile::tempdir().unwrap();

@@ -248,6 +248,25 @@ async fn the_consumer_starts_before_the_producer_ends() {
     assert!(seen_at[0] < 80, "the consumer started before the producer ended: {seen_at:?}");
 }
 
+/// Each actor's busy seconds count its own calls, not its waits: a stage that works 5 ms on each
+/// of 20 batches is busy at least 0.1 s, and no actor is busy longer than the job's wall time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_actor_reports_the_time_it_spent_in_its_own_calls() {
+    let (source, _) = synthetic(8, Some(20), 0);
+    let mut p = Pipeline::new(config(16), Metrics::noop());
+    let src = p.source("gen", source);
+    let mid = p.operator("work", PassThrough { work_ms: 5 });
+    let sink = p.operator("sink", Discard);
+    p.connect(src, mid).connect(mid, sink);
+    let started = Instant::now();
+    let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(report.outcome, JobOutcome::Succeeded);
+    let work = report.tasks.iter().find(|t| t.name == "work").unwrap().busy_seconds;
+    assert!(work >= 0.1, "{:?}", report.tasks);
+    assert!(report.tasks.iter().all(|t| t.busy_seconds <= wall), "{wall} s: {:?}", report.tasks);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_stay_bounded_whatever_the_volume() {
     let mut peaks = Vec::new();

@@ -137,6 +137,8 @@ pub(crate) fn set_stage(progress: &ProgressHandle, stage: &str) {
 pub(crate) struct Run {
     /// How the pipeline ended.
     pub outcome: JobOutcome,
+    /// When it started (µs since the epoch).
+    pub started_at_us: i64,
     /// Its wall time.
     pub seconds: f64,
     /// What the student did.
@@ -147,6 +149,8 @@ pub(crate) struct Run {
     pub vq_version: Option<u64>,
     /// The first task's error, when one failed.
     pub error: Option<String>,
+    /// Each actor's busy seconds (its own calls, not its waits).
+    pub busy_seconds: std::collections::BTreeMap<String, f64>,
 }
 
 /// Runs the pipeline of `plan` to its end (or its cancel), writing into `corpus`.
@@ -295,6 +299,7 @@ pub(crate) async fn pipeline(
         }
     };
     let started = Instant::now();
+    let started_at_us = proxytune_schemas::now_us();
     let running = p.start(&tokio::runtime::Handle::current())?;
     let control = running.handle().control().clone();
     let report = steer(running, commands, || {
@@ -310,13 +315,16 @@ pub(crate) async fn pipeline(
     let trainer = trainer_stats.lock().expect("trainer stats").clone();
     let proxies_version = proxy_stats.lock().expect("writer stats").version;
     let vq_version = vq_stats.lock().expect("writer stats").version;
+    let busy_seconds = report.tasks.iter().map(|t| (t.name.clone(), t.busy_seconds)).collect();
     Ok(Run {
         outcome: report.outcome,
+        started_at_us,
         seconds: started.elapsed().as_secs_f64(),
         trainer,
         proxies_version,
         vq_version,
         error,
+        busy_seconds,
     })
 }
 

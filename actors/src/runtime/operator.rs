@@ -12,6 +12,9 @@
 //! | [`AsyncOperator`] | one or more | a tokio task (I/O) |
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::RecordBatch;
 
@@ -26,12 +29,13 @@ pub struct Context {
     control: Control,
     /// This actor's metric handles (for actor-specific metrics on top of the runner's).
     pub metrics: ActorMetrics,
+    busy_ns: Arc<AtomicU64>,
 }
 
 impl Context {
     /// Creates a context (the runner does this; tests can too).
     pub fn new(actor: impl Into<String>, control: Control, metrics: ActorMetrics) -> Self {
-        Context { actor: actor.into(), control, metrics }
+        Context { actor: actor.into(), control, metrics, busy_ns: Arc::default() }
     }
 
     /// A context for unit tests: a fresh control and no-op metrics.
@@ -52,6 +56,17 @@ impl Context {
     /// True once the job is cancelled or aborted: a source should stop producing.
     pub fn stop_requested(&self) -> bool {
         self.control.stop_requested()
+    }
+
+    /// Adds `d` to the time the actor spent in its own calls (the runner times each one:
+    /// start, every batch, signal and unit of pending work, close).
+    pub(crate) fn add_busy(&self, d: Duration) {
+        self.busy_ns.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    /// The actor's busy time so far, readable from other threads while it runs.
+    pub(crate) fn busy(&self) -> Arc<AtomicU64> {
+        self.busy_ns.clone()
     }
 }
 

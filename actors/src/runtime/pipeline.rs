@@ -210,9 +210,11 @@ impl Pipeline {
         self.metrics.describe_all();
         let states = Arc::new(Mutex::new(vec![None; n]));
         let mut tasks = Vec::with_capacity(n);
+        let mut busy = Vec::with_capacity(n);
         for (i, ((node, inputs), outputs)) in self.nodes.into_iter().zip(inputs).zip(outputs).enumerate() {
             let wiring = Wiring { inputs, outputs };
             let ctx = Context::new(node.name.clone(), control.clone(), self.metrics.actor(&node.name));
+            busy.push(ctx.busy());
             let waiter: BoxFuture<'static, TaskOutcome> = match node.launch {
                 Launch::Thread(f) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -238,7 +240,7 @@ impl Pipeline {
         }
         let names = tasks.iter().map(|(_, name, _)| name.clone()).collect();
         Ok(RunningPipeline {
-            handle: PipelineHandle { control, probes, names, states },
+            handle: PipelineHandle { control, probes, names, states, busy },
             shutdown_limit: Duration::from_secs(self.config.graceful_shutdown_limit_secs),
             tasks: tasks.into_iter().map(|(i, _, w)| (i, w)).collect(),
         })
@@ -279,7 +281,7 @@ impl JobOutcome {
 }
 
 /// One actor in a report.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TaskReport {
     /// Actor name.
     pub name: String,
@@ -287,6 +289,9 @@ pub struct TaskReport {
     pub state: String,
     /// The error, when it failed.
     pub error: Option<String>,
+    /// Seconds the actor spent in its own calls (start, batches, signals, pending work, close),
+    /// not waiting for input or for room downstream.
+    pub busy_seconds: f64,
 }
 
 /// The status of a running pipeline.
@@ -327,12 +332,18 @@ pub struct PipelineHandle {
     probes: Vec<EdgeProbe>,
     names: Vec<String>,
     states: Arc<Mutex<Vec<Option<TaskReport>>>>,
+    busy: Vec<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl PipelineHandle {
     /// The job's control.
     pub fn control(&self) -> &Control {
         &self.control
+    }
+
+    /// Actor `i`'s busy seconds so far.
+    fn busy_seconds(&self, i: usize) -> f64 {
+        self.busy[i].load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
     }
 
     /// A snapshot of the run state, actors and edges.
@@ -342,8 +353,14 @@ impl PipelineHandle {
             .names
             .iter()
             .zip(states.iter())
-            .map(|(name, s)| {
-                s.clone().unwrap_or(TaskReport { name: name.clone(), state: "running".into(), error: None })
+            .enumerate()
+            .map(|(i, (name, s))| {
+                s.clone().unwrap_or(TaskReport {
+                    name: name.clone(),
+                    state: "running".into(),
+                    error: None,
+                    busy_seconds: self.busy_seconds(i),
+                })
             })
             .collect();
         PipelineStatus {
@@ -405,7 +422,12 @@ impl RunningPipeline {
                         }
                     }
                     handle.states.lock().expect("states lock")[i] =
-                        Some(TaskReport { name: handle.names[i].clone(), state: outcome.label().into(), error });
+                        Some(TaskReport {
+                            name: handle.names[i].clone(),
+                            state: outcome.label().into(),
+                            error,
+                            busy_seconds: handle.busy_seconds(i),
+                        });
                 }
                 _ = tick.tick() => {}
             }

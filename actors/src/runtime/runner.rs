@@ -267,9 +267,13 @@ impl Inputs {
 // ---------------------------------------------------------------------------------------------
 // The four runners
 
+/// Runs one of the actor's calls, timed into its busy time; a failure ends the task.
 macro_rules! step {
     ($ctx:expr, $stage:literal, $call:expr) => {
-        if let Err(error) = $call {
+        let started = Instant::now();
+        let result = $call;
+        $ctx.add_busy(started.elapsed());
+        if let Err(error) = result {
             return failed(&$ctx, $stage, error);
         }
     };
@@ -290,7 +294,9 @@ pub fn run_source<S: Source>(mut source: S, wiring: Wiring, mut ctx: Context) ->
         }
         let Some(_unit) = control.begin_unit() else { continue };
         let started = Instant::now();
-        let produced = match source.produce(&mut ctx, &mut out) {
+        let produced = source.produce(&mut ctx, &mut out);
+        ctx.add_busy(started.elapsed());
+        let produced = match produced {
             Ok(p) => p,
             Err(error) => return failed(&ctx, "batch", error),
         };
@@ -364,9 +370,13 @@ pub fn run_operator<O: Operator>(mut op: O, wiring: Wiring, mut ctx: Context) ->
     }
 }
 
+/// [`step!`] for an async actor's calls.
 macro_rules! step_async {
     ($ctx:expr, $stage:literal, $call:expr) => {
-        if let Err(error) = $call.await {
+        let started = Instant::now();
+        let result = $call.await;
+        $ctx.add_busy(started.elapsed());
+        if let Err(error) = result {
             return failed(&$ctx, $stage, error);
         }
     };
@@ -391,7 +401,9 @@ pub async fn run_async_source<S: AsyncSource>(
         }
         let Some(_unit) = control.begin_unit() else { continue };
         let started = Instant::now();
-        let produced = match source.produce(&mut ctx, &mut out).await {
+        let produced = source.produce(&mut ctx, &mut out).await;
+        ctx.add_busy(started.elapsed());
+        let produced = match produced {
             Ok(p) => p,
             Err(error) => return failed(&ctx, "batch", error),
         };

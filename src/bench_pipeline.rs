@@ -1,0 +1,209 @@
+//! `proxytune bench pipeline`: the mission's central claim measured as time. One world job, the
+//! same budgets, run twice through `proxytune demo` on the same machine:
+//!
+//! - **streaming**, as jobs run: the student trains on kept proxies while the sampler still
+//!   produces them;
+//! - **stage by stage**: every proxy first, then all the training (the student waits for its
+//!   whole input: `--student-min-rows` beyond any corpus, so its first step comes once the stream
+//!   has ended; the same code, the same rows).
+//!
+//! For each: the pipeline's wall time, the time to the first student step, and how long after the
+//! first token rows it came; the tuned student's evaluation scores (data order differs between
+//! the two, so quality is reported, not asserted); and each actor's busy seconds. With the sampler
+//! and the student on separate devices the ideal is max(generation, training) against their sum;
+//! the streaming run's generation and training busy times give that model's figures and the
+//! pipeline's wall time against it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+/// Arguments of `proxytune bench pipeline`.
+#[derive(Debug, clap::Args)]
+pub struct PipelineArgs {
+    /// The world's pretrained models.
+    #[arg(long, default_value = "models/world")]
+    world: PathBuf,
+    /// The world subject of the job.
+    #[arg(long, default_value = "dog_2")]
+    subject: String,
+    /// Class-prior images.
+    #[arg(long, default_value_t = 16)]
+    class_priors: usize,
+    /// Supervisor DreamBooth steps.
+    #[arg(long, default_value_t = 100)]
+    supervisor_steps: u64,
+    /// Proxies per prompt (16 prompts).
+    #[arg(long, default_value_t = 8)]
+    proxies_per_prompt: u32,
+    /// Student LoRA steps.
+    #[arg(long, default_value_t = 200)]
+    student_steps: u64,
+    /// Kept proxies before the streaming student's first step.
+    #[arg(long, default_value_t = 16)]
+    student_min_rows: usize,
+    /// Evaluation images per prompt.
+    #[arg(long, default_value_t = 1)]
+    eval_images: usize,
+    /// Evaluate the first this many prompts.
+    #[arg(long, default_value_t = 4)]
+    eval_prompts: usize,
+    /// Device of the jobs: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Where the two jobs write (a temporary folder, removed after, when absent).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The JSON report.
+    #[arg(long, default_value = "bench-pipeline.json")]
+    out: PathBuf,
+}
+
+/// Rows the stage-by-stage student waits for before its first step: more than any job keeps, so
+/// it starts when its input ends.
+const WHOLE_INPUT: usize = 1_000_000_000;
+
+/// Runs the benchmark.
+pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
+    let scratch = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("proxytune-bench-pipeline-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
+    let result = (|| -> anyhow::Result<Value> {
+        let streaming = job(&args, &scratch.join("streaming"), None)?;
+        let staged = job(&args, &scratch.join("staged"), Some(WHOLE_INPUT))?;
+        Ok(compare(&streaming, &staged))
+    })();
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    let report = result?;
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("{}", table(&report));
+    println!("report: {}", args.out.display());
+    Ok(())
+}
+
+/// Runs one world job through `proxytune demo` and returns its report.
+fn job(args: &PipelineArgs, out: &Path, min_rows: Option<usize>) -> anyhow::Result<Value> {
+    let exe = std::env::current_exe().context("the proxytune binary")?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("demo")
+        .arg("--out")
+        .arg(out)
+        .arg("--world")
+        .arg(&args.world)
+        .args(["--subject", &args.subject, "--device", &args.device, "--no-metrics"])
+        .args(["--class-priors", &args.class_priors.to_string()])
+        .args(["--supervisor-steps", &args.supervisor_steps.to_string()])
+        .args(["--proxies-per-prompt", &args.proxies_per_prompt.to_string()])
+        .args(["--student-steps", &args.student_steps.to_string()])
+        .args(["--eval-images", &args.eval_images.to_string()])
+        .args(["--eval-prompts", &args.eval_prompts.to_string()]);
+    let rows = min_rows.unwrap_or(args.student_min_rows);
+    command.args(["--student-min-rows", &rows.to_string()]);
+    let output = command.output().context("cannot run proxytune demo")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the job in {} failed: {}",
+        out.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = out.join("report/report.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
+}
+
+/// One run's figures: wall time, the first step against the pipeline's start and the first
+/// token rows, busy times, the tuned student's scores.
+fn figures(report: &Value) -> Value {
+    let us = |v: &Value| v.as_i64();
+    let started = us(&report["pipeline_started_at_us"]).unwrap_or(0);
+    let stages = &report["stages"];
+    let first_step = us(&stages["student"]["first_step_at_us"]);
+    let first_tokens = us(&stages["vq_tokens"]["first_at_us"]);
+    let last_proxy = us(&stages["proxies"]["last_generated_at_us"]);
+    let seconds = |t: Option<i64>| t.map(|t| (t - started) as f64 / 1e6);
+    let busy = &report["busy_seconds"];
+    let models = report["evaluation"]["models"].as_array().cloned().unwrap_or_default();
+    let tuned = models.last().map(|m| m["scores"]["metrics"].clone()).unwrap_or(Value::Null);
+    json!({
+        "wall_s": report["pipeline_seconds"],
+        "first_step_s": seconds(first_step),
+        "first_tokens_s": seconds(first_tokens),
+        "first_step_after_first_tokens_s": first_step.zip(first_tokens).map(|(a, b)| (a - b) as f64 / 1e6),
+        "last_proxy_s": seconds(last_proxy),
+        "steps_per_second": stages["student"]["steps_per_second"],
+        "steps_before_last_proxy": stages["student"]["steps_before_last_proxy"],
+        "generation_busy_s": busy["proxy_generator"],
+        "training_busy_s": busy["ar_trainer"],
+        "busy_seconds": busy,
+        "tuned_student": tuned,
+    })
+}
+
+fn compare(streaming: &Value, staged: &Value) -> Value {
+    let (s, t) = (figures(streaming), figures(staged));
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let (generation, training) = (f(&s, "generation_busy_s"), f(&s, "training_busy_s"));
+    let ideal = generation.max(training);
+    json!({
+        "streaming": s,
+        "stage_by_stage": t,
+        "wall_ratio": f(&s, "wall_s") / f(&t, "wall_s"),
+        "one_step_s": 1.0 / f(&s, "steps_per_second"),
+        "two_devices": {
+            "generation_busy_s": generation,
+            "training_busy_s": training,
+            "ideal_s": ideal,
+            "sum_s": generation + training,
+            "ideal_over_sum": ideal / (generation + training),
+            "streaming_wall_over_ideal": f(&s, "wall_s") / ideal,
+        },
+    })
+}
+
+fn table(r: &Value) -> String {
+    let n = |v: &Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    let mut out = String::from("                          streaming  stage by stage\n");
+    for (label, key) in [
+        ("pipeline wall (s)", "wall_s"),
+        ("first student step (s)", "first_step_s"),
+        ("first token rows (s)", "first_tokens_s"),
+        ("step after first rows (s)", "first_step_after_first_tokens_s"),
+        ("last proxy (s)", "last_proxy_s"),
+        ("generation busy (s)", "generation_busy_s"),
+        ("training busy (s)", "training_busy_s"),
+    ] {
+        out += &format!("{label:<26}{:>9}  {:>14}\n", n(&r["streaming"][key]), n(&r["stage_by_stage"][key]));
+    }
+    for metric in ["DINO", "CLIP-I", "CLIP-T"] {
+        let score = |v: &Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+        out += &format!(
+            "{:<26}{:>9}  {:>14}\n",
+            format!("tuned student {metric}"),
+            score(&r["streaming"]["tuned_student"][metric]),
+            score(&r["stage_by_stage"]["tuned_student"][metric])
+        );
+    }
+    let d = &r["two_devices"];
+    out += &format!(
+        "pipeline wall (tuning included), streaming / stage by stage: {:.2}; one student step {:.2} s\n",
+        r["wall_ratio"].as_f64().unwrap_or(f64::NAN),
+        r["one_step_s"].as_f64().unwrap_or(f64::NAN)
+    );
+    out += &format!(
+        "two devices: generation {:.1} s, training {:.1} s busy; ideal max {:.1} s against their sum {:.1} s ({:.2}); this machine's streaming pipeline wall (tuning included) is {:.2}x that ideal\n",
+        d["generation_busy_s"].as_f64().unwrap_or(f64::NAN),
+        d["training_busy_s"].as_f64().unwrap_or(f64::NAN),
+        d["ideal_s"].as_f64().unwrap_or(f64::NAN),
+        d["sum_s"].as_f64().unwrap_or(f64::NAN),
+        d["ideal_over_sum"].as_f64().unwrap_or(f64::NAN),
+        d["streaming_wall_over_ideal"].as_f64().unwrap_or(f64::NAN)
+    );
+    out
+}
