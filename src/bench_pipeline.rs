@@ -8,7 +8,7 @@
 //!   has ended; the same code, the same rows).
 //!
 //! For each: the pipeline's wall time, the time to the first student step, and how long after the
-//! first token rows it came; the tuned student's evaluation scores (data order differs between
+//! first token rows and after the rows it waits for (`--student-min-rows`) were tokenized it came; the tuned student's evaluation scores (data order differs between
 //! the two, so quality is reported, not asserted); and each actor's busy seconds. With the sampler
 //! and the student on separate devices the ideal is max(generation, training) against their sum;
 //! the streaming run's generation and training busy times give that model's figures and the
@@ -40,8 +40,9 @@ pub struct PipelineArgs {
     /// Student LoRA steps.
     #[arg(long, default_value_t = 200)]
     student_steps: u64,
-    /// Kept proxies before the streaming student's first step.
-    #[arg(long, default_value_t = 16)]
+    /// Kept proxies before the streaming student's first step (8, the proxy writer's commit: the
+    /// first committed batch can start it).
+    #[arg(long, default_value_t = 8)]
     student_min_rows: usize,
     /// Evaluation images per prompt.
     #[arg(long, default_value_t = 1)]
@@ -115,7 +116,20 @@ fn job(args: &PipelineArgs, out: &Path, min_rows: Option<usize>) -> anyhow::Resu
     );
     let path = out.join("report/report.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
+    let mut report: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    // When the rows the student waits for were all tokenized: its first step cannot come sooner.
+    let wanted = min_rows.unwrap_or(args.student_min_rows);
+    let created = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+        let corpus = proxytune_actors::corpus::Corpus::open(out.join("corpus"))?;
+        let table = corpus.table::<proxytune_schemas::VqTokens>().await?;
+        anyhow::Ok(table.timestamps("created_at").await?)
+    })?;
+    let mut created = created;
+    created.sort_unstable();
+    let ready = created.get(wanted.min(created.len()).saturating_sub(1)).copied();
+    report["rows_ready_at_us"] = json!(ready);
+    Ok(report)
 }
 
 /// One run's figures: wall time, the first step against the pipeline's start and the first
@@ -126,6 +140,7 @@ fn figures(report: &Value) -> Value {
     let stages = &report["stages"];
     let first_step = us(&stages["student"]["first_step_at_us"]);
     let first_tokens = us(&stages["vq_tokens"]["first_at_us"]);
+    let rows_ready = us(&report["rows_ready_at_us"]);
     let last_proxy = us(&stages["proxies"]["last_generated_at_us"]);
     let seconds = |t: Option<i64>| t.map(|t| (t - started) as f64 / 1e6);
     let busy = &report["busy_seconds"];
@@ -136,6 +151,8 @@ fn figures(report: &Value) -> Value {
         "first_step_s": seconds(first_step),
         "first_tokens_s": seconds(first_tokens),
         "first_step_after_first_tokens_s": first_step.zip(first_tokens).map(|(a, b)| (a - b) as f64 / 1e6),
+        "rows_ready_s": seconds(rows_ready),
+        "first_step_after_rows_ready_s": first_step.zip(rows_ready).map(|(a, b)| (a - b) as f64 / 1e6),
         "last_proxy_s": seconds(last_proxy),
         "steps_per_second": stages["student"]["steps_per_second"],
         "steps_before_last_proxy": stages["student"]["steps_before_last_proxy"],
@@ -175,6 +192,8 @@ fn table(r: &Value) -> String {
         ("first student step (s)", "first_step_s"),
         ("first token rows (s)", "first_tokens_s"),
         ("step after first rows (s)", "first_step_after_first_tokens_s"),
+        ("rows to start ready (s)", "rows_ready_s"),
+        ("step after rows ready (s)", "first_step_after_rows_ready_s"),
         ("last proxy (s)", "last_proxy_s"),
         ("generation busy (s)", "generation_busy_s"),
         ("training busy (s)", "training_busy_s"),

@@ -431,26 +431,31 @@ fn bench_load_compares_the_streaming_loader_with_whole_file_reads() {
     );
 }
 
+/// Runs `proxytune bench ...` as `configure` sets it up, writing its JSON report into `dir`;
+/// returns the report and the printed table.
+fn bench_report(dir: &std::path::Path, configure: impl FnOnce(&mut Command)) -> (serde_json::Value, String) {
+    let report = dir.join("report.json");
+    let mut command = proxytune();
+    configure(&mut command);
+    let out = command.arg("--out").arg(&report).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    (serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap(), text)
+}
+
 /// `bench sample` at a small cut (2x2 codes, 2 DDIM steps, batches 1 and 3): both samplers and
 /// both references run and every row is measured (the figures themselves are the README's, from a
 /// full run).
 #[test]
 fn bench_sample_measures_both_samplers_against_their_references() {
     let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("sample.json");
-    let out = proxytune()
-        .args(["bench", "sample", "--grid", "2", "--batches", "1,3", "--reference-images", "1"])
-        .args(["--steps", "2", "--repeats", "1", "--python"])
-        .arg(crate::support::python())
-        .arg("--world")
-        .arg(crate::support::repo_root().join("models/world"))
-        .arg("--out")
-        .arg(&report)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let (r, text) = bench_report(dir.path(), |c| {
+        c.args(["bench", "sample", "--grid", "2", "--batches", "1,3", "--reference-images", "1"])
+            .args(["--steps", "2", "--repeats", "1", "--python"])
+            .arg(crate::support::python())
+            .arg("--world")
+            .arg(crate::support::repo_root().join("models/world"));
+    });
     assert_eq!(r["student"]["tokens_per_image"], 7, "2 rows of 2 codes and a break, then the end");
     assert!(r["student"]["reference"]["images_per_s"].as_f64().unwrap() > 0.0);
     for part in ["student", "supervisor"] {
@@ -471,20 +476,12 @@ fn bench_sample_measures_both_samplers_against_their_references() {
 #[test]
 fn bench_pipeline_runs_a_job_streaming_and_stage_by_stage() {
     let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("pipeline.json");
-    let out = proxytune()
-        .args(["bench", "pipeline", "--class-priors", "4", "--supervisor-steps", "6"])
-        .args(["--proxies-per-prompt", "3", "--student-steps", "40", "--student-min-rows", "4"])
-        .args(["--eval-prompts", "1"])
-        .arg("--world")
-        .arg(crate::support::repo_root().join("models/world"))
-        .arg("--out")
-        .arg(&report)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let (r, text) = bench_report(dir.path(), |c| {
+        c.args(["bench", "pipeline", "--class-priors", "4", "--supervisor-steps", "6"])
+            .args(["--proxies-per-prompt", "3", "--student-steps", "40", "--student-min-rows", "4"])
+            .args(["--eval-prompts", "1", "--world"])
+            .arg(crate::support::repo_root().join("models/world"));
+    });
     let f = |run: &str, key: &str| r[run][key].as_f64().unwrap_or_else(|| panic!("{run}.{key}: {r}"));
     assert!(f("stage_by_stage", "first_step_s") > f("stage_by_stage", "last_proxy_s"), "{r}");
     assert!(f("streaming", "first_step_s") < f("streaming", "last_proxy_s"), "{r}");
@@ -503,21 +500,14 @@ fn bench_pipeline_runs_a_job_streaming_and_stage_by_stage() {
 #[test]
 fn bench_real_size_runs_every_model_and_measurement_at_the_tiny_scale() {
     let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("real-size.json");
-    let out = proxytune()
-        .args(["bench", "real-size", "--scale", "tiny", "--precision", "fp32", "--iters", "1"])
-        .args(["--sample-steps", "2", "--sample-batches", "1,2", "--python"])
-        .arg(crate::support::python())
-        .arg("--dir")
-        .arg(dir.path().join("checkpoints"))
-        .arg("--out")
-        .arg(&report)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let (r, text) = bench_report(dir.path(), |c| {
+        c.args(["bench", "real-size", "--scale", "tiny", "--precision", "fp32", "--iters", "1"])
+            .args(["--sample-steps", "2", "--sample-batches", "1,2", "--python"])
+            .arg(crate::support::python())
+            .arg("--dir")
+            .arg(dir.path().join("checkpoints"));
+    });
     assert!(!text.contains("failed"), "{text}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     for (model, variants) in [
         ("sd15", &["plain", "checkpointed"][..]),
         ("sdxl", &["plain", "checkpointed"][..]),

@@ -205,6 +205,17 @@ async fn class_priors_stream_into_dreambooth_and_the_tuned_supervisor_samples_th
     assert_eq!(corpus.table::<Supervisor>().await.unwrap().count_rows(None).await.unwrap(), 1);
 }
 
+/// Every row of table `T` as (seed, PNG), by seed.
+async fn by_seed<T: proxytune_schemas::Table>(
+    corpus: &Corpus,
+    row: impl Fn(T) -> (u64, Vec<u8>),
+) -> Vec<(u64, Vec<u8>)> {
+    let mut rows: Vec<(u64, Vec<u8>)> =
+        corpus.table::<T>().await.unwrap().read_rows(None).await.unwrap().into_iter().map(row).collect();
+    rows.sort();
+    rows
+}
+
 /// One copy for the class priors and the tuning: the priors are drawn from the copy whose
 /// adapters train meanwhile, with the adapters off, and come out bit for bit the base model's; the
 /// adapter and the proxies equal those of a job where each stage loads its own copy.
@@ -216,28 +227,8 @@ async fn a_shared_supervisor_copy_gives_the_rows_and_adapter_of_separate_copies(
         let root = dir.path().join(if share { "shared" } else { "separate" });
         let corpus = Corpus::open_or_create(root.join("corpus")).unwrap();
         run_job(&corpus, &root.join("supervisor"), share).await;
-        let mut priors: Vec<(u64, Vec<u8>)> = corpus
-            .table::<ClassPriorImage>()
-            .await
-            .unwrap()
-            .read_rows(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.seed, r.image_png))
-            .collect();
-        priors.sort();
-        let mut proxies: Vec<(u64, Vec<u8>)> = corpus
-            .table::<Proxy>()
-            .await
-            .unwrap()
-            .read_rows(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.seed, r.image_png))
-            .collect();
-        proxies.sort();
+        let priors = by_seed::<ClassPriorImage>(&corpus, |r| (r.seed, r.image_png)).await;
+        let proxies = by_seed::<Proxy>(&corpus, |r| (r.seed, r.image_png)).await;
         let adapter = std::fs::read(root.join("supervisor/pytorch_lora_weights.safetensors")).unwrap();
         outputs.push((priors, proxies, adapter));
     }
