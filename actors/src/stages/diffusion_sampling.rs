@@ -133,7 +133,7 @@ struct Shared {
     model_dir: PathBuf,
     variant: Option<String>,
     device: String,
-    lora: LoraConfig,
+    lora: Option<LoraConfig>,
     unet_kind: tch::Kind,
     vae_slicing: bool,
     loaded: Mutex<Weak<Mutex<StableDiffusion>>>,
@@ -161,9 +161,9 @@ impl SharedSupervisor {
     ) -> std::result::Result<Self, String> {
         let sampler_kind = sampler.sampling.unet_precision.kind();
         let tuner_kind = tuner.dreambooth.precision.kind();
-        let Some(lora) = &tuner.lora else {
+        if tuner.lora.is_none() {
             return Err("the tuner fine-tunes the whole UNet, which the class priors must not see".into());
-        };
+        }
         if (&sampler.model_dir, &sampler.variant, &sampler.device)
             != (&tuner.model_dir, &tuner.variant, &tuner.device)
         {
@@ -177,15 +177,22 @@ impl SharedSupervisor {
         if sampler.sampling.vae_slicing != tuner.vae_slicing {
             return Err("the sampler and the tuner slice the VAE differently".into());
         }
-        Ok(SharedSupervisor(Arc::new(Shared {
+        Ok(SharedSupervisor::for_tuner(tuner))
+    }
+
+    /// The tuner's model as `tuner` loads it (its LoRA adapters, its training precision's UNet,
+    /// its VAE slicing); shared only when handed to the sampler too, else the tuner's own copy.
+    pub fn for_tuner(tuner: &crate::stages::supervisor_tuner::SupervisorTunerConfig) -> Self {
+        SharedSupervisor(Arc::new(Shared {
             model_dir: tuner.model_dir.clone(),
             variant: tuner.variant.clone(),
             device: tuner.device.clone(),
-            lora: lora.clone(),
-            unet_kind: tuner_kind,
+            lora: tuner.lora.clone(),
+            // A bf16 run's frozen UNet is built in bfloat16, never in float32.
+            unet_kind: tuner.dreambooth.precision.kind(),
             vae_slicing: tuner.vae_slicing,
             loaded: Mutex::new(Weak::new()),
-        })))
+        }))
     }
 
     /// The copy: the one loaded already while either stage holds it, or a fresh load (on the
@@ -199,7 +206,7 @@ impl SharedSupervisor {
             return Ok(copy);
         }
         let options =
-            LoadOptions { lora: Some(&s.lora), variant: s.variant.as_deref(), unet_kind: s.unet_kind };
+            LoadOptions { lora: s.lora.as_ref(), variant: s.variant.as_deref(), unet_kind: s.unet_kind };
         let mut sd = StableDiffusion::load_with(&s.model_dir, parse_device(&s.device)?, &options)?;
         sd.vae_batch = s.vae_slicing.then_some(1);
         let copy = Arc::new(Mutex::new(sd));

@@ -22,16 +22,14 @@ use std::time::Instant;
 
 use arrow_array::RecordBatch;
 use metrics::Counter;
-use proxytune_models::device::parse_device;
 use proxytune_models::diffusion::dreambooth::{
     latest_checkpoint, DreamBoothConfig, DreamBoothTrainer, LORA_FILE,
 };
-use proxytune_models::diffusion::pipeline::{LoadOptions, StableDiffusion};
+
 use proxytune_models::lora::LoraConfig;
 use proxytune_models::weights::save_safetensors;
 use proxytune_schemas::{now_us, ClassPriorImage, MetricName, Supervisor, Table};
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::runtime::metrics::TrainMeters;
@@ -215,23 +213,8 @@ impl SupervisorTuner {
 impl Operator for SupervisorTuner {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let c = &self.config;
-        let copy = match &self.shared {
-            Some(shared) => shared.get()?,
-            None => {
-                let mut model = StableDiffusion::load_with(
-                    &c.model_dir,
-                    parse_device(&c.device)?,
-                    &LoadOptions {
-                        lora: c.lora.as_ref(),
-                        variant: c.variant.as_deref(),
-                        // A bf16 run's frozen UNet is built in bfloat16, never in float32.
-                        unet_kind: c.dreambooth.precision.kind(),
-                    },
-                )?;
-                model.vae_batch = c.vae_slicing.then_some(1);
-                Arc::new(Mutex::new(model))
-            }
-        };
+        // The one load of the tuner's model, shared with the sampler or its own.
+        let copy = self.shared.clone().unwrap_or_else(|| SharedSupervisor::for_tuner(c)).get()?;
         let mut trainer = {
             let mut model = lock(&copy)?;
             let mut trainer = DreamBoothTrainer::new(&mut model, c.dreambooth.clone())?;

@@ -107,6 +107,40 @@ pub(crate) fn pick(scores: &Tensor, greedy: bool, seeds: &[u64], step: u64) -> T
     cdf.le_tensor(&u).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(v - 1)
 }
 
+/// One step's tokens `[B]` from the newest logits `[rows, T, V]` of a batch: guidance (rows `0..B`
+/// against `B..2B` when `sampling` guides), then `allowed`, the warpers and the draw of
+/// [`pick`] (or libtorch's generator for [`DrawSource::Torch`]), all on the logits' device.
+pub(crate) fn next_tokens(
+    logits: &Tensor,
+    b: i64,
+    sampling: &TokenSampling,
+    seeds: &[u64],
+    step: usize,
+    allowed: Allowed,
+) -> Tensor {
+    let device = logits.device();
+    let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // [rows, V]
+    let mut scores = if sampling.guidance_scale != 1.0 {
+        let (cond, uncond) = (last.narrow(0, 0, b), last.narrow(0, b, b));
+        &uncond + (&cond - &uncond) * sampling.guidance_scale
+    } else {
+        last
+    };
+    match allowed {
+        Allowed::Force(id) => Tensor::full([b], id, (Kind::Int64, device)),
+        constraint => {
+            if let Allowed::Mask(m) = &constraint {
+                scores = scores.masked_fill(&m.logical_not().to_device(device), f64::NEG_INFINITY);
+            }
+            let warped = if sampling.greedy { scores } else { warp(&scores, sampling) };
+            match (sampling.draws, sampling.greedy) {
+                (DrawSource::Torch, false) => warped.softmax(-1, Kind::Float).multinomial(1, false).view([b]),
+                _ => pick(&warped, sampling.greedy, seeds, step as u64),
+            }
+        }
+    }
+}
+
 /// Generates `max_new_tokens` tokens after `prompt [1, T]` (or `[2, T]` left-padded with
 /// `attention_mask` when guiding: row 0 conditional, row 1 unconditional). `allowed(step)`
 /// constrains each step. Returns the new tokens. One seed's [`generate_batch`].
@@ -174,28 +208,7 @@ pub fn generate_batch(
     }
     let out = Tensor::zeros([b, max_new_tokens as i64], (Kind::Int64, device));
     for step in 0..max_new_tokens {
-        let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // [rows, V]
-        let mut scores = if guided {
-            let (cond, uncond) = (last.narrow(0, 0, b), last.narrow(0, b, b));
-            &uncond + (&cond - &uncond) * sampling.guidance_scale
-        } else {
-            last
-        };
-        let token = match allowed(step) {
-            Allowed::Force(id) => Tensor::full([b], id, (Kind::Int64, device)),
-            constraint => {
-                if let Allowed::Mask(m) = &constraint {
-                    scores = scores.masked_fill(&m.logical_not().to_device(device), f64::NEG_INFINITY);
-                }
-                let warped = if sampling.greedy { scores } else { warp(&scores, sampling) };
-                match (sampling.draws, sampling.greedy) {
-                    (DrawSource::Torch, false) => {
-                        warped.softmax(-1, Kind::Float).multinomial(1, false).view([b])
-                    }
-                    _ => pick(&warped, sampling.greedy, seeds, step as u64),
-                }
-            }
-        };
+        let token = next_tokens(&logits, b, sampling, seeds, step, allowed(step));
         out.narrow(1, step as i64, 1).copy_(&token.view([b, 1]));
         if step + 1 == max_new_tokens {
             break;

@@ -384,7 +384,7 @@ impl LlamaGen {
         sampling: &super::generate::TokenSampling,
         seeds: &[u64],
     ) -> Result<Vec<Vec<i64>>> {
-        use super::generate::{pick, warp};
+        use super::generate::{next_tokens, Allowed};
         let b = seeds.len() as i64;
         if b == 0 || captions.size().first() != Some(&b) {
             return Err(ModelError::Config {
@@ -407,15 +407,7 @@ impl LlamaGen {
         let out = Tensor::zeros([b, n], (Kind::Int64, device));
         let mut logits = tch::no_grad(|| self.forward(Some(&emb), &empty, Some(&mut cache)))?;
         for step in 0..n {
-            let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // [rows, V]
-            let scores = if guided {
-                let (cond, uncond) = (last.narrow(0, 0, b), last.narrow(0, b, b));
-                &uncond + (&cond - &uncond) * sampling.guidance_scale
-            } else {
-                last
-            };
-            let warped = if sampling.greedy { scores } else { warp(&scores, sampling) };
-            let token = pick(&warped, sampling.greedy, seeds, step as u64);
+            let token = next_tokens(&logits, b, sampling, seeds, step as usize, Allowed::Any);
             out.narrow(1, step, 1).copy_(&token.view([b, 1]));
             if step + 1 < n {
                 let next = if guided { Tensor::cat(&[&token, &token], 0) } else { token }.view([rows, 1]);
