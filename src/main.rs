@@ -34,6 +34,7 @@ mod grafana_cmd;
 mod job;
 mod loadgen;
 mod metrics_server;
+mod plots;
 mod pretrain;
 mod replay;
 mod report;

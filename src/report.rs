@@ -1,5 +1,5 @@
-//! A job's report: image grids, per-stage throughput from corpus timestamps, and
-//! `report/index.html`.
+//! A job's report: image grids with a labelled row per prompt, per-stage throughput from corpus
+//! timestamps, the plots of [`crate::plots`], and `report/index.html`.
 
 use std::path::Path;
 
@@ -24,22 +24,123 @@ pub(crate) fn grid(images: &[image::RgbImage], cols: usize) -> Option<image::Rgb
     Some(out)
 }
 
+/// Tiles of a report grid are at most this many pixels a side (larger images are scaled down, so
+/// a report of 1024-px proxies stays light) and small ones are scaled up by whole factors to about
+/// 96 pixels, so they are visible on a page.
+const MAX_TILE: u32 = 256;
+
 pub(crate) fn save_grid(images: &[image::RgbImage], cols: usize, path: &Path) -> anyhow::Result<bool> {
-    match grid(images, cols) {
-        Some(g) => {
-            // Small images scaled up (32-pixel ones 3×) so they are visible on a page.
-            let scale = (96 / images[0].width().max(1)).max(1);
-            let big = image::imageops::resize(
-                &g,
-                g.width() * scale,
-                g.height() * scale,
-                image::imageops::FilterType::Nearest,
-            );
-            big.save(path).with_context(|| path.display().to_string())?;
-            Ok(true)
-        }
-        None => Ok(false),
+    let Some(first) = images.first() else { return Ok(false) };
+    let scaled_down: Vec<image::RgbImage>;
+    let tiles = if first.width() > MAX_TILE {
+        scaled_down = images
+            .iter()
+            .map(|img| {
+                let h = (img.height() as u64 * MAX_TILE as u64 / img.width().max(1) as u64).max(1) as u32;
+                image::imageops::resize(img, MAX_TILE, h, image::imageops::FilterType::Triangle)
+            })
+            .collect();
+        &scaled_down[..]
+    } else {
+        images
+    };
+    let mut g = grid(tiles, cols).expect("at least one image");
+    let scale = (96 / tiles[0].width().max(1)).max(1);
+    if scale > 1 {
+        g = image::imageops::resize(
+            &g,
+            g.width() * scale,
+            g.height() * scale,
+            image::imageops::FilterType::Nearest,
+        );
     }
+    g.save(path).with_context(|| path.display().to_string())?;
+    Ok(true)
+}
+
+/// `items` grouped by `key`, groups in the order their first item came.
+pub(crate) fn group_in_order<T, K: PartialEq>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> K,
+) -> Vec<(K, Vec<T>)> {
+    let mut groups: Vec<(K, Vec<T>)> = Vec::new();
+    for item in items {
+        let k = key(&item);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(item),
+            None => groups.push((k, vec![item])),
+        }
+    }
+    groups
+}
+
+/// A row of a report table: its label and one image strip per column (`None` where the column
+/// has no images for it), as paths relative to the report folder.
+pub(crate) struct LabelledRow {
+    pub label: String,
+    pub strips: Vec<Option<String>>,
+}
+
+/// Saves each group's images as one strip, `rows/{prefix}_{row:03}_{column}.png`, for a table with
+/// one labelled row per group.
+pub(crate) fn save_rows(
+    rows: &[(String, Vec<Vec<image::RgbImage>>)],
+    report_dir: &Path,
+    prefix: &str,
+) -> anyhow::Result<Vec<LabelledRow>> {
+    let dir = report_dir.join("rows");
+    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    let mut out = Vec::new();
+    for (r, (label, columns)) in rows.iter().enumerate() {
+        let mut strips = Vec::new();
+        for (c, images) in columns.iter().enumerate() {
+            let file = format!("rows/{prefix}_{r:03}_{c}.png");
+            strips.push(save_grid(images, images.len().max(1), &report_dir.join(&file))?.then_some(file));
+        }
+        out.push(LabelledRow { label: label.clone(), strips });
+    }
+    Ok(out)
+}
+
+/// A table of labelled image rows under `columns`' headings (no header row when `columns` is empty).
+fn rows_table(first_heading: &str, columns: &[String], rows: &[LabelledRow]) -> String {
+    let mut html = String::from("<table class=\"rows\">\n");
+    if !columns.is_empty() {
+        html.push_str(&format!("<tr><th>{}</th>", escape(first_heading)));
+        for c in columns {
+            html.push_str(&format!("<th>{}</th>", escape(c)));
+        }
+        html.push_str("</tr>\n");
+    }
+    for row in rows {
+        html.push_str(&format!("<tr><td>{}</td>", escape(&row.label)));
+        for strip in &row.strips {
+            match strip {
+                Some(file) => {
+                    html.push_str(&format!("<td><img src=\"{file}\" alt=\"{}\"></td>", escape(&row.label)))
+                }
+                None => html.push_str("<td>–</td>"),
+            }
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
+    html
+}
+
+/// The files of a report besides `report.json`, for its page.
+#[derive(Default)]
+pub(crate) struct ReportFiles {
+    /// `timeline.svg` was written.
+    pub timeline: bool,
+    /// `losses.svg` was written.
+    pub losses: bool,
+    /// The first kept proxies, a row per prompt.
+    pub kept: Vec<LabelledRow>,
+    /// The first rejected proxies, a row per reason.
+    pub rejected: Vec<LabelledRow>,
+    /// The evaluation's samples, a row per prompt and a column per model.
+    pub samples: Vec<LabelledRow>,
 }
 
 /// `images` as centred squares of one side (the smallest image's shorter side, at most `max_side`),
@@ -93,8 +194,7 @@ pub(crate) fn throughput(times: impl Iterator<Item = i64>) -> serde_json::Value 
 pub(crate) fn html(
     report: &serde_json::Value,
     scores: &[(String, ModelScores)],
-    has_kept: bool,
-    has_rejected: bool,
+    files: &ReportFiles,
 ) -> String {
     // The metrics any model has, in the protocol's order; the world's exact checks when measured.
     let metric_names: Vec<&str> = ["DINO", "CLIP-I", "CLIP-T", "FEAT-I"]
@@ -126,26 +226,38 @@ pub(crate) fn html(
     let img = |file: &str, caption: &str| {
         format!("<figure><img src=\"{file}\"><figcaption>{caption}</figcaption></figure>\n")
     };
-    let mut grids = img("references.png", "references");
-    if has_kept {
-        grids.push_str(&img("proxies_kept.png", "proxies kept by the Filter (first 48)"));
-    }
-    if has_rejected {
-        grids.push_str(&img("proxies_rejected.png", "proxies rejected (first 48)"));
-    }
-    for (i, (label, _)) in scores.iter().enumerate() {
-        grids.push_str(&img(
-            &format!("samples_{i}.png"),
-            &format!(
-                "{}: one row per prompt pair (prompts in order, images per prompt side by side)",
-                escape(label)
-            ),
+    let mut plots = String::new();
+    if files.timeline {
+        plots.push_str(&img(
+            "timeline.svg",
+            "proxies generated, kept by the Filter and committed to the corpus, and the student's steps, \
+             against time; dashed: the first student step and the last proxy",
         ));
+    }
+    if files.losses {
+        plots.push_str(&img("losses.svg", "each trainer's total loss at each step of this run"));
+    }
+    if !plots.is_empty() {
+        plots.insert_str(0, "<h2>Timeline and losses</h2>\n");
+    }
+    let mut grids = img("references.png", "references");
+    if !files.samples.is_empty() {
+        let models: Vec<String> = scores.iter().map(|(label, _)| label.clone()).collect();
+        grids.push_str("<h3>Samples by prompt (the same seeds for every model)</h3>\n");
+        grids.push_str(&rows_table("prompt", &models, &files.samples));
+    }
+    if !files.kept.is_empty() {
+        grids.push_str("<h3>Proxies kept by the Filter (the first 48), by prompt</h3>\n");
+        grids.push_str(&rows_table("", &[], &files.kept));
+    }
+    if !files.rejected.is_empty() {
+        grids.push_str("<h3>Proxies rejected (the first 48), by reason</h3>\n");
+        grids.push_str(&rows_table("", &[], &files.rejected));
     }
     format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>proxytune: {subject}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}</style></head>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{image-rendering:pixelated;max-width:100%}}table.rows td{{vertical-align:middle}}table.rows td:first-child{{max-width:260px}}table.rows img{{display:block}}</style></head>
 <body>
 <h1>proxytune — {subject} (a {class}, identifier <code>{identifier}</code>)</h1>
 <h2>Scores on the subject's prompts (same seeds for every model)</h2>
@@ -163,6 +275,7 @@ pub(crate) fn html(
 <tr><td>corpus</td><td>{path}: proxies version {pv}, {trained} rows trained on</td></tr>
 <tr><td>time</td><td>pipeline {pipe:.0} s, evaluation {eval:.0} s, total {total:.0} s</td></tr>
 </table>
+{plots}
 <h2>Images</h2>
 {grids}
 </body></html>

@@ -164,7 +164,9 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert!(metric(2, "CLIP-I") - metric(0, "CLIP-I") >= 0.2, "CLIP-I: {models:?}");
     let html = std::fs::read_to_string(out.join("report/index.html")).unwrap();
     assert!(html.contains("student (Proxy-Tuned LoRA)") && html.contains("references.png"));
-    for grid in ["references.png", "samples_0.png", "samples_1.png", "samples_2.png"] {
+    for grid in
+        ["references.png", "samples_0.png", "samples_1.png", "samples_2.png", "timeline.svg", "losses.svg"]
+    {
         assert!(out.join("report").join(grid).is_file(), "{grid}");
     }
 

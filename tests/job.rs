@@ -330,8 +330,27 @@ scorers = "cpu"
             serde_json::from_str(&std::fs::read_to_string(out.join("report/report.json")).unwrap()).unwrap();
         assert_eq!(report["stages"]["student"]["steps"], 6);
         assert_eq!(report["identifier"], "zwx");
-        assert!(out.join("report/index.html").is_file());
         assert!(out.join("student/adapter_model.safetensors").is_file());
+        // The report's plots: the timeline with its markers, and both trainers' loss curves (the
+        // supervisor's four steps and the student's six, one loss each, in report.json too).
+        assert_eq!(report["stages"]["supervisor"]["losses"].as_array().unwrap().len(), 4, "{family}");
+        assert_eq!(report["stages"]["student"]["losses"].as_array().unwrap().len(), 6, "{family}");
+        let timeline = std::fs::read_to_string(out.join("report/timeline.svg")).unwrap();
+        assert!(timeline.contains("proxies committed") && timeline.contains("first student step ("));
+        assert!(timeline.contains("supervisor steps (right axis)"), "{family}");
+        assert!(timeline.contains("last proxy ("), "{family}");
+        let losses = std::fs::read_to_string(out.join("report/losses.svg")).unwrap();
+        assert!(losses.contains("supervisor (DreamBooth)") && losses.contains("student: total loss"));
+        // The page shows them, and labels each image row with its prompt: the kept proxies' rows
+        // by prompt, the samples' rows by prompt with a strip per model.
+        let page = std::fs::read_to_string(out.join("report/index.html")).unwrap();
+        assert!(page.contains("<img src=\"timeline.svg\"") && page.contains("<img src=\"losses.svg\""));
+        let kept_prompts: std::collections::BTreeSet<&str> =
+            proxies.iter().filter(|p| p.keep == Some(true)).map(|p| p.prompt.as_str()).collect();
+        for (row, prompt) in kept_prompts.iter().enumerate() {
+            assert!(page.contains(&format!("<td>{prompt}</td>")), "{family}: no row for {prompt}");
+            assert!(out.join(format!("report/rows/kept_{row:03}_0.png")).is_file());
+        }
         // The trainers ran as the spec asked: their checkpoints record it.
         for (stage, keys) in [
             ("supervisor", &["activation_checkpointing"][..]),
@@ -364,6 +383,19 @@ scorers = "cpu"
                 assert!(m["scores"]["context_accuracy"].is_null(), "no world checks for a real subject");
             }
             assert!(out.join("report/samples_2.png").is_file());
+            // The samples' table: a row for each of the two evaluated prompts (the first two
+            // templates), a column for each model.
+            let table = &page[page.find("Samples by prompt").unwrap()..];
+            let table = &table[..table.find("</table>").unwrap()];
+            assert_eq!(table.matches("<tr><td>").count(), 2, "{table}");
+            for (row, context) in ["on the beach", "in the snow"].iter().enumerate() {
+                let label = format!("zwx rucksack {context}</td>");
+                assert!(table.contains(&label), "{family}: no row for {context}: {table}");
+                for model in 0..3 {
+                    let strip = format!("rows/samples_{row:03}_{model}.png");
+                    assert!(out.join("report").join(&strip).is_file() && table.contains(&strip), "{strip}");
+                }
+            }
         }
     }
 }

@@ -940,7 +940,7 @@ fn evaluate_checkpoint(
         let images: Vec<_> = samples.iter().filter_map(|e| crate::report::decode(&e.image_png)).collect();
         let name =
             if i + 1 == scores.len() { "samples.png".to_string() } else { format!("samples_{model}.png") };
-        crate::report::save_grid(&images, eval_images * 5, &out.join(name))?;
+        crate::report::save_grid(&images, eval_images, &out.join(name))?;
     }
     let report = serde_json::json!({
         "checkpoint": checkpoint.display().to_string(),

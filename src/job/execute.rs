@@ -11,7 +11,10 @@ use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, Supervisor, Table, V
 
 use super::pipeline::{pipeline, set_stage, JobCommand, ProgressHandle};
 use super::plan::StagePlan;
-use crate::report::{decode, html, record_scores, save_grid, squares, throughput};
+use crate::plots::{losses_svg, Timeline};
+use crate::report::{
+    decode, group_in_order, html, record_scores, save_grid, save_rows, squares, throughput, ReportFiles,
+};
 use crate::world_models::ModelScores;
 
 /// Rows per fragment of a finished job's compacted tables: a few large files per table (at
@@ -123,23 +126,76 @@ pub(crate) async fn execute(
     // Grids.
     let references = squares(&subject.references, 128);
     save_grid(&references, references.len(), &report_dir.join("references.png"))?;
-    let grid = |keep: bool| {
+    let first = |keep: bool| {
         let table = &proxy_table;
-        async move {
-            let rows = table.read_rows_limited(Some(&format!("keep = {keep}")), 48).await?;
-            anyhow::Ok(rows.iter().filter_map(|p| decode(&p.image_png)).collect::<Vec<_>>())
-        }
+        async move { anyhow::Ok(table.read_rows_limited(Some(&format!("keep = {keep}")), 48).await?) }
     };
-    let kept_imgs = grid(true).await?;
-    let rejected_imgs = grid(false).await?;
-    let has_kept = save_grid(&kept_imgs, 12, &report_dir.join("proxies_kept.png"))?;
-    let has_rejected = save_grid(&rejected_imgs, 12, &report_dir.join("proxies_rejected.png"))?;
+    let decoded = |rows: Vec<(String, Vec<Proxy>)>| -> Vec<(String, Vec<Vec<image::RgbImage>>)> {
+        rows.into_iter()
+            .map(|(label, ps)| (label, vec![ps.iter().filter_map(|p| decode(&p.image_png)).collect()]))
+            .collect()
+    };
+    let kept_rows = decoded(group_in_order(first(true).await?, |p| p.prompt.clone()));
+    let rejected_rows = decoded(group_in_order(first(false).await?, |p| {
+        p.reject_reason.map(|r| r.as_str().to_string()).unwrap_or_else(|| "no reason recorded".into())
+    }));
+    // The samples: a row per prompt, a strip per model (its images of that prompt in seed order);
+    // and each model's whole grid, one row per prompt, for pages that show one image.
+    let mut prompts: Vec<(u32, String)> = scores
+        .iter()
+        .flat_map(|(_, s)| s.images.iter().map(|e| (e.prompt_index, e.prompt.clone())))
+        .collect();
+    prompts.sort();
+    prompts.dedup_by_key(|(i, _)| *i);
+    let mut sample_rows = Vec::new();
+    for (index, prompt) in &prompts {
+        let strips = scores
+            .iter()
+            .map(|(_, s)| {
+                let mut samples: Vec<&EvalSample> =
+                    s.images.iter().filter(|e| e.prompt_index == *index).collect();
+                samples.sort_by_key(|e| e.sample_index);
+                samples.iter().filter_map(|e| decode(&e.image_png)).collect()
+            })
+            .collect();
+        sample_rows.push((prompt.clone(), strips));
+    }
     for (i, (_, s)) in scores.iter().enumerate() {
         let mut samples: Vec<&EvalSample> = s.images.iter().collect();
         samples.sort_by_key(|e| (e.prompt_index, e.sample_index));
         let imgs: Vec<_> = samples.iter().filter_map(|e| decode(&e.image_png)).collect();
-        save_grid(&imgs, plan.eval.images_per_prompt * 5, &report_dir.join(format!("samples_{i}.png")))?;
+        save_grid(&imgs, plan.eval.images_per_prompt, &report_dir.join(format!("samples_{i}.png")))?;
     }
+    let timeline = Timeline {
+        start_us: run.started_at_us,
+        generated_us: proxies.iter().map(|p| p.generated_at_us).collect(),
+        kept_us: kept.iter().filter_map(|p| p.filtered_at_us).collect(),
+        committed: run.proxy_commits.clone(),
+        student_steps_us: run.trainer.step_started_us.clone(),
+        supervisor_steps_us: run.tuner.step_started_us.clone(),
+    };
+    let write_svg = |name: &str, svg: Option<String>| -> anyhow::Result<bool> {
+        let Some(svg) = svg else { return Ok(false) };
+        std::fs::write(report_dir.join(name), svg)?;
+        Ok(true)
+    };
+    let files = ReportFiles {
+        timeline: write_svg("timeline.svg", timeline.svg(960, 420)?)?,
+        losses: write_svg(
+            "losses.svg",
+            losses_svg(
+                &[
+                    ("supervisor (DreamBooth): total loss", &run.tuner.losses),
+                    ("student: total loss", &run.trainer.losses),
+                ],
+                960,
+                320,
+            )?,
+        )?,
+        kept: save_rows(&kept_rows, &report_dir, "kept")?,
+        rejected: save_rows(&rejected_rows, &report_dir, "rejected")?,
+        samples: save_rows(&sample_rows, &report_dir, "samples")?,
+    };
 
     let seconds = |a: i64, b: i64| (b - a) as f64 / 1e6;
     let generation_seconds = seconds(first_proxy_us, last_proxy_us).max(1e-9);
@@ -155,6 +211,8 @@ pub(crate) async fn execute(
                 "steps": supervisors.first().map(|s| s.train_steps),
                 "ready_at_us": supervisors.first().map(|s| s.created_at_us),
                 "final_loss": supervisors.first().and_then(|s| s.final_loss),
+                "losses": run.tuner.losses,
+                "first_step_at_us": run.tuner.step_started_us.first(),
                 "steps_per_second": supervisors.first().map(|s| s.train_steps as f64
                     / seconds(priors.iter().map(|r| r.created_at_us).min().unwrap_or(s.created_at_us), s.created_at_us).max(1e-9)),
             },
@@ -186,7 +244,7 @@ pub(crate) async fn execute(
                         "models": scores.iter().map(|(label, s)| serde_json::json!({"label": label, "scores": s})).collect::<Vec<_>>() },
     });
     std::fs::write(report_dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-    std::fs::write(report_dir.join("index.html"), html(&report, &scores, has_kept, has_rejected))?;
+    std::fs::write(report_dir.join("index.html"), html(&report, &scores, &files))?;
     for (i, (_, s)) in scores.iter().enumerate() {
         let model = ["student_untuned", "supervisor", "student"].get(i).copied().unwrap_or("model");
         record_scores(&metrics, model, s);

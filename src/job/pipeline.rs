@@ -31,7 +31,7 @@ use proxytune_actors::stages::diffusion_sampling::SharedSupervisor;
 use proxytune_actors::stages::filter::Filter;
 use proxytune_actors::stages::intake::encode_png;
 use proxytune_actors::stages::proxy_generator::ProxyGenerator;
-use proxytune_actors::stages::supervisor_tuner::SupervisorTuner;
+use proxytune_actors::stages::supervisor_tuner::{SupervisorTuner, SupervisorTunerStats};
 use proxytune_actors::stages::tokenize::Tokenize;
 use proxytune_schemas::{ClassPriorImage, Proxy, ReferenceImage, Supervisor, Table, VqTokens};
 
@@ -143,6 +143,10 @@ pub(crate) struct Run {
     pub seconds: f64,
     /// What the student did.
     pub trainer: ArTrainerStats,
+    /// What the supervisor's tuning did in this run.
+    pub tuner: SupervisorTunerStats,
+    /// When each commit of proxies landed and the proxies written by then.
+    pub proxy_commits: Vec<(i64, u64)>,
     /// The proxies table's version at the end.
     pub proxies_version: Option<u64>,
     /// The VQ table's version at the end.
@@ -193,7 +197,7 @@ pub(crate) async fn pipeline(
             Err(why) => eprintln!("proxytune: the class-prior sampler loads its own supervisor copy: {why}"),
         }
     }
-    let tuner_steps = tuner.steps();
+    let tuner_stats = tuner.stats();
     // A resumed job: the proxies stored already are not sampled again; the kept ones are what
     // new proxies are checked for duplicates against, and the proxy writer passes them on first
     // (in commit order), so the student sees the sequence of an uninterrupted run.
@@ -266,7 +270,7 @@ pub(crate) async fn pipeline(
     let update = {
         let (priors, supervisor, proxies) =
             (prior_stats.clone(), supervisor_stats.clone(), proxy_stats.clone());
-        let student = trainer_stats.clone();
+        let (student, tuner) = (trainer_stats.clone(), tuner_stats.clone());
         let job_progress = job_progress.clone();
         let (priors_planned, supervisor_planned, student_planned) = (
             plan.class_priors.num_images as u64,
@@ -279,7 +283,7 @@ pub(crate) async fn pipeline(
             let mut p = job_progress.lock().expect("progress lock");
             p.class_priors = priors.lock().expect("writer stats").received_rows;
             p.class_priors_planned = priors_planned;
-            p.supervisor_steps = tuner_steps.load(std::sync::atomic::Ordering::Relaxed);
+            p.supervisor_steps = tuner.lock().expect("tuner stats").steps;
             p.supervisor_steps_planned = supervisor_planned;
             p.supervisor_ready = supervisor.lock().expect("writer stats").received_rows > 0;
             p.proxies_stored = proxies.replayed_rows + proxies.written_rows;
@@ -313,7 +317,11 @@ pub(crate) async fn pipeline(
     job_progress.lock().expect("progress lock").parked = false;
     let error = report.tasks.iter().find_map(|t| t.error.clone().map(|e| format!("{}: {e}", t.name)));
     let trainer = trainer_stats.lock().expect("trainer stats").clone();
-    let proxies_version = proxy_stats.lock().expect("writer stats").version;
+    let tuner = tuner_stats.lock().expect("tuner stats").clone();
+    let (proxies_version, proxy_commits) = {
+        let proxies = proxy_stats.lock().expect("writer stats");
+        (proxies.version, proxies.commit_log.clone())
+    };
     let vq_version = vq_stats.lock().expect("writer stats").version;
     let busy_seconds = report.tasks.iter().map(|t| (t.name.clone(), t.busy_seconds)).collect();
     Ok(Run {
@@ -321,6 +329,8 @@ pub(crate) async fn pipeline(
         started_at_us,
         seconds: started.elapsed().as_secs_f64(),
         trainer,
+        tuner,
+        proxy_commits,
         proxies_version,
         vq_version,
         error,

@@ -59,6 +59,8 @@ pub struct WriterStats {
     pub commits: u64,
     /// The table's version after the last commit.
     pub version: Option<u64>,
+    /// When each commit that wrote rows landed (µs since the epoch) and the rows written by then.
+    pub commit_log: Vec<(i64, u64)>,
     /// Stored rows passed downstream on start (`replay_stored`).
     pub replayed_rows: u64,
 }
@@ -129,6 +131,10 @@ impl<T: Table> LanceWriter<T> {
             stats.skipped_rows += skipped as u64;
             stats.commits += u64::from(written > 0);
             stats.version = version;
+            if written > 0 {
+                let rows = stats.written_rows;
+                stats.commit_log.push((proxytune_schemas::now_us(), rows));
+            }
         }
         if self.config.forward_committed {
             out.emit(new_rows);

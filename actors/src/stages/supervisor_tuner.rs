@@ -16,8 +16,7 @@
 //! step; the last good checkpoint stays.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
@@ -74,6 +73,17 @@ fn default_device() -> String {
     "cpu".into()
 }
 
+/// What the tuner has done (shared with whoever built it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SupervisorTunerStats {
+    /// Optimiser steps taken (including those restored from a checkpoint).
+    pub steps: u64,
+    /// Total loss (instance plus weighted prior) of each step of this run.
+    pub losses: Vec<f64>,
+    /// When each step of this run started (µs since the epoch, UTC).
+    pub step_started_us: Vec<i64>,
+}
+
 struct Meters {
     train: TrainMeters,
     validation_images: Counter,
@@ -86,7 +96,7 @@ pub struct SupervisorTuner {
     state: Option<(SupervisorCopy, DreamBoothTrainer)>,
     shared: Option<SharedSupervisor>,
     meters: Meters,
-    steps: Arc<AtomicU64>,
+    stats: Arc<Mutex<SupervisorTunerStats>>,
 }
 
 impl SupervisorTuner {
@@ -107,7 +117,7 @@ impl SupervisorTuner {
             train: metrics.trainer("supervisor", &["instance", "prior", "total"]),
             validation_images: metrics.counter(MetricName::GeneratedImages, "kind", "validation"),
         };
-        Ok(SupervisorTuner { config, references, state: None, shared: None, meters, steps: Arc::default() })
+        Ok(SupervisorTuner { config, references, state: None, shared: None, meters, stats: Arc::default() })
     }
 
     /// Trains on `shared`, the copy the class-prior sampler also draws from, instead of loading
@@ -123,9 +133,9 @@ impl SupervisorTuner {
         self.shared = None;
     }
 
-    /// The optimiser steps taken so far (restored ones included), readable while the job runs.
-    pub fn steps(&self) -> Arc<AtomicU64> {
-        self.steps.clone()
+    /// Its steps and losses so far, readable while the job runs.
+    pub fn stats(&self) -> Arc<Mutex<SupervisorTunerStats>> {
+        self.stats.clone()
     }
 
     fn checkpoints_dir(&self) -> PathBuf {
@@ -148,9 +158,14 @@ impl SupervisorTuner {
         let validation_dir = self.config.output_dir.join("validation");
         let (model, trainer) = self.state.as_mut().expect("started");
         let model = lock(model)?;
-        let t0 = Instant::now();
+        let (t0, started_us) = (Instant::now(), now_us());
         let losses = trainer.train_step(&model)?;
-        self.steps.store(losses.step, Ordering::Relaxed);
+        {
+            let mut stats = self.stats.lock().expect("tuner stats");
+            stats.steps = losses.step;
+            stats.losses.push(losses.total);
+            stats.step_started_us.push(started_us);
+        }
         self.meters.train.record(
             &[losses.instance, losses.prior, losses.total],
             losses.learning_rate,
@@ -226,7 +241,7 @@ impl Operator for SupervisorTuner {
             trainer.resume(&checkpoint)?;
             tracing::info!(subject = %c.subject, checkpoint = %checkpoint.display(), step = trainer.step_count(), "supervisor tuning resumes");
         }
-        self.steps.store(trainer.step_count(), Ordering::Relaxed);
+        self.stats.lock().expect("tuner stats").steps = trainer.step_count();
         self.state = Some((copy, trainer));
         Ok(())
     }
