@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use arrow_array::RecordBatch;
 use proxytune_actors::corpus::writer::{LanceWriter, LanceWriterConfig};
 use proxytune_actors::corpus::Corpus;
@@ -31,9 +33,9 @@ use serde::Serialize;
 pub enum BenchCommand {
     /// The streaming runtime: per-batch overhead, overhead next to a 10 ms stage, Lance sink vs a file.
     Runtime(RuntimeArgs),
-    /// A ~35 M-parameter UNet: sampling step and train step here vs diffusers (PyTorch) on the same
-    /// machine and libtorch, in one run.
-    Unet(CompareArgs),
+    /// A ~35 M-parameter UNet: sampling step and train step (forward and backward apart) here vs
+    /// diffusers (PyTorch) on the same machine and libtorch, alternating sides over several rounds.
+    Unet(UnetArgs),
     /// A ~50 M-parameter Chameleon student: KV-cached generation (tokens/s) and train step here vs
     /// transformers (PyTorch) on the same weights, machine and libtorch, in one run.
     Ar(CompareArgs),
@@ -68,6 +70,24 @@ pub struct CompareArgs {
     device: String,
 }
 
+/// Arguments of `proxytune bench unet`.
+#[derive(Debug, clap::Args)]
+pub struct UnetArgs {
+    #[command(flatten)]
+    compare: CompareArgs,
+    /// Rounds, each timing diffusers and then proxytune; the medians over rounds are compared.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench-unet.json")]
+    out: PathBuf,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
 fn median_seconds(iters: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut times: Vec<f64> = (0..iters)
@@ -81,18 +101,63 @@ fn median_seconds(iters: usize, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-/// Runs the UNet benchmark: diffusers first (it also writes the shared config), then tch.
-pub fn unet(args: CompareArgs) -> anyhow::Result<()> {
+/// One side's medians of a round (seconds): a sampling step, and a train step's forward, backward
+/// and whole (gradients cleared, forward, MSE, backward); proxytune's side also a train step whose
+/// gradients autograd returns instead of adding them into the parameters' zeroed ones.
+#[derive(Clone, Copy, Debug)]
+struct UnetTimes {
+    sample: f64,
+    forward: f64,
+    backward: f64,
+    train: f64,
+    train_returned: f64,
+}
+
+impl UnetTimes {
+    fn median_over(rounds: &[UnetTimes]) -> UnetTimes {
+        let of = |f: fn(&UnetTimes) -> f64| median(rounds.iter().map(f).collect());
+        UnetTimes {
+            sample: of(|t| t.sample),
+            forward: of(|t| t.forward),
+            backward: of(|t| t.backward),
+            train: of(|t| t.train),
+            train_returned: of(|t| t.train_returned),
+        }
+    }
+}
+
+/// Runs the UNet benchmark: each round times diffusers (which also writes the shared config) and
+/// then tch; the medians over rounds are compared, phase by phase.
+pub fn unet(args: UnetArgs) -> anyhow::Result<()> {
     use proxytune_models::diffusion::unet::{UNet2DConditionModel, UNetConfig};
+    let UnetArgs { compare: args, rounds, out: report_path } = args;
+    anyhow::ensure!(rounds >= 1 && args.iters >= 1, "--rounds and --iters must be at least 1");
     let dir = tempfile_dir()?;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/unet_diffusers.py");
-    let out = std::process::Command::new(&args.python)
-        .arg(&script)
-        .arg(&dir)
-        .arg(args.iters.to_string())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "diffusers side failed: {}", String::from_utf8_lossy(&out.stderr));
-    let py: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+    let diffusers_round = || -> anyhow::Result<(UnetTimes, serde_json::Value)> {
+        let out = std::process::Command::new(&args.python)
+            .arg(&script)
+            .arg(&dir)
+            .arg(args.iters.to_string())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "diffusers side failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let py: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+        let field =
+            |k: &str| py[k].as_f64().ok_or_else(|| anyhow::anyhow!("diffusers side: no `{k}` in {py}"));
+        let times = UnetTimes {
+            sample: field("sample_step_s")?,
+            forward: field("train_forward_s")?,
+            backward: field("train_backward_s")?,
+            train: field("train_step_s")?,
+            train_returned: f64::NAN,
+        };
+        Ok((times, py))
+    };
+    let (first, py) = diffusers_round()?;
     let cfg = UNetConfig::from_json(&dir.join("config.json"))?;
     let device = proxytune_models::device::parse_device(&args.device)?;
     tch::manual_seed(0);
@@ -109,42 +174,90 @@ pub fn unet(args: CompareArgs) -> anyhow::Result<()> {
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let sample = median_seconds(args.iters, || {
-        let _ = tch::no_grad(|| unet.forward(&x, &t, &ctx, None)).expect("forward");
-        sync();
-    });
-    let train = median_seconds(args.iters, || {
-        for mut v in vs.trainable_variables() {
-            v.zero_grad();
+    let vars = vs.trainable_variables();
+    let tch_round = || {
+        let sample = median_seconds(args.iters, || {
+            let _ = tch::no_grad(|| unet.forward(&x, &t, &ctx, None)).expect("forward");
+            sync();
+        });
+        // A train step as diffusers' side takes it: gradients cleared, forward, MSE, backward.
+        let mut phases = Vec::new();
+        for i in 0..=args.iters {
+            let t0 = Instant::now();
+            for v in &vars {
+                v.shallow_clone().zero_grad();
+            }
+            let loss =
+                unet.forward(&x, &t, &ctx, None).expect("forward").mse_loss(&target, tch::Reduction::Mean);
+            sync();
+            let t1 = Instant::now();
+            loss.backward();
+            sync();
+            let t2 = Instant::now();
+            if i > 0 {
+                phases.push(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t2 - t0).as_secs_f64()));
+            }
         }
-        let out = unet.forward(&x, &t, &ctx, None).expect("forward");
-        out.mse_loss(&target, tch::Reduction::Mean).backward();
-        sync();
-    });
-    let (py_sample, py_train) =
-        (py["sample_step_s"].as_f64().unwrap_or(f64::NAN), py["train_step_s"].as_f64().unwrap_or(f64::NAN));
+        // The same step with the gradients returned by autograd (`autograd::grad`): no zeroed
+        // buffers to clear and add into, what diffusers' `zero_grad(set_to_none=True)` gets.
+        let train_returned = median_seconds(args.iters, || {
+            let loss =
+                unet.forward(&x, &t, &ctx, None).expect("forward").mse_loss(&target, tch::Reduction::Mean);
+            drop(tch::Tensor::run_backward(&[&loss], &vars, false, false));
+            sync();
+        });
+        UnetTimes {
+            sample,
+            train_returned,
+            forward: median(phases.iter().map(|p| p.0).collect()),
+            backward: median(phases.iter().map(|p| p.1).collect()),
+            train: median(phases.iter().map(|p| p.2).collect()),
+        }
+    };
+    let (mut py_rounds, mut tch_rounds) = (vec![first], vec![tch_round()]);
+    for _ in 1..rounds {
+        py_rounds.push(diffusers_round()?.0);
+        tch_rounds.push(tch_round());
+    }
     println!(
-        "unet bench: {:.1} M params here, {:.1} M in diffusers; 2 x 4 x 32 x 32 latents, 77 x 256 context; median of {}",
+        "unet bench: {:.1} M params here, {:.1} M in diffusers; 2 x 4 x 32 x 32 latents, 77 x 256 context; \
+         medians of {} steps a round, then over {rounds} rounds (diffusers, then proxytune, each round); \
+         proxytune on {device:?}, diffusers on cpu with {} threads",
         params as f64 / 1e6,
         py["params"].as_f64().unwrap_or(0.0) / 1e6,
-        args.iters
-    );
-    println!(
-        "  sampling step : tch {:.3} s ({:?})  diffusers {:.3} s (cpu, {} threads)  ratio {:.2}",
-        sample,
-        device,
-        py_sample,
+        args.iters,
         py["threads"],
-        sample / py_sample
     );
-    println!(
-        "  train step    : tch {:.3} s ({:?})  diffusers {:.3} s (cpu, {} threads)  ratio {:.2}",
-        train,
-        device,
-        py_train,
-        py["threads"],
-        train / py_train
-    );
+    let (here, there) = (UnetTimes::median_over(&tch_rounds), UnetTimes::median_over(&py_rounds));
+    // Each row: proxytune's time, diffusers' time (their train step for the last row).
+    type Of = fn(&UnetTimes) -> f64;
+    let rows: [(&str, Of, Of); 5] = [
+        ("sampling step", |t| t.sample, |t| t.sample),
+        ("train step", |t| t.train, |t| t.train),
+        ("  forward", |t| t.forward, |t| t.forward),
+        ("  backward", |t| t.backward, |t| t.backward),
+        ("train step, gradients returned", |t| t.train_returned, |t| t.train),
+    ];
+    println!("  {:<31} {:>10} {:>10} {:>7}   ratio each round", "", "proxytune", "diffusers", "ratio");
+    let mut json_rows = Vec::new();
+    for (name, ours, theirs) in rows {
+        let each: Vec<f64> = tch_rounds.iter().zip(&py_rounds).map(|(a, b)| ours(a) / theirs(b)).collect();
+        let (a, b) = (ours(&here), theirs(&there));
+        println!(
+            "  {name:<31} {a:>8.3} s {b:>8.3} s {:>7.2}   {}",
+            a / b,
+            each.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ")
+        );
+        json_rows.push(serde_json::json!({
+            "measure": name.trim(), "proxytune_s": a, "diffusers_s": b, "ratio": a / b, "ratio_each_round": each,
+        }));
+    }
+    let report = serde_json::json!({
+        "params": params, "device": format!("{device:?}"), "diffusers_threads": py["threads"],
+        "iters": args.iters, "rounds": rounds, "rows": json_rows,
+    });
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| report_path.display().to_string())?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -567,3 +567,26 @@ fn bench_soak_kills_and_loads_the_daemon_and_its_jobs_end_as_their_reference() {
     assert!(r["faults"]["jobs"][0]["proxies"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["faults"]["jobs"][0]["decisions_equal"], true, "{r}");
 }
+
+/// `bench unet` over two short rounds: diffusers and proxytune time every row in each round, and
+/// the report carries each row's medians, ratio and per-round ratios.
+#[test]
+fn bench_unet_times_both_sides_phase_by_phase_over_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, text) = bench_report(dir.path(), |c| {
+        c.args(["bench", "unet", "--iters", "1", "--rounds", "2", "--python"]).arg(crate::support::python());
+    });
+    let rows = r["rows"].as_array().unwrap();
+    let measures: Vec<&str> = rows.iter().map(|row| row["measure"].as_str().unwrap()).collect();
+    assert_eq!(
+        measures,
+        ["sampling step", "train step", "forward", "backward", "train step, gradients returned"]
+    );
+    for row in rows {
+        for key in ["proxytune_s", "diffusers_s", "ratio"] {
+            assert!(row[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key}: {row}");
+        }
+        assert_eq!(row["ratio_each_round"].as_array().unwrap().len(), 2, "{row}");
+    }
+    assert!(text.contains("ratio each round"), "{text}");
+}
