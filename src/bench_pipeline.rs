@@ -1,11 +1,12 @@
-//! `proxytune bench pipeline`: the mission's central claim measured as time. One world job, the
-//! same budgets, run twice through `proxytune demo` on the same machine:
+//! `proxytune bench pipeline`: the mission's central claim measured as time. One job (the world
+//! preset through `proxytune demo`, or a job spec through `proxytune run`), the same budgets, run
+//! twice on the same machine:
 //!
 //! - **streaming**, as jobs run: the student trains on kept proxies while the sampler still
 //!   produces them;
 //! - **stage by stage**: every proxy first, then all the training (the student waits for its
-//!   whole input: `--student-min-rows` beyond any corpus, so its first step comes once the stream
-//!   has ended; the same code, the same rows).
+//!   whole input: `--student-min-rows`, or the spec's `student.rows_to_start`, beyond any corpus,
+//!   so its first step comes once the stream has ended; the same code, the same rows).
 //!
 //! For each: the pipeline's wall time, the time to the first student step, and how long after the
 //! first token rows and after the rows it waits for (`--student-min-rows`) were tokenized it came; the tuned student's evaluation scores (data order differs between
@@ -22,6 +23,10 @@ use serde_json::{json, Value};
 /// Arguments of `proxytune bench pipeline`.
 #[derive(Debug, clap::Args)]
 pub struct PipelineArgs {
+    /// Run this job spec (`proxytune run`'s TOML) instead of the world preset; its own budgets,
+    /// devices and `student.rows_to_start` apply, and the world options below are ignored.
+    #[arg(long)]
+    spec: Option<PathBuf>,
     /// The world's pretrained models.
     #[arg(long, default_value = "models/world")]
     world: PathBuf,
@@ -88,10 +93,60 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one world job through `proxytune demo` and returns its report.
+/// Runs one job (the spec's through `proxytune run`, else the world preset through `proxytune
+/// demo`) into `out`, the student waiting for `min_rows` kept proxies when given, and returns its
+/// report.
 fn job(args: &PipelineArgs, out: &Path, min_rows: Option<usize>) -> anyhow::Result<Value> {
     let exe = std::env::current_exe().context("the proxytune binary")?;
     let mut command = std::process::Command::new(exe);
+    let wanted = match &args.spec {
+        Some(path) => {
+            // The spec with its paths made absolute, written out with this run's output folder.
+            let mut spec = crate::job::spec::JobSpec::read(path)?;
+            spec.output = out.to_path_buf();
+            if let Some(rows) = min_rows {
+                spec.student.rows_to_start = rows;
+            }
+            let wanted = spec.student.rows_to_start;
+            std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+            let written = out.with_extension("toml");
+            let text = toml::to_string(&spec)
+                .with_context(|| format!("{}: cannot write it back", path.display()))?;
+            std::fs::write(&written, text).with_context(|| written.display().to_string())?;
+            command.arg("run").arg(&written);
+            wanted
+        }
+        None => {
+            world_job(args, &mut command, out, min_rows);
+            min_rows.unwrap_or(args.student_min_rows)
+        }
+    };
+    let output = command.output().context("cannot run the job")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the job in {} failed: {}",
+        out.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = out.join("report/report.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let mut report: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    // When the rows the student waits for were all tokenized: its first step cannot come sooner.
+    let created = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+        let corpus = proxytune_actors::corpus::Corpus::open(out.join("corpus"))?;
+        let table = corpus.table::<proxytune_schemas::VqTokens>().await?;
+        anyhow::Ok(table.timestamps("created_at").await?)
+    })?;
+    let mut created = created;
+    created.sort_unstable();
+    let ready = created.get(wanted.min(created.len()).saturating_sub(1)).copied();
+    report["rows_ready_at_us"] = json!(ready);
+    Ok(report)
+}
+
+/// The `proxytune demo` arguments of the world preset's job.
+fn world_job(args: &PipelineArgs, command: &mut std::process::Command, out: &Path, min_rows: Option<usize>) {
     command
         .arg("demo")
         .arg("--out")
@@ -107,29 +162,6 @@ fn job(args: &PipelineArgs, out: &Path, min_rows: Option<usize>) -> anyhow::Resu
         .args(["--eval-prompts", &args.eval_prompts.to_string()]);
     let rows = min_rows.unwrap_or(args.student_min_rows);
     command.args(["--student-min-rows", &rows.to_string()]);
-    let output = command.output().context("cannot run proxytune demo")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "the job in {} failed: {}",
-        out.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let path = out.join("report/report.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-    let mut report: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    // When the rows the student waits for were all tokenized: its first step cannot come sooner.
-    let wanted = min_rows.unwrap_or(args.student_min_rows);
-    let created = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-        let corpus = proxytune_actors::corpus::Corpus::open(out.join("corpus"))?;
-        let table = corpus.table::<proxytune_schemas::VqTokens>().await?;
-        anyhow::Ok(table.timestamps("created_at").await?)
-    })?;
-    let mut created = created;
-    created.sort_unstable();
-    let ready = created.get(wanted.min(created.len()).saturating_sub(1)).copied();
-    report["rows_ready_at_us"] = json!(ready);
-    Ok(report)
 }
 
 /// One run's figures: wall time, the first step against the pipeline's start and the first
@@ -200,7 +232,11 @@ fn table(r: &Value) -> String {
     ] {
         out += &format!("{label:<26}{:>9}  {:>14}\n", n(&r["streaming"][key]), n(&r["stage_by_stage"][key]));
     }
-    for metric in ["DINO", "CLIP-I", "CLIP-T"] {
+    // The metrics the jobs measured (FEAT-I always; DINO and CLIP where the job has their models).
+    for metric in ["DINO", "CLIP-I", "CLIP-T", "FEAT-I"] {
+        if ["streaming", "stage_by_stage"].iter().all(|run| r[run]["tuned_student"][metric].is_null()) {
+            continue;
+        }
         let score = |v: &Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
         out += &format!(
             "{:<26}{:>9}  {:>14}\n",

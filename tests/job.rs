@@ -588,3 +588,86 @@ fn run_check_reads_real_size_sdxl_and_chameleon_7b_from_their_headers_alone() {
         "{out}"
     );
 }
+
+/// `bench pipeline --spec` over a tiny reference-layout job (SD 1.x, Chameleon; paths relative to
+/// the spec's folder): the same job runs streaming and stage by stage; the stage-by-stage student
+/// starts after the last proxy and the streaming one before it, each run writes into its own
+/// folder, and the report carries both runs' figures and the two-device model.
+#[test]
+fn bench_pipeline_runs_a_tiny_reference_layout_spec_streaming_and_stage_by_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jobs = tmp.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let student = tiny_student("zwx", &jobs);
+    let sd = jobs.join("sd");
+    for entry in walk(&fixture("sd_tiny")) {
+        let dest = sd.join(entry.strip_prefix(fixture("sd_tiny")).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, dest).unwrap();
+    }
+    assert!(student.starts_with(&jobs));
+    let text = format!(
+        r#"
+output = "unused"
+[subject]
+name = "backpack"
+photos = "{photos}"
+class_noun = "rucksack"
+identifier = "zwx"
+[supervisor]
+family = "sd1"
+path = "sd"
+resolution = 48
+steps = 2
+batch = 4
+[supervisor.dreambooth]
+steps = 2
+class_images = 2
+[proxies]
+per_prompt = 2
+[student]
+family = "chameleon"
+path = "chameleon"
+resolution = 64
+steps = 12
+batch = 2
+rows_to_start = 2
+sampling = {{ top_k = 16 }}
+{TINY_TOKENS}
+[evaluation]
+images_per_prompt = 1
+prompts = 1
+[devices]
+supervisor = "cpu"
+student = "cpu"
+scorers = "cpu"
+"#,
+        photos = dreambench().join("backpack").display(),
+    );
+    std::fs::write(jobs.join("job.toml"), text).unwrap();
+    let report = tmp.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_proxytune"))
+        .args(["bench", "pipeline", "--spec"])
+        .arg(jobs.join("job.toml"))
+        .arg("--dir")
+        .arg(tmp.path().join("runs"))
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let f = |run: &str, key: &str| r[run][key].as_f64().unwrap_or_else(|| panic!("{run}.{key}: {r}"));
+    assert!(f("stage_by_stage", "first_step_s") > f("stage_by_stage", "last_proxy_s"), "{r}");
+    assert!(f("streaming", "first_step_s") < f("streaming", "last_proxy_s"), "{r}");
+    for run in ["streaming", "stage_by_stage"] {
+        assert!(f(run, "generation_busy_s") > 0.0 && f(run, "training_busy_s") > 0.0, "{r}");
+        assert!(r[run]["tuned_student"]["FEAT-I"].as_f64().is_some(), "{run}: {r}");
+    }
+    assert!(r["two_devices"]["ideal_over_sum"].as_f64().is_some_and(|v| (0.5..=1.0).contains(&v)), "{r}");
+    // Each run wrote its own corpus and report; the spec's own output folder was never used.
+    for run in ["streaming", "staged"] {
+        assert!(tmp.path().join("runs").join(run).join("report/report.json").is_file(), "{run}");
+    }
+    assert!(!jobs.join("unused").exists());
+}
