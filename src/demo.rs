@@ -101,6 +101,10 @@ pub struct DemoArgs {
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Torch threads a call while the pipeline runs (the job spec's `devices.cpu_threads`; default:
+    /// half the cores on the CPU, else all).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cpu_threads: Option<u64>,
     /// Checkpoint the supervisor's and the student's training every this many steps (a restarted
     /// job resumes from the newest).
     #[arg(long, default_value_t = 100)]
@@ -268,6 +272,7 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
         },
         out: args.out.clone(),
         tf32: true,
+        cpu_threads: args.cpu_threads.map(|n| n as usize),
     })
 }
 

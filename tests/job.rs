@@ -113,6 +113,11 @@ fn a_spec_with_five_planted_mistakes_gets_all_five_named() {
     let clean = spec(&photos, ("sd1", &sup, 32), (&stu, 32, ""), "sks");
     let (code, out) = check(tmp.path(), &clean);
     assert_eq!((code, problems(&out)), (0, vec![]), "{out}");
+    // Zero torch threads is refused by name, and nothing else.
+    let zero = spec(&photos, ("sd1", &sup, 32), (&stu, 32, "[devices]\ncpu_threads = 0"), "sks");
+    let (code, out) = check(tmp.path(), &zero);
+    let want = "devices.cpu_threads: must be at least 1 (leave it out for half the cores)";
+    assert_eq!((code, problems(&out)), (1, vec![want]), "{out}");
 
     // 1. two photos; 2. a missing weight file; 3. a config whose shapes disagree with the weights;
     // 4. an identifier the student's tokenizer cannot encode; 5. a resolution the VQ grid does not
@@ -300,6 +305,11 @@ scorers = "cpu"
             _ => (2, "loads its own supervisor copy: the sampler's UNet is Half and the tuner's Float"),
         };
         assert!(log.contains(sharing), "{family}: {log}");
+        // Every stage is on the CPU: half the cores (at least 1) compute each torch call.
+        let cores = std::thread::available_parallelism().unwrap().get();
+        let threads =
+            format!("proxytune: {} torch threads a call while the pipeline runs", (cores / 2).max(1));
+        assert!(log.contains(&threads), "{family}: {log}");
         let most = format!("at most {copies} supervisor copies were loaded at once");
         assert!(log.contains(&most), "{family}: {log}");
 

@@ -344,6 +344,7 @@ impl TuneSpec {
             no_metrics: true, // the daemon serves its own /metrics
             linger_seconds: 0,
             device,
+            cpu_threads: None,
             checkpoint_every: self.checkpoint_every,
         }
     }

@@ -115,6 +115,9 @@ pub fn check(spec: &JobSpec) -> CheckReport {
             r.problem(key, e);
         }
     }
+    if spec.devices.cpu_threads == Some(0) {
+        r.problem("devices.cpu_threads", "must be at least 1 (leave it out for half the cores)");
+    }
     if spec.output.as_os_str().is_empty() {
         r.problem("output", "missing: the folder the job writes its corpus, models and report to");
     } else if spec.output.exists() && !spec.output.is_dir() {

@@ -59,6 +59,10 @@ pub(crate) async fn execute(
         let on = proxytune_models::device::allow_tf32(plan.tf32)?;
         eprintln!("proxytune: TF32 matrix products on CUDA {}", if on { "on" } else { "off" });
     }
+    // Process-wide too. The pipeline's stages compute at once; the evaluation runs alone.
+    let threads = plan.pipeline_cpu_threads();
+    tch::set_num_threads(threads as i32);
+    eprintln!("proxytune: {threads} torch threads a call while the pipeline runs");
     let t0 = Instant::now();
     set_stage(progress, "starting");
     let run = pipeline(plan, &corpus, metrics.clone(), commands, progress).await?;
@@ -99,6 +103,7 @@ pub(crate) async fn execute(
     let steps_before_last_proxy = run.trainer.step_started_us.iter().filter(|&&t| t < last_proxy_us).count();
 
     set_stage(progress, "evaluating");
+    tch::set_num_threads(super::plan::cores() as i32);
     let t_eval = Instant::now();
     let scores = if plan.eval.skip { Vec::new() } else { evaluator.evaluate(plan)? };
     let (_, peak) = proxytune_models::diffusion::pipeline::StableDiffusion::resident();

@@ -187,11 +187,39 @@ pub struct StagePlan {
     pub out: PathBuf,
     /// Let float32 matrix products on CUDA use TF32 tensor cores (the job spec's `devices.tf32`).
     pub tf32: bool,
+    /// libtorch's intra-op threads while the pipeline runs (the spec's `devices.cpu_threads`);
+    /// `None`: [`StagePlan::pipeline_cpu_threads`].
+    pub cpu_threads: Option<usize>,
+}
+
+/// The cores of this machine (at least 1).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 impl StagePlan {
+    /// libtorch's intra-op threads while the pipeline runs: the spec's, else half the cores (at
+    /// least 1) when a stage computes on the CPU, where the sampler and the student run at once,
+    /// else one per core.
+    pub fn pipeline_cpu_threads(&self) -> usize {
+        match self.cpu_threads {
+            Some(n) => n,
+            None if self.uses_cpu() => (cores() / 2).max(1),
+            None => cores(),
+        }
+    }
+
     /// Whether any stage runs on a CUDA device.
     pub fn uses_cuda(&self) -> bool {
+        self.devices().iter().any(|d| d.starts_with("cuda"))
+    }
+
+    /// Whether any stage computes on the CPU.
+    pub fn uses_cpu(&self) -> bool {
+        self.devices().contains(&"cpu")
+    }
+
+    fn devices(&self) -> [&str; 6] {
         [
             &self.class_priors.device,
             &self.tuner.device,
@@ -200,8 +228,6 @@ impl StagePlan {
             &self.tokenize.device,
             &self.trainer.device,
         ]
-        .iter()
-        .any(|d| d.starts_with("cuda"))
     }
 }
 
@@ -518,5 +544,6 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         eval,
         out: spec.output.clone(),
         tf32: spec.devices.tf32,
+        cpu_threads: spec.devices.cpu_threads,
     })
 }

@@ -484,12 +484,18 @@ pub struct DevicesSpec {
     /// Let float32 matrix products on CUDA use TF32 tensor cores (PyTorch's
     /// `torch.backends.cuda.matmul.allow_tf32`); bf16 work is unaffected, and so is the CPU.
     pub tf32: bool,
+    /// Threads each torch call may use while the pipeline runs (libtorch's intra-op threads).
+    /// Absent: half the cores, at least one, when a stage runs on the CPU (the sampler and the
+    /// student compute at the same time; a team of threads per core for each oversubscribes the
+    /// cores), else one per core. The evaluation, which runs alone, always uses one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_threads: Option<usize>,
 }
 
 impl Default for DevicesSpec {
     fn default() -> Self {
         let auto = || "auto".to_string();
-        DevicesSpec { supervisor: auto(), student: auto(), scorers: auto(), tf32: true }
+        DevicesSpec { supervisor: auto(), student: auto(), scorers: auto(), tf32: true, cpu_threads: None }
     }
 }
 
