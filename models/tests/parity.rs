@@ -974,3 +974,70 @@ fn models_built_in_bf16_hold_the_converted_float32_weights() {
         ChameleonStudent::load_in(&dir, Device::Cpu, None, LuminaTokens::default(), Kind::BFloat16).unwrap();
     same(&converted.base, &direct.base);
 }
+
+/// T5 v1.1 / flan-T5 (gated GELU, `d_kv` apart from the width) and the original T5 (ReLU) against
+/// transformers' `T5EncoderModel`, with a padded second row; then the same encoders in bfloat16
+/// against the reference cast to bfloat16.
+#[test]
+fn t5_encoders_match_transformers_in_both_feed_forward_variants_and_in_bf16() {
+    use proxytune_models::transformer::t5::T5Encoder;
+    for name in ["t5_tiny", "t5_tiny_relu"] {
+        let dir = fixture(name);
+        let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+        let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
+        let (_vs, t5) = T5Encoder::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();
+        let out = tch::no_grad(|| t5.forward(ids, Some(mask)));
+        let err = max_abs(&out, &io["last_hidden_state"]);
+        eprintln!("{name} parity: max abs error {err:.2e}");
+        assert!(err < TOL, "{name}: last_hidden_state differs by {err}");
+        // Without a mask every key is attended to: the padded row changes, the full one does not.
+        let unmasked = tch::no_grad(|| t5.forward(ids, None));
+        assert!(max_abs(&unmasked.get(0), &io["last_hidden_state"].get(0)) < TOL);
+        assert!(max_abs(&unmasked.get(1), &io["last_hidden_state"].get(1)) > 1e-3);
+
+        let (_vs, half) = T5Encoder::load(&dir, Device::Cpu, tch::Kind::BFloat16).unwrap();
+        let out = tch::no_grad(|| half.forward(ids, Some(mask))).to_kind(tch::Kind::Float);
+        assert_eq!(half.config().d_model, 32);
+        let scale = io["last_hidden_state"].abs().max().double_value(&[]);
+        let (to_bf16, to_fp32) =
+            (max_abs(&out, &io["last_hidden_state_bf16"]), max_abs(&out, &io["last_hidden_state"]));
+        eprintln!(
+            "{name} bf16: max abs error {to_bf16:.2e} against the bf16 reference, {to_fp32:.2e} against float32 (scale {scale:.2})"
+        );
+        assert!(to_bf16 < 2e-2 * scale && to_fp32 < 3e-2 * scale, "{name} bf16: {to_bf16} / {to_fp32}");
+    }
+    let mut cfg =
+        proxytune_models::transformer::t5::T5Config::from_json(&fixture("t5_tiny/config.json")).unwrap();
+    cfg.feed_forward_proj = "gated-swirl".into();
+    let err = T5Encoder::new(nn::VarStore::new(Device::Cpu).root(), &cfg).unwrap_err().to_string();
+    assert!(err.contains("feed_forward_proj") && err.contains("gated-swirl"), "{err}");
+}
+
+/// Captions as LlamaGen's T5Embedder makes them (120 tokens, `</s>` appended, padded after the text,
+/// truncated keeping `</s>`) equal transformers' T5TokenizerFast on every DreamBench prompt and the
+/// edge cases (`tools/parity/t5.py`).
+#[test]
+fn t5_captions_match_transformers_on_dreambench_prompts() {
+    use proxytune_models::tokenizer::hf::CaptionTokenizer;
+    let tok = CaptionTokenizer::from_file(&fixture("t5_tiny/tokenizer.json"), 120, "<pad>").unwrap();
+    let text = std::fs::read_to_string(fixture("t5_tiny/captions.json")).unwrap();
+    let expected: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(&text).unwrap();
+    assert!(expected.len() > 500);
+    let ids = |v: &serde_json::Value| -> Vec<i64> { serde_json::from_value(v.clone()).unwrap() };
+    let mut truncated = 0;
+    for (prompt, want) in &expected {
+        let caption = tok.encode(prompt).unwrap();
+        assert_eq!(caption.input_ids, ids(&want["input_ids"]), "`{prompt}`");
+        assert_eq!(caption.attention_mask, ids(&want["attention_mask"]), "`{prompt}`");
+        truncated += usize::from(caption.attention_mask.iter().sum::<i64>() == 120);
+    }
+    assert_eq!(truncated, 1, "the long prompt is cut to 120 tokens, `</s>` last");
+    let (batch_ids, batch_mask) =
+        tok.encode_batch(&["a sks dog", "a sks dog on the beach"], Device::Cpu).unwrap();
+    assert_eq!((batch_ids.size(), batch_mask.size()), (vec![2, 120], vec![2, 120]));
+    let err = CaptionTokenizer::from_file(&fixture("t5_tiny/tokenizer.json"), 120, "[PAD]")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[PAD]") && err.contains("tokenizer.json"), "{err}");
+}

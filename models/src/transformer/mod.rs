@@ -1,4 +1,5 @@
-//! Pre-LayerNorm transformer encoders shared by the ViT (DINO) and CLIP families.
+//! Pre-LayerNorm transformer encoders shared by the ViT (DINO) and CLIP families, and the T5
+//! encoder ([`t5`]: LlamaGen's caption encoder, and SD3's and FLUX's).
 //!
 //! One block is `h = x + attn(ln1(x)); h = h + mlp(ln2(h))`. The families differ only in their
 //! checkpoint key names ([`LayerKeys`]), the MLP activation ([`Activation`]) and, for CLIP text, a
@@ -6,6 +7,7 @@
 //! load by name.
 
 pub mod clip;
+pub mod t5;
 pub mod vit;
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,10 @@ pub enum Activation {
     QuickGelu,
     /// tanh-approximated GELU (`"gelu_new"`, `"gelu_pytorch_tanh"`).
     GeluTanh,
+    /// `max(x, 0)` (`"relu"`: the original T5's feed-forward).
+    Relu,
+    /// `x * sigmoid(x)` (`"silu"`, `"swish"`).
+    Silu,
 }
 
 impl Activation {
@@ -30,6 +36,8 @@ impl Activation {
             "gelu" => Some(Activation::Gelu),
             "quick_gelu" => Some(Activation::QuickGelu),
             "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+            "relu" => Some(Activation::Relu),
+            "silu" | "swish" => Some(Activation::Silu),
             _ => None,
         }
     }
@@ -40,6 +48,8 @@ impl Activation {
             Activation::Gelu => xs.gelu("none"),
             Activation::QuickGelu => xs * (xs * 1.702).sigmoid(),
             Activation::GeluTanh => xs.gelu("tanh"),
+            Activation::Relu => xs.relu(),
+            Activation::Silu => xs.silu(),
         }
     }
 }
