@@ -781,12 +781,12 @@ fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
         .unwrap();
     let codes = Tensor::from_slice(&[5i64, 9, 33, 2, 60, 7, 1, 0]).view([1, 8]);
     tch::no_grad(|| {
-        let full = model.forward(Some(&caption), &codes, None).unwrap(); // [1, 12, 64]
+        let full = model.forward(Some(&caption), None, &codes, None).unwrap(); // [1, 12, 64]
         let mut cache = KvCache::new();
         let mut steps =
-            vec![model.forward(Some(&caption), &codes.narrow(1, 0, 1), Some(&mut cache)).unwrap()];
+            vec![model.forward(Some(&caption), None, &codes.narrow(1, 0, 1), Some(&mut cache)).unwrap()];
         for i in 1..8 {
-            steps.push(model.forward(None, &codes.narrow(1, i, 1), Some(&mut cache)).unwrap());
+            steps.push(model.forward(None, None, &codes.narrow(1, i, 1), Some(&mut cache)).unwrap());
         }
         let cached = Tensor::cat(&steps, 1);
         let err = max_abs(&full, &cached);
@@ -803,8 +803,86 @@ fn llamagen_decodes_with_a_kv_cache_as_without_and_rotates_by_row_and_column() {
     let col = cell.get(4); // frequency 1 of the column half: angle 2 · 1
     assert!((col.double_value(&[1]) - 2f64.sin()).abs() < 1e-6);
     let too_long = Tensor::zeros([1, 10], (tch::Kind::Int64, Device::Cpu));
-    let err = model.forward(Some(&caption), &too_long, None).unwrap_err().to_string();
+    let err = model.forward(Some(&caption), None, &too_long, None).unwrap_err().to_string();
     assert!(err.contains("14 positions exceed the 13"), "{err}");
+}
+
+/// Captions with padding, as LlamaGen prepares them: a right-padded encoder output becomes left
+/// padded (zeros in front, the mask flipped); the padded positions are hidden from every query
+/// (changing their features changes no later position's logits), each position still sees itself
+/// (nothing is NaN), KV-cached decoding with the mask equals the full forward, and an all-ones
+/// mask is no mask.
+#[test]
+fn llamagen_hides_padded_caption_positions_and_prepares_captions_as_the_reference() {
+    use proxytune_models::ar::chameleon::KvCache;
+    use proxytune_models::ar::llamagen::{left_padded_captions, LlamaGen};
+    // [2 rows, 4 positions, 1 feature]: 3 and 1 valid states, right padded.
+    let states = Tensor::from_slice(&[1f32, 2., 3., 9., 5., 8., 8., 8.]).view([2, 4, 1]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 0, 1, 0, 0, 0]).view([2, 4]);
+    let (features, flipped) = left_padded_captions(&states, &mask).unwrap();
+    assert_eq!(Vec::<f32>::try_from(features.flatten(0, -1)).unwrap(), [0., 1., 2., 3., 0., 0., 0., 5.]);
+    assert_eq!(Vec::<i64>::try_from(flipped.flatten(0, -1)).unwrap(), [0, 1, 1, 1, 0, 0, 0, 1]);
+    assert!(left_padded_captions(&states, &mask.narrow(1, 0, 3))
+        .unwrap_err()
+        .to_string()
+        .contains("caption mask"));
+
+    let cfg = common::tiny_llamagen(); // 4 caption positions, a 3x3 grid
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
+    redraw_initial_values(&vs, 5);
+    tch::no_grad(|| {
+        let mut output = vs.variables()["output.weight"].shallow_clone();
+        output.copy_(&(Draws::new(5, Stream::Init, 0).normal(&output.size(), Device::Cpu) * 0.5));
+    });
+    let raw = Draws::new(5, Stream::Train, 0).normal(&[1, 4, 12], Device::Cpu);
+    let (caption, caption_mask) =
+        left_padded_captions(&raw, &Tensor::from_slice(&[1i64, 1, 0, 0]).view([1, 4])).unwrap();
+    let codes = Tensor::from_slice(&[5i64, 9, 33, 2, 60, 7, 1, 0]).view([1, 8]);
+    tch::no_grad(|| {
+        let emb = model.embed_caption(&caption, &[false]).unwrap();
+        let full = model.forward(Some(&emb), Some(&caption_mask), &codes, None).unwrap(); // [1, 12, 64]
+        assert!(bool::try_from(full.isfinite().all()).unwrap(), "padded positions see themselves");
+        // Other features at the padded positions: the valid ones and the codes see the same.
+        let other = Tensor::cat(&[raw.narrow(1, 0, 2) * 3.0, caption.narrow(1, 2, 2)], 1);
+        let other = model.embed_caption(&other, &[false]).unwrap();
+        let moved = model.forward(Some(&other), Some(&caption_mask), &codes, None).unwrap();
+        let err = max_abs(&full.narrow(1, 2, 10), &moved.narrow(1, 2, 10));
+        assert!(err < TOL, "padded caption features leak into later positions by {err}");
+        let unmasked = model.forward(Some(&other), None, &codes, None).unwrap();
+        assert!(
+            max_abs(&full.narrow(1, 2, 10), &unmasked.narrow(1, 2, 10)) > 1e-3,
+            "without the mask they count"
+        );
+        // KV-cached, the mask given at every step.
+        let mut cache = KvCache::new();
+        let mut steps = vec![model
+            .forward(Some(&emb), Some(&caption_mask), &codes.narrow(1, 0, 1), Some(&mut cache))
+            .unwrap()];
+        for i in 1..8 {
+            steps.push(
+                model.forward(None, Some(&caption_mask), &codes.narrow(1, i, 1), Some(&mut cache)).unwrap(),
+            );
+        }
+        let err = max_abs(&full.narrow(1, 2, 10), &Tensor::cat(&steps, 1).narrow(1, 2, 10));
+        eprintln!("LlamaGen masked caption, KV-cached vs full forward: max abs error {err:.2e}");
+        assert!(err < TOL);
+        // Every position a token: the same as no mask.
+        let ones = Tensor::ones([1, 4], (tch::Kind::Int64, Device::Cpu));
+        let a = model.forward(Some(&emb), Some(&ones), &codes, None).unwrap();
+        assert!(max_abs(&a, &model.forward(Some(&emb), None, &codes, None).unwrap()) < TOL);
+        // Guided batch sampling takes the mask too, and a mask of another width is refused.
+        let sampling = proxytune_models::ar::generate::TokenSampling {
+            guidance_scale: 3.0,
+            top_k: Some(8),
+            ..Default::default()
+        };
+        let grid = model.generate(&caption, Some(&caption_mask), &sampling, 1).unwrap();
+        assert_eq!(grid.len(), 9);
+        let err =
+            model.forward(Some(&emb), Some(&ones.narrow(1, 0, 3)), &codes, None).unwrap_err().to_string();
+        assert!(err.contains("caption mask"), "{err}");
+    });
 }
 
 /// `tools/convert_llamagen.py` on a checkpoint written as LlamaGen's training script writes one
@@ -865,9 +943,12 @@ fn a_checkpoint_in_llamagen_training_format_converts_and_loads_bit_identically()
     let caption = Draws::new(21, Stream::Train, 0).normal(&[1, 4, 12], Device::Cpu);
     let codes = Tensor::from_slice(&[5i64, 9, 33, 2, 60, 7, 1, 0]).view([1, 8]);
     tch::no_grad(|| {
-        let a = model.forward(Some(&model.embed_caption(&caption, &[false]).unwrap()), &codes, None).unwrap();
-        let b =
-            loaded.forward(Some(&loaded.embed_caption(&caption, &[false]).unwrap()), &codes, None).unwrap();
+        let a = model
+            .forward(Some(&model.embed_caption(&caption, &[false]).unwrap()), None, &codes, None)
+            .unwrap();
+        let b = loaded
+            .forward(Some(&loaded.embed_caption(&caption, &[false]).unwrap()), None, &codes, None)
+            .unwrap();
         assert!(a.equal(&b), "converted weights give other logits");
     });
 }

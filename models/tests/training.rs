@@ -868,7 +868,7 @@ mod llamagen {
             let l = trainer
                 .step_with(|_, draws| {
                     let drop: Vec<bool> = (0..2).map(|_| draws.unit() < 0.1).collect();
-                    model.losses(&captions, &drop, &codes).map(|(ce, z)| MicroLosses::Graph(ce, z))
+                    model.losses(&captions, None, &drop, &codes).map(|(ce, z)| MicroLosses::Graph(ce, z))
                 })
                 .unwrap();
             first.get_or_insert(l);
@@ -884,7 +884,7 @@ mod llamagen {
         assert!(before.iter().all(|(k, v)| v.equal(&after[k])), "base weights bit-identical");
 
         let greedy = TokenSampling { greedy: true, ..Default::default() };
-        let memorised = model.generate(&captions.narrow(0, 0, 1), &greedy, 0).unwrap();
+        let memorised = model.generate(&captions.narrow(0, 0, 1), None, &greedy, 0).unwrap();
         assert_eq!(
             memorised,
             Vec::<i64>::try_from(codes.get(0)).unwrap(),
@@ -892,8 +892,8 @@ mod llamagen {
         );
         let guided =
             TokenSampling { guidance_scale: 3.0, top_k: Some(8), temperature: 0.9, ..Default::default() };
-        let a = model.generate(&captions.narrow(0, 1, 1), &guided, 4).unwrap();
-        let b = model.generate(&captions.narrow(0, 1, 1), &guided, 4).unwrap();
+        let a = model.generate(&captions.narrow(0, 1, 1), None, &guided, 4).unwrap();
+        let b = model.generate(&captions.narrow(0, 1, 1), None, &guided, 4).unwrap();
         assert_eq!((a.len(), &a), (9, &b), "seeded");
         // A batch of captions and seeds gives each seed the grid it gets alone, with guidance and
         // without.
@@ -901,9 +901,15 @@ mod llamagen {
         let seeds: Vec<u64> = (0..n as u64).map(|i| 4 + 3 * i).collect();
         for sampling in [guided.clone(), TokenSampling { top_k: Some(8), ..Default::default() }] {
             let alone: Vec<Vec<i64>> = (0..n)
-                .map(|i| model.generate(&captions.narrow(0, i, 1), &sampling, seeds[i as usize]).unwrap())
+                .map(|i| {
+                    model.generate(&captions.narrow(0, i, 1), None, &sampling, seeds[i as usize]).unwrap()
+                })
                 .collect();
-            assert_eq!(model.generate_batch(&captions, &sampling, &seeds).unwrap(), alone, "{sampling:?}");
+            assert_eq!(
+                model.generate_batch(&captions, None, &sampling, &seeds).unwrap(),
+                alone,
+                "{sampling:?}"
+            );
         }
     }
 }

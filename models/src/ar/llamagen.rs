@@ -296,10 +296,14 @@ impl LlamaGen {
 
     /// Logits `[B, T, V]` for a prefix of caption embeddings `[B, cls, dim]` followed by `codes`
     /// `[B, N]` (N ≤ grid² − 1 in training). With a cache, `codes` continue the cached sequence
-    /// and `caption` is `None`.
+    /// and `caption` is `None`. `caption_mask` `[B, cls]` (1 for a caption token, 0 for padding;
+    /// the same on every call of a cached sequence) hides the padded caption positions from every
+    /// query, as LlamaGen's attention mask does; each position still sees itself, so a padded one
+    /// attends to something. `None`: every caption position is a token.
     pub fn forward(
         &self,
         caption: Option<&Tensor>,
+        caption_mask: Option<&Tensor>,
         codes: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
@@ -331,12 +335,14 @@ impl LlamaGen {
             });
         }
         let rope = self.rope.narrow(0, past, t);
-        let mask =
-            (t > 1).then(|| {
+        let mask = match caption_mask {
+            None => (t > 1).then(|| {
                 Tensor::full([t, past + t], f64::from(f32::MIN), (h.kind(), h.device()))
                     .triu(past + 1)
                     .view([1, 1, t, past + t])
-            });
+            }),
+            Some(m) => Some(self.caption_attention_mask(m, past, t, h.kind())?),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, &rope, mask.as_ref(), cache.as_deref_mut().map(|k| (k, i)));
         }
@@ -345,14 +351,48 @@ impl LlamaGen {
 }
 
 impl LlamaGen {
+    /// The additive mask `[B, 1, T, past + T]` of `T` queries after `past` cached positions:
+    /// causal, the padded caption keys hidden, each query's own key always seen.
+    fn caption_attention_mask(&self, caption_mask: &Tensor, past: i64, t: i64, kind: Kind) -> Result<Tensor> {
+        let cls = self.config.cls_token_num;
+        let b = caption_mask.size()[0];
+        if caption_mask.size() != [b, cls] {
+            return Err(ModelError::Config {
+                what: "caption mask".into(),
+                message: format!("expected [B, {cls}], got {:?}", caption_mask.size()),
+            });
+        }
+        let device = caption_mask.device();
+        let keys = past + t;
+        let seen = Tensor::ones([b, keys], (Kind::Bool, device));
+        let n = cls.min(keys);
+        seen.narrow(1, 0, n).copy_(&caption_mask.narrow(1, 0, n).ne(0));
+        let causal = Tensor::ones([t, keys], (Kind::Bool, device)).tril(past);
+        let own = Tensor::zeros([t, keys], (Kind::Bool, device));
+        own.narrow(1, past, t).copy_(&Tensor::eye(t, (Kind::Bool, device)));
+        let allowed = seen.view([b, 1, 1, keys]).logical_and(&causal.view([1, 1, t, keys])).logical_or(&own);
+        Ok(Tensor::zeros([b, 1, t, keys], (kind, device))
+            .masked_fill(&allowed.logical_not(), f64::from(f32::MIN)))
+    }
+}
+
+impl LlamaGen {
     /// Next-token cross-entropy and z-loss of `codes [B, N]` after the captions `[B, cls, caption_dim]`
-    /// (rows with `drop[i]` use the unconditional embedding): the logits from position
+    /// (rows with `drop[i]` use the unconditional embedding; `caption_mask` as in
+    /// [`LlamaGen::forward`], kept for dropped rows as LlamaGen keeps it): the logits from position
     /// `cls - 1` on predict every code.
-    pub fn losses(&self, caption: &Tensor, drop: &[bool], codes: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn losses(
+        &self,
+        caption: &Tensor,
+        caption_mask: Option<&Tensor>,
+        drop: &[bool],
+        codes: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let cls = self.config.cls_token_num;
         let n = codes.size()[1];
         let emb = self.embed_caption(caption, drop)?;
-        let logits = self.forward(Some(&emb), &codes.narrow(1, 0, n - 1), None)?.to_kind(Kind::Float);
+        let logits =
+            self.forward(Some(&emb), caption_mask, &codes.narrow(1, 0, n - 1), None)?.to_kind(Kind::Float);
         let logits = logits.narrow(1, cls - 1, n).flatten(0, 1); // [B·N, V]
         let ce =
             logits.cross_entropy_loss::<Tensor>(&codes.flatten(0, 1), None, tch::Reduction::Mean, -100, 0.0);
@@ -367,20 +407,23 @@ impl LlamaGen {
     pub fn generate(
         &self,
         caption: &Tensor,
+        caption_mask: Option<&Tensor>,
         sampling: &super::generate::TokenSampling,
         seed: u64,
     ) -> Result<Vec<i64>> {
-        Ok(self.generate_batch(caption, sampling, &[seed])?.pop().expect("one grid"))
+        Ok(self.generate_batch(caption, caption_mask, sampling, &[seed])?.pop().expect("one grid"))
     }
 
     /// Samples one code grid per seed, caption `i` of `captions [B, cls, caption_dim]` with
     /// `seeds[i]`, all in one batch: `2B` rows with guidance (the unconditional embedding in rows
     /// `B..2B`), a preallocated KV cache, guidance, warping and the draw on the device, and the
     /// codes copied to the host once. Grid `i` is the one `seeds[i]` gives alone (up to the float
-    /// rounding of a wider batch).
+    /// rounding of a wider batch). `caption_mask` as in [`LlamaGen::forward`]; the unconditional
+    /// rows keep their caption's mask, as LlamaGen's sampler does.
     pub fn generate_batch(
         &self,
         captions: &Tensor,
+        caption_mask: Option<&Tensor>,
         sampling: &super::generate::TokenSampling,
         seeds: &[u64],
     ) -> Result<Vec<Vec<i64>>> {
@@ -399,21 +442,50 @@ impl LlamaGen {
         } else {
             self.embed_caption(captions, &vec![false; b as usize])?
         };
+        let mask = caption_mask.map(|m| if guided { Tensor::cat(&[m, m], 0) } else { m.shallow_clone() });
         let rows = emb.size()[0];
         let device = emb.device();
         let n = self.config.grid_size * self.config.grid_size;
         let mut cache = KvCache::with_capacity(self.config.cls_token_num + n);
         let empty = Tensor::zeros([rows, 0], (Kind::Int64, device));
         let out = Tensor::zeros([b, n], (Kind::Int64, device));
-        let mut logits = tch::no_grad(|| self.forward(Some(&emb), &empty, Some(&mut cache)))?;
+        let mut logits = tch::no_grad(|| self.forward(Some(&emb), mask.as_ref(), &empty, Some(&mut cache)))?;
         for step in 0..n {
             let token = next_tokens(&logits, b, sampling, seeds, step as usize, Allowed::Any);
             out.narrow(1, step, 1).copy_(&token.view([b, 1]));
             if step + 1 < n {
                 let next = if guided { Tensor::cat(&[&token, &token], 0) } else { token }.view([rows, 1]);
-                logits = tch::no_grad(|| self.forward(None, &next, Some(&mut cache)))?;
+                logits = tch::no_grad(|| self.forward(None, mask.as_ref(), &next, Some(&mut cache)))?;
             }
         }
         Ok(Vec::<Vec<i64>>::try_from(out.to_device(Device::Cpu))?)
     }
+}
+
+/// LlamaGen's caption preparation from a text encoder's right-padded output (`states [B, L, D]`
+/// with `mask [B, L]`, T5's): each row's `n` valid states moved to the end and the padding in
+/// front zeroed, and the mask flipped to match (the reference's sampler rotates
+/// `cat(states[n:], states[:n])` and multiplies by the flipped mask; its training data are left
+/// padded the same way). `L` must be the GPT's `cls_token_num`.
+///
+/// # Shapes
+/// `states [B, L, D]`, `mask [B, L]` → `(features [B, L, D], mask [B, L])`.
+pub fn left_padded_captions(states: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, l, _) = states.size3().map_err(|e| ModelError::Config {
+        what: "caption states".into(),
+        message: format!("expected [B, L, D]: {e}"),
+    })?;
+    if mask.size() != [b, l] {
+        return Err(ModelError::Config {
+            what: "caption mask".into(),
+            message: format!("expected [{b}, {l}], got {:?}", mask.size()),
+        });
+    }
+    let valid: Vec<i64> =
+        Vec::try_from(mask.ne(0).sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu))?;
+    let rows: Vec<Tensor> =
+        valid.iter().enumerate().map(|(i, &n)| states.get(i as i64).roll([l - n], [0])).collect();
+    let flipped = mask.flip([1]);
+    let features = Tensor::stack(&rows, 0) * flipped.unsqueeze(-1).to_kind(states.kind());
+    Ok((features, flipped))
 }
