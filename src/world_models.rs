@@ -78,6 +78,7 @@ pub(crate) const TOKENIZER_ID: &str = "world-vq@1";
 pub(crate) fn tokenize_config(world_dir: &Path, device: &str, only_kept: bool) -> TokenizeConfig {
     TokenizeConfig {
         student_dir: world_dir.join("student"),
+        family: proxytune_models::ar::vq::VqFamily::Chameleon,
         tokenizer_id: TOKENIZER_ID.into(),
         resolution: SIZE,
         device: device.into(),

@@ -14,6 +14,7 @@ use proxytune_actors::stages::intake::encode_png;
 use proxytune_actors::stages::tokenize::{Tokenize, TokenizeConfig};
 use proxytune_models::ar::lumina::LuminaTokens;
 use proxytune_models::ar::train::ArTrainConfig;
+use proxytune_models::ar::vq::VqFamily;
 use proxytune_models::lora::LoraConfig;
 use proxytune_schemas::{Proxy, Table, VqTokens};
 
@@ -181,6 +182,7 @@ async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
 fn kept_proxies_become_token_rows_and_bad_images_are_named() {
     let mut tokenize = Tokenize::new(TokenizeConfig {
         student_dir: student_dir(),
+        family: VqFamily::Chameleon,
         tokenizer_id: "chameleon_tiny@1".into(),
         resolution: 16,
         device: "cpu".into(),
@@ -215,4 +217,60 @@ fn kept_proxies_become_token_rows_and_bad_images_are_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains(&rows[1].key().to_string()) && err.contains("not a decodable image"), "{err}");
+}
+
+/// The same actor over LlamaGen's VQ-16 (its own folder): each kept proxy's row holds the codes the
+/// VQ gives the image directly, and a resolution the VQ's factor does not divide is refused by name.
+#[test]
+fn kept_proxies_become_llamagen_vq16_rows() {
+    use proxytune_actors::stages::intake::images_to_square_batch;
+    use proxytune_models::ar::llamagen_vq::{LlamaGenVq, LlamaGenVqConfig};
+    let vq_dir = repo_root().join("models/tests/fixtures/llamagen_vq_tiny");
+    let config = |resolution| TokenizeConfig {
+        student_dir: vq_dir.clone(),
+        family: VqFamily::LlamaGen,
+        tokenizer_id: "llamagen_vq_tiny@1".into(),
+        resolution,
+        device: "cpu".into(),
+        only_kept: true,
+    };
+    let mut tokenize = Tokenize::new(config(16));
+    let mut ctx = Context::for_tests("tokenize");
+    let mut out = Output::default();
+    tokenize.on_start(&mut ctx, &mut out).unwrap();
+    let images: Vec<image::RgbImage> = (0..2u8)
+        .map(|k| {
+            image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([(x * 15) as u8, (y * 15) as u8, 60 + 90 * k]))
+        })
+        .collect();
+    let mut rows = crate::support::proxies("job", 0..2);
+    for (r, img) in rows.iter_mut().zip(&images) {
+        r.image_png = encode_png(img);
+        r.keep = Some(true);
+    }
+    tokenize.process_batch(0, Proxy::to_batch(&rows).unwrap(), &mut ctx, &mut out).unwrap();
+    let tokens = VqTokens::from_batch(out.batches()[0]).unwrap();
+    // The reference-layout VQ loaded strictly, on the same pixels.
+    let cfg = LlamaGenVqConfig::from_json(&vq_dir.join("config.json")).unwrap();
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let vq = LlamaGenVq::new(vs.root(), &cfg).unwrap();
+    proxytune_models::weights::load_safetensors(
+        &mut vs,
+        &vq_dir.join("model.safetensors"),
+        proxytune_models::weights::Strictness::Strict,
+    )
+    .unwrap();
+    let pixels = images_to_square_batch(&images, 16, tch::Device::Cpu).unwrap() * 2.0 - 1.0;
+    let codes = tch::no_grad(|| vq.encode(&pixels)).unwrap();
+    let f = vq.downsample_factor();
+    for (i, row) in tokens.iter().enumerate() {
+        assert_eq!((row.grid_height as i64, row.grid_width as i64), (16 / f, 16 / f));
+        let want: Vec<i64> = Vec::try_from(codes.get(i as i64).flatten(0, -1)).unwrap();
+        assert_eq!(row.tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), want, "row {i}");
+        assert_eq!(row.tokenizer_id, "llamagen_vq_tiny@1");
+    }
+    assert_ne!(tokens[0].tokens, tokens[1].tokens, "different images, different codes");
+    let mut odd = Tokenize::new(config(15));
+    let err = odd.on_start(&mut ctx, &mut out).unwrap_err().to_string();
+    assert!(err.contains("tokenize.resolution") && err.contains("15"), "{err}");
 }

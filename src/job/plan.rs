@@ -475,6 +475,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         model_identity(&format!("{:?}-vq", st.family).to_lowercase(), &st.path, &["config.json"]);
     let tokenize = TokenizeConfig {
         student_dir: st.path.clone(),
+        family: proxytune_models::ar::vq::VqFamily::Chameleon,
         tokenizer_id: tokenizer_id.clone(),
         resolution: st.resolution,
         device: student_device.clone(),

@@ -1,16 +1,14 @@
 //! `tokenize`: kept proxies → VQ token rows (`vq_tokens`). Each image is converted to RGB, centre-
 //! cropped to a square and resized to the tokenizer's resolution, scaled to `[-1, 1]` and encoded
-//! by the student's VQ-VAE encoder (loaded alone from the student checkpoint). Rows are keyed by
-//! (proxy, tokenizer), so written to the corpus they let a replay train without re-encoding.
+//! by the student's VQ encoder ([`VqEncoder`]: Chameleon's, loaded alone from the student
+//! checkpoint, or LlamaGen's VQ-16). Rows are keyed by (proxy, tokenizer), so written to the
+//! corpus they let a replay train without re-encoding.
 
 use std::path::PathBuf;
 
 use arrow_array::RecordBatch;
-use proxytune_models::ar::chameleon::ChameleonConfig;
-use proxytune_models::ar::chameleon_vq::ChameleonVqVae;
+use proxytune_models::ar::vq::{VqEncoder, VqFamily};
 use proxytune_models::device::parse_device;
-use proxytune_models::shapes::{read_header, weight_files};
-use proxytune_models::weights::{load_safetensors_files, Strictness};
 use proxytune_schemas::{now_us, Proxy, Table, VqTokens};
 use serde::{Deserialize, Serialize};
 
@@ -22,9 +20,12 @@ use crate::stages::intake::images_to_square_batch;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeConfig {
-    /// The student checkpoint folder (`config.json`, `model.safetensors` or its shards, with
-    /// `model.vqmodel.*`).
+    /// The folder of the VQ: the Chameleon student checkpoint (`config.json`, `model.safetensors`
+    /// or its shards, with `model.vqmodel.*`), or LlamaGen's VQ-16 folder.
     pub student_dir: PathBuf,
+    /// The VQ's family.
+    #[serde(default)]
+    pub family: VqFamily,
     /// Id (and version) of the tokenizer, written into every row.
     pub tokenizer_id: String,
     /// Image side the tokenizer takes (Chameleon: 512).
@@ -48,7 +49,7 @@ fn yes() -> bool {
 /// The VQ tokenization step.
 pub struct Tokenize {
     config: TokenizeConfig,
-    vq: Option<(tch::nn::VarStore, ChameleonVqVae)>,
+    vq: Option<VqEncoder>,
 }
 
 impl Tokenize {
@@ -68,18 +69,8 @@ fn square(img: image::DynamicImage) -> image::RgbImage {
 
 impl Operator for Tokenize {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
-        let cfg = ChameleonConfig::from_json(&self.config.student_dir.join("config.json"))?;
-        let mut vs = tch::nn::VarStore::new(parse_device(&self.config.device)?);
-        let vq = ChameleonVqVae::new(vs.root() / "model" / "vqmodel", &cfg.vq_config)?;
-        // Only the checkpoint files (shards) that hold the VQ's tensors are read.
-        let files = weight_files(&self.config.student_dir, &["model"], None)?;
-        let mut vq_files = Vec::new();
-        for f in files {
-            if read_header(&f)?.keys().any(|k| k.starts_with("model.vqmodel.")) {
-                vq_files.push(f);
-            }
-        }
-        load_safetensors_files(&mut vs, &vq_files, Strictness::AllowUnexpected)?;
+        let device = parse_device(&self.config.device)?;
+        let vq = VqEncoder::load(self.config.family, &self.config.student_dir, device)?;
         let f = vq.downsample_factor() as u32;
         if self.config.resolution == 0 || !self.config.resolution.is_multiple_of(f) {
             return Err(Error::BadInput {
@@ -90,8 +81,7 @@ impl Operator for Tokenize {
                 ),
             });
         }
-        vs.freeze();
-        self.vq = Some((vs, vq));
+        self.vq = Some(vq);
         Ok(())
     }
 
@@ -118,9 +108,9 @@ impl Operator for Tokenize {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (vs, vq) = self.vq.as_ref().expect("started");
-        let pixels = images_to_square_batch(&images, self.config.resolution as i64, vs.device())? * 2.0 - 1.0;
-        let codes = tch::no_grad(|| vq.encode(&pixels))?; // [B, h, w]
+        let vq = self.vq.as_ref().expect("started");
+        let pixels = images_to_square_batch(&images, self.config.resolution as i64, vq.device())? * 2.0 - 1.0;
+        let codes = vq.encode(&pixels)?; // [B, h, w]
         let (h, w) = (codes.size()[1], codes.size()[2]);
         let created_at_us = now_us();
         let rows = proxies

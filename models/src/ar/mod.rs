@@ -1,7 +1,7 @@
 //! The AR students and their image tokenizers: Chameleon / Lumina-mGPT (one vocabulary for text
 //! and image tokens, the Chameleon VQ-VAE), with KV-cached decoding and its logits processors, the
 //! Lumina-mGPT text-to-image format, and fine-tuning ([`train`]); LlamaGen's T2I GPT ([`llamagen`]) and
-//! VQ-16 tokenizer ([`llamagen_vq`]).
+//! VQ-16 tokenizer ([`llamagen_vq`]); one encoder over both VQ families ([`vq`]).
 
 pub mod chameleon;
 pub mod chameleon_vq;
@@ -10,3 +10,4 @@ pub mod llamagen;
 pub mod llamagen_vq;
 pub mod lumina;
 pub mod train;
+pub mod vq;
