@@ -83,6 +83,24 @@ pub struct UnetArgs {
     out: PathBuf,
 }
 
+/// Runs `tools/bench/<script> <dir> <iters>` with the reference's Python and reads the one JSON
+/// line it prints (`side` names it in errors).
+fn reference_side(
+    args: &CompareArgs,
+    script: &str,
+    dir: &std::path::Path,
+    side: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench").join(script);
+    let out = std::process::Command::new(&args.python)
+        .arg(&script)
+        .arg(dir)
+        .arg(args.iters.to_string())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{side} side failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(out.stdout.trim_ascii()).with_context(|| format!("{side} side: not JSON"))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -133,19 +151,8 @@ pub fn unet(args: UnetArgs) -> anyhow::Result<()> {
     let UnetArgs { compare: args, rounds, out: report_path } = args;
     anyhow::ensure!(rounds >= 1 && args.iters >= 1, "--rounds and --iters must be at least 1");
     let dir = tempfile_dir()?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/unet_diffusers.py");
     let diffusers_round = || -> anyhow::Result<(UnetTimes, serde_json::Value)> {
-        let out = std::process::Command::new(&args.python)
-            .arg(&script)
-            .arg(&dir)
-            .arg(args.iters.to_string())
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "diffusers side failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let py: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+        let py = reference_side(&args, "unet_diffusers.py", &dir, "diffusers")?;
         let field =
             |k: &str| py[k].as_f64().ok_or_else(|| anyhow::anyhow!("diffusers side: no `{k}` in {py}"));
         let times = UnetTimes {
@@ -268,18 +275,7 @@ pub fn ar(args: CompareArgs) -> anyhow::Result<()> {
     use proxytune_models::ar::lumina::LuminaTokens;
     use proxytune_models::ar::train::{ArTrainer, ChameleonStudent};
     let dir = tempfile_dir()?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/ar_transformers.py");
-    let out = std::process::Command::new(&args.python)
-        .arg(&script)
-        .arg(&dir)
-        .arg(args.iters.to_string())
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "transformers side failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+    let py = reference_side(&args, "ar_transformers.py", &dir, "transformers")?;
     let device = proxytune_models::device::parse_device(&args.device)?;
     let student = ChameleonStudent::load(&dir, device, None, LuminaTokens::default())?;
     let new_tokens = py["new_tokens"].as_u64().unwrap_or(256) as usize;
