@@ -101,6 +101,10 @@ pub struct DemoArgs {
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Train and evaluate no baseline (by default the student's LoRA trained directly on the
+    /// references is shown beside the Proxy-Tuned one).
+    #[arg(long)]
+    pub no_baselines: bool,
     /// Torch threads a call while the pipeline runs (the job spec's `devices.cpu_threads`; default:
     /// half the cores on the CPU, else all).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -268,6 +272,11 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
             images_per_prompt: args.eval_images,
             max_prompts: args.eval_prompts,
             skip: false,
+            baselines: if args.no_baselines {
+                Vec::new()
+            } else {
+                vec![crate::job::spec::Baseline::DirectLora]
+            },
             device,
         },
         out: args.out.clone(),
@@ -291,7 +300,7 @@ impl Evaluator for WorldEvaluator<'_> {
             images_per_prompt: plan.eval.images_per_prompt,
             max_prompts: plan.eval.max_prompts,
         };
-        evaluate(&spec, self.subject, demo_models(self.args, &plan.eval.device))
+        evaluate(&spec, self.subject, demo_models(self.args, &plan.eval.device, &plan.eval.baselines))
     }
 
     fn note(&self) -> String {
@@ -301,14 +310,26 @@ impl Evaluator for WorldEvaluator<'_> {
     }
 }
 
-fn demo_models<'a>(args: &'a DemoArgs, device: &'a str) -> Vec<(String, ModelLoader<'a>)> {
+fn demo_models<'a>(
+    args: &'a DemoArgs,
+    device: &'a str,
+    baselines: &[crate::job::spec::Baseline],
+) -> Vec<(String, ModelLoader<'a>)> {
     let adapter = args.out.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
     let tuned = args.out.join("student/adapter_model.safetensors");
-    vec![
+    let direct = args.out.join(crate::job::direct::DIRECT_DIR).join("adapter_model.safetensors");
+    let mut models: Vec<(String, ModelLoader<'a>)> = vec![
         ("student (untuned)".into(), Box::new(move || student(&args.world, None, device))),
         ("supervisor (DreamBooth-LoRA)".into(), Box::new(move || supervisor(&args.world, &adapter, device))),
         ("student (Proxy-Tuned LoRA)".into(), Box::new(move || student(&args.world, Some(&tuned), device))),
-    ]
+    ];
+    if baselines.contains(&crate::job::spec::Baseline::DirectLora) {
+        models.push((
+            crate::job::evaluate::DIRECT_LORA_LABEL.into(),
+            Box::new(move || student(&args.world, Some(&direct), device)),
+        ));
+    }
+    models
 }
 
 /// Runs the demo from the command line (Ctrl-C cancels); returns the process exit code.

@@ -142,9 +142,17 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert_eq!(report["corpus"]["vq_tokens_version"].as_u64(), vq.version());
     let stored: Vec<String> = vq.read_rows(None).await.unwrap().iter().map(|r| r.key().to_string()).collect();
     assert_eq!(run["data"]["row_keys"], serde_json::json!(stored));
-    // Every model scored, every score finite.
+    // The direct baseline trained on the five references' token rows and nothing else, for the
+    // Proxy-Tuned student's steps.
+    let direct = &report["baselines"]["direct-lora"];
+    let keys: Vec<String> = (0..5).map(|i| format!("proxy=reference-{i}/tokenizer=world-vq@1")).collect();
+    assert_eq!(direct["rows_trained_on"], serde_json::json!(keys), "{direct}");
+    assert_eq!(direct["steps"], report["stages"]["student"]["steps"], "{direct}");
+    assert_eq!(json(&out.join("student_direct/run.json"))["data"]["row_keys"], serde_json::json!(keys));
+    // Every model scored, every score finite: untuned, supervisor, Proxy-Tuned, direct.
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 3);
+    assert_eq!(models.len(), 4);
+    assert_eq!(models[3]["label"], "student (direct LoRA on the references)");
     for m in models {
         let s = &m["scores"];
         for metric in ["DINO", "CLIP-I", "CLIP-T"] {

@@ -118,6 +118,20 @@ fn a_spec_with_five_planted_mistakes_gets_all_five_named() {
     let (code, out) = check(tmp.path(), &zero);
     let want = "devices.cpu_threads: must be at least 1 (leave it out for half the cores)";
     assert_eq!((code, problems(&out)), (1, vec![want]), "{out}");
+    // The direct-lora baseline of a fully fine-tuned student is refused by name (beside the full
+    // student's own refusal).
+    let full = "full = true\n[evaluation]\nbaselines = [\"direct-lora\"]";
+    let (code, out) = check(tmp.path(), &spec(&photos, ("sd1", &sup, 32), (&stu, 32, full), "sks"));
+    assert_eq!(code, 1, "{out}");
+    let found = problems(&out);
+    assert!(
+        found.iter().any(|p| p.starts_with("evaluation.baselines: direct-lora trains LoRA adapters")),
+        "{out}"
+    );
+    assert!(
+        found.iter().all(|p| p.starts_with("evaluation.baselines") || p.starts_with("student.full")),
+        "{out}"
+    );
 
     // 1. two photos; 2. a missing weight file; 3. a config whose shapes disagree with the weights;
     // 4. an identifier the student's tokenizer cannot encode; 5. a resolution the VQ grid does not
@@ -280,6 +294,7 @@ sampling = {{ top_k = 16 }}
 images_per_prompt = 1
 prompts = 2
 skip = {skip_eval}
+baselines = ["direct-lora"]
 [devices]
 supervisor = "cpu"
 student = "cpu"
@@ -341,6 +356,13 @@ scorers = "cpu"
         assert_eq!(report["stages"]["student"]["steps"], 6);
         assert_eq!(report["identifier"], "zwx");
         assert!(out.join("student/adapter_model.safetensors").is_file());
+        // The direct baseline trained on the six photos' token rows alone, for the same steps.
+        let direct = &report["baselines"]["direct-lora"];
+        let keys = direct["rows_trained_on"].as_array().unwrap();
+        assert_eq!(keys.len(), 6, "{direct}");
+        assert!(keys.iter().all(|k| k.as_str().unwrap().starts_with("proxy=reference-")), "{direct}");
+        assert_eq!(direct["steps"], 6, "{direct}");
+        assert!(out.join("student_direct/adapter_model.safetensors").is_file());
         // The report's plots: the timeline with its markers, and both trainers' loss curves (the
         // supervisor's four steps and the student's six, one loss each, in report.json too).
         assert_eq!(report["stages"]["supervisor"]["losses"].as_array().unwrap().len(), 4, "{family}");
@@ -386,7 +408,8 @@ scorers = "cpu"
         if skip_eval {
             assert!(models.is_empty());
         } else {
-            assert_eq!(models.len(), 3, "untuned student, supervisor, tuned student");
+            assert_eq!(models.len(), 4, "untuned student, supervisor, tuned student, direct baseline");
+            assert_eq!(models[3]["label"], "student (direct LoRA on the references)");
             for m in models {
                 assert_eq!(m["scores"]["samples"], 2, "2 prompts x 1 image: {m}");
                 assert!(m["scores"]["metrics"]["FEAT-I"].as_f64().is_some_and(|v| v.is_finite()), "{m}");

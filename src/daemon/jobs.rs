@@ -345,6 +345,8 @@ impl TuneSpec {
             linger_seconds: 0,
             device,
             cpu_threads: None,
+            // A tune job trains no baseline (the spec of a `run` job can name some).
+            no_baselines: true,
             checkpoint_every: self.checkpoint_every,
         }
     }

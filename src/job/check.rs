@@ -566,6 +566,13 @@ fn longest_instruction(spec: &JobSpec, tok: &HfTokenizer) -> Option<i64> {
 
 fn check_evaluation(spec: &JobSpec, r: &mut CheckReport) {
     let e = &spec.evaluation;
+    if e.baselines.contains(&super::spec::Baseline::DirectLora) && spec.student.full {
+        r.problem(
+            "evaluation.baselines",
+            "direct-lora trains LoRA adapters like the Proxy-Tuned student, but this student is fully \
+             fine-tuned (student.full = true)",
+        );
+    }
     for (key, dir) in [("evaluation.dino", &e.dino), ("evaluation.clip", &e.clip)] {
         let Some(dir) = dir else { continue };
         for file in ["config.json", "model.safetensors"] {

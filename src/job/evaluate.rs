@@ -133,7 +133,11 @@ pub(crate) fn plain_scores(subject: &str, report: GeneratorReport, seconds: f64)
     }
 }
 
-/// A spec's evaluation: its own models, FEAT-I and the DINO / CLIP folders it names.
+/// The report's label of the `direct-lora` baseline's student.
+pub(crate) const DIRECT_LORA_LABEL: &str = "student (direct LoRA on the references)";
+
+/// A spec's evaluation: its own models (the baselines' after the Proxy-Tuned student), FEAT-I and
+/// the DINO / CLIP folders it names.
 pub(crate) struct SpecEvaluator;
 
 impl SpecEvaluator {
@@ -155,7 +159,8 @@ impl SpecEvaluator {
             plan.tuner.output_dir.join(proxytune_models::diffusion::dreambooth::LORA_FILE);
         let student_adapter = plan.trainer.output_dir.join("adapter_model.safetensors");
         let student_label = if plan.trainer.lora.is_some() { "LoRA" } else { "full" };
-        vec![
+        let direct_adapter = plan.out.join(super::direct::DIRECT_DIR).join("adapter_model.safetensors");
+        let mut models: Vec<(String, ModelLoader<'_>)> = vec![
             ("student (untuned)".into(), student(None)),
             (
                 "supervisor (DreamBooth)".into(),
@@ -170,7 +175,11 @@ impl SpecEvaluator {
                 }),
             ),
             (format!("student (Proxy-Tuned {student_label})"), student(Some(student_adapter))),
-        ]
+        ];
+        if e.baselines.contains(&super::spec::Baseline::DirectLora) {
+            models.push((DIRECT_LORA_LABEL.into(), student(Some(direct_adapter))));
+        }
+        models
     }
 }
 

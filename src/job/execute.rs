@@ -11,6 +11,7 @@ use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, Supervisor, Table, V
 
 use super::pipeline::{pipeline, set_stage, JobCommand, ProgressHandle};
 use super::plan::StagePlan;
+use super::spec::Baseline;
 use crate::plots::{losses_svg, Timeline};
 use crate::report::{
     decode, group_in_order, html, record_scores, save_grid, save_rows, squares, throughput, ReportFiles,
@@ -65,6 +66,7 @@ pub(crate) async fn execute(
     eprintln!("proxytune: {threads} torch threads a call while the pipeline runs");
     let t0 = Instant::now();
     set_stage(progress, "starting");
+    let baseline_commands = commands.clone();
     let run = pipeline(plan, &corpus, metrics.clone(), commands, progress).await?;
     if run.outcome == JobOutcome::Cancelled {
         set_stage(progress, "cancelled");
@@ -102,8 +104,27 @@ pub(crate) async fn execute(
     let last_step_us = run.trainer.step_started_us.last().copied();
     let steps_before_last_proxy = run.trainer.step_started_us.iter().filter(|&&t| t < last_proxy_us).count();
 
-    set_stage(progress, "evaluating");
+    // The baselines train after the pipeline, alone, on every core.
     tch::set_num_threads(super::plan::cores() as i32);
+    let mut baselines = serde_json::Map::new();
+    if plan.eval.baselines.contains(&Baseline::DirectLora) {
+        set_stage(progress, "training the direct baseline");
+        let t_direct = Instant::now();
+        let outcome = super::direct::train(plan, baseline_commands).await?;
+        if outcome == JobOutcome::Cancelled {
+            set_stage(progress, "cancelled");
+            return Ok(outcome.exit_code());
+        }
+        let dir = plan.out.join(super::direct::DIRECT_DIR);
+        let run: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("run.json"))?)?;
+        baselines.insert(
+            "direct-lora".into(),
+            serde_json::json!({ "dir": dir.display().to_string(), "steps": run["steps"],
+                                "rows_trained_on": run["data"]["row_keys"], "seconds": t_direct.elapsed().as_secs_f64() }),
+        );
+    }
+
+    set_stage(progress, "evaluating");
     let t_eval = Instant::now();
     let scores = if plan.eval.skip { Vec::new() } else { evaluator.evaluate(plan)? };
     let (_, peak) = proxytune_models::diffusion::pipeline::StableDiffusion::resident();
@@ -240,6 +261,7 @@ pub(crate) async fn execute(
         "pipeline_started_at_us": run.started_at_us,
         "pipeline_seconds": run.seconds,
         "busy_seconds": run.busy_seconds,
+        "baselines": baselines,
         "evaluation_seconds": eval_seconds,
         "total_seconds": t0.elapsed().as_secs_f64(),
         "evaluation": { "images_per_prompt": plan.eval.images_per_prompt,
@@ -251,7 +273,10 @@ pub(crate) async fn execute(
     std::fs::write(report_dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(report_dir.join("index.html"), html(&report, &scores, &files))?;
     for (i, (_, s)) in scores.iter().enumerate() {
-        let model = ["student_untuned", "supervisor", "student"].get(i).copied().unwrap_or("model");
+        let model = ["student_untuned", "supervisor", "student", "student_direct_lora"]
+            .get(i)
+            .copied()
+            .unwrap_or("model");
         record_scores(&metrics, model, s);
     }
     set_stage(progress, "done");

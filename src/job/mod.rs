@@ -13,9 +13,11 @@
 //! - [`plan`]: the spec resolved into each stage's config ([`plan::StagePlan`]); scorer sources.
 //! - [`pipeline`]: the streaming pipeline of a plan, progress, pause / resume / cancel.
 //! - [`execute`]: pipeline, evaluation and report of one job.
+//! - [`direct`]: the `direct-lora` baseline, the student trained on the references alone.
 //! - [`evaluate`]: the DreamBench protocol on the job's own one-subject bench.
 
 pub mod check;
+pub mod direct;
 pub mod evaluate;
 pub mod execute;
 pub mod pipeline;

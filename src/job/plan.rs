@@ -156,6 +156,8 @@ pub struct EvalPlan {
     pub skip: bool,
     /// The scorers' device.
     pub device: String,
+    /// Baselines trained after the pipeline and evaluated after the Proxy-Tuned student.
+    pub baselines: Vec<super::spec::Baseline>,
 }
 
 /// Each stage's own config.
@@ -529,6 +531,7 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         images_per_prompt: spec.evaluation.images_per_prompt,
         max_prompts: spec.evaluation.prompts,
         skip: spec.evaluation.skip,
+        baselines: spec.evaluation.baselines.clone(),
         device: scorer_device.clone(),
     };
     Ok(StagePlan {

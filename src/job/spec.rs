@@ -463,11 +463,31 @@ pub struct EvaluationSpec {
     pub prompts: Option<usize>,
     /// Skip the evaluation.
     pub skip: bool,
+    /// Baselines trained and evaluated beside the Proxy-Tuned student (`direct-lora`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<Baseline>,
+}
+
+/// A baseline the report shows beside Proxy-Tuning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Baseline {
+    /// The student's LoRA trained directly on the subject's reference photos (no supervisor, no
+    /// proxies) with the instance prompt, the same trainer, steps and batch as the Proxy-Tuned
+    /// student: the paper's "direct subject-tuning".
+    #[serde(rename = "direct-lora")]
+    DirectLora,
 }
 
 impl Default for EvaluationSpec {
     fn default() -> Self {
-        EvaluationSpec { dino: None, clip: None, images_per_prompt: 4, prompts: None, skip: false }
+        EvaluationSpec {
+            dino: None,
+            clip: None,
+            images_per_prompt: 4,
+            prompts: None,
+            skip: false,
+            baselines: Vec::new(),
+        }
     }
 }
 

@@ -59,8 +59,8 @@ impl Tokenize {
     }
 }
 
-/// The image as a centred square crop (RGB).
-fn square(img: image::DynamicImage) -> image::RgbImage {
+/// The image as a centred square crop (RGB): what the VQ encodes, resized to its resolution.
+pub fn square(img: image::DynamicImage) -> image::RgbImage {
     let rgb = img.to_rgb8();
     let side = rgb.width().min(rgb.height());
     let (x, y) = ((rgb.width() - side) / 2, (rgb.height() - side) / 2);
