@@ -161,7 +161,7 @@ fn world_job(args: &PipelineArgs, command: &mut std::process::Command, out: &Pat
         .arg(out)
         .arg("--world")
         .arg(&args.world)
-        .args(["--subject", &args.subject, "--device", &args.device, "--no-metrics"])
+        .args(["--subject", &args.subject, "--device", &args.device, "--no-metrics", "--no-baselines"])
         .args(["--class-priors", &args.class_priors.to_string()])
         .args(["--supervisor-steps", &args.supervisor_steps.to_string()])
         .args(["--proxies-per-prompt", &args.proxies_per_prompt.to_string()])
