@@ -470,7 +470,8 @@ fn bench_sample_measures_both_samplers_against_their_references() {
     assert!(text.contains("vs reference") && text.contains("vs diffusers"), "{text}");
 }
 
-/// `bench pipeline` at small budgets: both runs end, the stage-by-stage student takes its first
+/// `bench pipeline` at small budgets (6 proxies a prompt, so generation outlasts the first commit's
+/// trip to the student on a busy machine): both runs end, the stage-by-stage student takes its first
 /// step only after the last proxy while the streaming one starts before it, and every figure of
 /// the report is there.
 #[test]
@@ -478,7 +479,7 @@ fn bench_pipeline_runs_a_job_streaming_and_stage_by_stage() {
     let dir = tempfile::tempdir().unwrap();
     let (r, text) = bench_report(dir.path(), |c| {
         c.args(["bench", "pipeline", "--class-priors", "4", "--supervisor-steps", "6"])
-            .args(["--proxies-per-prompt", "3", "--student-steps", "40", "--student-min-rows", "4"])
+            .args(["--proxies-per-prompt", "6", "--student-steps", "40", "--student-min-rows", "4"])
             .args(["--eval-prompts", "1", "--world"])
             .arg(crate::support::repo_root().join("models/world"));
     });
