@@ -278,20 +278,28 @@ pub(crate) async fn pipeline(
             plan.trainer.train.max_train_steps,
         );
         move || {
-            let proxies = proxies.lock().expect("writer stats").clone();
-            let student = student.lock().expect("trainer stats").clone();
+            // The counters only: the stats also hold per-commit and per-step logs that grow
+            // with the job, and this runs every 250 ms.
+            let (proxies_stored, proxies_version) = {
+                let w = proxies.lock().expect("writer stats");
+                (w.replayed_rows + w.written_rows, w.version)
+            };
+            let (student_rows, student_steps) = {
+                let s = student.lock().expect("trainer stats");
+                (s.rows_received as u64, s.steps)
+            };
             let mut p = job_progress.lock().expect("progress lock");
             p.class_priors = priors.lock().expect("writer stats").received_rows;
             p.class_priors_planned = priors_planned;
             p.supervisor_steps = tuner.lock().expect("tuner stats").steps;
             p.supervisor_steps_planned = supervisor_planned;
             p.supervisor_ready = supervisor.lock().expect("writer stats").received_rows > 0;
-            p.proxies_stored = proxies.replayed_rows + proxies.written_rows;
+            p.proxies_stored = proxies_stored;
             p.proxies_planned = planned;
-            p.student_rows = student.rows_received as u64;
-            p.student_steps = student.steps;
+            p.student_rows = student_rows;
+            p.student_steps = student_steps;
             p.student_steps_planned = student_planned;
-            p.corpus_version = proxies.version;
+            p.corpus_version = proxies_version;
             p.stage = if !p.supervisor_ready {
                 "tuning supervisor"
             } else if p.proxies_stored < planned {

@@ -94,8 +94,9 @@ impl T5Config {
 /// T5's norm: `x / sqrt(mean(x²) + eps) * weight`, the statistics in float32, the result in the
 /// weight's kind (half-precision weights) or float32.
 fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let variance = xs.to_kind(Kind::Float).pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    let normed = xs.to_kind(Kind::Float) * (variance + eps).rsqrt();
+    let xs = xs.to_kind(Kind::Float);
+    let variance = xs.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    let normed = xs * (variance + eps).rsqrt();
     let normed = match weight.kind() {
         Kind::Half | Kind::BFloat16 => normed.to_kind(weight.kind()),
         _ => normed,
