@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use proxytune_actors::corpus::{Corpus, CorpusTable};
-use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Table, VqTokens};
+use proxytune_schemas::{CaptionStates, ClassPriorImage, EvalSample, Proxy, ReferenceImage, Table, VqTokens};
 use serde::Serialize;
 
 /// Corpus subcommands.
@@ -50,6 +50,7 @@ pub async fn run(command: CorpusCommand) -> anyhow::Result<()> {
                 info::<ClassPriorImage>(&corpus).await?,
                 info::<Proxy>(&corpus).await?,
                 info::<VqTokens>(&corpus).await?,
+                info::<CaptionStates>(&corpus).await?,
                 info::<EvalSample>(&corpus).await?,
             ];
             println!("{}", serde_json::to_string_pretty(&tables)?);

@@ -334,8 +334,9 @@ fn generators(args: GeneratorsArgs) -> anyhow::Result<()> {
                 batch: 16,
             },
         };
+        let files = proxytune_models::ar::student::StudentFiles::chameleon(dir, sampling.tokens.clone());
         models.push(Box::new(StudentGenerator::load(
-            dir,
+            &files,
             args.student_adapter.as_deref(),
             &device_name,
             sampling,

@@ -17,6 +17,7 @@ use crate::job::evaluate::{evaluate_models, ModelLoader, Protocol};
 use crate::job::plan::ScorerSource;
 use crate::subject::JobSubject;
 use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
+use proxytune_models::ar::student::StudentFiles;
 use proxytune_models::ar::train::ArTrainConfig;
 use proxytune_models::diffusion::pipeline::SamplerKind;
 use proxytune_models::lora::LoraConfig;
@@ -71,15 +72,21 @@ pub(crate) fn student_lora() -> LoraConfig {
     LoraConfig { rank: 8, alpha: 8.0, target_modules: targets.map(String::from).to_vec() }
 }
 
+/// The world's Chameleon student, its VQ decoder in its folder.
+pub(crate) fn student_files(world_dir: &Path, tokens: LuminaTokens) -> StudentFiles {
+    StudentFiles::chameleon(&world_dir.join("student"), tokens)
+}
+
 /// The id written into the world student's VQ token rows.
 pub(crate) const TOKENIZER_ID: &str = "world-vq@1";
 
 /// Tokenization for the world student.
 pub(crate) fn tokenize_config(world_dir: &Path, device: &str, only_kept: bool) -> TokenizeConfig {
     TokenizeConfig {
-        student_dir: world_dir.join("student"),
-        family: proxytune_models::ar::vq::VqFamily::Chameleon,
+        student: student_files(world_dir, LuminaTokens::default()),
         tokenizer_id: TOKENIZER_ID.into(),
+        caption_encoder_id: None,
+        caption_bf16: false,
         resolution: SIZE,
         device: device.into(),
         only_kept,
@@ -98,7 +105,7 @@ pub(crate) fn student_trainer_config(
     checkpoint_every: u64,
 ) -> anyhow::Result<ArTrainerConfig> {
     Ok(ArTrainerConfig {
-        student_dir: world_dir.join("student"),
+        student: student_files(world_dir, student_sampling(world_dir)?.tokens),
         device: device.into(),
         lora: Some(student_lora()),
         train: ArTrainConfig {
@@ -109,8 +116,8 @@ pub(crate) fn student_trainer_config(
             condition_dropout: 0.1,
             ..Default::default()
         },
-        tokens: student_sampling(world_dir)?.tokens,
         tokenizer_id: TOKENIZER_ID.into(),
+        caption_encoder_id: None,
         min_rows_to_start: min_rows,
         rows_per_step: 1,
         output_dir: output_dir.to_path_buf(),
@@ -247,10 +254,11 @@ pub(crate) fn student(
     adapter: Option<&Path>,
     device: &str,
 ) -> anyhow::Result<Box<dyn Generator>> {
+    let sampling = student_sampling(world_dir)?;
     Ok(Box::new(StudentGenerator::load(
-        &world_dir.join("student"),
+        &student_files(world_dir, sampling.tokens.clone()),
         adapter,
         device,
-        student_sampling(world_dir)?,
+        sampling,
     )?))
 }

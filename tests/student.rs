@@ -13,8 +13,8 @@ use proxytune_actors::stages::ar_trainer::{ArTrainerActor, ArTrainerConfig};
 use proxytune_actors::stages::intake::encode_png;
 use proxytune_actors::stages::tokenize::{Tokenize, TokenizeConfig};
 use proxytune_models::ar::lumina::LuminaTokens;
+use proxytune_models::ar::student::{StudentFamily, StudentFiles};
 use proxytune_models::ar::train::ArTrainConfig;
-use proxytune_models::ar::vq::VqFamily;
 use proxytune_models::lora::LoraConfig;
 use proxytune_schemas::{Proxy, Table, VqTokens};
 
@@ -81,10 +81,22 @@ impl Source for SlowTokens {
 /// timing, hence the margin).
 const STUDENT_LOSS_RATIO: f64 = 0.96;
 
+fn tiny_tokens() -> LuminaTokens {
+    LuminaTokens {
+        bos: 1,
+        separator: 2,
+        begin_image: 3,
+        end_image: 55,
+        new_line: 56,
+        size_base: 57,
+        codes_per_unit: 2,
+    }
+}
+
 fn trainer_config(out: &std::path::Path, steps: u64) -> ArTrainerConfig {
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     ArTrainerConfig {
-        student_dir: student_dir(),
+        student: StudentFiles::chameleon(&student_dir(), tiny_tokens()),
         device: "cpu".into(),
         lora: Some(LoraConfig { rank: 4, alpha: 8.0, target_modules: targets.map(String::from).to_vec() }),
         train: ArTrainConfig {
@@ -94,16 +106,8 @@ fn trainer_config(out: &std::path::Path, steps: u64) -> ArTrainerConfig {
             condition_dropout: 0.1,
             ..Default::default()
         },
-        tokens: LuminaTokens {
-            bos: 1,
-            separator: 2,
-            begin_image: 3,
-            end_image: 55,
-            new_line: 56,
-            size_base: 57,
-            codes_per_unit: 2,
-        },
         tokenizer_id: "chameleon_tiny@1".into(),
+        caption_encoder_id: None,
         min_rows_to_start: 2,
         rows_per_step: 1,
         output_dir: out.to_path_buf(),
@@ -149,7 +153,7 @@ async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
         &student_dir(),
         tch::Device::Cpu,
         Some(&lora),
-        trained_with.tokens,
+        trained_with.student.tokens,
     )
     .unwrap();
     proxytune_models::lora::load_lora(
@@ -181,9 +185,10 @@ async fn the_student_trains_while_token_rows_stream_in_and_resumes() {
 #[test]
 fn kept_proxies_become_token_rows_and_bad_images_are_named() {
     let mut tokenize = Tokenize::new(TokenizeConfig {
-        student_dir: student_dir(),
-        family: VqFamily::Chameleon,
+        student: StudentFiles::chameleon(&student_dir(), tiny_tokens()),
         tokenizer_id: "chameleon_tiny@1".into(),
+        caption_encoder_id: None,
+        caption_bf16: false,
         resolution: 16,
         device: "cpu".into(),
         only_kept: true,
@@ -220,16 +225,31 @@ fn kept_proxies_become_token_rows_and_bad_images_are_named() {
 }
 
 /// The same actor over LlamaGen's VQ-16 (its own folder): each kept proxy's row holds the codes the
-/// VQ gives the image directly, and a resolution the VQ's factor does not divide is refused by name.
+/// VQ gives the image directly, each prompt's T5 states go out once on port 1 (the valid positions,
+/// in bfloat16), and a resolution the VQ's factor does not divide is refused by name.
 #[test]
-fn kept_proxies_become_llamagen_vq16_rows() {
+fn kept_proxies_become_llamagen_vq16_rows_and_their_prompts_t5_states() {
     use proxytune_actors::stages::intake::images_to_square_batch;
     use proxytune_models::ar::llamagen_vq::{LlamaGenVq, LlamaGenVqConfig};
-    let vq_dir = repo_root().join("models/tests/fixtures/llamagen_vq_tiny");
+    use proxytune_models::tokenizer::hf::CaptionTokenizer;
+    use proxytune_models::transformer::t5::T5Encoder;
+    use proxytune_schemas::CaptionStates;
+    let fixtures = repo_root().join("models/tests/fixtures");
+    let vq_dir = fixtures.join("llamagen_vq_tiny");
+    let gpt = tempfile::tempdir().unwrap();
+    crate::support::llamagen_gpt_tiny(gpt.path(), 3);
+    let student = StudentFiles {
+        family: StudentFamily::LlamaGen,
+        dir: gpt.path().to_path_buf(),
+        vq_dir: Some(vq_dir.clone()),
+        text_encoder_dir: Some(fixtures.join("t5_tiny")),
+        tokens: Default::default(),
+    };
     let config = |resolution| TokenizeConfig {
-        student_dir: vq_dir.clone(),
-        family: VqFamily::LlamaGen,
+        student: student.clone(),
         tokenizer_id: "llamagen_vq_tiny@1".into(),
+        caption_encoder_id: Some("t5_tiny@1".into()),
+        caption_bf16: false,
         resolution,
         device: "cpu".into(),
         only_kept: true,
@@ -249,7 +269,51 @@ fn kept_proxies_become_llamagen_vq16_rows() {
         r.keep = Some(true);
     }
     tokenize.process_batch(0, Proxy::to_batch(&rows).unwrap(), &mut ctx, &mut out).unwrap();
-    let tokens = VqTokens::from_batch(out.batches()[0]).unwrap();
+    // Port 1 first: the two prompts' states, then port 0: the token rows.
+    let emitted = out.take();
+    let batch_on = |port: usize| {
+        emitted
+            .iter()
+            .find_map(|e| match e {
+                proxytune_actors::runtime::Emitted::Data { port: p, batch } if *p == port => {
+                    Some(batch.clone())
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    let captions = CaptionStates::from_batch(&batch_on(1)).unwrap();
+    let prompts: Vec<&str> = rows.iter().map(|r| r.prompt.as_str()).collect();
+    assert_ne!(prompts[0], prompts[1]);
+    assert_eq!(captions.iter().map(|c| c.prompt.as_str()).collect::<Vec<_>>(), prompts);
+    // T5 run here on the caption tokenizer's ids: the valid positions, rounded to bfloat16.
+    let (t5_vs, t5) = T5Encoder::load(&fixtures.join("t5_tiny"), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let tok = CaptionTokenizer::from_file(&fixtures.join("t5_tiny/tokenizer.json"), 16, "<pad>").unwrap();
+    let (ids, mask) = tok.encode_batch(&prompts, tch::Device::Cpu).unwrap();
+    let states =
+        tch::no_grad(|| t5.forward(&ids, Some(&mask))).to_kind(tch::Kind::BFloat16).to_kind(tch::Kind::Float);
+    drop(t5_vs);
+    for (i, c) in captions.iter().enumerate() {
+        let n = mask.get(i as i64).sum(tch::Kind::Int64).int64_value(&[]);
+        assert_eq!((c.tokens as i64, c.dim, c.encoder_id.as_str()), (n, 32, "t5_tiny@1"));
+        let stored = proxytune_models::ar::student::CaptionStates::from_bf16_bytes(
+            c.tokens as usize,
+            32,
+            &c.states_bf16,
+            "row",
+        )
+        .unwrap();
+        let want: Vec<f32> = Vec::try_from(states.get(i as i64).narrow(0, 0, n).flatten(0, -1)).unwrap();
+        assert_eq!(stored.values, want, "prompt {i}: the stored states are T5's, exactly");
+    }
+    // Another proxy of a captioned prompt adds no caption row.
+    let mut again = crate::support::proxies("job", 5..6);
+    again[0].image_png = encode_png(&images[0]);
+    again[0].keep = Some(true);
+    assert_eq!(again[0].prompt, rows[0].prompt);
+    tokenize.process_batch(0, Proxy::to_batch(&again).unwrap(), &mut ctx, &mut out).unwrap();
+    assert!(out.take().iter().all(|e| matches!(e, proxytune_actors::runtime::Emitted::Data { port: 0, .. })));
+    let tokens = VqTokens::from_batch(&batch_on(0)).unwrap();
     // The reference-layout VQ loaded strictly, on the same pixels.
     let cfg = LlamaGenVqConfig::from_json(&vq_dir.join("config.json")).unwrap();
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);

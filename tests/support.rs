@@ -63,3 +63,39 @@ pub fn python() -> PathBuf {
         .expect("PROXYTUNE_PYTHON is not set: run the tests through `make test` (tools/dev test)");
     PathBuf::from(p)
 }
+
+/// A tiny LlamaGen T2I GPT in the loader's layout (`config.json` with the GPT's arguments,
+/// `model.safetensors` with the reference's keys), drawn from `seed`: 16 caption positions of the
+/// tiny T5 fixture's 32-d states, an 8×8 grid of the tiny VQ-16 fixture's 32 codes (16 px at its
+/// factor 2). LlamaGen's reference code is on no package registry, so its GPT is not a Python
+/// fixture; its keys and shapes are checked against the reference's elsewhere (parity tests).
+pub fn llamagen_gpt_tiny(dir: &std::path::Path, seed: i64) {
+    use proxytune_models::ar::llamagen::{LlamaGen, LlamaGenConfig};
+    let cfg = LlamaGenConfig {
+        dim: 32,
+        n_layer: 2,
+        n_head: 2,
+        n_kv_head: None,
+        multiple_of: 16,
+        ffn_dim_multiplier: None,
+        rope_base: 10000.0,
+        norm_eps: 1e-5,
+        vocab_size: 32,
+        cls_token_num: 16,
+        caption_dim: 32,
+        grid_size: 8,
+        class_dropout_prob: 0.1,
+        init: Default::default(),
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _model = LlamaGen::new(vs.root(), &cfg, None).unwrap();
+    // The reference zeroes the output layer; a drawn one makes the untuned GPT's samples vary.
+    tch::no_grad(|| {
+        let mut w = vs.variables()["output.weight"].shallow_clone();
+        let _ = w.copy_(&(tch::Tensor::randn_like(&w) * 0.02));
+    });
+    proxytune_models::weights::save_safetensors(&vs, &dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+}

@@ -364,6 +364,30 @@ pub fn clip_text(cfg: &ClipTextConfig, prefix: &str, projection: bool) -> Shapes
     out
 }
 
+/// The variables of LlamaGen's T2I GPT (the reference state dict's keys), from its arguments.
+pub fn llamagen(cfg: &crate::ar::llamagen::LlamaGenConfig) -> Shapes {
+    let mut out = Shapes::new();
+    let (d, c) = (cfg.dim, cfg.caption_dim);
+    let kv = cfg.n_kv_head.unwrap_or(cfg.n_head) * (d / cfg.n_head);
+    put(&mut out, "cls_embedding.cap_proj.fc1.weight".into(), &[d, c]);
+    put(&mut out, "cls_embedding.cap_proj.fc2.weight".into(), &[d, d]);
+    put(&mut out, "cls_embedding.uncond_embedding".into(), &[cfg.cls_token_num, c]);
+    put(&mut out, "tok_embeddings.weight".into(), &[cfg.vocab_size, d]);
+    for i in 0..cfg.n_layer {
+        let l = format!("layers.{i}");
+        put(&mut out, format!("{l}.attention.wqkv.weight"), &[d + 2 * kv, d]);
+        put(&mut out, format!("{l}.attention.wo.weight"), &[d, d]);
+        put(&mut out, format!("{l}.feed_forward.w1.weight"), &[cfg.ffn_dim(), d]);
+        put(&mut out, format!("{l}.feed_forward.w3.weight"), &[cfg.ffn_dim(), d]);
+        put(&mut out, format!("{l}.feed_forward.w2.weight"), &[d, cfg.ffn_dim()]);
+        put(&mut out, format!("{l}.attention_norm.weight"), &[d]);
+        put(&mut out, format!("{l}.ffn_norm.weight"), &[d]);
+    }
+    put(&mut out, "norm.weight".into(), &[d]);
+    put(&mut out, "output.weight".into(), &[cfg.vocab_size, d]);
+    out
+}
+
 /// The variables of the Chameleon decoder (`model.*` without `model.vqmodel.*`, and `lm_head`).
 pub fn chameleon_decoder(cfg: &ChameleonConfig) -> Shapes {
     let mut out = Shapes::new();

@@ -761,6 +761,10 @@ fn llamagen_xl_has_the_reference_checkpoint_keys_and_shapes() {
     let params: i64 = ours.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
     eprintln!("LlamaGen GPT-XL T2I: {} tensors, {:.1} M values", ours.len(), params as f64 / 1e6);
     assert_eq!(ours, llamagen_xl_reference_keys());
+    // `run --check` compares a checkpoint's headers against these shapes, computed without
+    // building the model.
+    let computed: Vec<(String, Vec<i64>)> = proxytune_models::shapes::llamagen(&cfg).into_iter().collect();
+    assert_eq!(computed, llamagen_xl_reference_keys());
 }
 
 #[test]

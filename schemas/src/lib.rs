@@ -7,7 +7,7 @@
 //! - [`columns`]: checked column access and batch validation (errors name the column).
 //! - [`table`]: the [`Table`] trait that ties a typed row to its Arrow schema and row key.
 //! - [`rows`]: the typed rows: [`ReferenceImage`], [`ClassPriorImage`], [`Supervisor`], [`Proxy`], [`VqTokens`],
-//!   [`EvalSample`].
+//!   [`CaptionStates`], [`EvalSample`].
 //! - [`key`]: [`RowKey`], the canonical idempotency key of a row.
 //! - [`metrics`]: [`MetricName`], every exported metric's name, kind and help.
 #![warn(missing_docs)]
@@ -23,7 +23,8 @@ pub use error::{Result, SchemaError};
 pub use key::RowKey;
 pub use metrics::MetricName;
 pub use rows::{
-    ClassPriorImage, EvalSample, ModelRole, Proxy, ReferenceImage, RejectReason, Supervisor, VqTokens,
+    CaptionStates, ClassPriorImage, EvalSample, ModelRole, Proxy, ReferenceImage, RejectReason, Supervisor,
+    VqTokens,
 };
 pub use table::Table;
 

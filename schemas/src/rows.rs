@@ -7,6 +7,7 @@
 //! | `supervisors` | one tuned supervisor (adapter) of a subject | job, subject, supervisor id, version |
 //! | `proxies` | one supervisor sample of the subject, with its scores and verdict | job, subject, prompt, seed, supervisor version |
 //! | `vq_tokens` | the VQ token grid of one proxy under one tokenizer | proxy key, tokenizer |
+//! | `captions` | a prompt's caption-encoder states (LlamaGen's T5) | prompt, encoder |
 //! | `eval_samples` | one evaluation image of a model on a DreamBench prompt | job, role, model version, subject, prompt, sample |
 //!
 //! Images travel as PNG bytes (`LargeBinary`) with their width and height; times are
@@ -653,6 +654,100 @@ impl Table for VqTokens {
                     grid_height: h,
                     grid_width: w,
                     tokens: values.values().to_vec(),
+                    created_at_us: created.value(i),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A prompt's caption-encoder states under one encoder (LlamaGen's Flan-T5), computed once per
+/// prompt and stored so a replay does not re-encode: the valid positions only (the text and its
+/// end token), little-endian bfloat16, row-major `[tokens, dim]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaptionStates {
+    /// The prompt.
+    pub prompt: String,
+    /// Id (and version) of the caption encoder.
+    pub encoder_id: String,
+    /// Job that computed them.
+    pub job_id: String,
+    /// Valid positions.
+    pub tokens: u32,
+    /// Width of a state.
+    pub dim: u32,
+    /// `tokens · dim` bfloat16 values, little-endian.
+    pub states_bf16: Vec<u8>,
+    /// When they were computed (µs since the epoch, UTC).
+    pub created_at_us: i64,
+}
+
+impl Table for CaptionStates {
+    const NAME: &'static str = "captions";
+
+    fn schema() -> SchemaRef {
+        static S: OnceLock<SchemaRef> = OnceLock::new();
+        S.get_or_init(|| {
+            schema(vec![
+                key_field(),
+                field("prompt", DataType::Utf8, false),
+                field("encoder_id", DataType::Utf8, false),
+                field("job_id", DataType::Utf8, false),
+                field("tokens", DataType::UInt32, false),
+                field("dim", DataType::UInt32, false),
+                field("states_bf16", DataType::LargeBinary, false),
+                field("created_at", timestamp_type(), false),
+            ])
+        })
+        .clone()
+    }
+
+    fn key(&self) -> RowKey {
+        RowKey::new([("prompt", self.prompt.clone()), ("encoder", self.encoder_id.clone())])
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let keys = keys(rows);
+        build(
+            Self::NAME,
+            Self::schema(),
+            vec![
+                utf8(keys.iter().map(RowKey::as_str)),
+                utf8(rows.iter().map(|r| r.prompt.as_str())),
+                utf8(rows.iter().map(|r| r.encoder_id.as_str())),
+                utf8(rows.iter().map(|r| r.job_id.as_str())),
+                u32s(rows.iter().map(|r| r.tokens)),
+                u32s(rows.iter().map(|r| r.dim)),
+                large_binary(rows.iter().map(|r| r.states_bf16.as_slice())),
+                timestamps(rows.iter().map(|r| r.created_at_us)),
+            ],
+        )
+    }
+
+    fn from_batch(batch: &RecordBatch) -> Result<Vec<Self>> {
+        let batch = Self::conform(batch)?;
+        let c = Columns::new(Self::NAME, &batch);
+        let (prompt, encoder, job) = (c.utf8("prompt")?, c.utf8("encoder_id")?, c.utf8("job_id")?);
+        let (tokens, dim, states) = (c.u32("tokens")?, c.u32("dim")?, c.large_binary("states_bf16")?);
+        let created = c.timestamp("created_at")?;
+        (0..batch.num_rows())
+            .map(|i| {
+                let bytes = states.value(i);
+                let (n, d) = (tokens.value(i), dim.value(i));
+                if bytes.len() != n as usize * d as usize * 2 {
+                    return Err(c.invalid(
+                        "states_bf16",
+                        i,
+                        format!("{} bytes for {n} x {d} bfloat16 states", bytes.len()),
+                    ));
+                }
+                Ok(CaptionStates {
+                    prompt: prompt.value(i).to_string(),
+                    encoder_id: encoder.value(i).to_string(),
+                    job_id: job.value(i).to_string(),
+                    tokens: n,
+                    dim: d,
+                    states_bf16: bytes.to_vec(),
                     created_at_us: created.value(i),
                 })
             })

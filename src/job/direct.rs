@@ -5,14 +5,14 @@
 //! sampling settings are the Proxy-Tuned student's, so the budgets match. Its rows are
 //! `reference-<i>`; `student_direct/run.json` records the keys it consumed.
 
+use anyhow::Context as _;
 use proxytune_actors::runtime::{
     Context, JobOutcome, Metrics, Output, Pipeline, PipelineConfig, Produced, Source,
 };
 use proxytune_actors::stages::ar_trainer::ArTrainerActor;
 use proxytune_actors::stages::intake::images_to_square_batch;
 use proxytune_actors::stages::tokenize::square;
-use proxytune_models::ar::vq::VqEncoder;
-use proxytune_schemas::{now_us, Table, VqTokens};
+use proxytune_schemas::{now_us, CaptionStates, Table, VqTokens};
 
 use super::pipeline::{steer, JobCommand};
 use super::plan::StagePlan;
@@ -25,10 +25,29 @@ pub(crate) fn reference_key(i: usize) -> String {
     format!("reference-{i}")
 }
 
+/// The instance prompt's caption states, for a student that conditions on them.
+fn instance_caption(plan: &StagePlan) -> anyhow::Result<Option<CaptionStates>> {
+    let t = &plan.tokenize;
+    let kind = if t.caption_bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    let device = proxytune_models::device::parse_device(&t.device)?;
+    let Some(captioner) = t.student.load_captioner(device, kind)? else { return Ok(None) };
+    let prompt = plan.tuner.dreambooth.instance_prompt.clone();
+    let states = captioner.encode(&[&prompt])?.pop().expect("one prompt");
+    Ok(Some(CaptionStates {
+        prompt,
+        encoder_id: t.caption_encoder_id.clone().context("the caption encoder has no id")?,
+        job_id: plan.job_id.clone(),
+        tokens: states.tokens as u32,
+        dim: states.dim as u32,
+        states_bf16: states.to_bf16_bytes(),
+        created_at_us: now_us(),
+    }))
+}
+
 /// The references' token rows, each captioned with the instance prompt.
 fn reference_rows(plan: &StagePlan) -> anyhow::Result<Vec<VqTokens>> {
     let t = &plan.tokenize;
-    let vq = VqEncoder::load(t.family, &t.student_dir, proxytune_models::device::parse_device(&t.device)?)?;
+    let vq = t.student.load_vq_encoder(proxytune_models::device::parse_device(&t.device)?)?;
     // Cropped as the tokenize actor crops a proxy.
     let squares: Vec<image::RgbImage> =
         plan.subject.references.iter().map(|r| square(image::DynamicImage::ImageRgb8(r.clone()))).collect();
@@ -75,9 +94,10 @@ pub(crate) async fn train(
     plan: &StagePlan,
     commands: tokio::sync::watch::Receiver<JobCommand>,
 ) -> anyhow::Result<JobOutcome> {
-    let rows = {
+    let (rows, caption) = {
         let plan = plan.clone();
-        tokio::task::spawn_blocking(move || reference_rows(&plan)).await??
+        tokio::task::spawn_blocking(move || anyhow::Ok((reference_rows(&plan)?, instance_caption(&plan)?)))
+            .await??
     };
     let mut config = plan.trainer.clone();
     config.output_dir = plan.out.join(DIRECT_DIR);
@@ -89,6 +109,10 @@ pub(crate) async fn train(
     let source = p.source("references", Once(Some(VqTokens::to_batch(&rows)?)));
     let trainer = p.operator("ar_trainer", trainer);
     p.connect(source, trainer);
+    if let Some(caption) = caption {
+        let captions = p.source("captions", Once(Some(CaptionStates::to_batch(&[caption])?)));
+        p.connect(captions, trainer);
+    }
     let running = p.start(&tokio::runtime::Handle::current())?;
     let report = steer(running, commands, || {}).await;
     if let Some(error) = report.tasks.iter().find_map(|t| t.error.clone()) {

@@ -146,9 +146,8 @@ impl SpecEvaluator {
         let device = &e.device;
         let student = move |adapter: Option<std::path::PathBuf>| -> ModelLoader<'_> {
             Box::new(move || {
-                Ok(Box::new(StudentGenerator::load_with_vq(
-                    &e.student_dir,
-                    &e.vq_dir,
+                Ok(Box::new(StudentGenerator::load(
+                    &e.student,
                     adapter.as_deref(),
                     device,
                     e.student_sampling.clone(),

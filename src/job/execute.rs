@@ -229,7 +229,7 @@ pub(crate) async fn execute(
         "subject": subject.name, "class": subject.class_noun, "identifier": subject.identifier,
         "models": { "supervisor": plan.tuner.model_id, "student": plan.trainer.tokenizer_id,
                     "supervisor_dir": plan.tuner.model_dir.display().to_string(),
-                    "student_dir": plan.trainer.student_dir.display().to_string() },
+                    "student_dir": plan.trainer.student.dir.display().to_string() },
         "outcome": format!("{:?}", run.outcome),
         "stages": {
             "class_priors": throughput(priors.iter().map(|r| r.created_at_us)),

@@ -4,7 +4,8 @@
 //! class_prior_sampler ─┬─> class_prior_writer
 //!                      └─> supervisor_tuner ─┬─> supervisor_writer
 //!                                            └─> proxy_generator ─> filter ─> proxy_writer ─> tokenize ─┬─> vq_writer
-//!                                                                                                      └─> ar_trainer
+//!                                                                                                      ├─> ar_trainer
+//!                                            (LlamaGen: each prompt's caption states, port 1) ────────┴─> caption_writer, ar_trainer
 //! ```
 //!
 //! The supervisor is DreamBooth-tuned while the untuned model's class priors stream in (from the
@@ -33,7 +34,7 @@ use proxytune_actors::stages::intake::encode_png;
 use proxytune_actors::stages::proxy_generator::ProxyGenerator;
 use proxytune_actors::stages::supervisor_tuner::{SupervisorTuner, SupervisorTunerStats};
 use proxytune_actors::stages::tokenize::Tokenize;
-use proxytune_schemas::{ClassPriorImage, Proxy, ReferenceImage, Supervisor, Table, VqTokens};
+use proxytune_schemas::{CaptionStates, ClassPriorImage, Proxy, ReferenceImage, Supervisor, Table, VqTokens};
 
 use super::plan::StagePlan;
 
@@ -233,6 +234,11 @@ pub(crate) async fn pipeline(
         LanceWriter::<Supervisor>::new(corpus.clone(), commit(1, false), &metrics);
     let (proxy_writer, proxy_stats) = LanceWriter::<Proxy>::new(corpus.clone(), commit(8, true), &metrics);
     let (vq_writer, vq_stats) = LanceWriter::<VqTokens>::new(corpus.clone(), commit(32, false), &metrics);
+    let caption_writer = plan
+        .tokenize
+        .caption_encoder_id
+        .is_some()
+        .then(|| LanceWriter::<CaptionStates>::new(corpus.clone(), commit(1, false), &metrics).0);
 
     let mut p = Pipeline::new(PipelineConfig::default(), metrics);
     let priors = p.source("class_prior_sampler", priors);
@@ -250,6 +256,12 @@ pub(crate) async fn pipeline(
     p.connect(generator, filter).connect(filter, proxy_sink);
     p.connect(proxy_sink, tokenize);
     p.connect(tokenize, vq_sink).connect(tokenize, trainer);
+    // A student that conditions on caption states (LlamaGen) gets each prompt's on its input 1;
+    // the corpus stores them once per prompt.
+    if let Some(caption_writer) = caption_writer {
+        let caption_sink = p.async_operator("caption_writer", caption_writer);
+        p.connect_port(tokenize, 1, caption_sink).connect_port(tokenize, 1, trainer);
+    }
 
     let multi = MultiProgress::new();
     let steps = trainer_stats.clone();

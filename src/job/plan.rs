@@ -14,7 +14,9 @@ use proxytune_actors::stages::proxy_generator::{PromptPlan, ProxyGeneratorConfig
 use proxytune_actors::stages::supervisor_tuner::SupervisorTunerConfig;
 use proxytune_actors::stages::tokenize::TokenizeConfig;
 use proxytune_models::ar::chameleon::ChameleonConfig;
+use proxytune_models::ar::llamagen_vq::LlamaGenVqConfig;
 use proxytune_models::ar::lumina::{ImageSampling, LuminaTokens};
+use proxytune_models::ar::student::{StudentFamily, StudentFiles};
 use proxytune_models::ar::train::ArTrainConfig;
 use proxytune_models::diffusion::dreambooth::{DreamBoothConfig, Precision as TrainPrecision};
 use proxytune_models::diffusion::pipeline::SamplerKind;
@@ -142,10 +144,8 @@ pub struct EvalPlan {
     pub supervisor_variant: Option<String>,
     /// The supervisor's sampling.
     pub supervisor_sampling: SamplingConfig,
-    /// The student folder.
-    pub student_dir: PathBuf,
-    /// The folder of the student's VQ decoder.
-    pub vq_dir: PathBuf,
+    /// The student's folders.
+    pub student: StudentFiles,
     /// The student's sampling.
     pub student_sampling: StudentSampling,
     /// Images per prompt.
@@ -246,6 +246,39 @@ pub fn folder_sampler(dir: &Path) -> Result<SamplerKind, String> {
             "the folder's scheduler {} is not one proxytune samples with; set supervisor.scheduler to `ddim` or `euler`",
             other.unwrap_or("(no _class_name)")
         )),
+    }
+}
+
+/// The student's folders as the stages load them, and its VQ's downsampling factor.
+pub fn student_files(spec: &JobSpec) -> anyhow::Result<(StudentFiles, u32)> {
+    let st = &spec.student;
+    let family = st.family.model_family();
+    match family {
+        StudentFamily::Chameleon => {
+            let cfg = ChameleonConfig::from_json(&st.path.join("config.json"))?;
+            let factor = cfg.vq_config.downsample_factor() as u32;
+            let tokens = structure_tokens(spec, &cfg).map_err(anyhow::Error::msg)?;
+            let mut files = StudentFiles::chameleon(&st.path, tokens);
+            files.vq_dir = st.vq_path.clone();
+            Ok((files, factor))
+        }
+        StudentFamily::LlamaGen => {
+            let vq_dir = st.vq_path.clone().context("student.vq_path: LlamaGen needs its VQ-16 folder")?;
+            let cfg = LlamaGenVqConfig::from_json(&vq_dir.join("config.json"))?;
+            let factor = 1u32 << (cfg.ch_mult.len() - 1);
+            let files = StudentFiles {
+                family,
+                dir: st.path.clone(),
+                vq_dir: Some(vq_dir),
+                text_encoder_dir: Some(
+                    st.text_encoder_path
+                        .clone()
+                        .context("student.text_encoder_path: LlamaGen needs its T5 folder")?,
+                ),
+                tokens: Default::default(),
+            };
+            Ok((files, factor))
+        }
     }
 }
 
@@ -470,26 +503,30 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         identifier: Some(s.identifier.clone()),
     };
     let st = &spec.student;
-    let cfg = ChameleonConfig::from_json(&st.path.join("config.json"))?;
-    let factor = cfg.vq_config.downsample_factor() as u32;
-    let tokens = structure_tokens(spec, &cfg).map_err(anyhow::Error::msg)?;
+    let (student, factor) = student_files(spec)?;
+    let vq_identity_dir = student.vq_encoder_dir()?.to_path_buf();
     let tokenizer_id =
-        model_identity(&format!("{:?}-vq", st.family).to_lowercase(), &st.path, &["config.json"]);
+        model_identity(&format!("{:?}-vq", st.family).to_lowercase(), &vq_identity_dir, &["config.json"]);
+    let caption_encoder_id = student
+        .text_encoder_dir
+        .as_deref()
+        .map(|dir| model_identity("t5", dir, &["config.json", "tokenizer.json"]));
     let tokenize = TokenizeConfig {
-        student_dir: st.path.clone(),
-        family: proxytune_models::ar::vq::VqFamily::Chameleon,
+        student: student.clone(),
         tokenizer_id: tokenizer_id.clone(),
+        caption_encoder_id: caption_encoder_id.clone(),
+        caption_bf16: st.precision == Precision::Bf16,
         resolution: st.resolution,
         device: student_device.clone(),
         only_kept: true,
     };
     let trainer = ArTrainerConfig {
-        student_dir: st.path.clone(),
+        student: student.clone(),
         device: student_device,
         lora: (!st.full).then(|| LoraConfig {
             rank: st.lora_rank,
             alpha: st.lora_alpha.unwrap_or(st.lora_rank as f64),
-            target_modules: st.target_modules.clone(),
+            target_modules: spec.student_targets(),
         }),
         train: ArTrainConfig {
             learning_rate: st.learning_rate,
@@ -502,8 +539,8 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
             loss_chunk_tokens: st.loss_chunk_tokens,
             ..Default::default()
         },
-        tokens: tokens.clone(),
         tokenizer_id,
+        caption_encoder_id,
         min_rows_to_start: st.rows_to_start,
         rows_per_step: 1,
         output_dir: spec.output.join("student"),
@@ -514,8 +551,6 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
         supervisor_dir: sup.path.clone(),
         supervisor_variant: sup.variant.clone(),
         supervisor_sampling: sampling,
-        student_dir: st.path.clone(),
-        vq_dir: spec.vq_dir().to_path_buf(),
         student_sampling: StudentSampling {
             grid: (st.resolution / factor) as i64,
             image: ImageSampling {
@@ -524,10 +559,11 @@ pub fn resolve(spec: &JobSpec, job_id: &str) -> anyhow::Result<StagePlan> {
                 top_p: st.sampling.top_p,
                 temperature: st.sampling.temperature,
             },
-            tokens,
+            tokens: student.tokens.clone(),
             bf16: st.precision == Precision::Bf16,
             batch: st.sampling.batch,
         },
+        student: student.clone(),
         images_per_prompt: spec.evaluation.images_per_prompt,
         max_prompts: spec.evaluation.prompts,
         skip: spec.evaluation.skip,

@@ -310,20 +310,39 @@ pub enum StudentFamily {
     Chameleon,
     /// Lumina-mGPT (a Chameleon fine-tune; the same layout and prompt format).
     LuminaMgpt,
+    /// LlamaGen's T2I GPT over its VQ-16, conditioned on Flan-T5 states of the prompt.
+    Llamagen,
+}
+
+impl StudentFamily {
+    /// The model family behind the job's name for it.
+    pub fn model_family(self) -> proxytune_models::ar::student::StudentFamily {
+        use proxytune_models::ar::student::StudentFamily as F;
+        match self {
+            StudentFamily::Chameleon | StudentFamily::LuminaMgpt => F::Chameleon,
+            StudentFamily::Llamagen => F::LlamaGen,
+        }
+    }
 }
 
 /// The autoregressive student.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudentSpec {
-    /// `chameleon` or `lumina-mgpt`.
+    /// `chameleon`, `lumina-mgpt` or `llamagen`.
     pub family: StudentFamily,
-    /// The model folder (`config.json`, `model.safetensors` or shards with their index,
-    /// `tokenizer.json`).
+    /// The model folder: Chameleon's (`config.json`, `model.safetensors` or shards with their
+    /// index, `tokenizer.json`), or LlamaGen's GPT (`config.json` with the GPT's arguments,
+    /// `model.safetensors` from `tools/convert_llamagen.py`).
     pub path: PathBuf,
-    /// The folder holding the VQ decoder (`vq_decoder.safetensors`; default: `path`).
+    /// Chameleon: the folder holding the VQ decoder (`vq_decoder.safetensors`; default: `path`).
+    /// LlamaGen: the VQ-16 folder (`config.json`, `model.safetensors`; required).
     #[serde(default)]
     pub vq_path: Option<PathBuf>,
+    /// LlamaGen: the caption encoder, a transformers Flan-T5 folder (`config.json`,
+    /// `model.safetensors` or shards, `tokenizer.json`); required for LlamaGen.
+    #[serde(default)]
+    pub text_encoder_path: Option<PathBuf>,
     /// Image side in pixels; a multiple of the VQ's downsampling factor (Lumina-mGPT 768: 768).
     #[serde(default = "default_student_resolution")]
     pub resolution: u32,
@@ -337,9 +356,10 @@ pub struct StudentSpec {
     /// LoRA alpha (default: the rank).
     #[serde(default)]
     pub lora_alpha: Option<f64>,
-    /// Linear layers that get adapters.
-    #[serde(default = "default_student_targets")]
-    pub target_modules: Vec<String>,
+    /// Linear layers that get adapters (default: every attention and MLP projection of the
+    /// family: Chameleon's `q_proj` … `down_proj`, LlamaGen's `wqkv`, `wo`, `w1`, `w2`, `w3`).
+    #[serde(default)]
+    pub target_modules: Option<Vec<String>>,
     /// Fine-tune every weight instead of LoRA adapters.
     #[serde(default)]
     pub full: bool,
@@ -404,9 +424,7 @@ fn default_student_resolution() -> u32 {
 fn default_student_rank() -> i64 {
     8
 }
-fn default_student_targets() -> Vec<String> {
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()
-}
+
 fn default_student_lr() -> f64 {
     2e-5
 }
@@ -549,7 +567,7 @@ impl JobSpec {
         }
         fix(&mut self.supervisor.path);
         fix(&mut self.student.path);
-        if let Some(p) = &mut self.student.vq_path {
+        for p in [&mut self.student.vq_path, &mut self.student.text_encoder_path].into_iter().flatten() {
             fix(p);
         }
         for p in [&mut self.evaluation.dino, &mut self.evaluation.clip].into_iter().flatten() {
@@ -560,6 +578,21 @@ impl JobSpec {
     /// The folder that holds the student's VQ decoder.
     pub fn vq_dir(&self) -> &Path {
         self.student.vq_path.as_deref().unwrap_or(&self.student.path)
+    }
+
+    /// The student's LoRA target modules: the spec's, else the family's attention and MLP
+    /// projections.
+    pub fn student_targets(&self) -> Vec<String> {
+        if let Some(t) = &self.student.target_modules {
+            return t.clone();
+        }
+        let names: &[&str] = match self.student.family {
+            StudentFamily::Chameleon | StudentFamily::LuminaMgpt => {
+                &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            }
+            StudentFamily::Llamagen => &["wqkv", "wo", "w1", "w2", "w3"],
+        };
+        names.iter().map(|n| n.to_string()).collect()
     }
 }
 

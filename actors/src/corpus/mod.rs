@@ -113,13 +113,16 @@ impl Corpus {
 
     /// Tidies every table ([`CorpusTable::tidy`]), naming each one's newest version `tag`.
     pub async fn tidy(&self, tag: &str) -> Result<Vec<TidyReport>> {
-        use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
+        use proxytune_schemas::{
+            CaptionStates, ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens,
+        };
         Ok(vec![
             self.table::<ReferenceImage>().await?.tidy(tag).await?,
             self.table::<ClassPriorImage>().await?.tidy(tag).await?,
             self.table::<Supervisor>().await?.tidy(tag).await?,
             self.table::<Proxy>().await?.tidy(tag).await?,
             self.table::<VqTokens>().await?.tidy(tag).await?,
+            self.table::<CaptionStates>().await?.tidy(tag).await?,
             self.table::<EvalSample>().await?.tidy(tag).await?,
         ])
     }
@@ -129,7 +132,9 @@ impl Corpus {
     /// up to `target_rows_per_fragment` rows (at 100k proxies, 12,500 fragments become about
     /// a hundred), so scans and replays open a few files, not thousands.
     pub async fn compact(&self, target_rows_per_fragment: usize) -> Result<Vec<CompactionReport>> {
-        use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens};
+        use proxytune_schemas::{
+            CaptionStates, ClassPriorImage, EvalSample, Proxy, ReferenceImage, Supervisor, VqTokens,
+        };
         async fn one<T: Table>(corpus: &Corpus, rows: usize) -> Result<Option<CompactionReport>> {
             let mut table = corpus.table::<T>().await?;
             if table.version().is_none() {
@@ -144,6 +149,7 @@ impl Corpus {
             one::<Supervisor>(self, rows).await?,
             one::<Proxy>(self, rows).await?,
             one::<VqTokens>(self, rows).await?,
+            one::<CaptionStates>(self, rows).await?,
             one::<EvalSample>(self, rows).await?,
         ]
         .into_iter()

@@ -10,20 +10,26 @@
 //! the newest (weights, optimiser state, step) and checks that its input repeats those rows in the
 //! same order (the proxy writer's `replay_stored`) before it steps on. At the end the adapter
 //! (PEFT layout) and `run.json` (steps, losses, rows consumed) are written to `output_dir`.
+//!
+//! The student is any family behind [`TrainableStudent`]. Input 0 carries the token rows; a
+//! student that conditions on caption states (LlamaGen) takes them on input 1, one row per prompt
+//! ([`CaptionStates`] from the tokenize stage or the corpus), and a step waits until every row it
+//! may draw from has its prompt's states, so the draws stay a function of the seed and the row
+//! order alone.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
-use proxytune_models::ar::lumina::{t2i_instruction, LuminaTokens};
-use proxytune_models::ar::train::{ArExample, ArTrainConfig, ArTrainer, ChameleonStudent};
+use proxytune_models::ar::student::{self, StudentFiles, TrainableStudent};
+use proxytune_models::ar::train::{ArExample, ArTrainConfig, ArTrainer};
 use proxytune_models::checkpoint;
 use proxytune_models::device::parse_device;
-use proxytune_models::lora::{save_config, save_lora, LoraConfig};
+use proxytune_models::lora::LoraConfig;
 use proxytune_models::rng::{Draws, Stream};
-use proxytune_models::tokenizer::hf::HfTokenizer;
-use proxytune_schemas::{Table, VqTokens};
+use proxytune_schemas::{CaptionStates, Table, VqTokens};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -34,8 +40,8 @@ use crate::runtime::{Context, Metrics, Operator, Output, Signal};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArTrainerConfig {
-    /// The student checkpoint folder (`config.json`, `model.safetensors`, `tokenizer.json`).
-    pub student_dir: PathBuf,
+    /// The student's folders and family.
+    pub student: StudentFiles,
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -43,11 +49,11 @@ pub struct ArTrainerConfig {
     pub lora: Option<LoraConfig>,
     /// The optimisation.
     pub train: ArTrainConfig,
-    /// The T2I structure tokens.
-    #[serde(default)]
-    pub tokens: LuminaTokens,
     /// Only rows of this VQ tokenizer are accepted.
     pub tokenizer_id: String,
+    /// Only caption rows of this encoder are accepted (a student with a caption encoder).
+    #[serde(default)]
+    pub caption_encoder_id: Option<String>,
     /// Rows needed before the first step.
     pub min_rows_to_start: usize,
     /// How many more rows each further step may draw from.
@@ -87,8 +93,11 @@ pub struct ArTrainerStats {
 /// The AR student's trainer as an actor.
 pub struct ArTrainerActor {
     config: ArTrainerConfig,
-    state: Option<(ChameleonStudent, ArTrainer, HfTokenizer)>,
-    rows: Vec<(String, ArExample)>,
+    state: Option<(Box<dyn TrainableStudent>, ArTrainer)>,
+    /// Key, prompt and example of every row received, in order.
+    rows: Vec<(String, String, ArExample)>,
+    /// Each prompt's caption states (students that condition on them).
+    captions: HashMap<String, Arc<student::CaptionStates>>,
     /// Keys of the rows the resumed checkpoint had received, which the input must repeat.
     resumed_keys: Vec<String>,
     input_closed: bool,
@@ -111,6 +120,7 @@ impl ArTrainerActor {
             config,
             state: None,
             rows: Vec::new(),
+            captions: HashMap::new(),
             resumed_keys: Vec::new(),
             input_closed: false,
             stats: stats.clone(),
@@ -135,9 +145,22 @@ impl ArTrainerActor {
         }
     }
 
+    /// The first of the first `n` rows whose prompt has no caption states yet, for a student
+    /// that needs them.
+    fn uncaptioned(&self, n: usize) -> Option<&str> {
+        let (student, _) = self.state.as_ref()?;
+        if !student.needs_captions() {
+            return None;
+        }
+        self.rows[..n].iter().map(|(_, p, _)| p.as_str()).find(|p| !self.captions.contains_key(*p))
+    }
+
     fn ready(&self) -> bool {
         match &self.state {
-            Some((_, trainer, _)) => !trainer.finished() && self.window(trainer.step_count()).is_some(),
+            Some((_, trainer)) => {
+                !trainer.finished()
+                    && self.window(trainer.step_count()).is_some_and(|n| self.uncaptioned(n).is_none())
+            }
             None => false,
         }
     }
@@ -145,12 +168,15 @@ impl ArTrainerActor {
     fn step(&mut self) -> Result<()> {
         let k = self.state.as_ref().expect("started").1.step_count();
         let n = self.window(k).expect("ready() checked");
-        let (student, trainer, _) = self.state.as_mut().expect("started");
+        let (student, trainer) = self.state.as_mut().expect("started");
         let picks = Draws::new(trainer.config().seed, Stream::Shuffle, k)
             .below(n as u64, trainer.examples_per_step());
-        let batch: Vec<ArExample> = picks.iter().map(|&i| self.rows[i as usize].1.clone()).collect();
+        let picked: Vec<&(String, String, ArExample)> =
+            picks.iter().map(|&i| &self.rows[i as usize]).collect();
+        let batch: Vec<ArExample> = picked.iter().map(|r| r.2.clone()).collect();
+        let captions: Vec<_> = picked.iter().map(|r| self.captions.get(&r.1).cloned()).collect();
         let (t0, started_us) = (Instant::now(), proxytune_schemas::now_us());
-        let losses = trainer.train_step(student, &batch)?;
+        let losses = student.train_step(trainer, &batch, &captions)?;
         self.meters.record(
             &[losses.cross_entropy, losses.z_loss, losses.total],
             losses.learning_rate,
@@ -173,14 +199,40 @@ impl ArTrainerActor {
         serde_json::json!({
             "corpus_version": self.config.corpus_version,
             "rows_received": self.rows.len(),
-            "row_keys": self.rows.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            "row_keys": self.rows.iter().map(|(k, _, _)| k.as_str()).collect::<Vec<_>>(),
         })
     }
 
     fn save_checkpoint(&self) -> Result<()> {
-        let (student, trainer, _) = self.state.as_ref().expect("started");
-        let path = trainer.save_checkpoint(student, &self.checkpoints_dir(), self.data_position())?;
+        let (student, trainer) = self.state.as_ref().expect("started");
+        let path = student.save_checkpoint(trainer, &self.checkpoints_dir(), self.data_position())?;
         self.stats.lock().expect("trainer stats").checkpoints.push(path);
+        Ok(())
+    }
+}
+
+impl ArTrainerActor {
+    /// Caption rows (input 1): each prompt's states, under the configured encoder.
+    fn take_captions(&mut self, batch: &RecordBatch) -> Result<()> {
+        for row in CaptionStates::from_batch(batch)? {
+            let input = || format!("captions row {}", row.key());
+            if self.config.caption_encoder_id.as_deref() != Some(row.encoder_id.as_str()) {
+                return Err(Error::BadInput {
+                    input: input(),
+                    message: format!(
+                        "encoder `{}`, this student takes {:?}",
+                        row.encoder_id, self.config.caption_encoder_id
+                    ),
+                });
+            }
+            let states = student::CaptionStates::from_bf16_bytes(
+                row.tokens as usize,
+                row.dim as usize,
+                &row.states_bf16,
+                &input(),
+            )?;
+            self.captions.insert(row.prompt, Arc::new(states));
+        }
         Ok(())
     }
 }
@@ -191,10 +243,14 @@ impl Operator for ArTrainerActor {
         let device = parse_device(&c.device)?;
         // A bf16 run's frozen base is built in bfloat16, never in float32.
         let kind = c.train.precision.kind();
-        let mut student =
-            ChameleonStudent::load_in(&c.student_dir, device, c.lora.as_ref(), c.tokens.clone(), kind)?;
-        let mut trainer = ArTrainer::new(&mut student, c.train.clone())?;
-        let tokenizer = HfTokenizer::from_file(&c.student_dir.join("tokenizer.json"))?;
+        let mut student = c.student.load_trainable(device, c.lora.as_ref(), kind)?;
+        if student.needs_captions() && c.caption_encoder_id.is_none() {
+            return Err(Error::BadInput {
+                input: "ar_trainer.caption_encoder_id".into(),
+                message: "the student conditions on caption states, whose encoder must be named".into(),
+            });
+        }
+        let mut trainer = student.trainer(c.train.clone())?;
         if let Some(ckpt) = checkpoint::latest(&self.checkpoints_dir())? {
             let state = trainer.resume(&ckpt)?;
             self.resumed_keys = state.data["row_keys"]
@@ -204,19 +260,21 @@ impl Operator for ArTrainerActor {
             tracing::info!(checkpoint = %ckpt.display(), step = state.step, rows = self.resumed_keys.len(), "student training resumes");
         }
         self.stats.lock().expect("trainer stats").steps = trainer.step_count();
-        self.state = Some((student, trainer, tokenizer));
+        self.state = Some((student, trainer));
         Ok(())
     }
 
     fn process_batch(
         &mut self,
-        _input: usize,
+        input: usize,
         batch: RecordBatch,
         _ctx: &mut Context,
         _out: &mut Output,
     ) -> Result<()> {
-        let (student, _, tokenizer) = self.state.as_ref().expect("started");
-        let factor = student.model.vq.downsample_factor();
+        if input == 1 {
+            return self.take_captions(&batch);
+        }
+        let (student, _) = self.state.as_ref().expect("started");
         for row in VqTokens::from_batch(&batch)? {
             if row.tokenizer_id != self.config.tokenizer_id {
                 return Err(Error::BadInput {
@@ -228,13 +286,10 @@ impl Operator for ArTrainerActor {
                 });
             }
             let (rows, cols) = (row.grid_height as i64, row.grid_width as i64);
-            let instruction = t2i_instruction(&row.prompt, (cols * factor) as u32, (rows * factor) as u32);
-            let codes: Vec<i64> = row.tokens.iter().map(|&t| t as i64).collect();
-            let codes = tch::Tensor::from_slice(&codes);
-            let image_tokens = Vec::<i64>::try_from(student.model.image_vocab.codes_to_tokens(&codes))
-                .map_err(proxytune_models::ModelError::from)?;
-            let example = ArExample { text_ids: tokenizer.encode(&instruction)?, image_tokens, rows, cols };
             let key = row.key().to_string();
+            let example = student.example(&row.prompt, &row.tokens, rows, cols).map_err(|e| {
+                Error::BadInput { input: format!("vq_tokens row {key}"), message: e.to_string() }
+            })?;
             if let Some(expected) = self.resumed_keys.get(self.rows.len()) {
                 if *expected != key {
                     return Err(Error::BadInput {
@@ -246,7 +301,7 @@ impl Operator for ArTrainerActor {
                     });
                 }
             }
-            self.rows.push((key, example));
+            self.rows.push((key, row.prompt, example));
         }
         self.stats.lock().expect("trainer stats").rows_received = self.rows.len();
         Ok(())
@@ -281,17 +336,17 @@ impl Operator for ArTrainerActor {
         while self.ready() && !ctx.stop_requested() {
             self.step()?;
         }
-        self.save_checkpoint()?;
-        let (student, trainer, _) = self.state.as_ref().expect("started");
-        if let Some(lora) = &student.lora {
-            save_lora(
-                &student.adapters,
-                lora,
-                "base_model.model",
-                &self.config.output_dir.join("adapter_model.safetensors"),
-            )?;
-            save_config(lora, &self.config.output_dir)?;
+        if let Some(prompt) = self.uncaptioned(self.rows.len()) {
+            if !ctx.stop_requested() {
+                return Err(Error::BadInput {
+                    input: format!("the student's input ({} rows)", self.rows.len()),
+                    message: format!("ended without the caption states of the prompt {prompt:?}"),
+                });
+            }
         }
+        self.save_checkpoint()?;
+        let (student, trainer) = self.state.as_ref().expect("started");
+        student.save_adapter(&self.config.output_dir)?;
         let stats = self.stats.lock().expect("trainer stats").clone();
         let run = serde_json::json!({
             "steps": trainer.step_count(),

@@ -3,13 +3,19 @@
 //! by the student's VQ encoder ([`VqEncoder`]: Chameleon's, loaded alone from the student
 //! checkpoint, or LlamaGen's VQ-16). Rows are keyed by (proxy, tokenizer), so written to the
 //! corpus they let a replay train without re-encoding.
+//!
+//! For a student that conditions on a caption encoder's states (LlamaGen: Flan-T5), each prompt's
+//! states are computed the first time one of its proxies passes and emitted on port 1
+//! ([`CaptionStates`] rows, keyed by prompt and encoder), before the token rows on port 0: the
+//! corpus stores them once per prompt and the trainer takes them from there.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
 
 use arrow_array::RecordBatch;
-use proxytune_models::ar::vq::{VqEncoder, VqFamily};
+use proxytune_models::ar::student::{Captioner, StudentFiles};
+use proxytune_models::ar::vq::VqEncoder;
 use proxytune_models::device::parse_device;
-use proxytune_schemas::{now_us, Proxy, Table, VqTokens};
+use proxytune_schemas::{now_us, CaptionStates, Proxy, Table, VqTokens};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -20,14 +26,18 @@ use crate::stages::intake::images_to_square_batch;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeConfig {
-    /// The folder of the VQ: the Chameleon student checkpoint (`config.json`, `model.safetensors`
-    /// or its shards, with `model.vqmodel.*`), or LlamaGen's VQ-16 folder.
-    pub student_dir: PathBuf,
-    /// The VQ's family.
-    #[serde(default)]
-    pub family: VqFamily,
+    /// The student: its VQ encoder (Chameleon's inside its checkpoint, or LlamaGen's VQ-16) and
+    /// its caption encoder, if it has one.
+    pub student: StudentFiles,
     /// Id (and version) of the tokenizer, written into every row.
     pub tokenizer_id: String,
+    /// Id (and version) of the caption encoder, written into every caption row (needed when the
+    /// student has a caption encoder).
+    #[serde(default)]
+    pub caption_encoder_id: Option<String>,
+    /// Run the caption encoder in bfloat16 (its states are stored in bfloat16 either way).
+    #[serde(default)]
+    pub caption_bf16: bool,
     /// Image side the tokenizer takes (Chameleon: 512).
     pub resolution: u32,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -50,12 +60,42 @@ fn yes() -> bool {
 pub struct Tokenize {
     config: TokenizeConfig,
     vq: Option<VqEncoder>,
+    captioner: Option<(Captioner, String)>,
+    captioned: HashSet<String>,
 }
 
 impl Tokenize {
-    /// A step; the encoder loads on its thread when the job starts.
+    /// A step; the encoders load on its thread when the job starts.
     pub fn new(config: TokenizeConfig) -> Self {
-        Tokenize { config, vq: None }
+        Tokenize { config, vq: None, captioner: None, captioned: HashSet::new() }
+    }
+
+    /// The caption rows of the prompts of `proxies` not captioned yet.
+    fn new_captions(&mut self, proxies: &[Proxy]) -> Result<Vec<CaptionStates>> {
+        let Some((captioner, encoder_id)) = &self.captioner else { return Ok(Vec::new()) };
+        let mut prompts: Vec<&str> = Vec::new();
+        for p in proxies {
+            if !self.captioned.contains(&p.prompt) && !prompts.contains(&p.prompt.as_str()) {
+                prompts.push(&p.prompt);
+            }
+        }
+        let created_at_us = now_us();
+        let rows: Vec<CaptionStates> = captioner
+            .encode(&prompts)?
+            .into_iter()
+            .zip(&prompts)
+            .map(|(states, prompt)| CaptionStates {
+                prompt: prompt.to_string(),
+                encoder_id: encoder_id.clone(),
+                job_id: proxies[0].job_id.clone(),
+                tokens: states.tokens as u32,
+                dim: states.dim as u32,
+                states_bf16: states.to_bf16_bytes(),
+                created_at_us,
+            })
+            .collect();
+        self.captioned.extend(rows.iter().map(|r| r.prompt.clone()));
+        Ok(rows)
     }
 }
 
@@ -70,7 +110,15 @@ pub fn square(img: image::DynamicImage) -> image::RgbImage {
 impl Operator for Tokenize {
     fn on_start(&mut self, _ctx: &mut Context, _out: &mut Output) -> Result<()> {
         let device = parse_device(&self.config.device)?;
-        let vq = VqEncoder::load(self.config.family, &self.config.student_dir, device)?;
+        let vq = self.config.student.load_vq_encoder(device)?;
+        let kind = if self.config.caption_bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
+        if let Some(captioner) = self.config.student.load_captioner(device, kind)? {
+            let id = self.config.caption_encoder_id.clone().ok_or_else(|| Error::BadInput {
+                input: "tokenize.caption_encoder_id".into(),
+                message: "the student has a caption encoder, whose rows need an id".into(),
+            })?;
+            self.captioner = Some((captioner, id));
+        }
         let f = vq.downsample_factor() as u32;
         if self.config.resolution == 0 || !self.config.resolution.is_multiple_of(f) {
             return Err(Error::BadInput {
@@ -108,6 +156,10 @@ impl Operator for Tokenize {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let captions = self.new_captions(&proxies)?;
+        if !captions.is_empty() {
+            out.emit_to(1, CaptionStates::to_batch(&captions)?);
+        }
         let vq = self.vq.as_ref().expect("started");
         let pixels = images_to_square_batch(&images, self.config.resolution as i64, vq.device())? * 2.0 - 1.0;
         let codes = vq.encode(&pixels)?; // [B, h, w]

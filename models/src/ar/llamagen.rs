@@ -270,6 +270,11 @@ impl LlamaGen {
         &self.config
     }
 
+    /// The device its weights are on.
+    pub fn device(&self) -> Device {
+        self.rope.device()
+    }
+
     /// Caption embeddings `[B, cls, dim]`; rows with `drop[i]` use the unconditional embedding.
     pub fn embed_caption(&self, caption: &Tensor, drop: &[bool]) -> Result<Tensor> {
         let c = &self.config;

@@ -448,6 +448,17 @@ impl ArTrainer {
         root: &Path,
         data: serde_json::Value,
     ) -> Result<PathBuf> {
+        self.save_checkpoint_of(&student.adapters, student.lora.as_ref(), root, data)
+    }
+
+    /// [`ArTrainer::save_checkpoint`] for any student: its adapters' store and config.
+    pub fn save_checkpoint_of(
+        &self,
+        adapters: &nn::VarStore,
+        lora: Option<&LoraConfig>,
+        root: &Path,
+        data: serde_json::Value,
+    ) -> Result<PathBuf> {
         let state = ArCheckpointState {
             step: self.step,
             next_micro_step: self.step * self.config.gradient_accumulation_steps,
@@ -463,14 +474,9 @@ impl ArTrainer {
             &self.optimizer,
             None,
             &state,
-            |dir| match &student.lora {
+            |dir| match lora {
                 Some(lora) => {
-                    save_lora(
-                        &student.adapters,
-                        lora,
-                        "base_model.model",
-                        &dir.join("adapter_model.safetensors"),
-                    )?;
+                    save_lora(adapters, lora, "base_model.model", &dir.join("adapter_model.safetensors"))?;
                     // With its config beside it, the checkpoint's adapter loads on its own.
                     crate::lora::save_config(lora, dir)
                 }
