@@ -704,3 +704,195 @@ scorers = "cpu"
     }
     assert!(!jobs.join("unused").exists());
 }
+
+/// The LlamaGen student through the binary at tiny reference-layout configs (SD 1.x supervisor;
+/// LlamaGen GPT, VQ-16 and Flan-T5-layout encoder; `sks`, because the tiny T5 vocabulary, learnt
+/// from the DreamBench prompts, has no `z`): `--check` reads all three, the job streams
+/// (the student's first step comes before the last proxy), the corpus stores each kept prompt's
+/// T5 states once beside the token rows, the direct baseline trains on the references under the
+/// instance prompt's states, and a job killed (SIGKILL) while the student trains resumes from its
+/// checkpoint and ends with the adapter, bit for bit, of an uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_llamagen_student_job_streams_and_resumes_after_a_kill_as_an_uninterrupted_run() {
+    use proxytune_schemas::{CaptionStates, Table};
+    let tmp = tempfile::tempdir().unwrap();
+    let gpt = tmp.path().join("llamagen_gpt");
+    crate::support::llamagen_gpt_tiny(&gpt, 11);
+    let prompts = tmp.path().join("prompts.txt");
+    let templates =
+        ["a {} on the beach", "a {} in the snow", "a red {}", "a {} in the jungle", "a {} on a table"];
+    std::fs::write(&prompts, templates.join("\n")).unwrap();
+    let steps = 20;
+    let spec = |out: &Path| {
+        format!(
+            r#"
+output = "{out}"
+[subject]
+name = "backpack"
+photos = "{photos}"
+class_noun = "rucksack"
+identifier = "sks"
+prompts = "{prompts}"
+[supervisor]
+family = "sd1"
+path = "{sup}"
+resolution = 48
+steps = 3
+batch = 2
+[supervisor.dreambooth]
+steps = 4
+class_images = 2
+checkpoint_every = 2
+[proxies]
+per_prompt = 4
+[student]
+family = "llamagen"
+path = "{gpt}"
+vq_path = "{vq}"
+text_encoder_path = "{t5}"
+resolution = 16
+steps = {steps}
+batch = 2
+rows_to_start = 2
+checkpoint_every = 2
+sampling = {{ top_k = 16, guidance = 2.0 }}
+[evaluation]
+images_per_prompt = 1
+prompts = 2
+baselines = ["direct-lora"]
+[devices]
+supervisor = "cpu"
+student = "cpu"
+scorers = "cpu"
+"#,
+            out = out.display(),
+            photos = dreambench().join("backpack").display(),
+            prompts = prompts.display(),
+            sup = fixture("sd_tiny").display(),
+            gpt = gpt.display(),
+            vq = fixture("llamagen_vq_tiny").display(),
+            t5 = fixture("t5_tiny").display(),
+        )
+    };
+    let (interrupted, uninterrupted) = (tmp.path().join("interrupted"), tmp.path().join("uninterrupted"));
+    let write = |name: &str, out: &Path| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, spec(out)).unwrap();
+        path
+    };
+    let (a, b) = (write("a.toml", &interrupted), write("b.toml", &uninterrupted));
+
+    let (code, out) = check(tmp.path(), &spec(&interrupted));
+    assert_eq!(code, 0, "{out}");
+    for part in ["LlamaGen GPT", "16 caption positions", "VQ-16", "T5 encoder", "8×8 codes, 64 image tokens"]
+    {
+        assert!(out.contains(part), "--check names {part}: {out}");
+    }
+    // A resolution the GPT's grid does not make, and no T5, are named.
+    let wrong = spec(&interrupted)
+        .replace("resolution = 16", "resolution = 32")
+        .replace(&format!("text_encoder_path = \"{}\"\n", fixture("t5_tiny").display()), "");
+    let (code, out) = check(tmp.path(), &wrong);
+    assert_eq!(code, 1, "{out}");
+    let found = problems(&out);
+    assert_eq!(found.len(), 2, "{out}");
+    assert!(found[0].starts_with("student.resolution: 32 px: the GPT generates a 8×8 grid"), "{out}");
+    assert!(found[1].starts_with("student.text_encoder_path: missing"), "{out}");
+    // An identifier the T5 vocabulary cannot spell is named too (real Flan-T5 spells `zwx`).
+    let (code, out) =
+        check(tmp.path(), &spec(&interrupted).replace("identifier = \"sks\"", "identifier = \"zwx\""));
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        problems(&out),
+        ["subject.identifier: `zwx`: the T5 tokenizer makes an unknown token of it"],
+        "{out}"
+    );
+
+    // Killed once the student has checkpointed a few steps, then run again on the same output.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxytune"))
+        .arg("run")
+        .arg(&a)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The newest checkpoint's step (older ones are pruned as newer ones land).
+    let checkpointed = || -> u64 {
+        std::fs::read_dir(interrupted.join("student/checkpoints"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    while checkpointed() < 4 {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before its student checkpointed");
+        assert!(started.elapsed() < std::time::Duration::from_secs(300), "no student checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!interrupted.join("report/report.json").exists(), "killed before the job ended");
+    let resumed = Command::new(env!("CARGO_BIN_EXE_proxytune")).arg("run").arg(&a).output().unwrap();
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{log}");
+    assert!(log.contains("student training resumes"), "{log}");
+    let whole = Command::new(env!("CARGO_BIN_EXE_proxytune")).arg("run").arg(&b).output().unwrap();
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
+
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(interrupted.join("student/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run["steps"], steps);
+    assert!((run["losses_this_run"].as_array().unwrap().len() as u64) < steps, "it resumed: {run}");
+    for adapter in ["student/adapter_model.safetensors", "student_direct/adapter_model.safetensors"] {
+        let (x, y) = (
+            std::fs::read(interrupted.join(adapter)).unwrap(),
+            std::fs::read(uninterrupted.join(adapter)).unwrap(),
+        );
+        assert!(x == y, "{adapter} differs from the uninterrupted run's");
+    }
+
+    let corpus = Corpus::open(interrupted.join("corpus")).unwrap();
+    let proxies: Vec<Proxy> = corpus.table::<Proxy>().await.unwrap().read_rows(None).await.unwrap();
+    assert_eq!(proxies.len(), 6 * 4, "the subject prompt and 5 templates, 4 each, each once");
+    let vq: Vec<VqTokens> = corpus.table::<VqTokens>().await.unwrap().read_rows(None).await.unwrap();
+    let kept: Vec<&Proxy> = proxies.iter().filter(|p| p.keep == Some(true)).collect();
+    assert_eq!(vq.len(), kept.len());
+    assert!(vq
+        .iter()
+        .all(|r| (r.grid_height, r.grid_width) == (8, 8) && r.tokenizer_id.starts_with("llamagen-vq:")));
+    // One caption row per kept prompt, under one encoder id.
+    let captions: Vec<CaptionStates> =
+        corpus.table::<CaptionStates>().await.unwrap().read_rows(None).await.unwrap();
+    let kept_prompts: std::collections::BTreeSet<&str> = kept.iter().map(|p| p.prompt.as_str()).collect();
+    let captioned: std::collections::BTreeSet<&str> = captions.iter().map(|c| c.prompt.as_str()).collect();
+    assert_eq!(captions.len(), captioned.len(), "each prompt once");
+    assert_eq!(captioned, kept_prompts);
+    assert!(captions.iter().all(|c| c.dim == 32 && c.tokens > 1 && c.encoder_id.starts_with("t5:")));
+    // The student trained on every token row, each once, while generation went on.
+    let keys: Vec<&str> =
+        run["data"]["row_keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    let unique: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
+    let stored: std::collections::BTreeSet<String> =
+        vq.iter().map(|r| r.key().as_str().to_string()).collect();
+    assert_eq!(unique.len(), keys.len());
+    assert_eq!(unique.iter().map(|k| k.to_string()).collect::<std::collections::BTreeSet<_>>(), stored);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(uninterrupted.join("report/report.json")).unwrap())
+            .unwrap();
+    let stages = &report["stages"];
+    let first_step = stages["student"]["first_step_at_us"].as_i64().unwrap();
+    let last_proxy = stages["proxies"]["last_generated_at_us"].as_i64().unwrap();
+    assert!(first_step < last_proxy, "the student started before the last proxy: {stages}");
+    let direct = &report["baselines"]["direct-lora"];
+    assert_eq!(direct["rows_trained_on"].as_array().unwrap().len(), 6, "{direct}");
+    let models = report["evaluation"]["models"].as_array().unwrap();
+    assert_eq!(models.len(), 4, "untuned student, supervisor, tuned student, direct baseline");
+    for m in models {
+        assert_eq!(m["scores"]["samples"], 2, "{m}");
+        assert!(m["scores"]["metrics"]["FEAT-I"].as_f64().is_some_and(|v| v.is_finite()), "{m}");
+    }
+}

@@ -94,7 +94,7 @@ pub fn llamagen_gpt_tiny(dir: &std::path::Path, seed: i64) {
     // The reference zeroes the output layer; a drawn one makes the untuned GPT's samples vary.
     tch::no_grad(|| {
         let mut w = vs.variables()["output.weight"].shallow_clone();
-        let _ = w.copy_(&(tch::Tensor::randn_like(&w) * 0.02));
+        w.copy_(&(tch::Tensor::randn_like(&w) * 0.02));
     });
     proxytune_models::weights::save_safetensors(&vs, &dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();

@@ -364,6 +364,36 @@ pub fn clip_text(cfg: &ClipTextConfig, prefix: &str, projection: bool) -> Shapes
     out
 }
 
+/// The variables of a T5 encoder (transformers' `T5EncoderModel` keys, without the tied
+/// `encoder.embed_tokens.weight`), from its config.
+pub fn t5_encoder(cfg: &crate::transformer::t5::T5Config) -> crate::error::Result<Shapes> {
+    let (_, gated) = cfg.feed_forward()?;
+    let mut out = Shapes::new();
+    let (d, inner, ff) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff);
+    put(&mut out, "shared.weight".into(), &[cfg.vocab_size, d]);
+    for i in 0..cfg.num_layers {
+        let b = format!("encoder.block.{i}.layer");
+        for name in ["q", "k", "v"] {
+            linear(&mut out, &format!("{b}.0.SelfAttention.{name}"), d, inner, false);
+        }
+        linear(&mut out, &format!("{b}.0.SelfAttention.o"), inner, d, false);
+        put(&mut out, format!("{b}.0.layer_norm.weight"), &[d]);
+        let names: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
+        for name in names {
+            linear(&mut out, &format!("{b}.1.DenseReluDense.{name}"), d, ff, false);
+        }
+        linear(&mut out, &format!("{b}.1.DenseReluDense.wo"), ff, d, false);
+        put(&mut out, format!("{b}.1.layer_norm.weight"), &[d]);
+    }
+    put(
+        &mut out,
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight".into(),
+        &[cfg.relative_attention_num_buckets, cfg.num_heads],
+    );
+    put(&mut out, "encoder.final_layer_norm.weight".into(), &[d]);
+    Ok(out)
+}
+
 /// The variables of LlamaGen's T2I GPT (the reference state dict's keys), from its arguments.
 pub fn llamagen(cfg: &crate::ar::llamagen::LlamaGenConfig) -> Shapes {
     let mut out = Shapes::new();

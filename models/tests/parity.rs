@@ -1070,7 +1070,10 @@ fn t5_encoders_match_transformers_in_both_feed_forward_variants_and_in_bf16() {
         let dir = fixture(name);
         let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
         let (ids, mask) = (&io["input_ids"], &io["attention_mask"]);
-        let (_vs, t5) = T5Encoder::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();
+        let (vs, t5) = T5Encoder::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();
+        // `run --check`'s shapes, computed from the config alone, are the built encoder's.
+        let computed = proxytune_models::shapes::t5_encoder(t5.config()).unwrap();
+        assert_eq!(computed, proxytune_models::shapes::of_store(&vs), "{name}");
         let out = tch::no_grad(|| t5.forward(ids, Some(mask)));
         let err = max_abs(&out, &io["last_hidden_state"]);
         eprintln!("{name} parity: max abs error {err:.2e}");

@@ -394,6 +394,175 @@ fn check_supervisor(spec: &JobSpec, r: &mut CheckReport) {
 }
 
 fn check_student(spec: &JobSpec, r: &mut CheckReport) {
+    match spec.student.family.model_family() {
+        proxytune_models::ar::student::StudentFamily::Chameleon => check_chameleon(spec, r),
+        proxytune_models::ar::student::StudentFamily::LlamaGen => check_llamagen(spec, r),
+    }
+    let s = &spec.student;
+    if s.precision == Precision::Fp16 {
+        r.problem("student.precision", "fp16 is not supported; use bf16 or fp32");
+    }
+    if s.sampling.batch == 0 {
+        r.problem("student.sampling.batch", "must be at least 1 (images sampled at once)");
+    }
+    if s.full {
+        r.problem("student.full", "a fully fine-tuned student is not exported for evaluation yet; use LoRA");
+    }
+    if s.full && s.precision == Precision::Bf16 {
+        r.problem("student.precision", "bf16 training needs LoRA (full = false)");
+    }
+}
+
+/// LlamaGen: the GPT's checkpoint against its arguments, the VQ-16 against its config, the T5
+/// encoder against its config with its tokenizer, and the sizes that must agree between them.
+fn check_llamagen(spec: &JobSpec, r: &mut CheckReport) {
+    use proxytune_models::ar::llamagen::LlamaGenConfig;
+    use proxytune_models::ar::llamagen_vq::{LlamaGenVq, LlamaGenVqConfig};
+    use proxytune_models::tokenizer::hf::CaptionTokenizer;
+    use proxytune_models::transformer::t5::T5Config;
+    let s = &spec.student;
+    if s.activation_checkpointing || s.loss_chunk_tokens > 0 {
+        r.problem(
+            "student.activation_checkpointing",
+            "activation checkpointing and loss chunks are Chameleon's; LlamaGen trains without them",
+        );
+    }
+    let gpt: Option<LlamaGenConfig> = match read_json(&s.path.join("config.json")) {
+        Ok(cfg) => Some(cfg),
+        Err(e) => {
+            r.problem("student.path", format!("LlamaGen's GPT arguments: {e}"));
+            None
+        }
+    };
+    if let Some(cfg) = &gpt {
+        match headers(&s.path, &["model"], None) {
+            Err(e) => r.problem("student.path", e),
+            Ok((files, header)) => {
+                let expected = shapes::llamagen(cfg);
+                for p in shapes::compare(&expected, &header, "", true) {
+                    r.problem("student.path", format!("GPT: {p}"));
+                }
+                let n = shapes::parameters(&expected);
+                r.load(
+                    "student",
+                    format!(
+                        "LlamaGen GPT {} parameters ({} in {}) from {} file(s), {} caption positions",
+                        human(n),
+                        gib(n * bytes_per_parameter(s.precision)),
+                        precision_name(s.precision),
+                        files.len(),
+                        cfg.cls_token_num
+                    ),
+                );
+            }
+        }
+    }
+    // The VQ-16: encoder and decoder in one folder.
+    match &s.vq_path {
+        None => r.problem("student.vq_path", "missing: LlamaGen's VQ-16 folder"),
+        Some(dir) => match LlamaGenVqConfig::from_json(&dir.join("config.json")) {
+            Err(e) => r.problem("student.vq_path", e),
+            Ok(vq_cfg) => {
+                let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                match (LlamaGenVq::new(vs.root(), &vq_cfg), headers(dir, &["model"], None)) {
+                    (Err(e), _) => r.problem("student.vq_path", e),
+                    (_, Err(e)) => r.problem("student.vq_path", e),
+                    (Ok(vq), Ok((_, header))) => {
+                        for p in shapes::compare(&of_store(&vs), &header, "", true) {
+                            r.problem("student.vq_path", format!("VQ: {p}"));
+                        }
+                        r.load(
+                            "student",
+                            format!("VQ-16 {} parameters", human(shapes::parameters(&of_store(&vs)))),
+                        );
+                        if let Some(cfg) = &gpt {
+                            if vq_cfg.codebook_size != cfg.vocab_size {
+                                r.problem(
+                                    "student.vq_path",
+                                    format!(
+                                        "the VQ has {} codes, the GPT's vocabulary {}",
+                                        vq_cfg.codebook_size, cfg.vocab_size
+                                    ),
+                                );
+                            }
+                            let f = vq.downsample_factor() as u32;
+                            let grid = cfg.grid_size as u32;
+                            if s.resolution != grid * f {
+                                r.problem(
+                                    "student.resolution",
+                                    format!(
+                                        "{} px: the GPT generates a {grid}×{grid} grid, {} px at the VQ's factor {f}",
+                                        s.resolution,
+                                        grid * f
+                                    ),
+                                );
+                            } else {
+                                r.load(
+                                    "student",
+                                    format!("{grid}×{grid} codes, {} image tokens a sample", grid * grid),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    }
+    // The caption encoder and its tokenizer.
+    let Some(dir) = &s.text_encoder_path else {
+        r.problem("student.text_encoder_path", "missing: the Flan-T5 folder LlamaGen's captions come from");
+        return;
+    };
+    let key = "student.text_encoder_path";
+    match T5Config::from_json(&dir.join("config.json")) {
+        Err(e) => r.problem(key, e),
+        Ok(t5) => {
+            match (shapes::t5_encoder(&t5), headers(dir, &["model"], None)) {
+                (Err(e), _) => r.problem(key, e),
+                (_, Err(e)) => r.problem(key, e),
+                (Ok(expected), Ok((files, header))) => {
+                    for p in shapes::compare(&expected, &header, "", false) {
+                        r.problem(key, format!("T5 encoder: {p}"));
+                    }
+                    let n = shapes::parameters(&expected);
+                    r.load(
+                        "student",
+                        format!("T5 encoder {} parameters from {} file(s)", human(n), files.len()),
+                    );
+                }
+            }
+            if let Some(cfg) = &gpt {
+                if t5.d_model != cfg.caption_dim {
+                    r.problem(
+                        key,
+                        format!(
+                            "its states are {}-d, the GPT takes {}-d captions",
+                            t5.d_model, cfg.caption_dim
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let length = gpt.as_ref().map_or(120, |c| c.cls_token_num as usize);
+    match CaptionTokenizer::from_file(&dir.join("tokenizer.json"), length, "<pad>") {
+        Err(e) => r.problem(key, e),
+        Ok(tok) => {
+            let unk =
+                HfTokenizer::from_file(&dir.join("tokenizer.json")).ok().and_then(|t| t.token_id("<unk>"));
+            match tok.encode(&spec.subject.identifier) {
+                Err(e) => r.problem("subject.identifier", format!("the T5 tokenizer cannot encode it: {e}")),
+                Ok(c) if c.input_ids.iter().any(|&i| Some(i) == unk) => r.problem(
+                    "subject.identifier",
+                    format!("`{}`: the T5 tokenizer makes an unknown token of it", spec.subject.identifier),
+                ),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+fn check_chameleon(spec: &JobSpec, r: &mut CheckReport) {
     let s = &spec.student;
     let dir = &s.path;
     let cfg = match ChameleonConfig::from_json(&dir.join("config.json")) {
@@ -530,18 +699,6 @@ fn check_student(spec: &JobSpec, r: &mut CheckReport) {
             }
             r.load("student", format!("{grid}×{grid} codes, {tokens} image tokens a sample"));
         }
-    }
-    if s.precision == Precision::Fp16 {
-        r.problem("student.precision", "fp16 is not supported; use bf16 or fp32");
-    }
-    if s.sampling.batch == 0 {
-        r.problem("student.sampling.batch", "must be at least 1 (images sampled at once)");
-    }
-    if s.full {
-        r.problem("student.full", "a fully fine-tuned student is not exported for evaluation yet; use LoRA");
-    }
-    if s.full && s.precision == Precision::Bf16 {
-        r.problem("student.precision", "bf16 training needs LoRA (full = false)");
     }
 }
 
