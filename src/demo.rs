@@ -27,8 +27,8 @@ use crate::job::pipeline::{JobCommand, ProgressHandle};
 use crate::job::plan::{device_name, EvalPlan, ScorerSource, StagePlan};
 use crate::subject::JobSubject;
 use crate::world_models::{
-    evaluate, student, student_sampling, student_trainer_config, supervisor, supervisor_sampling,
-    tokenize_config, EvalSpec, ModelScores,
+    evaluate, student, student_trainer_config, supervisor, supervisor_sampling, tokenize_config, EvalSpec,
+    ModelScores, WorldStudent,
 };
 
 /// Arguments of `proxytune demo`.
@@ -68,6 +68,9 @@ pub struct DemoArgs {
     /// Proxies per prompt (16 prompts: the subject prompt, 10 contexts, 5 property edits).
     #[arg(long, default_value_t = 24)]
     pub proxies_per_prompt: u32,
+    /// The world student to teach: the Lumina-mGPT-style Chameleon or the LlamaGen-style one.
+    #[arg(long, value_enum, default_value_t = WorldStudent::Chameleon)]
+    pub student: WorldStudent,
     /// LoRA optimiser steps of the student.
     #[arg(long, default_value_t = 1500)]
     pub student_steps: u64,
@@ -152,7 +155,7 @@ pub(crate) fn check_settings(args: &DemoArgs) -> anyhow::Result<JobSubject> {
     if args.eval_prompts == Some(0) {
         anyhow::bail!("--eval-prompts is 0: a budget must be positive");
     }
-    crate::world_models::check_models(&args.world, &["clip", "dino", "supervisor", "student"])?;
+    crate::world_models::check_models(&args.world, &["clip", "dino", "supervisor", args.student.folder()])?;
     Ok(subject)
 }
 
@@ -244,6 +247,7 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
     };
     let trainer = student_trainer_config(
         &args.world,
+        args.student,
         &device,
         &args.out.join("student"),
         args.student_steps,
@@ -260,14 +264,14 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
         filter,
         scorers: ScorerSource::World(args.world.clone()),
         scorer_device: device.clone(),
-        tokenize: tokenize_config(&args.world, &device, true),
+        tokenize: tokenize_config(&args.world, args.student, &device, true)?,
         trainer,
         eval: EvalPlan {
             supervisor_dir: model_dir,
             supervisor_variant: None,
             supervisor_sampling: sampling,
-            student: crate::world_models::student_files(&args.world, student_sampling(&args.world)?.tokens),
-            student_sampling: student_sampling(&args.world)?,
+            student: args.student.files(&args.world)?,
+            student_sampling: args.student.sampling(&args.world)?,
             images_per_prompt: args.eval_images,
             max_prompts: args.eval_prompts,
             skip: false,
@@ -318,14 +322,17 @@ fn demo_models<'a>(
     let tuned = args.out.join("student/adapter_model.safetensors");
     let direct = args.out.join(crate::job::direct::DIRECT_DIR).join("adapter_model.safetensors");
     let mut models: Vec<(String, ModelLoader<'a>)> = vec![
-        ("student (untuned)".into(), Box::new(move || student(&args.world, None, device))),
+        ("student (untuned)".into(), Box::new(move || student(&args.world, args.student, None, device))),
         ("supervisor (DreamBooth-LoRA)".into(), Box::new(move || supervisor(&args.world, &adapter, device))),
-        ("student (Proxy-Tuned LoRA)".into(), Box::new(move || student(&args.world, Some(&tuned), device))),
+        (
+            "student (Proxy-Tuned LoRA)".into(),
+            Box::new(move || student(&args.world, args.student, Some(&tuned), device)),
+        ),
     ];
     if baselines.contains(&crate::job::spec::Baseline::DirectLora) {
         models.push((
             crate::job::evaluate::DIRECT_LORA_LABEL.into(),
-            Box::new(move || student(&args.world, Some(&direct), device)),
+            Box::new(move || student(&args.world, args.student, Some(&direct), device)),
         ));
     }
     models

@@ -18,7 +18,9 @@ use proxytune_schemas::{Proxy, ReferenceImage};
 use crate::job::pipeline::{steer, JobCommand, ProgressHandle};
 use crate::job::plan::device_name;
 use crate::subject::JobSubject;
-use crate::world_models::{evaluate, student, student_trainer_config, tokenize_config, EvalSpec};
+use crate::world_models::{
+    evaluate, student, student_trainer_config, tokenize_config, EvalSpec, WorldStudent,
+};
 
 /// Arguments of `proxytune replay`.
 #[derive(Clone, Debug, clap::Args)]
@@ -44,6 +46,9 @@ pub struct ReplayArgs {
     /// World seed of the corpus' subject.
     #[arg(long, default_value_t = 7)]
     pub world_seed: u64,
+    /// The world student to train: the Lumina-mGPT-style Chameleon or the LlamaGen-style one.
+    #[arg(long, value_enum, default_value_t = WorldStudent::Chameleon)]
+    pub student: WorldStudent,
     /// Student LoRA optimiser steps.
     #[arg(long, default_value_t = 400)]
     pub student_steps: u64,
@@ -93,7 +98,7 @@ pub(crate) async fn check(args: &ReplayArgs) -> anyhow::Result<(u64, String, usi
         "--student-steps and --eval-images must be positive"
     );
     anyhow::ensure!(args.eval_prompts != Some(0), "--eval-prompts is 0: a budget must be positive");
-    crate::world_models::check_models(&args.world, &["clip", "dino", "student"])?;
+    crate::world_models::check_models(&args.world, &["clip", "dino", args.student.folder()])?;
     let corpus = Corpus::open(&args.corpus)?;
     let version_ref: Option<VersionRef> = args.version.as_deref().map(|v| v.parse().expect("infallible"));
     let table = corpus.table::<Proxy>().await?;
@@ -160,6 +165,7 @@ pub async fn execute(
     let (trainer, stats) = ArTrainerActor::new(
         student_trainer_config(
             &args.world,
+            args.student,
             &device,
             &args.out.join("student"),
             args.student_steps,
@@ -171,9 +177,15 @@ pub async fn execute(
     )?;
     let mut p = Pipeline::new(PipelineConfig::default(), metrics.clone());
     let src = p.async_source("corpus_reader", reader);
-    let tok = p.operator("tokenize", Tokenize::new(tokenize_config(&args.world, &device, false)));
+    let tokenize = tokenize_config(&args.world, args.student, &device, false)?;
+    let captions = tokenize.caption_encoder_id.is_some();
+    let tok = p.operator("tokenize", Tokenize::new(tokenize));
     let train = p.operator("ar_trainer", trainer);
     p.connect(src, tok).connect(tok, train);
+    if captions {
+        // Each prompt's caption states, on the trainer's second input.
+        p.connect_port(tok, 1, train);
+    }
     {
         let mut p = progress.lock().expect("progress lock");
         p.stage = "training student".into();
@@ -216,7 +228,10 @@ pub async fn execute(
     let scores = evaluate(
         &spec,
         &subject,
-        vec![("student (replayed)".into(), Box::new(|| student(&args.world, Some(&adapter), &device)))],
+        vec![(
+            "student (replayed)".into(),
+            Box::new(|| student(&args.world, args.student, Some(&adapter), &device)),
+        )],
     )?;
     for (_, s) in &scores {
         crate::report::record_scores(&metrics, "student", s);

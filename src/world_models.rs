@@ -53,50 +53,121 @@ pub(crate) fn supervisor_sampling() -> SamplingConfig {
     }
 }
 
-pub(crate) fn student_sampling(world_dir: &Path) -> anyhow::Result<StudentSampling> {
-    let path = world_dir.join("student/lumina_tokens.json");
-    let tokens: LuminaTokens =
-        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)
-            .with_context(|| format!("{}: not Lumina structure tokens", path.display()))?;
-    Ok(StudentSampling {
-        grid: (SIZE / 4) as i64,
-        image: ImageSampling { guidance_scale: 3.0, image_top_k: Some(64), top_p: None, temperature: 1.0 },
-        tokens,
-        bf16: false,
-        batch: 16,
-    })
+/// Which of the world's pretrained students a job fine-tunes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorldStudent {
+    /// The Lumina-mGPT-style Chameleon student (`models/world/student`).
+    #[default]
+    Chameleon,
+    /// The LlamaGen-style student (`models/world/llamagen`: GPT, VQ, T5 encoder).
+    Llamagen,
 }
 
-pub(crate) fn student_lora() -> LoraConfig {
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    LoraConfig { rank: 8, alpha: 8.0, target_modules: targets.map(String::from).to_vec() }
+impl WorldStudent {
+    /// Its folder under the world's.
+    pub(crate) fn folder(self) -> &'static str {
+        match self {
+            WorldStudent::Chameleon => "student",
+            WorldStudent::Llamagen => "llamagen",
+        }
+    }
+
+    /// Its folders as a job's student.
+    pub(crate) fn files(self, world_dir: &Path) -> anyhow::Result<StudentFiles> {
+        let dir = world_dir.join(self.folder());
+        Ok(match self {
+            WorldStudent::Chameleon => {
+                let path = dir.join("lumina_tokens.json");
+                let tokens: LuminaTokens = serde_json::from_str(
+                    &std::fs::read_to_string(&path).with_context(|| path.display().to_string())?,
+                )
+                .with_context(|| format!("{}: not Lumina structure tokens", path.display()))?;
+                StudentFiles::chameleon(&dir, tokens)
+            }
+            WorldStudent::Llamagen => llamagen_files(&dir),
+        })
+    }
+
+    /// How it samples: a 8×8 code grid (32 px at factor 4), guidance 3, top-k 64.
+    pub(crate) fn sampling(self, world_dir: &Path) -> anyhow::Result<StudentSampling> {
+        Ok(StudentSampling {
+            grid: (SIZE / 4) as i64,
+            image: ImageSampling {
+                guidance_scale: 3.0,
+                image_top_k: Some(64),
+                top_p: None,
+                temperature: 1.0,
+            },
+            tokens: self.files(world_dir)?.tokens,
+            bf16: false,
+            batch: 16,
+        })
+    }
+
+    /// Rank-8 LoRA on every attention and MLP projection.
+    pub(crate) fn lora(self) -> LoraConfig {
+        let targets: &[&str] = match self {
+            WorldStudent::Chameleon => {
+                &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            }
+            WorldStudent::Llamagen => &["wqkv", "wo", "w1", "w2", "w3"],
+        };
+        LoraConfig { rank: 8, alpha: 8.0, target_modules: targets.iter().map(|t| t.to_string()).collect() }
+    }
+
+    /// The id written into its VQ token rows.
+    pub(crate) fn tokenizer_id(self) -> &'static str {
+        match self {
+            WorldStudent::Chameleon => "world-vq@1",
+            WorldStudent::Llamagen => "world-llamagen-vq@1",
+        }
+    }
+
+    /// The id written into its caption rows, for a student with a caption encoder.
+    pub(crate) fn caption_encoder_id(self) -> Option<String> {
+        match self {
+            WorldStudent::Chameleon => None,
+            WorldStudent::Llamagen => Some("world-t5@1".into()),
+        }
+    }
 }
 
-/// The world's Chameleon student, its VQ decoder in its folder.
-pub(crate) fn student_files(world_dir: &Path, tokens: LuminaTokens) -> StudentFiles {
-    StudentFiles::chameleon(&world_dir.join("student"), tokens)
+/// The world's LlamaGen student under `dir` (`gpt/`, `vq/`, `t5/`; `proxytune pretrain llamagen`).
+pub(crate) fn llamagen_files(dir: &Path) -> StudentFiles {
+    StudentFiles {
+        family: proxytune_models::ar::student::StudentFamily::LlamaGen,
+        dir: dir.join("gpt"),
+        vq_dir: Some(dir.join("vq")),
+        text_encoder_dir: Some(dir.join("t5")),
+        tokens: Default::default(),
+    }
 }
-
-/// The id written into the world student's VQ token rows.
-pub(crate) const TOKENIZER_ID: &str = "world-vq@1";
 
 /// Tokenization for the world student.
-pub(crate) fn tokenize_config(world_dir: &Path, device: &str, only_kept: bool) -> TokenizeConfig {
-    TokenizeConfig {
-        student: student_files(world_dir, LuminaTokens::default()),
-        tokenizer_id: TOKENIZER_ID.into(),
-        caption_encoder_id: None,
+pub(crate) fn tokenize_config(
+    world_dir: &Path,
+    which: WorldStudent,
+    device: &str,
+    only_kept: bool,
+) -> anyhow::Result<TokenizeConfig> {
+    Ok(TokenizeConfig {
+        student: which.files(world_dir)?,
+        tokenizer_id: which.tokenizer_id().into(),
+        caption_encoder_id: which.caption_encoder_id(),
         caption_bf16: false,
         resolution: SIZE,
         device: device.into(),
         only_kept,
-    }
+    })
 }
 
 /// The world student's LoRA training: `steps` steps of 8, starting once `min_rows` rows are in,
 /// with a checkpoint every `checkpoint_every` steps.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn student_trainer_config(
     world_dir: &Path,
+    which: WorldStudent,
     device: &str,
     output_dir: &Path,
     steps: u64,
@@ -105,9 +176,9 @@ pub(crate) fn student_trainer_config(
     checkpoint_every: u64,
 ) -> anyhow::Result<ArTrainerConfig> {
     Ok(ArTrainerConfig {
-        student: student_files(world_dir, student_sampling(world_dir)?.tokens),
+        student: which.files(world_dir)?,
         device: device.into(),
-        lora: Some(student_lora()),
+        lora: Some(which.lora()),
         train: ArTrainConfig {
             learning_rate: 1e-3,
             lr_warmup_steps: 20,
@@ -116,8 +187,8 @@ pub(crate) fn student_trainer_config(
             condition_dropout: 0.1,
             ..Default::default()
         },
-        tokenizer_id: TOKENIZER_ID.into(),
-        caption_encoder_id: None,
+        tokenizer_id: which.tokenizer_id().into(),
+        caption_encoder_id: which.caption_encoder_id(),
         min_rows_to_start: min_rows,
         rows_per_step: 1,
         output_dir: output_dir.to_path_buf(),
@@ -248,17 +319,17 @@ pub(crate) fn supervisor(
     )?))
 }
 
-/// The student of the world folder, with its adapter when given.
+/// A student of the world folder, with its adapter when given.
 pub(crate) fn student(
     world_dir: &Path,
+    which: WorldStudent,
     adapter: Option<&Path>,
     device: &str,
 ) -> anyhow::Result<Box<dyn Generator>> {
-    let sampling = student_sampling(world_dir)?;
     Ok(Box::new(StudentGenerator::load(
-        &student_files(world_dir, sampling.tokens.clone()),
+        &which.files(world_dir)?,
         adapter,
         device,
-        sampling,
+        which.sampling(world_dir)?,
     )?))
 }

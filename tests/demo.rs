@@ -220,6 +220,59 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert_eq!(corpus.table::<Proxy>().await.unwrap().version(), Some(version));
 }
 
+/// The same demo with the world's LlamaGen student: its tokens come from its own VQ, each kept
+/// prompt's T5 states are stored once, and the untuned, Proxy-Tuned and direct-LoRA students are
+/// all sampled through its T5 and GPT; then a replay trains it again from the stored corpus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
+    use proxytune_schemas::CaptionStates;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let output = proxytune()
+        .arg("demo")
+        .args(BUDGET)
+        .args(["--student", "llamagen", "--no-metrics", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = json(&out.join("report/report.json"));
+    let stages = &report["stages"];
+    let kept = stages["proxies"]["kept"].as_u64().unwrap();
+    assert_eq!(stages["vq_tokens"]["rows"].as_u64().unwrap(), kept);
+    assert_eq!(stages["student"]["steps"], 40);
+    let corpus = Corpus::open(out.join("corpus")).unwrap();
+    let tokens: Vec<VqTokens> = corpus.table::<VqTokens>().await.unwrap().read_rows(None).await.unwrap();
+    assert!(tokens.iter().all(|t| t.tokenizer_id == "world-llamagen-vq@1" && t.tokens.len() == 64));
+    let captions: Vec<CaptionStates> =
+        corpus.table::<CaptionStates>().await.unwrap().read_rows(None).await.unwrap();
+    let prompts: std::collections::BTreeSet<&str> = tokens.iter().map(|t| t.prompt.as_str()).collect();
+    let captioned: std::collections::BTreeSet<&str> = captions.iter().map(|c| c.prompt.as_str()).collect();
+    assert_eq!((captions.len(), &captioned), (prompts.len(), &prompts), "each kept prompt once");
+    assert!(captions.iter().all(|c| c.encoder_id == "world-t5@1" && c.dim == 64));
+    let models = report["evaluation"]["models"].as_array().unwrap();
+    assert_eq!(models.len(), 4, "untuned, supervisor, Proxy-Tuned, direct LoRA");
+    for m in models {
+        for metric in ["DINO", "CLIP-I", "CLIP-T"] {
+            assert!(m["scores"]["metrics"][metric].as_f64().is_some_and(f64::is_finite), "{m}");
+        }
+    }
+
+    let replay = dir.path().join("replay");
+    let output = proxytune()
+        .args(["replay", "--student", "llamagen", "--student-steps", "8", "--eval-images", "1"])
+        .args(["--eval-prompts", "2", "--device", "cpu", "--corpus"])
+        .arg(out.join("corpus"))
+        .arg("--out")
+        .arg(&replay)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let r = json(&replay.join("report.json"));
+    assert_eq!(r["student_steps"], 8);
+    assert!(r["evaluation"][0]["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite));
+}
+
 #[test]
 fn the_committed_dashboards_are_what_their_source_renders() {
     let out = proxytune().args(["grafana", "render", "--check"]).output().unwrap();

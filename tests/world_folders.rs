@@ -35,6 +35,28 @@ fn the_world_folders_load_and_run_in_diffusers_and_transformers() {
     let (side, patch) = (dino["image_size"].as_i64().unwrap(), dino["patch_size"].as_i64().unwrap());
     let tokens = (side / patch) * (side / patch) + 1;
     assert_eq!(r["dino"]["shape"], serde_json::json!([1, tokens, dino["hidden_size"].as_i64().unwrap()]));
+    // The LlamaGen student's caption encoder is a T5 as transformers reads it: the same ids from
+    // the tokenizer (`</s>` appended) and the same states from proxytune's encoder.
+    let t5_dir = repo_root().join("models/world/llamagen/t5");
+    let tok = proxytune_models::tokenizer::hf::CaptionTokenizer::from_file(
+        &t5_dir.join("tokenizer.json"),
+        24,
+        "<pad>",
+    )
+    .unwrap();
+    let caption = tok.encode("a sks dog on the beach").unwrap();
+    let n = caption.attention_mask.iter().sum::<i64>() as usize;
+    let ids: Vec<i64> = r["t5"]["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(caption.input_ids[..n], ids[..], "the caption's ids");
+    let (_vs, t5) =
+        proxytune_models::transformer::t5::T5Encoder::load(&t5_dir, tch::Device::Cpu, tch::Kind::Float)
+            .unwrap();
+    let ours = t5.forward(&tch::Tensor::from_slice(&ids).view([1, -1]), None);
+    let want: Vec<f32> =
+        r["t5"]["states"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let err = (ours.flatten(0, -1) - tch::Tensor::from_slice(&want)).abs().max().double_value(&[]);
+    eprintln!("world T5 against transformers: max abs error {err:.2e}");
+    assert!(err < 1e-5, "the world T5's states differ from transformers' by {err}");
 }
 
 /// Every committed file of `models/world` is listed in its folder's `manifest.json` with its size
@@ -42,7 +64,7 @@ fn the_world_folders_load_and_run_in_diffusers_and_transformers() {
 #[test]
 fn every_world_model_file_matches_its_manifest() {
     use sha2::Digest;
-    for part in ["clip", "dino", "supervisor", "student"] {
+    for part in ["clip", "dino", "supervisor", "student", "llamagen"] {
         let dir = repo_root().join("models/world").join(part);
         let manifest: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
@@ -97,7 +119,7 @@ fn the_world_models_held_out_figures_re_measure_as_their_manifests_say() {
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{table}");
-    assert_eq!(table.lines().filter(|l| l.ends_with("| ok |")).count(), 6, "{table}");
+    assert_eq!(table.lines().filter(|l| l.ends_with("| ok |")).count(), 8, "{table}");
 
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("world");

@@ -5,7 +5,9 @@ Usage: check_world_models.py <models/world>
 - supervisor: diffusers' StableDiffusionPipeline.from_pretrained, 3 DDIM steps at 32 px;
 - student: transformers' ChameleonForConditionalGeneration.from_pretrained, one forward;
 - clip: transformers' CLIPModel and CLIPTokenizer from the folder, text and image features;
-- dino: transformers' ViTModel, one forward.
+- dino: transformers' ViTModel, one forward;
+- llamagen/t5: transformers' T5EncoderModel and PreTrainedTokenizerFast from the folder, one
+  caption (its ids and last hidden state, which the Rust test compares with proxytune's encoder).
 
 Prints one JSON object with each folder's output shape (and the supervisor's pixel range); the Rust
 test that calls it checks the shapes against the folders' configs.
@@ -60,6 +62,16 @@ def main() -> None:
     with torch.no_grad():
         h = dino(pixel_values=torch.zeros(1, 3, size, size)).last_hidden_state
     out["dino"] = {"shape": list(h.shape)}
+
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+    t5_dir = os.path.join(root, "llamagen", "t5")
+    t5 = T5EncoderModel.from_pretrained(t5_dir)
+    t5_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(t5_dir, "tokenizer.json"))
+    ids = t5_tok(["a sks dog on the beach"], return_tensors="pt")
+    with torch.no_grad():
+        h = t5(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
+    out["t5"] = {"ids": ids.input_ids[0].tolist(), "states": h[0].flatten().tolist(), "shape": list(h.shape)}
     print(json.dumps(out))
 
 

@@ -334,6 +334,8 @@ impl TuneSpec {
             class_priors: self.class_priors,
             supervisor_steps: self.supervisor_steps,
             proxies_per_prompt: self.proxies_per_prompt,
+            // The tune body names no student; the daemon teaches the world's Chameleon.
+            student: crate::world_models::WorldStudent::Chameleon,
             student_steps: self.student_steps,
             student_min_rows: self.student_min_rows,
             eval_images: self.eval_images,
@@ -366,6 +368,7 @@ impl ReplaySpec {
             out,
             world: self.models.clone().unwrap_or(world),
             world_seed: 7,
+            student: crate::world_models::WorldStudent::Chameleon,
             student_steps: self.student_steps,
             eval_images: self.eval_images,
             eval_prompts: self.eval_prompts,

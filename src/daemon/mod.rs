@@ -926,7 +926,14 @@ fn evaluate_checkpoint(
     let device_ref = &device;
     models.push((
         "student checkpoint".into(),
-        Box::new(move || crate::world_models::student(world, Some(&adapter), device_ref)),
+        Box::new(move || {
+            crate::world_models::student(
+                world,
+                crate::world_models::WorldStudent::Chameleon,
+                Some(&adapter),
+                device_ref,
+            )
+        }),
     ));
     let scores = crate::world_models::evaluate(&spec, &subject, models)?;
     let state: serde_json::Value =

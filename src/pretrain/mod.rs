@@ -7,6 +7,7 @@
 //! renders of one instance in different contexts are a positive pair, the batch's other instances
 //! negatives; `--dino` loads the result.
 
+mod llamagen;
 mod student;
 mod supervisor;
 mod verify;
@@ -33,6 +34,8 @@ pub enum PretrainCommand {
     Supervisor(supervisor::SupervisorArgs),
     /// The student: a Chameleon / Lumina-mGPT folder (VQ tokenizer, decoder, transformer).
     Student(student::StudentArgs),
+    /// The LlamaGen student: its T2I GPT, a VQ in the VQ-16 architecture and a T5 encoder.
+    Llamagen(llamagen::LlamaGenArgs),
     /// Re-measure every pretrained world model's held-out figures and compare them with its
     /// manifest (exit 1 naming each figure outside its tolerance).
     Verify(verify::VerifyArgs),
@@ -143,6 +146,7 @@ pub fn run(command: PretrainCommand) -> anyhow::Result<()> {
         PretrainCommand::Dino(args) => return dino(args),
         PretrainCommand::Supervisor(args) => return supervisor::run(args),
         PretrainCommand::Student(args) => return student::run(args),
+        PretrainCommand::Llamagen(args) => return llamagen::run(args),
         PretrainCommand::Verify(args) => return verify::run(args),
     };
     check(&args)?;

@@ -1,7 +1,8 @@
 //! `proxytune pretrain verify`: loads every pretrained world model from its folder, re-measures the
 //! held-out figures its manifest records, on the same held-out scenes, and compares: CLIP's
 //! text-to-image and DINO's instance retrieval, the supervisor's VAE reconstruction and UNet
-//! denoising loss, the student's VQ reconstruction and transformer cross-entropy.
+//! denoising loss, the student's VQ reconstruction and transformer cross-entropy, and the LlamaGen
+//! student's VQ reconstruction and GPT cross-entropy.
 //!
 //! The held-out sets and noise are fixed by the world seed, so a re-measurement differs from the
 //! manifest only by float rounding between CPUs (or a model that is not what its manifest says).
@@ -12,13 +13,16 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use proxytune_actors::world::World;
 use proxytune_models::ar::chameleon_vq::ChameleonVqDecoder;
+use proxytune_models::ar::llamagen_vq::{LlamaGenVq, LlamaGenVqConfig};
 use proxytune_models::ar::lumina::LuminaTokens;
+use proxytune_models::ar::student::LlamaGenStudent;
 use proxytune_models::ar::train::ChameleonStudent;
 use proxytune_models::diffusion::pipeline::StableDiffusion;
 use proxytune_models::diffusion::scheduler::NoiseSchedule;
 use proxytune_models::tokenizer::clip::ClipTokenizer;
-use proxytune_models::tokenizer::hf::HfTokenizer;
+use proxytune_models::tokenizer::hf::{CaptionTokenizer, HfTokenizer};
 use proxytune_models::transformer::clip::{Clip, ClipConfig};
+use proxytune_models::transformer::t5::T5Encoder;
 use proxytune_models::transformer::vit::{Vit, VitConfig};
 use proxytune_models::weights::{load_safetensors, Strictness};
 use tch::nn;
@@ -26,8 +30,8 @@ use tch::nn;
 /// Arguments of `proxytune pretrain verify`.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// The world models' folder (`clip/`, `dino/`, `supervisor/`, `student/`, each with its
-    /// `manifest.json`).
+    /// The world models' folder (`clip/`, `dino/`, `supervisor/`, `student/`, `llamagen/`, each
+    /// with its `manifest.json`).
     #[arg(long, default_value = "models/world")]
     world: PathBuf,
     /// Device: auto, cpu, cuda, cuda:N.
@@ -146,6 +150,26 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         super::student::to_examples(&student, &tokenizer, &super::held_out_scenes(&world, 64), size, device)?;
     let ce = super::student::held_out_cross_entropy(&student, &examples)?;
     figures.push(Figure::new("student", "transformer.held_out_cross_entropy_after", &m, ce)?);
+
+    let dir = args.world.join("llamagen");
+    let m = manifest(&dir)?;
+    let world = World::new(flag(&m, "--seed")?, 8);
+    let size = flag(&m, "--size")? as u32;
+    let files = crate::world_models::llamagen_files(&dir);
+    let mut vq_vs = nn::VarStore::new(device);
+    let vq = LlamaGenVq::new(vq_vs.root(), &LlamaGenVqConfig::from_json(&dir.join("vq/config.json"))?)?;
+    load_safetensors(&mut vq_vs, &dir.join("vq/model.safetensors"), Strictness::Strict)?;
+    let held = super::signed_pixels(&super::held_out_scenes(&world, 128), size, device)?;
+    let (mse, _) = super::llamagen::vq_held_out(&vq, &held)?;
+    figures.push(Figure::new("llamagen", "vq.held_out_reconstruction_mse", &m, mse)?);
+    let gpt = LlamaGenStudent::load(&files.dir, device, None, tch::Kind::Float)?;
+    let (_t5_vs, t5) = T5Encoder::load(&dir.join("t5"), device, tch::Kind::Float)?;
+    let gpt_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("gpt/config.json"))?)?;
+    let length = gpt_config["cls_token_num"].as_u64().context("gpt/config.json: no cls_token_num")?;
+    let tokenizer = CaptionTokenizer::from_file(&dir.join("t5/tokenizer.json"), length as usize, "<pad>")?;
+    let ce = super::llamagen::held_out_cross_entropy(&gpt.model, &t5, &tokenizer, &vq, &world, size)?;
+    figures.push(Figure::new("llamagen", "gpt.held_out_cross_entropy_after", &m, ce)?);
 
     println!("| model | held-out figure | manifest | re-measured | tolerance | |");
     println!("|---|---|---|---|---|---|");

@@ -201,13 +201,22 @@ impl LlamaGenVq {
         1 << (self.config.ch_mult.len() - 1)
     }
 
-    fn unit_codebook(&self) -> Tensor {
+    /// The codebook with l2-normalised rows `[codebook_size, codebook_embed_dim]`: what latents
+    /// are compared with and codes decode to.
+    pub fn unit_codebook(&self) -> Tensor {
         let norm = self.codebook.square().sum_dim_intlist(-1, true, Kind::Float).sqrt().clamp_min(1e-12);
         &self.codebook / norm
     }
 
-    /// Encodes `pixels [B, 3, R, R]` in `[-1, 1]` to codes `[B, R/f, R/f]`.
-    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// The codebook variable (`quantize.embedding.weight`).
+    pub fn codebook(&self) -> &Tensor {
+        &self.codebook
+    }
+
+    /// The l2-normalised latents `[B, codebook_embed_dim, R/f, R/f]` of `pixels [B, 3, R, R]` in
+    /// `[-1, 1]`, before quantisation (differentiable; what training's straight-through estimator
+    /// needs).
+    pub fn encode_latent(&self, pixels: &Tensor) -> Result<Tensor> {
         let size = pixels.size();
         let f = self.downsample_factor();
         if size.len() != 4 || size[1] != 3 || size[2] % f != 0 || size[3] % f != 0 {
@@ -225,9 +234,26 @@ impl LlamaGenVq {
         }
         h = self.enc_mid.forward(&h);
         let z = h.apply(&self.enc_norm_out).silu().apply(&self.enc_conv_out).apply(&self.quant_conv);
+        Ok(&z / z.square().sum_dim_intlist(1, true, Kind::Float).sqrt().clamp_min(1e-12))
+    }
+
+    /// Encodes `pixels [B, 3, R, R]` in `[-1, 1]` to codes `[B, R/f, R/f]`.
+    pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
         // Unit vectors against the unit codebook (cosine), by the VQ's shared nearest-code rule.
-        let unit = &z / z.square().sum_dim_intlist(1, true, Kind::Float).sqrt().clamp_min(1e-12);
-        Ok(super::chameleon_vq::nearest_codes(&unit, &self.unit_codebook()))
+        Ok(super::chameleon_vq::nearest_codes(&self.encode_latent(pixels)?, &self.unit_codebook()))
+    }
+
+    /// Pixels `[B, 3, h·f, w·f]` (about `[-1, 1]`) of quantised latents `[B, codebook_embed_dim, h, w]`.
+    pub fn decode_latent(&self, zq: &Tensor) -> Tensor {
+        let mut h = zq.apply(&self.post_quant_conv).apply(&self.dec_conv_in);
+        h = self.dec_mid.forward(&h);
+        for level in &self.dec_levels {
+            h = level.blocks(h);
+            if let Some(up) = &level.resample {
+                h = up.forward(&h);
+            }
+        }
+        h.apply(&self.dec_norm_out).silu().apply(&self.dec_conv_out)
     }
 
     /// Decodes codes `[B, h, w]` to pixels `[B, 3, h·f, w·f]` (about `[-1, 1]`).
@@ -242,14 +268,6 @@ impl LlamaGenVq {
         check_codes(codes, self.config.codebook_size)?;
         let z =
             self.unit_codebook().index_select(0, &codes.flatten(0, -1)).view([size[0], size[1], size[2], -1]);
-        let mut h = z.permute([0, 3, 1, 2]).apply(&self.post_quant_conv).apply(&self.dec_conv_in);
-        h = self.dec_mid.forward(&h);
-        for level in &self.dec_levels {
-            h = level.blocks(h);
-            if let Some(up) = &level.resample {
-                h = up.forward(&h);
-            }
-        }
-        Ok(h.apply(&self.dec_norm_out).silu().apply(&self.dec_conv_out))
+        Ok(self.decode_latent(&z.permute([0, 3, 1, 2])))
     }
 }
