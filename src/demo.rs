@@ -275,11 +275,7 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
             images_per_prompt: args.eval_images,
             max_prompts: args.eval_prompts,
             skip: false,
-            baselines: if args.no_baselines {
-                Vec::new()
-            } else {
-                vec![crate::job::spec::Baseline::DirectLora]
-            },
+            baselines: if args.no_baselines { Vec::new() } else { crate::job::spec::Baseline::ALL.to_vec() },
             device,
         },
         out: args.out.clone(),
@@ -320,7 +316,6 @@ fn demo_models<'a>(
 ) -> Vec<(String, ModelLoader<'a>)> {
     let adapter = args.out.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
     let tuned = args.out.join("student/adapter_model.safetensors");
-    let direct = args.out.join(crate::job::direct::DIRECT_DIR).join("adapter_model.safetensors");
     let mut models: Vec<(String, ModelLoader<'a>)> = vec![
         ("student (untuned)".into(), Box::new(move || student(&args.world, args.student, None, device))),
         ("supervisor (DreamBooth-LoRA)".into(), Box::new(move || supervisor(&args.world, &adapter, device))),
@@ -329,10 +324,11 @@ fn demo_models<'a>(
             Box::new(move || student(&args.world, args.student, Some(&tuned), device)),
         ),
     ];
-    if baselines.contains(&crate::job::spec::Baseline::DirectLora) {
+    for b in baselines {
+        let adapter = args.out.join(b.dir()).join("adapter_model.safetensors");
         models.push((
-            crate::job::evaluate::DIRECT_LORA_LABEL.into(),
-            Box::new(move || student(&args.world, args.student, Some(&direct), device)),
+            b.label().into(),
+            Box::new(move || student(&args.world, args.student, Some(&adapter), device)),
         ));
     }
     models

@@ -216,6 +216,23 @@ pub(crate) fn html(
         }
         rows.push_str(&format!("<tr><td>{}</td>{cells}<td>{}</td></tr>\n", escape(label), s.samples));
     }
+    // The editability split: each metric over the recontextualisation prompts and the edits.
+    let kinds = [("recontextualisation", "recontextualisation"), ("property_edit", "property edits")];
+    let mut split_rows = String::new();
+    for (label, s) in scores {
+        let cells: String = metric_names
+            .iter()
+            .flat_map(|m| kinds.iter().map(move |(k, _)| (*m, *k)))
+            .map(|(m, k)| {
+                format!("<td>{}</td>", fmt(s.by_prompt_kind.get(k).and_then(|v| v.get(m)).copied(), 3))
+            })
+            .collect();
+        split_rows.push_str(&format!("<tr><td>{}</td>{cells}</tr>\n", escape(label)));
+    }
+    let split_header: String = metric_names
+        .iter()
+        .flat_map(|m| kinds.iter().map(move |(_, name)| format!("<th>{m}, {name}</th>")))
+        .collect();
     let mut header: String = metric_names.iter().map(|m| format!("<th>{m}</th>")).collect();
     if world_checks {
         header.push_str("<th>context drawn as asked</th><th>subject colour present</th>");
@@ -264,6 +281,10 @@ pub(crate) fn html(
 <table><tr><th>model</th>{header}<th>samples</th></tr>
 {rows}</table>
 <p>{note}</p>
+<h3>Recontextualisation against property edits</h3>
+<p>The same scores over the prompts that place the subject (contexts, accessories) and over those that edit it (<code>a red …</code>, <code>a cube shaped …</code>).</p>
+<table><tr><th>model</th>{split_header}</tr>
+{split_rows}</table>
 <h2>Pipeline</h2>
 <table>
 <tr><td>class priors</td><td>{priors} rows, {priors_ps:.2}/s</td></tr>

@@ -211,6 +211,10 @@ pub(crate) struct ModelScores {
     /// Fraction of samples (prompts that keep the colour) showing the subject's main colour, when
     /// the subject's colour is known (world subjects).
     pub subject_colour_present: Option<f64>,
+    /// The image metrics' means over the recontextualisation prompts (the subject first: contexts
+    /// and accessories) and over the property edits (a word before the subject: `a red …`), the
+    /// paper's editability split ([`crate::job::evaluate::split_by_prompt_kind`]).
+    pub by_prompt_kind: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
     /// Samples scored.
     pub samples: usize,
     /// Seconds the evaluation took.
@@ -265,6 +269,7 @@ pub(crate) fn score(subject: &JobSubject, report: GeneratorReport, seconds: f64)
         metrics,
         context_accuracy: Some(context_accuracy),
         subject_colour_present,
+        by_prompt_kind: crate::job::evaluate::split_by_prompt_kind(&report.samples, IDENTIFIER),
         samples: report.samples.len(),
         seconds,
         images: report.samples,

@@ -152,10 +152,18 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert_eq!(direct["rows_trained_on"], serde_json::json!(keys), "{direct}");
     assert_eq!(direct["steps"], report["stages"]["student"]["steps"], "{direct}");
     assert_eq!(json(&out.join("student_direct/run.json"))["data"]["row_keys"], serde_json::json!(keys));
-    // Every model scored, every score finite: untuned, supervisor, Proxy-Tuned, direct.
+    // The augmented baseline: eight augmented copies of each reference, the same steps.
+    let augmented = &report["baselines"]["direct-lora-augmented"];
+    let keys: Vec<String> = (0..5)
+        .flat_map(|i| (0..8).map(move |j| format!("proxy=reference-{i}-augmented-{j}/tokenizer=world-vq@1")))
+        .collect();
+    assert_eq!(augmented["rows_trained_on"], serde_json::json!(keys), "{augmented}");
+    assert_eq!(augmented["steps"], report["stages"]["student"]["steps"], "{augmented}");
+    // Every model scored, every score finite: untuned, supervisor, Proxy-Tuned, both baselines.
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 4);
+    assert_eq!(models.len(), 5);
     assert_eq!(models[3]["label"], "student (direct LoRA on the references)");
+    assert_eq!(models[4]["label"], "student (direct LoRA on augmented references)");
     for m in models {
         let s = &m["scores"];
         for metric in ["DINO", "CLIP-I", "CLIP-T"] {
@@ -251,7 +259,7 @@ async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
     assert_eq!((captions.len(), &captioned), (prompts.len(), &prompts), "each kept prompt once");
     assert!(captions.iter().all(|c| c.encoder_id == "world-t5@1" && c.dim == 64));
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 4, "untuned, supervisor, Proxy-Tuned, direct LoRA");
+    assert_eq!(models.len(), 5, "untuned, supervisor, Proxy-Tuned, both direct LoRAs");
     for m in models {
         for metric in ["DINO", "CLIP-I", "CLIP-T"] {
             assert!(m["scores"]["metrics"][metric].as_f64().is_some_and(f64::is_finite), "{m}");

@@ -709,8 +709,8 @@ scorers = "cpu"
 /// LlamaGen GPT, VQ-16 and Flan-T5-layout encoder; `sks`, because the tiny T5 vocabulary, learnt
 /// from the DreamBench prompts, has no `z`): `--check` reads all three, the job streams
 /// (the student's first step comes before the last proxy), the corpus stores each kept prompt's
-/// T5 states once beside the token rows, the direct baseline trains on the references under the
-/// instance prompt's states, and a job killed (SIGKILL) while the student trains resumes from its
+/// T5 states once beside the token rows, both direct baselines train on the references (and their
+/// augmented copies) under the instance prompt's states, and a job killed (SIGKILL) while the student trains resumes from its
 /// checkpoint and ends with the adapter, bit for bit, of an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_llamagen_student_job_streams_and_resumes_after_a_kill_as_an_uninterrupted_run() {
@@ -759,7 +759,7 @@ sampling = {{ top_k = 16, guidance = 2.0 }}
 [evaluation]
 images_per_prompt = 1
 prompts = 2
-baselines = ["direct-lora"]
+baselines = ["direct-lora", "direct-lora-augmented"]
 [devices]
 supervisor = "cpu"
 student = "cpu"
@@ -847,7 +847,11 @@ scorers = "cpu"
             .unwrap();
     assert_eq!(run["steps"], steps);
     assert!((run["losses_this_run"].as_array().unwrap().len() as u64) < steps, "it resumed: {run}");
-    for adapter in ["student/adapter_model.safetensors", "student_direct/adapter_model.safetensors"] {
+    for adapter in [
+        "student/adapter_model.safetensors",
+        "student_direct/adapter_model.safetensors",
+        "student_direct_augmented/adapter_model.safetensors",
+    ] {
         let (x, y) = (
             std::fs::read(interrupted.join(adapter)).unwrap(),
             std::fs::read(uninterrupted.join(adapter)).unwrap(),
@@ -889,8 +893,10 @@ scorers = "cpu"
     assert!(first_step < last_proxy, "the student started before the last proxy: {stages}");
     let direct = &report["baselines"]["direct-lora"];
     assert_eq!(direct["rows_trained_on"].as_array().unwrap().len(), 6, "{direct}");
+    let augmented = &report["baselines"]["direct-lora-augmented"];
+    assert_eq!(augmented["rows_trained_on"].as_array().unwrap().len(), 6 * 8, "{augmented}");
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 4, "untuned student, supervisor, tuned student, direct baseline");
+    assert_eq!(models.len(), 5, "untuned student, supervisor, tuned student, both direct baselines");
     for m in models {
         assert_eq!(m["scores"]["samples"], 2, "{m}");
         assert!(m["scores"]["metrics"]["FEAT-I"].as_f64().is_some_and(|v| v.is_finite()), "{m}");

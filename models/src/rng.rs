@@ -35,6 +35,8 @@ pub enum Stream {
     /// Initial values of a freshly built model's variables, keyed by variable name
     /// ([`redraw_initial_values`]).
     Init = 6,
+    /// Data augmentation of a training image, keyed by the image and its copy.
+    Augment = 7,
 }
 
 /// A stable 64-bit key of a variable name (FNV-1a), for draws keyed by name.

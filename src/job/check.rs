@@ -723,12 +723,22 @@ fn longest_instruction(spec: &JobSpec, tok: &HfTokenizer) -> Option<i64> {
 
 fn check_evaluation(spec: &JobSpec, r: &mut CheckReport) {
     let e = &spec.evaluation;
-    if e.baselines.contains(&super::spec::Baseline::DirectLora) && spec.student.full {
+    if let Some(b) = e.baselines.first().filter(|_| spec.student.full) {
         r.problem(
             "evaluation.baselines",
-            "direct-lora trains LoRA adapters like the Proxy-Tuned student, but this student is fully \
-             fine-tuned (student.full = true)",
+            format!(
+                "{} trains LoRA adapters like the Proxy-Tuned student, but this student is fully \
+                 fine-tuned (student.full = true)",
+                b.name()
+            ),
         );
+    }
+    let mut seen = Vec::new();
+    for b in &e.baselines {
+        if seen.contains(b) {
+            r.problem("evaluation.baselines", format!("{} is named twice", b.name()));
+        }
+        seen.push(*b);
     }
     for (key, dir) in [("evaluation.dino", &e.dino), ("evaluation.clip", &e.clip)] {
         let Some(dir) = dir else { continue };

@@ -5,6 +5,7 @@
 //! and CLIP folders the spec names; the world preset adds its exact checks on top
 //! (`world_models`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -115,8 +116,53 @@ pub(crate) fn evaluate_models(
     })
 }
 
+/// Whether `prompt` edits a property of the subject (a word other than the article before the
+/// identifier: `a red sks dog`, `a cube shaped sks dog`) or recontextualises it (the subject first:
+/// `a sks dog on the beach`, `a sks dog wearing a red hat`). DreamBench's 25 prompts of an object
+/// are 20 of the one and 5 of the other; a live subject's, 20 and 5.
+pub(crate) fn prompt_kind(prompt: &str, identifier: &str) -> &'static str {
+    let words: Vec<&str> = prompt.split_whitespace().collect();
+    match words.iter().position(|w| *w == identifier) {
+        Some(i) if i > 1 || (i == 1 && !matches!(words[0], "a" | "an" | "A" | "An")) => "property_edit",
+        _ => "recontextualisation",
+    }
+}
+
+/// The image metrics' means over each [`prompt_kind`]'s samples (metrics a sample lacks are left
+/// out of its kind's means).
+pub(crate) fn split_by_prompt_kind(
+    samples: &[proxytune_schemas::EvalSample],
+    identifier: &str,
+) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut sums: BTreeMap<String, BTreeMap<String, (f64, usize)>> = BTreeMap::new();
+    for s in samples {
+        let kind = sums.entry(prompt_kind(&s.prompt, identifier).to_string()).or_default();
+        let values = [
+            ("DINO", s.score_dino),
+            ("CLIP-I", s.score_clip_i),
+            ("CLIP-T", s.score_clip_t),
+            ("FEAT-I", s.score_feat_i),
+        ];
+        for (name, value) in values {
+            if let Some(v) = value {
+                let e = kind.entry(name.to_string()).or_default();
+                e.0 += v as f64;
+                e.1 += 1;
+            }
+        }
+    }
+    sums.into_iter()
+        .map(|(kind, m)| (kind, m.into_iter().map(|(name, (sum, n))| (name, sum / n as f64)).collect()))
+        .collect()
+}
+
 /// Scores of a report on `subject` without the world's exact checks.
-pub(crate) fn plain_scores(subject: &str, report: GeneratorReport, seconds: f64) -> ModelScores {
+pub(crate) fn plain_scores(
+    subject: &str,
+    identifier: &str,
+    report: GeneratorReport,
+    seconds: f64,
+) -> ModelScores {
     ModelScores {
         role: report.role.as_str().to_string(),
         version: report.version,
@@ -127,14 +173,12 @@ pub(crate) fn plain_scores(subject: &str, report: GeneratorReport, seconds: f64)
             .collect(),
         context_accuracy: None,
         subject_colour_present: None,
+        by_prompt_kind: split_by_prompt_kind(&report.samples, identifier),
         samples: report.samples.len(),
         seconds,
         images: report.samples,
     }
 }
-
-/// The report's label of the `direct-lora` baseline's student.
-pub(crate) const DIRECT_LORA_LABEL: &str = "student (direct LoRA on the references)";
 
 /// A spec's evaluation: its own models (the baselines' after the Proxy-Tuned student), FEAT-I and
 /// the DINO / CLIP folders it names.
@@ -158,7 +202,6 @@ impl SpecEvaluator {
             plan.tuner.output_dir.join(proxytune_models::diffusion::dreambooth::LORA_FILE);
         let student_adapter = plan.trainer.output_dir.join("adapter_model.safetensors");
         let student_label = if plan.trainer.lora.is_some() { "LoRA" } else { "full" };
-        let direct_adapter = plan.out.join(super::direct::DIRECT_DIR).join("adapter_model.safetensors");
         let mut models: Vec<(String, ModelLoader<'_>)> = vec![
             ("student (untuned)".into(), student(None)),
             (
@@ -175,8 +218,11 @@ impl SpecEvaluator {
             ),
             (format!("student (Proxy-Tuned {student_label})"), student(Some(student_adapter))),
         ];
-        if e.baselines.contains(&super::spec::Baseline::DirectLora) {
-            models.push((DIRECT_LORA_LABEL.into(), student(Some(direct_adapter))));
+        for b in &e.baselines {
+            models.push((
+                b.label().into(),
+                student(Some(plan.out.join(b.dir()).join("adapter_model.safetensors"))),
+            ));
         }
         models
     }
@@ -199,7 +245,9 @@ impl Evaluator for SpecEvaluator {
             },
         };
         let name = &plan.subject.name;
-        evaluate_models(&protocol, Self::models(plan), &|report, seconds| plain_scores(name, report, seconds))
+        evaluate_models(&protocol, Self::models(plan), &|report, seconds| {
+            plain_scores(name, &plan.subject.identifier, report, seconds)
+        })
     }
 
     fn note(&self) -> String {
@@ -265,5 +313,53 @@ mod tests {
             vec![("the supervisor".into(), Box::new(|| Err(anyhow::anyhow!("no weights"))))];
         let err = one_at_a_time(failing, |_, _| Ok(())).unwrap_err();
         assert!(format!("{err:#}").contains("loading the supervisor: no weights"), "{err:#}");
+    }
+
+    #[test]
+    fn dreambench_prompts_split_into_20_placements_and_5_property_edits() {
+        for live in [false, true] {
+            let prompts: Vec<String> = super::super::prompts::dreambench_templates(live)
+                .iter()
+                .map(|t| super::super::prompts::fill(t, "zwx", "dog"))
+                .collect();
+            let edits: Vec<&String> =
+                prompts.iter().filter(|p| prompt_kind(p, "zwx") == "property_edit").collect();
+            assert_eq!(edits.len(), 5, "live {live}: {edits:?}");
+            assert!(edits.iter().any(|p| p.as_str() == "a cube shaped zwx dog"), "{edits:?}");
+        }
+        assert_eq!(prompt_kind("a zwx dog wearing a red hat", "zwx"), "recontextualisation");
+        assert_eq!(prompt_kind("A shiny zwx dog", "zwx"), "property_edit");
+    }
+
+    #[test]
+    fn each_kind_averages_its_own_samples_and_a_missing_metric_is_left_out() {
+        let sample = |prompt: &str, dino: f32, clip_t: Option<f32>| proxytune_schemas::EvalSample {
+            job_id: "j".into(),
+            model_role: proxytune_schemas::ModelRole::Student,
+            model_version: "v".into(),
+            subject: "s".into(),
+            prompt_index: 0,
+            prompt: prompt.into(),
+            sample_index: 0,
+            seed: 0,
+            image_png: Vec::new(),
+            width: 1,
+            height: 1,
+            score_dino: Some(dino),
+            score_clip_i: None,
+            score_clip_t: clip_t,
+            score_feat_i: None,
+            created_at_us: 0,
+        };
+        let samples = [
+            sample("a sks dog on the beach", 0.5, Some(0.25)),
+            sample("a sks dog in the snow", 0.25, None),
+            sample("a red sks dog", 0.75, Some(0.125)),
+        ];
+        let split = split_by_prompt_kind(&samples, "sks");
+        assert_eq!(split["recontextualisation"]["DINO"], 0.375);
+        assert_eq!(split["recontextualisation"]["CLIP-T"], 0.25);
+        assert_eq!(split["property_edit"]["DINO"], 0.75);
+        assert!(!split["property_edit"].contains_key("CLIP-I"));
     }
 }

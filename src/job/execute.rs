@@ -11,7 +11,6 @@ use proxytune_schemas::{ClassPriorImage, EvalSample, Proxy, Supervisor, Table, V
 
 use super::pipeline::{pipeline, set_stage, JobCommand, ProgressHandle};
 use super::plan::StagePlan;
-use super::spec::Baseline;
 use crate::plots::{losses_svg, Timeline};
 use crate::report::{
     decode, group_in_order, html, record_scores, save_grid, save_rows, squares, throughput, ReportFiles,
@@ -107,18 +106,18 @@ pub(crate) async fn execute(
     // The baselines train after the pipeline, alone, on every core.
     tch::set_num_threads(super::plan::cores() as i32);
     let mut baselines = serde_json::Map::new();
-    if plan.eval.baselines.contains(&Baseline::DirectLora) {
-        set_stage(progress, "training the direct baseline");
+    for &baseline in &plan.eval.baselines {
+        set_stage(progress, &format!("training the {} baseline", baseline.name()));
         let t_direct = Instant::now();
-        let outcome = super::direct::train(plan, baseline_commands).await?;
+        let outcome = super::direct::train(plan, baseline, baseline_commands.clone()).await?;
         if outcome == JobOutcome::Cancelled {
             set_stage(progress, "cancelled");
             return Ok(outcome.exit_code());
         }
-        let dir = plan.out.join(super::direct::DIRECT_DIR);
+        let dir = plan.out.join(baseline.dir());
         let run: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("run.json"))?)?;
         baselines.insert(
-            "direct-lora".into(),
+            baseline.name().into(),
             serde_json::json!({ "dir": dir.display().to_string(), "steps": run["steps"],
                                 "rows_trained_on": run["data"]["row_keys"], "seconds": t_direct.elapsed().as_secs_f64() }),
         );
@@ -272,11 +271,10 @@ pub(crate) async fn execute(
     });
     std::fs::write(report_dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(report_dir.join("index.html"), html(&report, &scores, &files))?;
-    for (i, (_, s)) in scores.iter().enumerate() {
-        let model = ["student_untuned", "supervisor", "student", "student_direct_lora"]
-            .get(i)
-            .copied()
-            .unwrap_or("model");
+    let models = ["student_untuned", "supervisor", "student"]
+        .into_iter()
+        .chain(plan.eval.baselines.iter().map(|b| b.metric_model()));
+    for (model, (_, s)) in models.zip(&scores) {
         record_scores(&metrics, model, s);
     }
     set_stage(progress, "done");

@@ -481,7 +481,8 @@ pub struct EvaluationSpec {
     pub prompts: Option<usize>,
     /// Skip the evaluation.
     pub skip: bool,
-    /// Baselines trained and evaluated beside the Proxy-Tuned student (`direct-lora`).
+    /// Baselines trained and evaluated beside the Proxy-Tuned student (`direct-lora`,
+    /// `direct-lora-augmented`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub baselines: Vec<Baseline>,
 }
@@ -494,6 +495,55 @@ pub enum Baseline {
     /// student: the paper's "direct subject-tuning".
     #[serde(rename = "direct-lora")]
     DirectLora,
+    /// The same on augmented copies of the references (horizontal flips, rotations within ±5°,
+    /// square crops of 90–100 % of the side): the augmentations the paper's ablation names.
+    #[serde(rename = "direct-lora-augmented")]
+    DirectLoraAugmented,
+}
+
+impl Baseline {
+    /// Every baseline, in the order the report shows them.
+    pub const ALL: [Baseline; 2] = [Baseline::DirectLora, Baseline::DirectLoraAugmented];
+
+    /// Its name in the spec and `report.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::DirectLora => "direct-lora",
+            Baseline::DirectLoraAugmented => "direct-lora-augmented",
+        }
+    }
+
+    /// Its folder under the job's output folder.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Baseline::DirectLora => "student_direct",
+            Baseline::DirectLoraAugmented => "student_direct_augmented",
+        }
+    }
+
+    /// Its row label in the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Baseline::DirectLora => "student (direct LoRA on the references)",
+            Baseline::DirectLoraAugmented => "student (direct LoRA on augmented references)",
+        }
+    }
+
+    /// The `model` label of its metric series.
+    pub fn metric_model(self) -> &'static str {
+        match self {
+            Baseline::DirectLora => "student_direct_lora",
+            Baseline::DirectLoraAugmented => "student_direct_lora_augmented",
+        }
+    }
+
+    /// Augmented copies of each reference it trains on (none: the references themselves).
+    pub fn copies_per_reference(self) -> usize {
+        match self {
+            Baseline::DirectLora => 0,
+            Baseline::DirectLoraAugmented => 8,
+        }
+    }
 }
 
 impl Default for EvaluationSpec {
