@@ -5,6 +5,7 @@
 //! - [`daemon`]: the long-running service: jobs over an HTTP API, persistence, `/metrics`.
 //! - [`demo`]: the embedded demo — the whole mission on the toy world, end to end.
 //! - [`replay`]: a fresh student from a stored corpus version (no generation), evaluated.
+//! - [`ablate`]: the data-scaling and Filter ablations as replays of one corpus version.
 //! - [`smoke`]: a development check (hidden): DreamBench references into a Lance corpus, an
 //!   idempotent re-import, a filtered streaming scan, a few tch training steps.
 //! - [`bench`]: benchmarks that print side-by-side ratios (`runtime`, `unet`, `ar`, `load` in
@@ -20,6 +21,7 @@
 //! - [`report`]: the demo's report (grids, throughput, HTML).
 //! - [`world_cmd`]: the toy world (export subjects as a DreamBench-layout folder).
 
+mod ablate;
 mod bench;
 mod bench_load;
 mod bench_pipeline;
@@ -62,7 +64,7 @@ enum Command {
     /// supervisor and student, and report/index.html.
     Demo(Box<demo::DemoArgs>),
     /// Run a job from its spec (TOML: your photos, a diffusers supervisor folder, a Chameleon /
-    /// Lumina-mGPT student folder, every stage's settings): the streaming pipeline, the evaluation
+    /// Lumina-mGPT or LlamaGen student, every stage's settings): the streaming pipeline, the evaluation
     /// and report/index.html; `--check` checks the spec without loading a weight.
     Run(job::RunArgs),
     /// Run as a long-lived service: jobs from specs (run), on the world models (tune) and from
@@ -72,6 +74,10 @@ enum Command {
     /// Train a fresh student from a stored corpus version (optionally re-filtered), no
     /// generation, and evaluate it.
     Replay(Box<replay::ReplayArgs>),
+    /// The paper's ablations as replays of a stored corpus version, no generation: the student on
+    /// the first N kept proxies for several N (the data-scaling curve, plotted), and with the
+    /// Filter's decisions against without them.
+    Ablate(Box<ablate::AblateArgs>),
     /// Development check of the corpus and libtorch: imports DreamBench references into a Lance
     /// corpus (twice: the second writes nothing), scans it, trains a tiny network a few steps.
     #[command(hide = true)]
@@ -128,6 +134,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => runtime.block_on(job::run(args)),
         Command::Daemon(args) => runtime.block_on(daemon::run(args)),
         Command::Replay(args) => runtime.block_on(replay::run(*args)),
+        Command::Ablate(args) => runtime.block_on(ablate::run(*args)),
         Command::Smoke(args) => runtime.block_on(smoke::run(args)).map(|()| 0),
         Command::Corpus { command } => runtime.block_on(corpus_cmd::run(command)).map(|()| 0),
         Command::Bench { command: bench::BenchCommand::Unet(args) } => bench::unet(args).map(|()| 0),

@@ -1,5 +1,6 @@
 //! The report's plots as SVG, drawn with plotters' SVG backend (text stays SVG text: no font
-//! files, nothing fetched): the job's timeline and the trainers' loss curves.
+//! files, nothing fetched): the job's timeline, the trainers' loss curves and the ablations'
+//! data-scaling curve.
 
 use anyhow::anyhow;
 use plotters::coord::Shift;
@@ -187,6 +188,66 @@ pub(crate) fn losses_svg(
     Ok(Some(svg))
 }
 
+/// Series colours of [`scaling_svg`], in order.
+const SERIES: [RGBColor; 3] = [GENERATED, KEPT, STEPS];
+
+/// A line with points per named series against a count (`x_desc`), for the data-scaling curve;
+/// `None` without a point.
+pub(crate) fn scaling_svg(
+    series: &[(&str, Vec<(f64, f64)>)],
+    x_desc: &str,
+    width: u32,
+    height: u32,
+) -> anyhow::Result<Option<String>> {
+    let points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    if points.is_empty() {
+        return Ok(None);
+    }
+    let (x_hi, y_lo, y_hi) =
+        points.iter().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(x, lo, hi), &(px, py)| {
+            (x.max(px), lo.min(py), hi.max(py))
+        });
+    let pad = ((y_hi - y_lo) * 0.1).max(0.01);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("scores against the proxies trained on", ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..x_hi * 1.05, (y_lo - pad)..(y_hi + pad))
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("score")
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(plot_error)?;
+        for ((name, points), colour) in series.iter().zip(SERIES.iter().cycle()) {
+            let colour = *colour;
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+                .map_err(plot_error)?
+                .label(*name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .map_err(plot_error)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(MARKER)
+            .draw()
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
+    }
+    Ok(Some(svg))
+}
+
 fn loss_panel(area: &DrawingArea<SVGBackend<'_>, Shift>, title: &str, losses: &[f64]) -> anyhow::Result<()> {
     let finite = losses.iter().copied().filter(|l| l.is_finite());
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
@@ -293,6 +354,24 @@ mod tests {
     fn a_job_that_did_nothing_has_no_timeline_and_untrained_models_no_loss_panel() {
         assert!(Timeline::default().svg(800, 400).unwrap().is_none());
         assert!(losses_svg(&[("supervisor", &[]), ("student", &[])], 800, 300).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_scaling_curve_draws_each_series_through_its_points_in_order() {
+        let series = [
+            ("DINO", vec![(16.0, 0.3), (64.0, 0.4), (256.0, 0.45)]),
+            ("CLIP-T", vec![(16.0, 0.2), (64.0, 0.25)]),
+        ];
+        let svg = scaling_svg(&series, "kept proxies trained on", 720, 420).unwrap().unwrap();
+        let dino = polylines(&svg, &hex(SERIES[0]));
+        let lines: Vec<&Vec<(f64, f64)>> = dino.iter().filter(|l| l.len() == 3).collect();
+        assert_eq!(lines.len(), 1, "one DINO line of three points");
+        let xs: Vec<f64> = lines[0].iter().map(|p| p.0).collect();
+        assert!(xs.windows(2).all(|w| w[0] < w[1]), "left to right: {xs:?}");
+        assert!(lines[0][2].1 < lines[0][0].1, "a higher score is drawn higher: {:?}", lines[0]);
+        assert!(polylines(&svg, &hex(SERIES[1])).iter().any(|l| l.len() == 2));
+        assert!(svg.contains("kept proxies trained on") && svg.contains("CLIP-T"));
+        assert!(scaling_svg(&[("DINO", vec![])], "x", 100, 100).unwrap().is_none());
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct ReplayArgs {
     /// Re-filter: keep proxies whose stored CLIP-T is at least this.
     #[arg(long)]
     pub min_prompt_adherence: Option<f32>,
+    /// Ignore the Filter: train on every stored proxy, the rejected ones included.
+    #[arg(long, conflicts_with_all = ["min_fidelity", "min_prompt_adherence"])]
+    pub no_filter: bool,
+    /// Train on the first this many selected proxies only, in the order the job stored them.
+    #[arg(long)]
+    pub first: Option<usize>,
     /// Output folder (student/, report.json).
     #[arg(long, default_value = "out/replay")]
     pub out: PathBuf,
@@ -65,6 +71,9 @@ pub struct ReplayArgs {
 
 /// The Lance filter selecting the proxies to train on.
 fn selection(args: &ReplayArgs) -> String {
+    if args.no_filter {
+        return "true".into();
+    }
     if args.min_fidelity.is_none() && args.min_prompt_adherence.is_none() {
         return "keep = true".into();
     }
@@ -108,10 +117,11 @@ pub(crate) async fn check(args: &ReplayArgs) -> anyhow::Result<(u64, String, usi
     };
     let version =
         table.version().with_context(|| format!("{}: the proxies table is empty", args.corpus.display()))?;
+    anyhow::ensure!(args.first != Some(0), "--first is 0: a replay needs rows to train on");
     let filter = selection(args);
     let rows = table.count_rows(Some(&filter)).await?;
     anyhow::ensure!(rows > 0, "{} version {version}: no proxy passes `{filter}`", args.corpus.display());
-    Ok((version, filter, rows))
+    Ok((version, filter, args.first.map_or(rows, |n| n.min(rows))))
 }
 
 /// One replay: trains a fresh student on the selected rows of the pinned version under
@@ -155,6 +165,7 @@ pub async fn execute(
             version: Some(VersionRef::Number(version)),
             filter: Some(filter.clone()),
             batch_rows: 32,
+            limit_rows: args.first,
         },
     );
     let metrics = match job_id {
@@ -240,6 +251,7 @@ pub async fn execute(
         "corpus": args.corpus.display().to_string(),
         "proxies_version": version,
         "selection": filter,
+        "first": args.first,
         "rows_selected": rows,
         "rows_trained_on": trained.rows_received,
         "student_steps": trained.steps,

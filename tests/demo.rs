@@ -226,6 +226,65 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
     assert!(r["evaluation"][0]["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite));
     // The corpus is unchanged by the replay.
     assert_eq!(corpus.table::<Proxy>().await.unwrap().version(), Some(version));
+
+    // The ablations as replays of that version: the first 4 and 8 kept proxies, all of them, and
+    // every stored proxy with the Filter off; a curve of the three with the kept ones.
+    let ablate = dir.path().join("ablate");
+    let output = proxytune()
+        .args([
+            "ablate",
+            "--sizes",
+            "4,8",
+            "--student-steps",
+            "4",
+            "--eval-images",
+            "1",
+            "--eval-prompts",
+            "1",
+        ])
+        .args(["--device", "cpu", "--version", &version.to_string(), "--corpus"])
+        .arg(out.join("corpus"))
+        .arg("--out")
+        .arg(&ablate)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let a = json(&ablate.join("report.json"));
+    let rows: Vec<u64> = a["data_scaling"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rows_trained_on"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rows, [4, 8, kept], "{a}");
+    assert_eq!(a["kept_proxies"].as_u64(), Some(kept));
+    assert_eq!(a["filter"]["on"]["rows_trained_on"].as_u64(), Some(kept), "{a}");
+    assert_eq!(a["filter"]["off"]["rows_trained_on"].as_u64(), Some(16 * 6), "every stored proxy: {a}");
+    // The first-4 run trained on the first four kept proxies in storage order.
+    let first4 = json(&ablate.join("first_4/student/run.json"));
+    let kept_keys: Vec<String> = table
+        .read_rows_light(Some("keep = true"))
+        .await
+        .unwrap()
+        .iter()
+        .take(4)
+        .map(|p| {
+            let key = [("proxy", p.key().to_string()), ("tokenizer", "world-vq@1".to_string())];
+            proxytune_schemas::RowKey::new(key).as_str().to_string()
+        })
+        .collect();
+    let trained: Vec<String> = first4["data"]["row_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(trained, kept_keys);
+    for r in a["data_scaling"].as_array().unwrap() {
+        assert!(r["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite), "{r}");
+    }
+    let svg = std::fs::read_to_string(ablate.join("data_scaling.svg")).unwrap();
+    assert!(svg.contains("kept proxies trained on") && svg.contains("CLIP-I"));
 }
 
 /// The same demo with the world's LlamaGen student: its tokens come from its own VQ, each kept

@@ -579,6 +579,7 @@ async fn a_pinned_corpus_version_replays_through_the_pipeline() {
             version: Some(VersionRef::Tag("run-1".into())),
             filter: Some("keep = true".into()),
             batch_rows: 16,
+            limit_rows: None,
         },
     );
     let (writer, stats) = LanceWriter::<Proxy>::new(
@@ -607,6 +608,32 @@ async fn a_pinned_corpus_version_replays_through_the_pipeline() {
     assert_eq!(stats.skipped_rows, 6, "seeds 1,2,4,5,7,8 were already stored");
 }
 
+/// A reader with a row limit passes on the first rows in storage order and stops, cutting the
+/// batch it ends in (a data-scaling ablation's first N proxies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_with_a_row_limit_passes_the_first_rows_in_storage_order() {
+    use proxytune_actors::corpus::reader::{CorpusReader, CorpusReaderConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let source = Corpus::open_or_create(dir.path().join("source")).unwrap();
+    let mut table = source.table::<Proxy>().await.unwrap();
+    table.append_rows(&crate::support::proxies("j", 30..50)).await.unwrap();
+    table.append_rows(&crate::support::proxies("j", 0..30)).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let reader = CorpusReader::<Proxy>::new(
+        source,
+        CorpusReaderConfig { version: None, filter: None, batch_rows: 8, limit_rows: Some(21) },
+    );
+    let mut p = Pipeline::new(config(64), Metrics::noop());
+    let src = p.async_source("corpus_reader", reader);
+    let after = p.operator("trainer", Collect(seen.clone()));
+    p.connect(src, after);
+    let report = p.start(&tokio::runtime::Handle::current()).unwrap().wait().await;
+    assert_eq!(report.outcome, JobOutcome::Succeeded);
+    let seeds: Vec<u64> = seen.lock().unwrap().iter().flatten().map(|p| p.seed).collect();
+    let want: Vec<u64> = (30..50).chain(0..1).collect();
+    assert_eq!(seeds, want, "the first commit's 20 rows, then the second's first");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_passes_stored_rows_on_first_in_small_batches_then_the_new_ones() {
     use proxytune_actors::corpus::reader::{CorpusReader, CorpusReaderConfig};
@@ -622,8 +649,10 @@ async fn a_writer_passes_stored_rows_on_first_in_small_batches_then_the_new_ones
     source.table::<Proxy>().await.unwrap().append_rows(&crate::support::proxies("j", 40..60)).await.unwrap();
 
     let batches = Arc::new(Mutex::new(Vec::new()));
-    let reader =
-        CorpusReader::<Proxy>::new(source, CorpusReaderConfig { version: None, filter: None, batch_rows: 8 });
+    let reader = CorpusReader::<Proxy>::new(
+        source,
+        CorpusReaderConfig { version: None, filter: None, batch_rows: 8, limit_rows: None },
+    );
     let (writer, stats) = LanceWriter::<Proxy>::new(
         target.clone(),
         LanceWriterConfig { commit_every_rows: 8, forward_committed: true, replay_stored: true },

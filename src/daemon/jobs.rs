@@ -365,6 +365,8 @@ impl ReplaySpec {
             }),
             min_fidelity: self.min_fidelity,
             min_prompt_adherence: self.min_prompt_adherence,
+            no_filter: false,
+            first: None,
             out,
             world: self.models.clone().unwrap_or(world),
             world_seed: 7,

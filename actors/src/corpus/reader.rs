@@ -1,7 +1,8 @@
 //! `corpus_reader`: a source that streams one corpus table — a pinned version, optionally
 //! filtered and projected — into the pipeline. This is how a replay feeds a stored corpus
 //! version into a new training run with no generation. Batches are read one at a time from
-//! Lance's stream; the table is never collected in memory.
+//! Lance's stream; the table is never collected in memory. With `limit_rows` it stops after the
+//! first rows in storage order (a data-scaling ablation's first N proxies).
 
 use proxytune_schemas::Table;
 use serde::{Deserialize, Serialize};
@@ -27,11 +28,14 @@ pub struct CorpusReaderConfig {
     /// Rows per emitted batch.
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
+    /// Stop after this many rows (the first ones in storage order, which is commit order).
+    #[serde(default)]
+    pub limit_rows: Option<usize>,
 }
 
 impl Default for CorpusReaderConfig {
     fn default() -> Self {
-        CorpusReaderConfig { version: None, filter: None, batch_rows: default_batch_rows() }
+        CorpusReaderConfig { version: None, filter: None, batch_rows: default_batch_rows(), limit_rows: None }
     }
 }
 
@@ -42,13 +46,22 @@ pub struct CorpusReader<T: Table> {
     stream: Option<BatchStream>,
     /// The version actually read (resolved at start).
     version: Option<u64>,
+    /// Rows emitted so far.
+    emitted: usize,
     _rows: std::marker::PhantomData<fn() -> T>,
 }
 
 impl<T: Table> CorpusReader<T> {
     /// A reader of `corpus`.
     pub fn new(corpus: Corpus, config: CorpusReaderConfig) -> Self {
-        CorpusReader { corpus, config, stream: None, version: None, _rows: std::marker::PhantomData }
+        CorpusReader {
+            corpus,
+            config,
+            stream: None,
+            version: None,
+            emitted: 0,
+            _rows: std::marker::PhantomData,
+        }
     }
 }
 
@@ -75,9 +88,16 @@ impl<T: Table> AsyncSource for CorpusReader<T> {
         let Some(stream) = self.stream.as_mut() else {
             return Ok(Produced::Done);
         };
+        let left = self.config.limit_rows.map_or(usize::MAX, |n| n.saturating_sub(self.emitted));
+        if left == 0 {
+            return Ok(Produced::Done);
+        }
         match stream.try_next().await? {
             Some(batch) => {
-                out.emit(T::conform(&batch)?);
+                let batch = T::conform(&batch)?;
+                let batch = if batch.num_rows() > left { batch.slice(0, left) } else { batch };
+                self.emitted += batch.num_rows();
+                out.emit(batch);
                 Ok(Produced::More)
             }
             None => Ok(Produced::Done),
