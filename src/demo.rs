@@ -25,6 +25,7 @@ use crate::job::evaluate::ModelLoader;
 use crate::job::execute::Evaluator;
 use crate::job::pipeline::{JobCommand, ProgressHandle};
 use crate::job::plan::{device_name, EvalPlan, ScorerSource, StagePlan};
+use crate::job::spec::Baseline;
 use crate::subject::JobSubject;
 use crate::world_models::{
     evaluate, student, student_trainer_config, supervisor, supervisor_sampling, tokenize_config, EvalSpec,
@@ -104,9 +105,12 @@ pub struct DemoArgs {
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Train and evaluate no baseline (by default the student's LoRA trained directly on the
-    /// references is shown beside the Proxy-Tuned one).
-    #[arg(long)]
+    /// Baselines trained and evaluated beside the Proxy-Tuned student (comma-separated; by default
+    /// both: the student's LoRA trained directly on the references, and on augmented copies).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Baseline::ALL)]
+    pub baselines: Vec<Baseline>,
+    /// Train and evaluate no baseline.
+    #[arg(long, conflicts_with = "baselines")]
     pub no_baselines: bool,
     /// Torch threads a call while the pipeline runs (the job spec's `devices.cpu_threads`; default:
     /// half the cores on the CPU, else all).
@@ -312,7 +316,7 @@ impl Evaluator for WorldEvaluator<'_> {
 fn demo_models<'a>(
     args: &'a DemoArgs,
     device: &'a str,
-    baselines: &[crate::job::spec::Baseline],
+    baselines: &[Baseline],
 ) -> Vec<(String, ModelLoader<'a>)> {
     let adapter = args.out.join("supervisor").join(proxytune_models::diffusion::dreambooth::LORA_FILE);
     let tuned = args.out.join("student/adapter_model.safetensors");

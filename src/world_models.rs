@@ -54,7 +54,7 @@ pub(crate) fn supervisor_sampling() -> SamplingConfig {
 }
 
 /// Which of the world's pretrained students a job fine-tunes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorldStudent {
     /// The Lumina-mGPT-style Chameleon student (`models/world/student`).

@@ -444,15 +444,24 @@ async fn an_interrupted_demo_leaves_a_readable_corpus() {
     assert!(proxies.iter().all(|p| p.keep.is_some()), "every stored proxy was judged");
 }
 
-/// The README's weak-to-strong table, reproduced by `proxytune demo` at its default budgets (about
-/// 4 minutes on 2 vCPUs). On the CPU that measured it (`/proc/cpuinfo` model name `AMD EPYC`)
-/// every figure equals the README's to the digits it prints. On another CPU libtorch's float32
-/// kernels move the student's row (the README says by how much), so the table's reading is checked
-/// instead: the tuned student above the supervisor above the untuned student in DINO and CLIP-I,
-/// below the supervisor in CLIP-T, and the subject's colour far more often than untuned.
+/// The README's weak-to-strong tables, reproduced by `proxytune demo` at its default budgets (about
+/// 7 minutes each on 2 vCPUs), for the Chameleon student and for the LlamaGen one. On the CPU that
+/// measured them (`/proc/cpuinfo` model name `AMD EPYC`) every figure equals the README's to the
+/// digits it prints. On another CPU libtorch's float32 kernels move the students' rows (the README
+/// says by how much), so the tables' reading is checked instead: the tuned student above the
+/// untuned one in DINO and CLIP-I and in the subject's colour, and both direct baselines below the
+/// Proxy-Tuned student in CLIP-I and, by more than 0.3, in the subject's colour; for Chameleon also
+/// above the supervisor in DINO and CLIP-I and below it in CLIP-T.
 #[test]
-#[ignore = "about 5 minutes; run with `tools/dev cargo test --workspace --test all -- --ignored`"]
-fn the_demo_at_default_budgets_reproduces_the_readme_table() {
+#[ignore = "about 15 minutes; run with `tools/dev cargo test --workspace --test all -- --ignored`"]
+fn the_demo_at_default_budgets_reproduces_the_readme_tables() {
+    reproduces_the_readme_table("chameleon", "student");
+    reproduces_the_readme_table("llamagen", "LlamaGen student");
+}
+
+/// One of [`the_demo_at_default_budgets_reproduces_the_readme_tables`]: `proxytune demo --student
+/// student` against the README rows labelled `<prefix>, …` (the supervisor's row is shared).
+fn reproduces_the_readme_table(student: &str, prefix: &str) {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let row = |label: &str| -> Vec<f64> {
         let line = readme
@@ -462,15 +471,22 @@ fn the_demo_at_default_budgets_reproduces_the_readme_table() {
         line.split('|').skip(2).filter(|c| !c.trim().is_empty()).map(|c| c.trim().parse().unwrap()).collect()
     };
     let expected = [
-        ("student (untuned)", row("student, untuned")),
+        ("student (untuned)", row(&format!("{prefix}, untuned"))),
         ("supervisor (DreamBooth-LoRA)", row("supervisor, DreamBooth-LoRA")),
-        ("student (Proxy-Tuned LoRA)", row("student, Proxy-Tuned LoRA")),
-        ("student (direct LoRA on the references)", row("student, direct LoRA on the references")),
+        ("student (Proxy-Tuned LoRA)", row(&format!("{prefix}, Proxy-Tuned LoRA"))),
+        ("student (direct LoRA on the references)", row(&format!("{prefix}, direct LoRA on the references"))),
+        (
+            "student (direct LoRA on augmented references)",
+            row(&format!("{prefix}, direct LoRA on augmented references")),
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    let run =
-        proxytune().args(["demo", "--no-metrics", "--device", "cpu", "--out"]).arg(&out).output().unwrap();
+    let run = proxytune()
+        .args(["demo", "--no-metrics", "--device", "cpu", "--student", student, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let report = json(&out.join("report/report.json"));
     let models = report["evaluation"]["models"].as_array().unwrap();
@@ -491,7 +507,7 @@ fn the_demo_at_default_budgets_reproduces_the_readme_table() {
             )
         })
         .collect();
-    eprintln!("measured: {measured:?}");
+    eprintln!("{student} measured: {measured:?}");
     let model_name = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -508,7 +524,7 @@ fn the_demo_at_default_budgets_reproduces_the_readme_table() {
                 let half_digit = if k < 3 { 0.0005 } else { 0.005 };
                 assert!(
                     (o - r).abs() <= half_digit + 1e-9,
-                    "{label}, column {k}: {o} against the README's {r}"
+                    "{student}: {label}, column {k}: {o} against the README's {r}"
                 );
             }
         }
@@ -517,14 +533,20 @@ fn the_demo_at_default_budgets_reproduces_the_readme_table() {
     }
     let (untuned, supervisor, tuned) =
         (by_label(expected[0].0), by_label(expected[1].0), by_label(expected[2].0));
-    for k in [0, 1] {
-        assert!(tuned[k] > supervisor[k] && supervisor[k] > untuned[k], "column {k}: {measured:?}");
-    }
-    assert!(tuned[2] < supervisor[2], "CLIP-T: {measured:?}");
-    assert!(tuned[4] > untuned[4] + 0.3, "subject colour: {measured:?}");
-    // The paper's point: trained on the references directly, the student learns the subject less.
-    let direct = by_label(expected[3].0);
     for k in [0, 1, 4] {
-        assert!(direct[k] < tuned[k], "direct against Proxy-Tuned, column {k}: {measured:?}");
+        assert!(tuned[k] > untuned[k], "{student}, column {k}: {measured:?}");
+    }
+    if student == "chameleon" {
+        for k in [0, 1] {
+            assert!(tuned[k] > supervisor[k], "column {k}: {measured:?}");
+        }
+        assert!(tuned[2] < supervisor[2], "CLIP-T: {measured:?}");
+    }
+    // The paper's point: trained on the references directly, with or without augmentation, the
+    // student learns the subject less: lower CLIP-I, and the subject's colour far less often. (In
+    // DINO the augmented LlamaGen baseline ties the Proxy-Tuned student: 0.426 against 0.427.)
+    for direct in [by_label(expected[3].0), by_label(expected[4].0)] {
+        assert!(direct[1] < tuned[1], "{student}: direct against Proxy-Tuned, CLIP-I: {measured:?}");
+        assert!(direct[4] + 0.3 < tuned[4], "{student}: direct against Proxy-Tuned, colour: {measured:?}");
     }
 }

@@ -107,6 +107,13 @@ pub struct TuneSpec {
     /// Checkpoint the supervisor's and the student's training every this many steps.
     #[serde(default = "d_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// The world student to teach (`chameleon` or `llamagen`).
+    #[serde(default)]
+    pub student: crate::world_models::WorldStudent,
+    /// Baselines trained and evaluated beside the Proxy-Tuned student (`direct-lora`,
+    /// `direct-lora-augmented`); none by default.
+    #[serde(default)]
+    pub baselines: Vec<crate::job::spec::Baseline>,
 }
 
 /// A corpus version: its number or a tag.
@@ -151,6 +158,9 @@ pub struct ReplaySpec {
     /// Evaluate only the first this many prompts.
     #[serde(default)]
     pub eval_prompts: Option<usize>,
+    /// The world student the replayed corpus' job taught (`chameleon` or `llamagen`).
+    #[serde(default)]
+    pub student: crate::world_models::WorldStudent,
 }
 
 fn d_identifier() -> String {
@@ -334,8 +344,7 @@ impl TuneSpec {
             class_priors: self.class_priors,
             supervisor_steps: self.supervisor_steps,
             proxies_per_prompt: self.proxies_per_prompt,
-            // The tune body names no student; the daemon teaches the world's Chameleon.
-            student: crate::world_models::WorldStudent::Chameleon,
+            student: self.student,
             student_steps: self.student_steps,
             student_min_rows: self.student_min_rows,
             eval_images: self.eval_images,
@@ -347,8 +356,8 @@ impl TuneSpec {
             linger_seconds: 0,
             device,
             cpu_threads: None,
-            // A tune job trains no baseline (the spec of a `run` job can name some).
-            no_baselines: true,
+            no_baselines: self.baselines.is_empty(),
+            baselines: self.baselines.clone(),
             checkpoint_every: self.checkpoint_every,
         }
     }
@@ -370,7 +379,7 @@ impl ReplaySpec {
             out,
             world: self.models.clone().unwrap_or(world),
             world_seed: 7,
-            student: crate::world_models::WorldStudent::Chameleon,
+            student: self.student,
             student_steps: self.student_steps,
             eval_images: self.eval_images,
             eval_prompts: self.eval_prompts,

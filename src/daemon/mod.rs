@@ -833,9 +833,9 @@ impl Shared {
             JobSpec::Tune(_) | JobSpec::Run(_) => dir.join("corpus"),
             JobSpec::Replay(_) => job.input.clone().unwrap_or_default(),
         };
-        let (eval_images, eval_prompts, models) = match &job.spec {
-            JobSpec::Tune(t) => (t.eval_images, t.eval_prompts, t.models.clone()),
-            JobSpec::Replay(r) => (r.eval_images, r.eval_prompts, r.models.clone()),
+        let (eval_images, eval_prompts, models, student) = match &job.spec {
+            JobSpec::Tune(t) => (t.eval_images, t.eval_prompts, t.models.clone(), t.student),
+            JobSpec::Replay(r) => (r.eval_images, r.eval_prompts, r.models.clone(), r.student),
             JobSpec::Run(_) => unreachable!("refused above"),
         };
         let world = models.unwrap_or_else(|| self.config.world.clone());
@@ -845,6 +845,7 @@ impl Shared {
         tokio::task::spawn_blocking(move || {
             let result = evaluate_checkpoint(
                 &world,
+                student,
                 &shared.config.device,
                 &handle,
                 &id,
@@ -888,6 +889,7 @@ pub(super) fn evaluation_numbers(dir: &Path) -> Vec<u64> {
 #[allow(clippy::too_many_arguments)]
 fn evaluate_checkpoint(
     world: &Path,
+    student: crate::world_models::WorldStudent,
     device: &str,
     handle: &tokio::runtime::Handle,
     id: &str,
@@ -926,14 +928,7 @@ fn evaluate_checkpoint(
     let device_ref = &device;
     models.push((
         "student checkpoint".into(),
-        Box::new(move || {
-            crate::world_models::student(
-                world,
-                crate::world_models::WorldStudent::Chameleon,
-                Some(&adapter),
-                device_ref,
-            )
-        }),
+        Box::new(move || crate::world_models::student(world, student, Some(&adapter), device_ref)),
     ));
     let scores = crate::world_models::evaluate(&spec, &subject, models)?;
     let state: serde_json::Value =

@@ -488,7 +488,7 @@ pub struct EvaluationSpec {
 }
 
 /// A baseline the report shows beside Proxy-Tuning.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Baseline {
     /// The student's LoRA trained directly on the subject's reference photos (no supervisor, no
     /// proxies) with the instance prompt, the same trainer, steps and batch as the Proxy-Tuned
