@@ -780,6 +780,59 @@ fn a_job_killed_during_tuning_generation_and_training_resumes_and_ends_as_an_uni
     }
 }
 
+/// A tune job names its world student and its baselines: the LlamaGen student is taught, its
+/// token rows come from its own VQ and its prompts' T5 states are stored, and both direct baselines
+/// are trained and evaluated beside it; a replay job of that corpus trains the same student.
+#[test]
+fn a_tune_job_teaches_the_llamagen_student_with_both_baselines_and_a_replay_retrains_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr) = start(dir.path(), "");
+    let _daemon = KillOnDrop(child);
+    let spec = r#"{"subject": "cat_3", "student": "llamagen", "baselines": ["direct-lora", "direct-lora-augmented"],
+        "class_priors": 4, "supervisor_steps": 10, "proxies_per_prompt": 1, "student_steps": 6,
+        "student_min_rows": 4, "eval_images": 1, "eval_prompts": 2}"#;
+    let (status, body) = request(addr, "POST", "/jobs", spec, None).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let j = wait_state(addr, "job-1", &["succeeded", "failed", "cancelled"]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let (status, body) = request(addr, "GET", "/jobs/job-1/report", "", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let labels: Vec<&str> = report["evaluation"]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 5, "{labels:?}");
+    assert_eq!(labels[4], "student (direct LoRA on augmented references)");
+    assert_eq!(report["baselines"]["direct-lora-augmented"]["steps"], 6, "{report}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tokens, captions) = rt.block_on(async {
+        let corpus =
+            proxytune_actors::corpus::Corpus::open(dir.path().join("data/jobs/job-1/corpus")).unwrap();
+        let tokens: Vec<proxytune_schemas::VqTokens> =
+            corpus.table::<proxytune_schemas::VqTokens>().await.unwrap().read_rows(None).await.unwrap();
+        let captions: Vec<proxytune_schemas::CaptionStates> =
+            corpus.table::<proxytune_schemas::CaptionStates>().await.unwrap().read_rows(None).await.unwrap();
+        (tokens, captions)
+    });
+    assert!(!tokens.is_empty() && tokens.iter().all(|t| t.tokenizer_id == "world-llamagen-vq@1"));
+    assert!(!captions.is_empty() && captions.iter().all(|c| c.encoder_id == "world-t5@1"));
+
+    let replay = r#"{"kind": "replay", "source_job": "job-1", "student": "llamagen", "student_steps": 4,
+        "eval_images": 1, "eval_prompts": 1}"#;
+    let (status, body) = request(addr, "POST", "/jobs", replay, None).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let j = wait_state(addr, "job-2", &["succeeded", "failed", "cancelled"]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    // An unknown student is refused at submission, naming it and the two there are.
+    let (status, body) =
+        request(addr, "POST", "/jobs", r#"{"subject": "cat_3", "student": "dalle"}"#, None).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("`dalle`") && body.contains("`chameleon` or `llamagen`"), "{body}");
+}
+
 /// A graceful stop whose drain outlasts `shutdown_timeout_seconds` (0 here: no wait at all) exits
 /// 1 naming the jobs still draining, and the next start resumes the job to its end; a pause while
 /// it evaluates is refused (409), and the job ends as if none had been asked.
