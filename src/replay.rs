@@ -1,7 +1,8 @@
 //! `proxytune replay`: trains a fresh student from a stored corpus version — no generation — and
 //! evaluates it. The proxies of the pinned version are streamed from Lance (the Filter's decisions
 //! as stored, or new thresholds applied to the stored scores), VQ-tokenized and fed to the
-//! student's trainer; the report names the version and the rows it trained on.
+//! student's trainer; the report names the version and the rows it trained on. A LlamaGen
+//! student's caption states come from the corpus' `captions` table, not from its T5 again.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,8 +14,9 @@ use proxytune_actors::runtime::{JobOutcome, Metrics, Pipeline, PipelineConfig};
 use proxytune_actors::stages::ar_trainer::ArTrainerActor;
 use proxytune_actors::stages::tokenize::Tokenize;
 use proxytune_actors::world::{World, CLASSES};
-use proxytune_schemas::{Proxy, ReferenceImage};
+use proxytune_schemas::{CaptionStates, Proxy, ReferenceImage, Table};
 
+use crate::job::direct::Once;
 use crate::job::pipeline::{steer, JobCommand, ProgressHandle};
 use crate::job::plan::device_name;
 use crate::subject::JobSubject;
@@ -189,13 +191,30 @@ pub async fn execute(
     let mut p = Pipeline::new(PipelineConfig::default(), metrics.clone());
     let src = p.async_source("corpus_reader", reader);
     let tokenize = tokenize_config(&args.world, args.student, &device, false)?;
+    // The caption states the corpus stores (LlamaGen) go to the trainer as they are; only a prompt
+    // without them is encoded.
+    let stored_captions: Vec<CaptionStates> = match &tokenize.caption_encoder_id {
+        Some(id) => {
+            let filter = format!("encoder_id = '{}'", id.replace('\'', "''"));
+            corpus.table::<CaptionStates>().await?.read_rows(Some(&filter)).await?
+        }
+        None => Vec::new(),
+    };
     let captions = tokenize.caption_encoder_id.is_some();
-    let tok = p.operator("tokenize", Tokenize::new(tokenize));
+    let tokenize =
+        Tokenize::new(tokenize).with_stored_captions(stored_captions.iter().map(|c| c.prompt.clone()));
+    let encoded = tokenize.captions_encoded();
+    let tok = p.operator("tokenize", tokenize);
     let train = p.operator("ar_trainer", trainer);
     p.connect(src, tok).connect(tok, train);
     if captions {
-        // Each prompt's caption states, on the trainer's second input.
+        // Each prompt's caption states, on the trainer's second input: the stored ones, and any
+        // the tokenize step had to encode.
         p.connect_port(tok, 1, train);
+        if !stored_captions.is_empty() {
+            let stored = p.source("caption_reader", Once(Some(CaptionStates::to_batch(&stored_captions)?)));
+            p.connect(stored, train);
+        }
     }
     {
         let mut p = progress.lock().expect("progress lock");
@@ -252,6 +271,8 @@ pub async fn execute(
         "proxies_version": version,
         "selection": filter,
         "first": args.first,
+        "captions_reused": stored_captions.len(),
+        "captions_encoded": encoded.load(std::sync::atomic::Ordering::Relaxed),
         "rows_selected": rows,
         "rows_trained_on": trained.rows_received,
         "student_steps": trained.steps,

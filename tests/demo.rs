@@ -289,7 +289,8 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
 
 /// The same demo with the world's LlamaGen student: its tokens come from its own VQ, each kept
 /// prompt's T5 states are stored once, and the untuned, Proxy-Tuned and direct-LoRA students are
-/// all sampled through its T5 and GPT; then a replay trains it again from the stored corpus.
+/// all sampled through its T5 and GPT; then a replay trains it again from the stored corpus, its
+/// caption states read from the corpus, not encoded again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
     use proxytune_schemas::CaptionStates;
@@ -338,6 +339,11 @@ async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
     let r = json(&replay.join("report.json"));
     assert_eq!(r["student_steps"], 8);
     assert!(r["evaluation"][0]["scores"]["metrics"]["DINO"].as_f64().is_some_and(f64::is_finite));
+    // The replay took every prompt's T5 states from the corpus and ran T5 on none.
+    assert_eq!(
+        (r["captions_reused"].as_u64(), r["captions_encoded"].as_u64()),
+        (Some(prompts.len() as u64), Some(0))
+    );
 }
 
 #[test]

@@ -839,6 +839,8 @@ scorers = "cpu"
     let log = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{log}");
     assert!(log.contains("student training resumes"), "{log}");
+    // The resumed run took the stored prompts' T5 states from the corpus.
+    assert!(log.contains("prompts' caption states are stored already"), "{log}");
     let whole = Command::new(env!("CARGO_BIN_EXE_proxytune")).arg("run").arg(&b).output().unwrap();
     assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
 

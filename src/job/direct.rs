@@ -138,7 +138,7 @@ fn reference_rows(plan: &StagePlan, baseline: Baseline) -> anyhow::Result<Vec<Vq
 }
 
 /// Emits one prebuilt batch.
-struct Once(Option<arrow_array::RecordBatch>);
+pub(crate) struct Once(pub(crate) Option<arrow_array::RecordBatch>);
 
 impl Source for Once {
     fn produce(&mut self, _: &mut Context, out: &mut Output) -> proxytune_actors::Result<Produced> {

@@ -5,7 +5,7 @@
 //!                      └─> supervisor_tuner ─┬─> supervisor_writer
 //!                                            └─> proxy_generator ─> filter ─> proxy_writer ─> tokenize ─┬─> vq_writer
 //!                                                                                                      ├─> ar_trainer
-//!                                            (LlamaGen: each prompt's caption states, port 1) ────────┴─> caption_writer, ar_trainer
+//!                                            (LlamaGen: each prompt's caption states, port 1) ────────┴─> caption_writer ─> ar_trainer
 //! ```
 //!
 //! The supervisor is DreamBooth-tuned while the untuned model's class priors stream in (from the
@@ -221,7 +221,23 @@ pub(crate) async fn pipeline(
     while let Some(batch) = kept_stream.try_next().await? {
         filter.remember_kept(&Proxy::from_batch(&batch)?)?;
     }
-    let tokenize = Tokenize::new(plan.tokenize.clone());
+    // Prompts whose caption states the corpus holds are not encoded again: the caption writer
+    // passes the stored ones to the trainer first.
+    let stored_captions: Vec<String> = match &plan.tokenize.caption_encoder_id {
+        Some(id) => corpus
+            .table::<CaptionStates>()
+            .await?
+            .read_rows(Some(&format!("encoder_id = '{}'", id.replace('\'', "''"))))
+            .await?
+            .into_iter()
+            .map(|c| c.prompt)
+            .collect(),
+        None => Vec::new(),
+    };
+    if !stored_captions.is_empty() {
+        eprintln!("proxytune: {} prompts' caption states are stored already", stored_captions.len());
+    }
+    let tokenize = Tokenize::new(plan.tokenize.clone()).with_stored_captions(stored_captions);
     let (trainer, trainer_stats) = ArTrainerActor::new(plan.trainer.clone(), &metrics)?;
     let commit = |rows: usize, forward: bool| LanceWriterConfig {
         commit_every_rows: rows,
@@ -238,7 +254,7 @@ pub(crate) async fn pipeline(
         .tokenize
         .caption_encoder_id
         .is_some()
-        .then(|| LanceWriter::<CaptionStates>::new(corpus.clone(), commit(1, false), &metrics).0);
+        .then(|| LanceWriter::<CaptionStates>::new(corpus.clone(), commit(1, true), &metrics).0);
 
     let mut p = Pipeline::new(PipelineConfig::default(), metrics);
     let priors = p.source("class_prior_sampler", priors);
@@ -256,11 +272,12 @@ pub(crate) async fn pipeline(
     p.connect(generator, filter).connect(filter, proxy_sink);
     p.connect(proxy_sink, tokenize);
     p.connect(tokenize, vq_sink).connect(tokenize, trainer);
-    // A student that conditions on caption states (LlamaGen) gets each prompt's on its input 1;
-    // the corpus stores them once per prompt.
+    // A student that conditions on caption states (LlamaGen) gets each prompt's on its input 1,
+    // from the caption writer: the stored ones first, then each new one once committed. The
+    // corpus stores them once per prompt.
     if let Some(caption_writer) = caption_writer {
         let caption_sink = p.async_operator("caption_writer", caption_writer);
-        p.connect_port(tokenize, 1, caption_sink).connect_port(tokenize, 1, trainer);
+        p.connect_port(tokenize, 1, caption_sink).connect(caption_sink, trainer);
     }
 
     let multi = MultiProgress::new();

@@ -12,10 +12,10 @@
 //! (PEFT layout) and `run.json` (steps, losses, rows consumed) are written to `output_dir`.
 //!
 //! The student is any family behind [`TrainableStudent`]. Input 0 carries the token rows; a
-//! student that conditions on caption states (LlamaGen) takes them on input 1, one row per prompt
-//! ([`CaptionStates`] from the tokenize stage or the corpus), and a step waits until every row it
-//! may draw from has its prompt's states, so the draws stay a function of the seed and the row
-//! order alone.
+//! student that conditions on caption states (LlamaGen) takes them on any further input, one row
+//! per prompt ([`CaptionStates`] from the tokenize stage or the corpus), and a step waits until
+//! every row it may draw from has its prompt's states, so the draws stay a function of the seed and
+//! the row order alone.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -212,7 +212,7 @@ impl ArTrainerActor {
 }
 
 impl ArTrainerActor {
-    /// Caption rows (input 1): each prompt's states, under the configured encoder.
+    /// Caption rows (any input after the first): each prompt's states, under the configured encoder.
     fn take_captions(&mut self, batch: &RecordBatch) -> Result<()> {
         for row in CaptionStates::from_batch(batch)? {
             let input = || format!("captions row {}", row.key());
@@ -271,7 +271,7 @@ impl Operator for ArTrainerActor {
         _ctx: &mut Context,
         _out: &mut Output,
     ) -> Result<()> {
-        if input == 1 {
+        if input > 0 {
             return self.take_captions(&batch);
         }
         let (student, _) = self.state.as_ref().expect("started");

@@ -7,9 +7,12 @@
 //! For a student that conditions on a caption encoder's states (LlamaGen: Flan-T5), each prompt's
 //! states are computed the first time one of its proxies passes and emitted on port 1
 //! ([`CaptionStates`] rows, keyed by prompt and encoder), before the token rows on port 0: the
-//! corpus stores them once per prompt and the trainer takes them from there.
+//! corpus stores them once per prompt and the trainer takes them from there. Prompts the corpus
+//! already stores ([`Tokenize::with_stored_captions`]) are never encoded again.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use proxytune_models::ar::student::{Captioner, StudentFiles};
@@ -62,12 +65,25 @@ pub struct Tokenize {
     vq: Option<VqEncoder>,
     captioner: Option<(Captioner, String)>,
     captioned: HashSet<String>,
+    encoded: Arc<AtomicUsize>,
 }
 
 impl Tokenize {
     /// A step; the encoders load on its thread when the job starts.
     pub fn new(config: TokenizeConfig) -> Self {
-        Tokenize { config, vq: None, captioner: None, captioned: HashSet::new() }
+        Tokenize { config, vq: None, captioner: None, captioned: HashSet::new(), encoded: Arc::default() }
+    }
+
+    /// Prompts whose caption states the corpus already stores: they are not encoded again (a
+    /// resumed job's or a replay's trainer takes them from the corpus).
+    pub fn with_stored_captions(mut self, prompts: impl IntoIterator<Item = String>) -> Self {
+        self.captioned.extend(prompts);
+        self
+    }
+
+    /// How many prompts it has run the caption encoder on (shared with whoever built it).
+    pub fn captions_encoded(&self) -> Arc<AtomicUsize> {
+        self.encoded.clone()
     }
 
     /// The caption rows of the prompts of `proxies` not captioned yet.
@@ -95,6 +111,7 @@ impl Tokenize {
             })
             .collect();
         self.captioned.extend(rows.iter().map(|r| r.prompt.clone()));
+        self.encoded.fetch_add(rows.len(), Ordering::Relaxed);
         Ok(rows)
     }
 }
