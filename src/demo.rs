@@ -329,7 +329,9 @@ fn demo_models<'a>(
         ),
     ];
     for b in baselines {
-        let adapter = args.out.join(b.dir()).join("adapter_model.safetensors");
+        let dir = args.out.join(b.dir());
+        let adapter = proxytune_models::ar::student::trained_weights(&dir)
+            .unwrap_or_else(|| dir.join(proxytune_models::ar::student::ADAPTER_FILE));
         models.push((
             b.label().into(),
             Box::new(move || student(&args.world, args.student, Some(&adapter), device)),

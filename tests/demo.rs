@@ -159,11 +159,20 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
         .collect();
     assert_eq!(augmented["rows_trained_on"], serde_json::json!(keys), "{augmented}");
     assert_eq!(augmented["steps"], report["stages"]["student"]["steps"], "{augmented}");
-    // Every model scored, every score finite: untuned, supervisor, Proxy-Tuned, both baselines.
+    // The full baseline: every weight trained on the five references, written whole.
+    assert_eq!(report["baselines"]["direct-full"]["steps"], report["stages"]["student"]["steps"]);
+    assert!(out.join("student_direct_full/model.safetensors").is_file());
+    assert!(!out.join("student_direct_full/adapter_model.safetensors").exists());
+    // Every model scored, every score finite: untuned, supervisor, Proxy-Tuned, the baselines.
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 5);
+    assert_eq!(models.len(), 6);
     assert_eq!(models[3]["label"], "student (direct LoRA on the references)");
     assert_eq!(models[4]["label"], "student (direct LoRA on augmented references)");
+    assert_eq!(models[5]["label"], "student (direct full fine-tune on the references)");
+    assert!(models[5]["scores"]["version"]
+        .as_str()
+        .unwrap()
+        .ends_with("student_direct_full/model.safetensors"));
     for m in models {
         let s = &m["scores"];
         for metric in ["DINO", "CLIP-I", "CLIP-T"] {
@@ -319,7 +328,7 @@ async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
     assert_eq!((captions.len(), &captioned), (prompts.len(), &prompts), "each kept prompt once");
     assert!(captions.iter().all(|c| c.encoder_id == "world-t5@1" && c.dim == 64));
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 5, "untuned, supervisor, Proxy-Tuned, both direct LoRAs");
+    assert_eq!(models.len(), 6, "untuned, supervisor, Proxy-Tuned, the three direct baselines");
     for m in models {
         for metric in ["DINO", "CLIP-I", "CLIP-T"] {
             assert!(m["scores"]["metrics"][metric].as_f64().is_some_and(f64::is_finite), "{m}");

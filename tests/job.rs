@@ -132,6 +132,19 @@ fn a_spec_with_five_planted_mistakes_gets_all_five_named() {
         found.iter().all(|p| p.starts_with("evaluation.baselines") || p.starts_with("student.full")),
         "{out}"
     );
+    // direct-full trains every weight in float32: refused beside a bf16 student, named twice too.
+    let bf16 =
+        "precision = \"bf16\"\n[evaluation]\nbaselines = [\"direct-full\", \"direct-lora\", \"direct-full\"]";
+    let (code, out) = check(tmp.path(), &spec(&photos, ("sd1", &sup, 32), (&stu, 32, bf16), "sks"));
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        problems(&out),
+        [
+            "evaluation.baselines: direct-full trains every weight, in float32; with student.precision = \"bf16\" only LoRA trains (use fp32, or leave direct-full out)",
+            "evaluation.baselines: direct-full is named twice",
+        ],
+        "{out}"
+    );
 
     // 1. two photos; 2. a missing weight file; 3. a config whose shapes disagree with the weights;
     // 4. an identifier the student's tokenizer cannot encode; 5. a resolution the VQ grid does not
@@ -709,8 +722,8 @@ scorers = "cpu"
 /// LlamaGen GPT, VQ-16 and Flan-T5-layout encoder; `sks`, because the tiny T5 vocabulary, learnt
 /// from the DreamBench prompts, has no `z`): `--check` reads all three, the job streams
 /// (the student's first step comes before the last proxy), the corpus stores each kept prompt's
-/// T5 states once beside the token rows, both direct baselines train on the references (and their
-/// augmented copies) under the instance prompt's states, and a job killed (SIGKILL) while the student trains resumes from its
+/// T5 states once beside the token rows, the three direct baselines train on the references (and
+/// their augmented copies) under the instance prompt's states, and a job killed (SIGKILL) while the student trains resumes from its
 /// checkpoint and ends with the adapter, bit for bit, of an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_llamagen_student_job_streams_and_resumes_after_a_kill_as_an_uninterrupted_run() {
@@ -759,7 +772,7 @@ sampling = {{ top_k = 16, guidance = 2.0 }}
 [evaluation]
 images_per_prompt = 1
 prompts = 2
-baselines = ["direct-lora", "direct-lora-augmented"]
+baselines = ["direct-lora", "direct-lora-augmented", "direct-full"]
 [devices]
 supervisor = "cpu"
 student = "cpu"
@@ -853,6 +866,7 @@ scorers = "cpu"
         "student/adapter_model.safetensors",
         "student_direct/adapter_model.safetensors",
         "student_direct_augmented/adapter_model.safetensors",
+        "student_direct_full/model.safetensors",
     ] {
         let (x, y) = (
             std::fs::read(interrupted.join(adapter)).unwrap(),
@@ -898,7 +912,8 @@ scorers = "cpu"
     let augmented = &report["baselines"]["direct-lora-augmented"];
     assert_eq!(augmented["rows_trained_on"].as_array().unwrap().len(), 6 * 8, "{augmented}");
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 5, "untuned student, supervisor, tuned student, both direct baselines");
+    assert_eq!(models.len(), 6, "untuned student, supervisor, tuned student, three direct baselines");
+    assert_eq!(report["baselines"]["direct-full"]["steps"], steps, "{report}");
     for m in models {
         assert_eq!(m["scores"]["samples"], 2, "{m}");
         assert!(m["scores"]["metrics"]["FEAT-I"].as_f64().is_some_and(|v| v.is_finite()), "{m}");

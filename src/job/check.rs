@@ -723,7 +723,7 @@ fn longest_instruction(spec: &JobSpec, tok: &HfTokenizer) -> Option<i64> {
 
 fn check_evaluation(spec: &JobSpec, r: &mut CheckReport) {
     let e = &spec.evaluation;
-    if let Some(b) = e.baselines.first().filter(|_| spec.student.full) {
+    if let Some(b) = e.baselines.iter().find(|b| !b.full() && spec.student.full) {
         r.problem(
             "evaluation.baselines",
             format!(
@@ -731,6 +731,13 @@ fn check_evaluation(spec: &JobSpec, r: &mut CheckReport) {
                  fine-tuned (student.full = true)",
                 b.name()
             ),
+        );
+    }
+    if e.baselines.iter().any(|b| b.full()) && spec.student.precision == Precision::Bf16 {
+        r.problem(
+            "evaluation.baselines",
+            "direct-full trains every weight, in float32; with student.precision = \"bf16\" only LoRA \
+             trains (use fp32, or leave direct-full out)",
         );
     }
     let mut seen = Vec::new();

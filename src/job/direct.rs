@@ -1,9 +1,11 @@
-//! The paper's direct baselines (`direct-lora`, `direct-lora-augmented`): the student's LoRA
+//! The paper's direct baselines (`direct-lora`, `direct-lora-augmented`, `direct-full`): the student's LoRA
 //! trained on the subject's reference photos alone, with no supervisor and no proxies, so the
 //! report shows whether the proxies were worth generating. The references are tokenized by the
 //! job's own VQ encoder and captioned with the instance prompt (`a sks dog`). The trainer, its
 //! LoRA, steps, batch and sampling settings are the Proxy-Tuned student's, so the budgets match.
-//! Its rows are `reference-<i>`, and `<dir>/run.json` records the keys it consumed.
+//! Its rows are `reference-<i>`, and `<dir>/run.json` records the keys it consumed. `direct-full`
+//! trains every weight on the same rows with the same optimiser settings (the paper's end-to-end
+//! direct tuning) and writes the whole model.
 //!
 //! The augmented baseline trains on 8 copies of each reference instead, each drawn from
 //! `(reference, copy)`: flipped left to right with probability ½, rotated by an angle uniform in
@@ -168,6 +170,9 @@ pub(crate) async fn train(
     };
     let mut config = plan.trainer.clone();
     config.output_dir = plan.out.join(baseline.dir());
+    if baseline.full() {
+        config.lora = None;
+    }
     config.min_rows_to_start = rows.len();
     config.corpus_version = None;
     // Its own metrics would overwrite the Proxy-Tuned student's `proxytune_train_*` series.

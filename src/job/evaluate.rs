@@ -200,7 +200,11 @@ impl SpecEvaluator {
         };
         let supervisor_adapter =
             plan.tuner.output_dir.join(proxytune_models::diffusion::dreambooth::LORA_FILE);
-        let student_adapter = plan.trainer.output_dir.join("adapter_model.safetensors");
+        let trained = |dir: &std::path::Path| {
+            proxytune_models::ar::student::trained_weights(dir)
+                .unwrap_or_else(|| dir.join(proxytune_models::ar::student::ADAPTER_FILE))
+        };
+        let student_adapter = trained(&plan.trainer.output_dir);
         let student_label = if plan.trainer.lora.is_some() { "LoRA" } else { "full" };
         let mut models: Vec<(String, ModelLoader<'_>)> = vec![
             ("student (untuned)".into(), student(None)),
@@ -219,10 +223,7 @@ impl SpecEvaluator {
             (format!("student (Proxy-Tuned {student_label})"), student(Some(student_adapter))),
         ];
         for b in &e.baselines {
-            models.push((
-                b.label().into(),
-                student(Some(plan.out.join(b.dir()).join("adapter_model.safetensors"))),
-            ));
+            models.push((b.label().into(), student(Some(trained(&plan.out.join(b.dir()))))));
         }
         models
     }

@@ -482,7 +482,7 @@ pub struct EvaluationSpec {
     /// Skip the evaluation.
     pub skip: bool,
     /// Baselines trained and evaluated beside the Proxy-Tuned student (`direct-lora`,
-    /// `direct-lora-augmented`).
+    /// `direct-lora-augmented`, `direct-full`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub baselines: Vec<Baseline>,
 }
@@ -499,17 +499,23 @@ pub enum Baseline {
     /// square crops of 90–100 % of the side): the augmentations the paper's ablation names.
     #[serde(rename = "direct-lora-augmented")]
     DirectLoraAugmented,
+    /// Every weight of the student fine-tuned on the references (the paper's end-to-end direct
+    /// tuning), with the same optimiser settings, steps and batch.
+    #[serde(rename = "direct-full")]
+    DirectFull,
 }
 
 impl Baseline {
     /// Every baseline, in the order the report shows them.
-    pub const ALL: [Baseline; 2] = [Baseline::DirectLora, Baseline::DirectLoraAugmented];
+    pub const ALL: [Baseline; 3] =
+        [Baseline::DirectLora, Baseline::DirectLoraAugmented, Baseline::DirectFull];
 
     /// Its name in the spec and `report.json`.
     pub fn name(self) -> &'static str {
         match self {
             Baseline::DirectLora => "direct-lora",
             Baseline::DirectLoraAugmented => "direct-lora-augmented",
+            Baseline::DirectFull => "direct-full",
         }
     }
 
@@ -518,6 +524,7 @@ impl Baseline {
         match self {
             Baseline::DirectLora => "student_direct",
             Baseline::DirectLoraAugmented => "student_direct_augmented",
+            Baseline::DirectFull => "student_direct_full",
         }
     }
 
@@ -526,6 +533,7 @@ impl Baseline {
         match self {
             Baseline::DirectLora => "student (direct LoRA on the references)",
             Baseline::DirectLoraAugmented => "student (direct LoRA on augmented references)",
+            Baseline::DirectFull => "student (direct full fine-tune on the references)",
         }
     }
 
@@ -534,15 +542,21 @@ impl Baseline {
         match self {
             Baseline::DirectLora => "student_direct_lora",
             Baseline::DirectLoraAugmented => "student_direct_lora_augmented",
+            Baseline::DirectFull => "student_direct_full",
         }
     }
 
     /// Augmented copies of each reference it trains on (none: the references themselves).
     pub fn copies_per_reference(self) -> usize {
         match self {
-            Baseline::DirectLora => 0,
+            Baseline::DirectLora | Baseline::DirectFull => 0,
             Baseline::DirectLoraAugmented => 8,
         }
+    }
+
+    /// Whether it fine-tunes every weight instead of LoRA adapters.
+    pub fn full(self) -> bool {
+        self == Baseline::DirectFull
     }
 }
 

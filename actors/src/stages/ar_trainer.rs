@@ -9,7 +9,8 @@
 //! barrier and at the end, with the keys of the rows received so far; a restarted job resumes from
 //! the newest (weights, optimiser state, step) and checks that its input repeats those rows in the
 //! same order (the proxy writer's `replay_stored`) before it steps on. At the end the adapter
-//! (PEFT layout) and `run.json` (steps, losses, rows consumed) are written to `output_dir`.
+//! (PEFT layout), or every weight of a fully fine-tuned student, and `run.json` (steps, losses,
+//! rows consumed) are written to `output_dir`.
 //!
 //! The student is any family behind [`TrainableStudent`]. Input 0 carries the token rows; a
 //! student that conditions on caption states (LlamaGen) takes them on any further input, one row
@@ -346,7 +347,7 @@ impl Operator for ArTrainerActor {
         }
         self.save_checkpoint()?;
         let (student, trainer) = self.state.as_ref().expect("started");
-        student.save_adapter(&self.config.output_dir)?;
+        student.save_trained(&self.config.output_dir)?;
         let stats = self.stats.lock().expect("trainer stats").clone();
         let run = serde_json::json!({
             "steps": trainer.step_count(),

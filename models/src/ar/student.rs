@@ -5,7 +5,7 @@
 //! - the caption encoder, for a family that conditions on a text encoder's states (LlamaGen: T5),
 //!   whose states of each prompt are computed once and stored ([`Captioner`], [`CaptionStates`]);
 //! - the trainable model ([`TrainableStudent`]): examples from token rows, optimiser steps,
-//!   checkpoints and the adapter;
+//!   checkpoints and the adapter or, fully fine-tuned, every weight;
 //! - the sampler for the evaluation ([`StudentSampler`]): a prompt and seeds to images.
 //!
 //! Chameleon / Lumina-mGPT conditions on its own text tokens (the Lumina-mGPT instruction);
@@ -38,6 +38,18 @@ pub use super::vq::VqFamily as StudentFamily;
 
 /// The key prefix of the students' adapters (PEFT's layout).
 const ADAPTER_PREFIX: &str = "base_model.model";
+
+/// The file a LoRA run writes into its output folder (PEFT's name; `lora_config.json` beside it).
+pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+
+/// The file a fully fine-tuned run writes into its output folder: every weight of the model, under
+/// the checkpoint's keys.
+pub const FULL_WEIGHTS_FILE: &str = "model.safetensors";
+
+/// What a finished run in `dir` left to sample with: its adapter, else its full weights.
+pub fn trained_weights(dir: &Path) -> Option<PathBuf> {
+    [ADAPTER_FILE, FULL_WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.is_file())
+}
 
 /// A student's folders.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,20 +164,28 @@ impl StudentFiles {
         }
     }
 
-    /// The sampler, with the PEFT-layout adapter at `adapter` (its `lora_config.json` beside it),
-    /// the model's weights in bfloat16 when `sampling.bf16` (adapters, caption encoder and VQ
-    /// decoder stay float32).
+    /// The sampler, with the trained weights at `trained`: a PEFT-layout adapter
+    /// ([`ADAPTER_FILE`], its `lora_config.json` beside it), or a fully fine-tuned model's weights
+    /// (any other file, [`FULL_WEIGHTS_FILE`] from [`TrainableStudent::save_trained`], loaded over
+    /// the base strictly). The model's weights are in bfloat16 when `sampling.bf16` (adapters,
+    /// caption encoder and VQ decoder stay float32).
     pub fn load_sampler(
         &self,
         device: Device,
-        adapter: Option<&Path>,
+        trained: Option<&Path>,
         sampling: StudentSampling,
     ) -> Result<Box<dyn StudentSampler>> {
+        let is_adapter = |p: &&Path| p.file_name().is_some_and(|n| n == ADAPTER_FILE);
+        let adapter = trained.filter(is_adapter);
+        let full = trained.filter(|p| !is_adapter(p));
         let lora = adapter.map(read_config).transpose()?;
         let kind = if sampling.bf16 { Kind::BFloat16 } else { Kind::Float };
         let version = match adapter {
             Some(a) => format!("{}+{}", self.dir.display(), a.display()),
-            None => self.dir.display().to_string(),
+            None => match full {
+                Some(f) => f.display().to_string(),
+                None => self.dir.display().to_string(),
+            },
         };
         match self.family {
             StudentFamily::Chameleon => {
@@ -196,6 +216,9 @@ impl StudentFiles {
                 let mut student = LlamaGenStudent::load(&self.dir, device, lora.as_ref(), kind)?;
                 if let (Some(a), Some(cfg)) = (adapter, &lora) {
                     load_lora(&mut student.adapters, cfg, ADAPTER_PREFIX, a)?;
+                }
+                if let Some(f) = full {
+                    load_safetensors(&mut student.base, f, Strictness::Strict)?;
                 }
                 student.base.freeze();
                 let grid = student.model.config().grid_size;
@@ -362,17 +385,24 @@ pub trait TrainableStudent: Send {
     /// Writes a checkpoint of `trainer`'s state under `root` ([`ArTrainer::save_checkpoint_of`]).
     fn save_checkpoint(&self, trainer: &ArTrainer, root: &Path, data: serde_json::Value) -> Result<PathBuf>;
 
-    /// Writes the adapter (`adapter_model.safetensors`, PEFT layout) and its config into `dir`;
-    /// nothing without LoRA.
-    fn save_adapter(&self, dir: &Path) -> Result<()>;
+    /// Writes what the run trained into `dir`: the adapter ([`ADAPTER_FILE`], PEFT layout) and its
+    /// config, or without LoRA every weight of the model ([`FULL_WEIGHTS_FILE`]).
+    fn save_trained(&self, dir: &Path) -> Result<()>;
 }
 
-fn save_adapter_files(adapters: &nn::VarStore, lora: Option<&LoraConfig>, dir: &Path) -> Result<()> {
-    if let Some(lora) = lora {
-        save_lora(adapters, lora, ADAPTER_PREFIX, &dir.join("adapter_model.safetensors"))?;
-        save_config(lora, dir)?;
+fn save_trained_files(
+    base: &nn::VarStore,
+    adapters: &nn::VarStore,
+    lora: Option<&LoraConfig>,
+    dir: &Path,
+) -> Result<()> {
+    match lora {
+        Some(lora) => {
+            save_lora(adapters, lora, ADAPTER_PREFIX, &dir.join(ADAPTER_FILE))?;
+            save_config(lora, dir)
+        }
+        None => crate::weights::save_safetensors(base, &dir.join(FULL_WEIGHTS_FILE)),
     }
-    Ok(())
 }
 
 struct ChameleonTrainable {
@@ -412,8 +442,8 @@ impl TrainableStudent for ChameleonTrainable {
         trainer.save_checkpoint(&self.student, root, data)
     }
 
-    fn save_adapter(&self, dir: &Path) -> Result<()> {
-        save_adapter_files(&self.student.adapters, self.student.lora.as_ref(), dir)
+    fn save_trained(&self, dir: &Path) -> Result<()> {
+        save_trained_files(&self.student.base, &self.student.adapters, self.student.lora.as_ref(), dir)
     }
 }
 
@@ -547,8 +577,8 @@ impl TrainableStudent for LlamaGenStudent {
         trainer.save_checkpoint_of(&self.adapters, self.lora.as_ref(), root, data)
     }
 
-    fn save_adapter(&self, dir: &Path) -> Result<()> {
-        save_adapter_files(&self.adapters, self.lora.as_ref(), dir)
+    fn save_trained(&self, dir: &Path) -> Result<()> {
+        save_trained_files(&self.base, &self.adapters, self.lora.as_ref(), dir)
     }
 }
 
