@@ -106,7 +106,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Baselines trained and evaluated beside the Proxy-Tuned student (comma-separated; by default
-    /// both: the student's LoRA trained directly on the references, and on augmented copies).
+    /// all three: the student's LoRA trained directly on the references, on augmented copies, and
+    /// every weight on the references).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Baseline::ALL)]
     pub baselines: Vec<Baseline>,
     /// Train and evaluate no baseline.
@@ -279,7 +280,7 @@ pub(crate) fn world_plan(args: &DemoArgs, subject: &JobSubject) -> anyhow::Resul
             images_per_prompt: args.eval_images,
             max_prompts: args.eval_prompts,
             skip: false,
-            baselines: if args.no_baselines { Vec::new() } else { crate::job::spec::Baseline::ALL.to_vec() },
+            baselines: if args.no_baselines { Vec::new() } else { args.baselines.clone() },
             device,
         },
         out: args.out.clone(),
