@@ -297,9 +297,9 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
 }
 
 /// The same demo with the world's LlamaGen student: its tokens come from its own VQ, each kept
-/// prompt's T5 states are stored once, and the untuned, Proxy-Tuned and direct-LoRA students are
-/// all sampled through its T5 and GPT; then a replay trains it again from the stored corpus, its
-/// caption states read from the corpus, not encoded again.
+/// prompt's T5 states are stored once, and the untuned and Proxy-Tuned students and the two direct
+/// baselines asked for (`--baselines`) are all sampled through its T5 and GPT; then a replay trains
+/// it again from the stored corpus, its caption states read from the corpus, not encoded again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
     use proxytune_schemas::CaptionStates;
@@ -308,7 +308,7 @@ async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
     let output = proxytune()
         .arg("demo")
         .args(BUDGET)
-        .args(["--student", "llamagen", "--no-metrics", "--out"])
+        .args(["--student", "llamagen", "--baselines", "direct-lora,direct-full", "--no-metrics", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -328,7 +328,16 @@ async fn the_demo_teaches_the_llamagen_student_and_a_replay_retrains_it() {
     assert_eq!((captions.len(), &captioned), (prompts.len(), &prompts), "each kept prompt once");
     assert!(captions.iter().all(|c| c.encoder_id == "world-t5@1" && c.dim == 64));
     let models = report["evaluation"]["models"].as_array().unwrap();
-    assert_eq!(models.len(), 6, "untuned, supervisor, Proxy-Tuned, the three direct baselines");
+    let labels: Vec<&str> = models.iter().map(|m| m["label"].as_str().unwrap()).collect();
+    assert_eq!(
+        labels[2..],
+        [
+            "student (Proxy-Tuned LoRA)",
+            "student (direct LoRA on the references)",
+            "student (direct full fine-tune on the references)"
+        ],
+        "the two baselines asked for, no other"
+    );
     for m in models {
         for metric in ["DINO", "CLIP-I", "CLIP-T"] {
             assert!(m["scores"]["metrics"][metric].as_f64().is_some_and(f64::is_finite), "{m}");
