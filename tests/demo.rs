@@ -173,6 +173,8 @@ async fn the_demo_runs_every_stage_streams_and_reports_then_a_replay_retrains() 
         .as_str()
         .unwrap()
         .ends_with("student_direct_full/model.safetensors"));
+    // Sampled with its trained weights, not the base's: its scores are not the untuned student's.
+    assert_ne!(models[5]["scores"]["metrics"], models[0]["scores"]["metrics"], "{models:?}");
     for m in models {
         let s = &m["scores"];
         for metric in ["DINO", "CLIP-I", "CLIP-T"] {

@@ -914,6 +914,8 @@ scorers = "cpu"
     let models = report["evaluation"]["models"].as_array().unwrap();
     assert_eq!(models.len(), 6, "untuned student, supervisor, tuned student, three direct baselines");
     assert_eq!(report["baselines"]["direct-full"]["steps"], steps, "{report}");
+    // The full baseline is sampled with its trained weights: its scores are not the untuned GPT's.
+    assert_ne!(models[5]["scores"]["metrics"], models[0]["scores"]["metrics"], "{models:?}");
     for m in models {
         assert_eq!(m["scores"]["samples"], 2, "{m}");
         assert!(m["scores"]["metrics"]["FEAT-I"].as_f64().is_some_and(|v| v.is_finite()), "{m}");

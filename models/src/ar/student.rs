@@ -194,6 +194,9 @@ impl StudentFiles {
                 if let (Some(a), Some(cfg)) = (adapter, &lora) {
                     load_lora(&mut student.adapters, cfg, ADAPTER_PREFIX, a)?;
                 }
+                if let Some(f) = full {
+                    load_safetensors(&mut student.base, f, Strictness::Strict)?;
+                }
                 student.base.freeze();
                 let mut decoder_vs = nn::VarStore::new(device);
                 let decoder = ChameleonVqDecoder::new(decoder_vs.root(), student.model.vq.config())?;
