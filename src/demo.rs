@@ -331,8 +331,7 @@ fn demo_models<'a>(
     ];
     for b in baselines {
         let dir = args.out.join(b.dir());
-        let adapter = proxytune_models::ar::student::trained_weights(&dir)
-            .unwrap_or_else(|| dir.join(proxytune_models::ar::student::ADAPTER_FILE));
+        let adapter = proxytune_models::ar::student::trained_weights(&dir);
         models.push((
             b.label().into(),
             Box::new(move || student(&args.world, args.student, Some(&adapter), device)),

@@ -200,10 +200,7 @@ impl SpecEvaluator {
         };
         let supervisor_adapter =
             plan.tuner.output_dir.join(proxytune_models::diffusion::dreambooth::LORA_FILE);
-        let trained = |dir: &std::path::Path| {
-            proxytune_models::ar::student::trained_weights(dir)
-                .unwrap_or_else(|| dir.join(proxytune_models::ar::student::ADAPTER_FILE))
-        };
+        let trained = proxytune_models::ar::student::trained_weights;
         let student_adapter = trained(&plan.trainer.output_dir);
         let student_label = if plan.trainer.lora.is_some() { "LoRA" } else { "full" };
         let mut models: Vec<(String, ModelLoader<'_>)> = vec![

@@ -46,9 +46,14 @@ pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 /// the checkpoint's keys.
 pub const FULL_WEIGHTS_FILE: &str = "model.safetensors";
 
-/// What a finished run in `dir` left to sample with: its adapter, else its full weights.
-pub fn trained_weights(dir: &Path) -> Option<PathBuf> {
-    [ADAPTER_FILE, FULL_WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.is_file())
+/// What a finished run in `dir` left to sample with: its adapter, else its full weights; the
+/// adapter's path when neither is there, so loading it names the file a LoRA run writes.
+pub fn trained_weights(dir: &Path) -> PathBuf {
+    [ADAPTER_FILE, FULL_WEIGHTS_FILE]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| dir.join(ADAPTER_FILE))
 }
 
 /// A student's folders.
